@@ -1,0 +1,45 @@
+"""One family of errors for chlib.
+
+Every message names the offending file or value, the limit it broke and what to do about it,
+so that a user can fix their own data without reading the source.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChlibError",
+    "ConfigError",
+    "ManifestError",
+    "AudioError",
+    "FeatureError",
+    "CheckpointError",
+    "IndexMismatchError",
+]
+
+
+class ChlibError(Exception):
+    """Base class of every error chlib raises on purpose."""
+
+
+class ConfigError(ChlibError, ValueError):
+    """A config file or value is unknown, missing or impossible."""
+
+
+class ManifestError(ChlibError, ValueError):
+    """A manifest line (dataset.txt, full.txt, split files) is malformed."""
+
+
+class AudioError(ChlibError):
+    """An audio file is missing, unreadable, silent, too short or invalid."""
+
+
+class FeatureError(ChlibError):
+    """A feature array is missing, corrupt or was computed with other settings."""
+
+
+class CheckpointError(ChlibError):
+    """A checkpoint is missing or does not match the model it is loaded into."""
+
+
+class IndexMismatchError(ChlibError):
+    """A reference index was built by another model or with other feature settings."""
