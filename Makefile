@@ -1,0 +1,46 @@
+# chlib: the two commands a newcomer needs are `make demo` and `make test`.
+# Each creates .venv from nothing when it is missing (python3 -m venv + pip install -e ".[dev]").
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.chlib-installed
+RUN    ?= demo
+DEMO_DATASET ?= datasets/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench lint clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job end to end on the built-in demo data: generate the demo dataset, extract
+# features, train, evaluate, identify held-out recordings and draw the explorer's figures.
+demo: $(STAMP)
+	$(PY) -m chlib run 01_prepare 02_extract 03_train 05_evaluate 06_identify 07_explore \
+		--run $(RUN) -p dataset_dir $(DEMO_DATASET)
+
+# The whole test suite (fixture checks, notebooks under papermill, kill/resume tests).
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Everything but the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+# Speed and memory benchmarks: each prints its figures and the ratios to its targets.
+bench: $(STAMP)
+	$(PY) bench/bench_extract.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_query.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check chlib tests bench
+
+clean-demo:
+	rm -rf $(DEMO_DATASET) runs/$(RUN)

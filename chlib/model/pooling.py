@@ -1,0 +1,80 @@
+"""Attentive statistics pooling (channel-wise, ECAPA-TDNN style), as CoverHunter uses it.
+
+Turns a sequence of frame vectors [B, T', C] into one vector per item [B, C_out]:
+
+1. global mean m and std s of each channel over time (uniform weights);
+2. per frame, the attention input [h_t, m, s] (3C) -> Linear(3C -> C) -> tanh
+   -> Conv1d(C -> C, k=1) gives one logit per channel and frame; softmax over time;
+3. attention-weighted mean and std of each channel -> [B, 2C];
+4. ``_final_layer`` Linear(2C -> C_out, no bias).
+
+Attribute names (``_linear.linear_layer``, ``_conv.conv``, ``_final_layer``) match the original's
+state_dict keys. The std is sqrt(max(variance, 1e-12)), as in the original.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AttentiveStatisticsPooling", "weighted_mean_std"]
+
+STD_EPS = 1e-12  # variance floor before the square root
+
+
+def weighted_mean_std(x: Tensor, weights: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor]:
+    """Weighted mean and std over the last axis.
+
+    ``x`` [B, C, T], ``weights`` [B, C or 1, T] summing to 1 over T -> (mean [B, C], std [B, C]).
+    """
+    mean = (weights * x).sum(dim=2)  # [B, C]
+    var = (weights * (x - mean.unsqueeze(2)).pow(2)).sum(dim=2)  # [B, C]
+    return mean, torch.sqrt(var.clamp(min=eps))
+
+
+class _XavierLinear(nn.Module):
+    """nn.Linear with Xavier-uniform weights, stored under ``linear_layer`` (original key)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.linear_layer = nn.Linear(n_in, n_out)
+        nn.init.xavier_uniform_(self.linear_layer.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_layer(x)
+
+
+class _XavierConv1d(nn.Module):
+    """nn.Conv1d (k=1) with Xavier-uniform weights, stored under ``conv`` (original key)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(n_in, n_out, kernel_size=1)
+        nn.init.xavier_uniform_(self.conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class AttentiveStatisticsPooling(nn.Module):
+    """``forward(x [B, T', channels]) -> [B, out_dim]``; all frames are valid (no padding)."""
+
+    def __init__(self, channels: int, out_dim: int) -> None:
+        super().__init__()
+        self._linear = _XavierLinear(3 * channels, channels)
+        self._conv = _XavierConv1d(channels, channels)
+        self._final_layer = nn.Linear(2 * channels, out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.transpose(1, 2)  # [B, C, T']
+        b, c, t = h.shape
+        uniform = h.new_full((b, 1, t), 1.0 / t)  # [B, 1, T'] equal weights
+        mean, std = weighted_mean_std(h, uniform)  # [B, C] each
+        context = torch.cat(
+            [h, mean.unsqueeze(2).expand(b, c, t), std.unsqueeze(2).expand(b, c, t)], dim=1
+        )  # [B, 3C, T']
+        hidden = torch.tanh(self._linear(context.transpose(1, 2)))  # [B, T', C]
+        logits = self._conv(hidden.transpose(1, 2))  # [B, C, T'] per channel and frame
+        attn = torch.softmax(logits, dim=2)  # [B, C, T'] sums to 1 over time
+        mean, std = weighted_mean_std(h, attn)  # [B, C] each
+        return self._final_layer(torch.cat([mean, std], dim=1))  # [B, 2C] -> [B, out_dim]

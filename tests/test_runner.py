@@ -1,0 +1,71 @@
+"""chlib.runner: papermill batch runs into runs/<name>/notebooks/, parameters checked."""
+
+import json
+
+import nbformat
+import pytest
+
+from chlib.errors import ConfigError
+from chlib.runner import notebook_parameters, parse_cli_value, run_notebooks
+
+
+def _write_nb(path, params_src, body_src):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(params_src)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body_src)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _write_nb(
+        nbs / "01_prepare.ipynb",
+        'run_dir: str = "runs/x"  # where outputs go\nn: int = 2  # how many',
+        "import json, pathlib\n"
+        "pathlib.Path(run_dir).mkdir(parents=True, exist_ok=True)\n"
+        "pathlib.Path(run_dir, 'out.json').write_text(json.dumps({'n': n}))",
+    )
+    _write_nb(nbs / "02_extract.ipynb", "fail: bool = False", "assert not fail, 'asked to fail'")
+    return tmp_path
+
+
+def test_parameters_are_read_from_the_tagged_cell(fake_repo):
+    assert notebook_parameters(fake_repo / "notebooks/01_prepare.ipynb") == {"run_dir": "runs/x", "n": 2}
+
+
+def test_run_executes_into_the_run_folder_with_parameters(fake_repo):
+    rec = run_notebooks(["01"], run="r1", runs_root=fake_repo / "runs", parameters={"n": 5},
+                        cwd=fake_repo, progress=False)
+    assert rec.ok, rec.summary()
+    run_dir = fake_repo / "runs" / "r1"
+    assert json.loads((run_dir / "out.json").read_text()) == {"n": 5}
+    assert (run_dir / "notebooks" / "01_prepare.ipynb").exists()
+
+
+def test_unknown_parameter_is_rejected_before_running(fake_repo):
+    with pytest.raises(ConfigError, match="nn"):
+        run_notebooks(["01"], run="r2", runs_root=fake_repo / "runs", parameters={"nn": 5},
+                      cwd=fake_repo, progress=False)
+    assert not (fake_repo / "runs" / "r2").exists()
+
+
+def test_a_failing_notebook_is_reported_and_stops_the_chain(fake_repo):
+    rec = run_notebooks(["02", "01"], run="r3", runs_root=fake_repo / "runs",
+                        parameters={"fail": True}, cwd=fake_repo, progress=False)
+    assert not rec.ok
+    assert len(rec.executed) == 1 and "asked to fail" in rec.executed[0]["error"]
+
+
+def test_unknown_notebook_name_is_a_clear_error(fake_repo):
+    with pytest.raises(ConfigError, match="unknown notebook"):
+        run_notebooks(["09_fly"], run="r4", runs_root=fake_repo / "runs", cwd=fake_repo)
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("true", True), ("None", None),
+                                         ("[1, 2]", [1, 2]), ("datasets/demo", "datasets/demo")])
+def test_cli_values_are_parsed_as_literals(text, value):
+    assert parse_cli_value(text) == value
