@@ -338,6 +338,7 @@ _TRAIN_SCALARS: dict[str, tuple[type, Any]] = {
     "deterministic": (bool, False),  # chlib: deterministic algorithms
     "log_every_steps": (int, 100),
     "eval_batch_size": (int, 64),
+    "tempo_jitter": (float, 0.0),  # chlib: feature-domain tempo factor in [1 - j, 1 + j]; 0 = off
     # production (k-fold) training, section 10.2 of the fact sheet
     "k_folds": (int, 5),
     "fold_lr_decay": (float, 0.98),
@@ -405,6 +406,7 @@ class HParams:
     deterministic: bool = False
     log_every_steps: int = 100
     eval_batch_size: int = 64
+    tempo_jitter: float = 0.0
     k_folds: int = 5
     fold_lr_decay: float = 0.98
     final_lr_decay: float = 0.98
@@ -657,6 +659,8 @@ class HParams:
             _check(bool(self.map_stopping_testsets), w,
                    "early_stop_metric: mAP needs map_stopping_testsets naming configured test sets")
         _check(self.k_folds >= 2, w, "k_folds must be >= 2")
+        _check(0.0 <= self.tempo_jitter < 1.0, w,
+               f"tempo_jitter must be in [0, 1) (0.1 = tempo factors 0.9..1.1), got {self.tempo_jitter}")
         return self
 
     def to_dict(self) -> dict:

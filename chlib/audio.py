@@ -1,0 +1,270 @@
+"""Audio in: decode, mix to mono, resample, validate, peak-normalise.
+
+Every recording enters chlib through :func:`load_audio`, which returns a float32 mono signal at
+the feature sample rate (16 kHz by default) or raises :class:`~chlib.errors.AudioError` saying
+which file is wrong, what is wrong with it and what to do.
+
+Decoding goes through ``soundfile`` (libsndfile >= 1.1 reads WAV, FLAC, OGG/Vorbis, Opus and MP3
+without FFmpeg). If soundfile cannot read a format and ``torchaudio.load`` can (it needs
+torchcodec and FFmpeg's shared libraries), that is tried next. Resampling is
+``torchaudio.functional.resample`` with its default windowed-sinc filter, on the CPU in float32,
+as CoverHunterMPS does on its GPU path.
+
+Checks, in order: the file exists, is not empty, decodes, holds at least one sample, has only
+finite samples, is not silent (peak of the mono mix below ``SILENCE_PEAK`` = 1e-4, i.e. -80
+dBFS) and lasts at least ``min_seconds`` after decoding (default :data:`MIN_SECONDS`).
+
+Worker-friendly helpers: :func:`try_load_audio` returns ``(signal, None)`` or ``(None, reason)``
+instead of raising (for batch jobs that skip and report bad files), and
+:func:`iter_load_audio` decodes a list of files with a small thread pool, yielding results in
+input order with bounded read-ahead. Threads suffice: libsndfile and torch release the GIL while
+they work, and threads avoid the start-up cost and pickling rules of worker processes in
+notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from chlib.errors import AudioError
+
+__all__ = [
+    "MIN_SECONDS",
+    "SILENCE_PEAK",
+    "load_audio",
+    "try_load_audio",
+    "iter_load_audio",
+    "decode_audio",
+    "to_mono",
+    "resample",
+    "peak_normalise",
+    "audio_info",
+]
+
+#: Shortest accepted recording, in seconds (after decoding). 16384 samples at 16 kHz: the length
+#: of one lowest-bin CQT kernel with the default features (fmin 32 Hz, 12 bins per octave: the
+#: kernel spans Q * sr / fmin = 8409 samples, rounded up to the 16384-point FFT both flavours
+#: use). It is also comfortably above the 8193 samples nnAudio's reflect padding (half a kernel,
+#: 8192 samples) needs, and gives 25 frames: anything shorter carries no usable features.
+MIN_SECONDS: float = 16384 / 16000
+
+#: Peak amplitude (of the mono mix, full scale = 1.0) below which a recording counts as silent:
+#: 1e-4 = -80 dBFS, under the noise floor of 16-bit audio with dither.
+SILENCE_PEAK: float = 1e-4
+
+
+def _describe(path: Path) -> str:
+    return str(path)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise AudioError(f"{_describe(path)}: file not found; check the path (relative paths are "
+                         f"resolved from {os.getcwd()})")
+    if path.is_dir():
+        raise AudioError(f"{_describe(path)}: is a folder, not an audio file; point to the file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{_describe(path)}: file is empty (0 bytes); the copy or download was "
+                         "interrupted: copy or re-encode it again")
+
+
+def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return data, int(sr)
+
+
+def _decode_torchaudio(path: Path) -> tuple[np.ndarray, int]:
+    import torchaudio  # imported late: loading it costs ~1 s and it is rarely needed here
+
+    wav, sr = torchaudio.load(str(path))
+    return wav.to(torch.float32).numpy().T.copy(), int(sr)
+
+
+def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode a file as it is stored.
+
+    Returns ``(samples [n_samples, channels] float32, sample_rate in Hz)``. Raises
+    :class:`AudioError` for a missing, empty or undecodable file.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        return _decode_soundfile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e_sf:
+        first = f"soundfile: {e_sf}"
+    try:
+        return _decode_torchaudio(path)
+    except Exception as e_ta:  # any failure of the optional fallback is reported
+        second = f"torchaudio: {type(e_ta).__name__}: {e_ta}"
+    raise AudioError(
+        f"{_describe(path)}: cannot decode the audio ({first}; {second.splitlines()[0][:200]}). "
+        "The file is corrupt, not audio, or in a format libsndfile cannot read (it reads wav, "
+        "flac, ogg, opus and mp3): re-encode it, e.g. `ffmpeg -i in.m4a out.flac`"
+    )
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Mean over channels: ``[n_samples, channels]`` (or ``[n_samples]``) -> ``[n_samples]``."""
+    if samples.ndim == 1:
+        return samples
+    if samples.shape[1] == 1:
+        return samples[:, 0]
+    return samples.mean(axis=1, dtype=np.float32)
+
+
+def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
+    """Resample a mono float32 signal ``[n_samples]`` from ``orig_sr`` to ``new_sr`` Hz (CPU).
+
+    ``torchaudio.functional.resample`` with default settings (windowed sinc, 6 zero crossings,
+    rolloff 0.99). Returns the input unchanged when the rates agree.
+    """
+    if orig_sr == new_sr:
+        return np.ascontiguousarray(y, dtype=np.float32)
+    import torchaudio.functional as taf
+
+    with torch.no_grad():
+        out = taf.resample(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)),
+                           int(orig_sr), int(new_sr))
+    return out.numpy()
+
+
+def load_audio(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int = 16000,
+    min_seconds: float = MIN_SECONDS,
+    silence_peak: float = SILENCE_PEAK,
+) -> np.ndarray:
+    """Decode ``path`` to a finite float32 mono signal ``[n_samples]`` at ``sample_rate`` Hz.
+
+    Stereo and multichannel files are averaged to mono. Not peak-normalised (see
+    :func:`peak_normalise`). Raises :class:`AudioError` naming the file when it is missing,
+    empty, undecodable, holds NaN/inf samples, is silent (peak < ``silence_peak``) or is shorter
+    than ``min_seconds`` seconds.
+    """
+    path = Path(path)
+    data, sr = decode_audio(path)
+    if data.shape[0] == 0:
+        raise AudioError(f"{_describe(path)}: decodes to 0 samples; the file holds no audio: "
+                         "re-export it or remove it from the list")
+    if not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise AudioError(f"{_describe(path)}: {n_bad} samples are NaN or infinite; the file is "
+                         "damaged (often a float WAV written by a crashed program): re-export it")
+    y = to_mono(data)
+    peak = float(np.max(np.abs(y)))
+    if peak < silence_peak:
+        db = 20 * np.log10(max(peak, 1e-12))
+        raise AudioError(
+            f"{_describe(path)}: silent: peak amplitude {peak:.2e} ({db:.0f} dBFS) is below "
+            f"{silence_peak:.0e} ({20 * np.log10(silence_peak):.0f} dBFS)"
+            + ("; the channels may cancel out when mixed to mono (phase-inverted stereo)"
+               if data.shape[1] > 1 else "")
+            + ": check the file, or remove it from the list"
+        )
+    duration = y.shape[0] / sr
+    if duration < min_seconds:
+        raise AudioError(f"{_describe(path)}: too short: {duration:.3f} s, the minimum is "
+                         f"{min_seconds:.3f} s (one lowest-frequency CQT kernel); use a longer "
+                         "recording or remove it from the list")
+    return resample(y, sr, sample_rate)
+
+
+def try_load_audio(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int = 16000,
+    min_seconds: float = MIN_SECONDS,
+    normalise: bool = False,
+) -> tuple[np.ndarray | None, str | None]:
+    """:func:`load_audio` that reports instead of raising: ``(signal, None)`` or ``(None, reason)``.
+
+    A pure, top-level function (safe in a worker thread or process). ``normalise`` applies
+    :func:`peak_normalise`. Only :class:`AudioError` is turned into a reason; programming
+    errors still raise.
+    """
+    try:
+        y = load_audio(path, sample_rate=sample_rate, min_seconds=min_seconds)
+    except AudioError as e:
+        return None, str(e)
+    return (peak_normalise(y) if normalise else y), None
+
+
+def iter_load_audio(
+    paths: Iterable[str | os.PathLike],
+    *,
+    sample_rate: int = 16000,
+    min_seconds: float = MIN_SECONDS,
+    normalise: bool = False,
+    num_workers: int = 2,
+    read_ahead: int | None = None,
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Decode many files in a thread pool; yield ``(index, signal or None, reason or None)``.
+
+    Results come in input order. At most ``read_ahead`` (default ``2 * num_workers``) decoded
+    signals wait in memory at a time. ``num_workers <= 1`` decodes in the calling thread.
+    """
+    kw = dict(sample_rate=sample_rate, min_seconds=min_seconds, normalise=normalise)
+    if num_workers <= 1:
+        for i, p in enumerate(paths):
+            y, err = try_load_audio(p, **kw)
+            yield i, y, err
+        return
+    ahead = max(1, read_ahead or 2 * num_workers)
+    pending: deque[tuple[int, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="chlib-audio") as pool:
+        for i, p in enumerate(paths):
+            pending.append((i, pool.submit(try_load_audio, p, **kw)))
+            if len(pending) >= ahead:
+                j, fut = pending.popleft()
+                y, err = fut.result()
+                yield j, y, err
+        while pending:
+            j, fut = pending.popleft()
+            y, err = fut.result()
+            yield j, y, err
+
+
+def peak_normalise(y: np.ndarray) -> np.ndarray:
+    """``y / max(0.001, max|y|) * 0.999`` (the original's rule), float32 ``[n_samples]``.
+
+    Signals quieter than 0.001 peak are amplified by at most 999x (not to full scale).
+    """
+    y = np.asarray(y, dtype=np.float32)
+    peak = float(np.max(np.abs(y))) if y.size else 0.0
+    return (y / np.float32(max(0.001, peak)) * np.float32(0.999)).astype(np.float32, copy=False)
+
+
+def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
+    """``(duration in seconds, sample rate in Hz, channels)`` from the header, without decoding.
+
+    Uses ``soundfile.info`` (for MP3 libsndfile may scan the frames; still much faster than
+    decoding). Falls back to ``torchaudio.info`` where available. Raises :class:`AudioError`
+    naming the file when it is missing, empty or unreadable.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        info = sf.info(str(path))
+        return float(info.frames) / float(info.samplerate), int(info.samplerate), int(info.channels)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e_sf:
+        first = f"soundfile: {e_sf}"
+    try:
+        import torchaudio
+
+        meta = torchaudio.info(str(path))
+        return (float(meta.num_frames) / float(meta.sample_rate), int(meta.sample_rate),
+                int(meta.num_channels))
+    except Exception as e_ta:  # optional fallback: report, do not crash
+        second = f"torchaudio: {type(e_ta).__name__}"
+    raise AudioError(f"{_describe(path)}: cannot read the audio header ({first}; {second}); the "
+                     "file is corrupt, not audio, or in a format libsndfile cannot read: "
+                     "re-encode it to flac, wav, ogg or mp3")

@@ -1,0 +1,547 @@
+"""Evaluate a trained run on retrieval test sets: the procedure behind ``05_evaluate``.
+
+:func:`evaluate_run` loads one checkpoint of a run (``"best"``, ``"latest"`` or an epoch),
+embeds every recording of each test set through the one embedding path (:mod:`chlib.embed`,
+cached under ``run_dir/embeddings``), builds the query x reference distance matrix and computes
+mAP, MR1, HR@1, HR@10 (and P@10) with work-stratified bootstrap confidence intervals
+(:mod:`chlib.metrics`). Per test set it also keeps what the charts need: the rank of the first
+correct recording per query, per-work AP, the most confused work pairs and one embedding per
+recording for t-SNE / UMAP maps, with works never seen in training marked.
+
+Test sets come from the run config (``hp.testsets``, else ``hp.test_path``) or are given
+explicitly. A recording is never matched against itself or against a tempo copy of itself
+(:func:`chlib.metrics.self_exclusion_mask`), whether query and reference lists are the same
+file or not; an original-style ``query_in_ref_path`` adds its pairs to the exclusions.
+
+Files written by :meth:`Evaluation.save` (``run_dir/evaluation/`` by default)::
+
+    metrics.json                  checkpoint, epoch, fingerprint, metrics and CIs per test set
+    <testset>.npy                 distance matrix [Q, R] float32, -1 in excluded cells
+                                  (the original's ``-dist_name`` export)
+    <testset>.reflabels.npy       work labels of the columns [R]   (the original's export)
+    <testset>.querylabels.npy     work labels of the rows [Q]
+    <testset>.exclude.npy         bool [Q, R], True where a cell was not ranked
+    <testset>.perfs.json          perf ids and work names of rows and columns
+
+and PNG figures by :meth:`TestSetResult.figure` (``run_dir/figures/<testset>_<kind>.png``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chlib.errors import CheckpointError, ConfigError, ManifestError
+
+__all__ = [
+    "FIGURE_KINDS",
+    "TestSetSpec",
+    "TestSetResult",
+    "Evaluation",
+    "resolve_testsets",
+    "load_checkpoint",
+    "top1_confusions",
+    "score_testset",
+    "evaluate_run",
+]
+
+#: Kinds accepted by :meth:`TestSetResult.figure`.
+FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")
+
+
+@dataclass(frozen=True)
+class TestSetSpec:
+    """One retrieval test set: query and reference manifests (full.txt-style lines)."""
+
+    name: str
+    query_path: Path
+    ref_path: Path
+    query_in_ref_path: Path | None = None
+
+
+def _spec_from(name: str, value: Any, root: Path | None) -> TestSetSpec:
+    def p(x: Any) -> Path:
+        x = Path(x)
+        return x if x.is_absolute() or root is None or x.exists() else root / x
+
+    if isinstance(value, TestSetSpec):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return TestSetSpec(name, p(value), p(value))
+    if isinstance(value, Mapping):
+        if "query_path" not in value:
+            raise ConfigError(f"test set {name!r}: needs query_path (and optionally ref_path)")
+        q = p(value["query_path"])
+        qir = value.get("query_in_ref_path")
+        return TestSetSpec(name, q, p(value.get("ref_path") or q), p(qir) if qir else None)
+    if isinstance(value, Sequence) and len(value) == 2:
+        return TestSetSpec(name, p(value[0]), p(value[1]))
+    raise ConfigError(
+        f"test set {name!r}: give a manifest path, (query_path, ref_path) or a mapping with "
+        f"query_path/ref_path, got {value!r}"
+    )
+
+
+def resolve_testsets(hp: Any, testsets: Any = None, *, root: str | os.PathLike | None = None
+                     ) -> list[TestSetSpec]:
+    """The test sets to evaluate.
+
+    ``testsets`` may be None (the run config's ``testsets``, else its ``test_path`` as a test
+    set named "test"), a manifest path or a list of them (query = reference = the file, each
+    named after its file stem), or a mapping name -> path | (query, ref) | {query_path,
+    ref_path, query_in_ref_path}. Relative paths that do not exist as given are taken relative
+    to ``root``.
+    """
+    root_p = Path(root) if root is not None else None
+    if testsets is None or (isinstance(testsets, (list, tuple, dict)) and len(testsets) == 0):
+        specs = [_spec_from(ts.name, {"query_path": ts.query_path, "ref_path": ts.ref_path,
+                                      "query_in_ref_path": ts.query_in_ref_path}, root_p)
+                 for ts in getattr(hp, "testsets", {}).values()]
+        if not specs and getattr(hp, "test_path", None):
+            specs = [_spec_from("test", hp.test_path, root_p)]
+        if not specs:
+            raise ConfigError(
+                f"{getattr(hp, 'source', 'run config')}: no test sets configured (no testsets "
+                "and no test_path); pass testsets=['datasets/<name>/test.txt']"
+            )
+        return specs
+    if isinstance(testsets, (str, os.PathLike)):
+        testsets = [testsets]
+    if isinstance(testsets, Mapping):
+        return [_spec_from(str(k), v, root_p) for k, v in testsets.items()]
+    specs, seen = [], set()
+    for v in testsets:
+        name = Path(v).stem if isinstance(v, (str, os.PathLike)) else str(v)
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        specs.append(_spec_from(name, v, root_p))
+    return specs
+
+
+def load_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "best",
+                    device: str = "auto"):
+    """``chlib.checkpoint.load_model`` with one convenience: ``"best"`` falls back to
+    ``"latest"`` (with a note) when the run has no ``best.json``.
+
+    Returns ``(model in eval mode, hp, epoch, note)``; ``note`` is "" or says what was chosen.
+    """
+    from chlib.checkpoint import find_checkpoint_dir, load_model, read_best_epoch
+
+    if isinstance(checkpoint, str) and checkpoint.isdigit():
+        checkpoint = int(checkpoint)
+    note = ""
+    if checkpoint == "best":
+        if read_best_epoch(find_checkpoint_dir(run_dir)) is None:
+            checkpoint = "latest"
+            note = "no best.json in the run: evaluated the latest checkpoint instead of 'best'"
+    elif checkpoint not in ("latest",) and not isinstance(checkpoint, int):
+        raise CheckpointError(
+            f"checkpoint must be 'best', 'latest' or an epoch number, got {checkpoint!r}"
+        )
+    model, hp, epoch = load_model(run_dir, checkpoint, device)
+    return model, hp, epoch, note
+
+
+# --------------------------------------------------------------------------------------------
+# confusions
+
+
+def top1_confusions(dist: np.ndarray, q_labels: Sequence, r_labels: Sequence, *,
+                    exclude: np.ndarray | None = None) -> list[dict]:
+    """Work pairs confused at rank 1: how often a query's nearest reference is another work.
+
+    For each query whose nearest non-excluded reference has a different label, the unordered
+    pair (query work, that reference's work) is counted. Returns ``[{"work_a", "work_b",
+    "count", "min_distance"}]``, most frequent first (ties: closer first, then by label).
+    """
+    d = np.asarray(dist, dtype=np.float64)
+    ql, rl = list(q_labels), list(r_labels)
+    if d.shape != (len(ql), len(rl)):
+        raise ConfigError(f"top1_confusions: labels {len(ql)} x {len(rl)} for a {d.shape} matrix")
+    if exclude is not None:
+        d = np.where(exclude, np.inf, d)
+    counts: Counter = Counter()
+    closest: dict[tuple, float] = {}
+    for i in range(d.shape[0]):
+        if not np.isfinite(d[i]).any():
+            continue
+        j = int(np.argmin(d[i]))  # first minimum = stable order, as the metrics rank
+        if rl[j] == ql[i]:
+            continue
+        a, b = sorted((ql[i], rl[j]), key=str)
+        counts[(a, b)] += 1
+        closest[(a, b)] = min(closest.get((a, b), np.inf), float(d[i, j]))
+    rows = [{"work_a": a, "work_b": b, "count": n, "min_distance": closest[(a, b)]}
+            for (a, b), n in counts.items()]
+    rows.sort(key=lambda r: (-r["count"], r["min_distance"], str(r["work_a"]), str(r["work_b"])))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x
+
+
+@dataclass
+class TestSetResult:
+    """Everything computed for one test set (arrays are rows = queries, columns = refs)."""
+
+    name: str
+    spec: TestSetSpec
+    q_perfs: list[str]
+    r_perfs: list[str]
+    q_labels: np.ndarray  # [Q] work labels (work_id ints when the manifests have them)
+    r_labels: np.ndarray  # [R]
+    dist: np.ndarray  # [Q, R] float32 cosine distances (min over window pairs)
+    exclude: np.ndarray  # [Q, R] bool, True = not ranked
+    metrics: dict  # retrieval_metrics output
+    ci: dict  # bootstrap_ci output: metric -> {point, mean, low, high, std}
+    ranks: np.ndarray  # [Q] rank of the first correct reference, 0 = none
+    per_work: list[dict]  # per_work_ap rows, worst first, with "name"
+    confusions: list[dict]  # top1_confusions rows, with names
+    closest_wrong: list[dict]  # most_confused_pairs rows (recording pairs), with perf ids
+    points: np.ndarray  # [N, D] one unit vector per distinct recording (queries, then refs)
+    point_labels: np.ndarray  # [N]
+    point_perfs: list[str]
+    work_names: dict = field(default_factory=dict)  # label -> work name
+    test_only: set = field(default_factory=set)  # labels of works absent from training
+    skipped: list[dict] = field(default_factory=list)  # recordings without usable features
+
+    def metric_rows(self) -> list[dict]:
+        """One row per metric: value with its bootstrap CI (``low`` / ``high``)."""
+        rows = []
+        for m in ("mAP", "MR1", "HR1", "HR10", "P@10"):
+            c = self.ci.get(m, {})
+            rows.append({"testset": self.name, "metric": m, "value": self.metrics.get(m),
+                         "low": c.get("low"), "high": c.get("high"),
+                         "queries": self.metrics.get("n_queries"), "refs": len(self.r_perfs)})
+        return rows
+
+    def name_of(self, label: Any) -> str:
+        return str(self.work_names.get(_plain(label), label))
+
+    def projection_figure(self, method: str = "tsne", *, seed: int = 0):
+        """t-SNE / UMAP / PCA map of the recordings coloured by work, unseen works ringed."""
+        from chlib.plots import plot_embedding_projection
+
+        labels = [_plain(x) for x in self.point_labels]
+        return plot_embedding_projection(
+            self.points, labels, method=method, test_only=self.test_only,
+            label_names=self.work_names, seed=seed,
+            title=f"{self.name}: {method.upper()} of {len(labels)} recordings "
+                  f"({len(set(labels))} works; ringed = never seen in training)")
+
+    def figure(self, kind: str, *, save_dir: str | os.PathLike | None = None, top: int = 20,
+               seed: int = 0):
+        """One chart of this test set; saved as ``<save_dir>/<testset>_<kind>.png`` if given.
+
+        ``kind``: "tsne", "umap", "pca" (maps), "ranks" (rank histogram), "confused" (work
+        pairs confused at rank 1), "per_work" (per-work AP, worst first).
+        """
+        from chlib import plots
+
+        if kind in ("tsne", "umap", "pca"):
+            fig = self.projection_figure(kind, seed=seed)
+        elif kind == "ranks":
+            fig = plots.plot_rank_histogram(self.ranks, max_rank=top)
+        elif kind == "confused":
+            fig = plots.plot_confused_pairs(
+                [(r["work_a"], r["work_b"], r["count"]) for r in self.confusions], top=top,
+                value_label="queries whose nearest recording is the other work",
+                label_names=self.work_names)
+        elif kind == "per_work":
+            fig = plots.plot_per_work_ap([(r["work"], r["ap"]) for r in self.per_work], top=top,
+                                         label_names=self.work_names)
+        else:
+            raise ConfigError(f"figure kind must be one of {FIGURE_KINDS}, got {kind!r}")
+        if save_dir is not None:
+            plots.save_figure(fig, Path(save_dir) / f"{self.name}_{kind}.png")
+        return fig
+
+    def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write the distance matrix (-1 in excluded cells), labels, mask and perf ids."""
+        from chlib.io import atomic_save_npy, write_json
+
+        out = Path(out_dir)
+        d = np.where(self.exclude, -1.0, self.dist).astype(np.float32)
+        paths = {"dist": out / f"{self.name}.npy",
+                 "ref_labels": out / f"{self.name}.reflabels.npy",
+                 "query_labels": out / f"{self.name}.querylabels.npy",
+                 "exclude": out / f"{self.name}.exclude.npy",
+                 "perfs": out / f"{self.name}.perfs.json"}
+        atomic_save_npy(paths["dist"], d)
+        atomic_save_npy(paths["ref_labels"], np.asarray(self.r_labels))
+        atomic_save_npy(paths["query_labels"], np.asarray(self.q_labels))
+        atomic_save_npy(paths["exclude"], self.exclude)
+        write_json(paths["perfs"], {
+            "query_perfs": self.q_perfs, "ref_perfs": self.r_perfs,
+            "query_works": [self.name_of(x) for x in self.q_labels],
+            "ref_works": [self.name_of(x) for x in self.r_labels],
+        })
+        return paths
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate_run`: one :class:`TestSetResult` per test set."""
+
+    run_dir: Path
+    checkpoint: str | int
+    epoch: int
+    fingerprint: str
+    results: dict[str, TestSetResult]
+    notes: list[str] = field(default_factory=list)
+
+    def result(self, name: str | None = None) -> TestSetResult:
+        """The named test set's result (default: the first one)."""
+        if name is None or name == "":
+            return next(iter(self.results.values()))
+        if name not in self.results:
+            raise ConfigError(f"no test set {name!r}; evaluated: {', '.join(self.results)}")
+        return self.results[name]
+
+    def rows(self) -> list[dict]:
+        """Metric rows of every test set (see :meth:`TestSetResult.metric_rows`)."""
+        return [row for r in self.results.values() for row in r.metric_rows()]
+
+    def table(self):
+        """The metrics with 95 % CIs as a :class:`chlib.widgets.Table` (text + HTML)."""
+        from chlib.widgets import Table
+
+        return Table(self.rows(), ["testset", "metric", "value", "low", "high", "queries", "refs"],
+                     title=f"epoch {self.epoch} ({self.checkpoint}), model {self.fingerprint}")
+
+    def skipped(self) -> list[dict]:
+        return [dict(s, testset=n) for n, r in self.results.items() for s in r.skipped]
+
+    def save(self, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+        """Write ``metrics.json`` and each test set's arrays (default ``run_dir/evaluation``)."""
+        from chlib.io import write_json
+
+        out = Path(out_dir) if out_dir is not None else self.run_dir / "evaluation"
+        paths: dict[str, Path] = {}
+        for name, r in self.results.items():
+            for k, p in r.save(out).items():
+                paths[f"{name}.{k}"] = p
+        paths["metrics"] = out / "metrics.json"
+        write_json(paths["metrics"], {
+            "run_dir": str(self.run_dir), "checkpoint": self.checkpoint, "epoch": self.epoch,
+            "fingerprint": self.fingerprint, "notes": self.notes,
+            "testsets": {n: {"query_path": str(r.spec.query_path),
+                             "ref_path": str(r.spec.ref_path),
+                             "metrics": r.metrics, "ci": r.ci,
+                             "n_skipped": len(r.skipped)} for n, r in self.results.items()},
+        })
+        return paths
+
+
+# --------------------------------------------------------------------------------------------
+# the procedure
+
+
+def _labels(records: list[dict], where: Path) -> tuple[np.ndarray, dict]:
+    """Work labels of records (work_id ints when every record has one, else work names)."""
+    if all("work_id" in r for r in records):
+        labels = np.array([int(r["work_id"]) for r in records], dtype=np.int64)
+        names = {int(r["work_id"]): str(r.get("work", r["work_id"])) for r in records}
+        return labels, names
+    if not all("work" in r for r in records):
+        raise ManifestError(f"{where}: every line needs a work (or work_id) to score retrieval")
+    return np.array([str(r["work"]) for r in records], dtype=object), {}
+
+
+def _train_works(hp: Any, root: Path | None) -> set[str] | None:
+    """Work names of the run's training manifest (None when there is none to read)."""
+    from chlib.manifest import read_manifest
+
+    path = getattr(hp, "train_path", None)
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and root is not None:
+        p = root / p
+    if not p.exists():
+        return None
+    return {str(r.get("work", r.get("work_id"))) for r in read_manifest(p, required=())}
+
+
+def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list[dict],
+                  q_windows: list, r_windows: list, *, train_works: set[str] | None = None,
+                  n_boot: int = 1000, seed: int = 12345, confidence: float = 0.95,
+                  no_relevant: str = "count_as_zero", top_pairs: int = 20) -> TestSetResult:
+    """Metrics and chart data of one test set from its records and window embeddings.
+
+    ``q_windows`` / ``r_windows`` are :func:`chlib.embed.embed_tracks` outputs ([n_windows, D]
+    per recording, None for a failed one; failed recordings are dropped and listed in
+    ``skipped``). ``train_works``: work names seen in training; the others are "test-only".
+    """
+    from chlib import metrics
+    from chlib.embed import track_distances, track_embeddings
+    from chlib.manifest import source_perf
+
+    same = r_records is q_records
+    roles = [("query and ref" if same else "query", q_records, q_windows)]
+    if not same:
+        roles.append(("ref", r_records, r_windows))
+    skipped = [{"perf": r.get("perf"), "role": role, "reason": "no usable features"}
+               for role, recs, wins in roles
+               for r, w in zip(recs, wins, strict=True) if w is None]
+    q_keep = [i for i, w in enumerate(q_windows) if w is not None]
+    r_keep = [i for i, w in enumerate(r_windows) if w is not None]
+    if not q_keep or not r_keep:
+        raise ManifestError(
+            f"test set {name!r}: no {'query' if not q_keep else 'reference'} recording has "
+            f"usable features ({spec.query_path if not q_keep else spec.ref_path}); re-run "
+            "feature extraction"
+        )
+    q_recs = [q_records[i] for i in q_keep]
+    r_recs = [r_records[i] for i in r_keep]
+    qw = [q_windows[i] for i in q_keep]
+    rw = [r_windows[i] for i in r_keep]
+    q_labels, q_names = _labels(q_recs, spec.query_path)
+    r_labels, r_names = _labels(r_recs, spec.ref_path)
+    if q_labels.dtype != r_labels.dtype:
+        raise ManifestError(
+            f"test set {name!r}: {spec.query_path} and {spec.ref_path} must both carry work_id "
+            "(full.txt lines) or both only work names"
+        )
+    names = {**r_names, **q_names}
+    q_perfs = [str(r["perf"]) for r in q_recs]
+    r_perfs = [str(r["perf"]) for r in r_recs]
+    dist = track_distances(qw, rw)
+    exclude = metrics.self_exclusion_mask(q_perfs, r_perfs,
+                                          query_sources=[source_perf(r) for r in q_recs],
+                                          ref_sources=[source_perf(r) for r in r_recs])
+    if spec.query_in_ref_path is not None:
+        if len(q_keep) != len(q_records) or len(r_keep) != len(r_records):
+            raise ManifestError(
+                f"test set {name!r}: recordings without features break the positions in "
+                f"{spec.query_in_ref_path}; re-extract the missing features"
+            )
+        pairs = metrics.read_query_in_ref(spec.query_in_ref_path)
+        exclude |= metrics.query_in_ref_mask(pairs, len(q_perfs), len(r_perfs))
+    scores = metrics.retrieval_metrics(dist, q_labels, r_labels, exclude=exclude,
+                                       no_relevant=no_relevant)
+    ci = metrics.bootstrap_ci(dist, q_labels, r_labels, exclude, n_boot=n_boot, seed=seed,
+                              confidence=confidence, no_relevant=no_relevant)
+    ranks = metrics.rank_of_first_correct(dist, q_labels, r_labels, exclude=exclude)
+    per_work = metrics.per_work_ap(dist, q_labels, r_labels, exclude=exclude,
+                                   no_relevant=no_relevant)
+    for row in per_work:
+        row["name"] = str(names.get(row["work"], row["work"]))
+    confusions = top1_confusions(dist, q_labels, r_labels, exclude=exclude)
+    for row in confusions:
+        row["name_a"] = str(names.get(row["work_a"], row["work_a"]))
+        row["name_b"] = str(names.get(row["work_b"], row["work_b"]))
+    closest = metrics.most_confused_pairs(dist, q_labels, top_pairs, ref_labels=r_labels,
+                                          exclude=exclude)
+    for row in closest:
+        row["query_perf"] = q_perfs[row["query"]]
+        row["ref_perf"] = r_perfs[row["ref"]]
+    # one point per distinct recording: queries, then references not already among them
+    seen = set(q_perfs)
+    extra = [j for j, p in enumerate(r_perfs) if p not in seen]
+    points = track_embeddings(qw + [rw[j] for j in extra])
+    point_labels = np.concatenate([q_labels, r_labels[extra]]) if extra else q_labels.copy()
+    point_perfs = q_perfs + [r_perfs[j] for j in extra]
+    test_only: set = set()
+    if train_works is not None:
+        test_only = {_plain(lab) for lab in point_labels
+                     if str(names.get(_plain(lab), lab)) not in train_works}
+    return TestSetResult(
+        name=name, spec=spec, q_perfs=q_perfs, r_perfs=r_perfs, q_labels=q_labels,
+        r_labels=r_labels, dist=dist, exclude=exclude, metrics=scores, ci=ci, ranks=ranks,
+        per_work=per_work, confusions=confusions, closest_wrong=closest, points=points,
+        point_labels=point_labels, point_perfs=point_perfs, work_names=names,
+        test_only=test_only, skipped=skipped,
+    )
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    checkpoint: str | int = "best",
+    testsets: Any = None,
+    device: str = "auto",
+    n_boot: int = 1000,
+    seed: int = 12345,
+    confidence: float = 0.95,
+    no_relevant: str = "count_as_zero",
+    cache: bool = True,
+    progress: bool = True,
+    root: str | os.PathLike | None = None,
+) -> Evaluation:
+    """Evaluate one checkpoint of a run on its test sets (or on the given manifests).
+
+    Parameters
+    ----------
+    run_dir : the run folder (``config/hparams.yaml`` + ``checkpoints/``).
+    checkpoint : "best" (falls back to "latest" when the run has no best.json), "latest" or
+        an epoch number.
+    testsets : None (the run config's test sets) or manifests: see :func:`resolve_testsets`.
+        Manifests must be full.txt-style (a ``feat`` per line, paths resolved beside the file).
+    device : "auto", "cpu", "cuda", "mps".
+    n_boot, seed, confidence : bootstrap replicates, its seed (the fork's 12345), CI level.
+    no_relevant : "count_as_zero" (the original) or "skip": queries whose work has no other
+        recording among the references.
+    cache : reuse embeddings from ``run_dir/embeddings`` (keyed by model fingerprint, window
+        recipe, feature settings and feature file; **this function caches**).
+    root : folder that relative manifest paths in the config refer to (default: the current
+        directory, as the original's repo-root-relative paths expect).
+
+    Returns an :class:`Evaluation`; nothing is written (call ``.save()`` and ``.figure()``).
+    """
+    from chlib.checkpoint import model_fingerprint
+    from chlib.embed import cached_embed_tracks, embed_tracks_hp
+    from chlib.manifest import read_manifest, resolve_path
+
+    run_dir = Path(run_dir)
+    model, hp, epoch, note = load_checkpoint(run_dir, checkpoint, device)
+    dev = next(model.parameters()).device
+    fingerprint = model_fingerprint(model.state_dict())
+    root_p = Path(root) if root is not None else None
+    specs = resolve_testsets(hp, testsets, root=root_p)
+    train_works = _train_works(hp, root_p)
+    memo: dict[tuple[Path, str], list] = {}
+
+    def embed(path: Path, records: list[dict]) -> list:
+        key = (path.resolve(), "|".join(str(r["perf"]) for r in records))
+        if key not in memo:
+            failures: list = []
+            if cache:
+                memo[key] = cached_embed_tracks(model, fingerprint, records, hp,
+                                                run_dir / "embeddings", device=dev,
+                                                manifest_path=path, progress=progress,
+                                                failures=failures)
+            else:
+                feats = [resolve_path(r["feat"], path) for r in records]
+                memo[key] = embed_tracks_hp(model, feats, hp, dev, progress=progress,
+                                            failures=failures)
+        return memo[key]
+
+    results: dict[str, TestSetResult] = {}
+    for spec in specs:
+        q_records = read_manifest(spec.query_path, required=("perf", "feat"))
+        r_records = (q_records if spec.ref_path == spec.query_path
+                     else read_manifest(spec.ref_path, required=("perf", "feat")))
+        qw = embed(spec.query_path, q_records)
+        rw = qw if r_records is q_records else embed(spec.ref_path, r_records)
+        results[spec.name] = score_testset(
+            spec.name, spec, q_records, r_records, qw, rw, train_works=train_works,
+            n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant)
+    notes = [note] if note else []
+    if train_works is None:
+        notes.append("the run config names no readable train_path: never-seen works are not "
+                     "marked")
+    return Evaluation(run_dir=run_dir, checkpoint=checkpoint, epoch=epoch,
+                      fingerprint=fingerprint, results=results, notes=notes)

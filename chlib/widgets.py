@@ -1,0 +1,479 @@
+"""Small interactive helpers for the notebooks: forms, tables, audio players, live plots.
+
+Headless runs (papermill, nbconvert, plain Python) never depend on anything here: widget
+callbacks do not fire under papermill, so the notebooks' ``parameters`` cell drives every
+computation and the widgets only *edit* those values when a person is at the keyboard.
+
+* :func:`interactive_session` tells the two situations apart (see its docstring for the rule).
+* :func:`parameter_form` builds a form from a dict of defaults and reads the values back;
+  :func:`edit_parameters` shows one that writes each change into the notebook's namespace.
+* :class:`Table` / :func:`table` is a dependency-free table (text and HTML) for lists of dicts.
+* :func:`audio_player`, :func:`results_table` show results with players for each recording.
+* :class:`TrainingMonitor` redraws loss / mAP curves once per epoch during training.
+
+ipywidgets is imported inside the functions that need it, so ``import chlib.widgets`` is cheap.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import io
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chlib.errors import AudioError, ConfigError
+
+__all__ = [
+    "in_papermill",
+    "interactive_session",
+    "Table",
+    "table",
+    "ParameterForm",
+    "parameter_form",
+    "edit_parameters",
+    "show",
+    "audio_excerpt_wav",
+    "audio_player",
+    "results_table",
+    "TrainingMonitor",
+]
+
+#: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
+INTERACTIVE_ENV = "CHLIB_INTERACTIVE"
+
+
+# --------------------------------------------------------------------------------------------
+# where are we running?
+
+
+def _kernel():
+    if "IPython" not in sys.modules:
+        return None
+    from IPython import get_ipython
+
+    ip = get_ipython()
+    return getattr(ip, "kernel", None) if ip is not None else None
+
+
+def in_papermill() -> bool:
+    """True when this code runs in a kernel driven by papermill / nbclient / nbconvert.
+
+    Those clients execute cells with ``allow_stdin=False`` (nbclient sets it for every cell),
+    whereas JupyterLab, Notebook, VS Code and Colab allow ``input()``. So: True inside an
+    IPython kernel whose current request does not allow stdin.
+    """
+    k = _kernel()
+    return k is not None and not bool(getattr(k, "_allow_stdin", False))
+
+
+def interactive_session() -> bool:
+    """True when a person is at a notebook front end and widgets can be used.
+
+    ``CHLIB_INTERACTIVE=1`` / ``0`` in the environment forces the answer. Otherwise: inside an
+    IPython kernel (JupyterLab, Colab, VS Code) and not under papermill. Plain Python, pytest and
+    the IPython terminal are not interactive sessions (no widget front end).
+    """
+    forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    return _kernel() is not None and not in_papermill()
+
+
+def show(*objs: Any) -> None:
+    """``IPython.display.display`` inside IPython, ``print`` elsewhere (scripts, tests)."""
+    if "IPython" in sys.modules:
+        from IPython import get_ipython
+
+        if get_ipython() is not None:
+            from IPython.display import display
+
+            display(*objs)
+            return
+    for o in objs:
+        print(o)
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def _cell_text(v: Any, floatfmt: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)):
+        return "nan" if np.isnan(v) else format(float(v), floatfmt)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell_text(x, floatfmt) for x in v)
+    return str(v)
+
+
+class Table:
+    """Rows of dicts shown as a table: plain text in a terminal, HTML in a notebook.
+
+    ``Table(rows).rows`` keeps the data; ``str(table)`` / ``repr`` is an aligned text table and
+    ``_repr_html_`` an HTML one, so ending a notebook cell with a Table displays it, and
+    papermill saves both forms.
+    """
+
+    def __init__(self, rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
+                 floatfmt: str = ".3f", max_rows: int | None = None, title: str | None = None):
+        self.rows = [dict(r) for r in rows]
+        if columns is None:
+            columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        self.columns = list(columns)
+        self.floatfmt = floatfmt
+        self.max_rows = max_rows
+        self.title = title
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _shown(self) -> tuple[list[dict], int]:
+        if self.max_rows is None or len(self.rows) <= self.max_rows:
+            return self.rows, 0
+        return self.rows[: self.max_rows], len(self.rows) - self.max_rows
+
+    def cells(self) -> list[list[str]]:
+        """The displayed cells as strings, header row first."""
+        shown, _ = self._shown()
+        return [list(self.columns)] + [
+            [_cell_text(r.get(c), self.floatfmt) for c in self.columns] for r in shown
+        ]
+
+    def to_text(self) -> str:
+        cells = self.cells()
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        lines = ["  ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)).rstrip()
+                 for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        _, hidden = self._shown()
+        if hidden:
+            lines.append(f"... {hidden} more rows")
+        if self.title:
+            lines.insert(0, self.title)
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        cells = self.cells()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in cells[1:]
+        )
+        _, hidden = self._shown()
+        foot = f"<p>... {hidden} more rows</p>" if hidden else ""
+        cap = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return (f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                + foot)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    __str__ = __repr__
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write all rows (not only the shown ones) as CSV, atomically."""
+        import csv
+
+        from chlib.io import atomic_write_text
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in self.columns})
+        atomic_write_text(path, buf.getvalue())
+        return Path(path)
+
+
+def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
+          floatfmt: str = ".3f", max_rows: int | None = 30, title: str | None = None) -> Table:
+    """A :class:`Table` of ``rows`` (a list of dicts), showing at most ``max_rows`` rows."""
+    return Table(rows, columns, floatfmt=floatfmt, max_rows=max_rows, title=title)
+
+
+# --------------------------------------------------------------------------------------------
+# parameter forms
+
+
+def _parse_literal(text: str, name: str, default: Any) -> Any:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(
+            f"parameter {name}: {text!r} is not a Python literal like {default!r} ({e})"
+        ) from e
+    if not isinstance(value, type(default)):
+        raise ConfigError(
+            f"parameter {name}: expected a {type(default).__name__} like {default!r}, got {value!r}"
+        )
+    return value
+
+
+class ParameterForm:
+    """A column of labelled inputs, one per parameter; :meth:`values` reads them back.
+
+    Types follow the defaults: bool -> checkbox, int -> integer box, float -> number box,
+    str -> text box (or a dropdown when ``choices`` lists the options), list / dict / None ->
+    a text box holding a Python literal. ``widget`` is the ipywidgets container to display.
+    """
+
+    def __init__(self, defaults: Mapping[str, Any], *,
+                 choices: Mapping[str, Sequence] | None = None,
+                 descriptions: Mapping[str, str] | None = None,
+                 title: str | None = None):
+        import ipywidgets as w
+
+        self.defaults = dict(defaults)
+        self.choices = {k: list(v) for k, v in (choices or {}).items()}
+        unknown = sorted(set(self.choices) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"parameter_form: choices given for unknown parameters {unknown}")
+        self.inputs: dict[str, Any] = {}
+        style = {"description_width": "initial"}
+        layout = w.Layout(width="32em")
+        for name, default in self.defaults.items():
+            desc = (descriptions or {}).get(name, name)
+            if name in self.choices:
+                opts = self.choices[name]
+                if default not in opts:
+                    raise ConfigError(
+                        f"parameter_form: default {default!r} of {name} is not among {opts}"
+                    )
+                box = w.Dropdown(options=opts, value=default, description=desc, style=style,
+                                 layout=layout)
+            elif isinstance(default, bool):
+                box = w.Checkbox(value=default, description=desc, style=style, indent=False)
+            elif isinstance(default, int):
+                box = w.IntText(value=default, description=desc, style=style, layout=layout)
+            elif isinstance(default, float):
+                box = w.FloatText(value=default, description=desc, style=style, layout=layout)
+            elif isinstance(default, str):
+                box = w.Text(value=default, description=desc, style=style, layout=layout)
+            else:
+                box = w.Text(value=repr(default), description=desc, style=style, layout=layout)
+            self.inputs[name] = box
+        children = list(self.inputs.values())
+        if title:
+            children.insert(0, w.HTML(f"<b>{html.escape(title)}</b>"))
+        self.widget = w.VBox(children)
+
+    def value(self, name: str) -> Any:
+        """Current value of one parameter, typed like its default."""
+        default = self.defaults[name]
+        raw = self.inputs[name].value
+        if name in self.choices or isinstance(default, (bool, int, float, str)):
+            return raw
+        return _parse_literal(raw, name, default) if default is not None else (
+            ast.literal_eval(raw) if raw.strip() else None)
+
+    def values(self) -> dict[str, Any]:
+        """All current values, typed like the defaults (a bad literal raises ConfigError)."""
+        return {name: self.value(name) for name in self.defaults}
+
+    def set_values(self, values: Mapping[str, Any]) -> None:
+        """Put ``values`` into the inputs (unknown names raise ConfigError)."""
+        for name, v in values.items():
+            if name not in self.inputs:
+                raise ConfigError(f"parameter_form: no parameter named {name!r}")
+            box = self.inputs[name]
+            plain = name in self.choices or isinstance(self.defaults[name], (bool, int, float, str))
+            box.value = v if plain else repr(v)
+
+    def observe(self, callback: Callable[[str, Any], None]) -> None:
+        """Call ``callback(name, value)`` after each edit (interactive sessions only)."""
+        for name, box in self.inputs.items():
+            def _changed(change, _name=name):
+                try:
+                    callback(_name, self.value(_name))
+                except ConfigError:
+                    pass  # half-typed literal: wait for the next keystroke
+
+            box.observe(_changed, names="value")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def parameter_form(defaults: Mapping[str, Any], *, choices: Mapping[str, Sequence] | None = None,
+                   descriptions: Mapping[str, str] | None = None,
+                   title: str | None = None) -> ParameterForm:
+    """A :class:`ParameterForm` for ``defaults`` (name -> default value); read back with
+    ``form.values()``."""
+    return ParameterForm(defaults, choices=choices, descriptions=descriptions, title=title)
+
+
+def edit_parameters(namespace: dict, names: Sequence[str], *,
+                    choices: Mapping[str, Sequence] | None = None,
+                    title: str = "Parameters (edit, then run the cells below)",
+                    force: bool | None = None) -> ParameterForm | None:
+    """In an interactive session, show a form for ``names`` that writes edits into ``namespace``.
+
+    Use it right after the ``parameters`` cell: ``edit_parameters(globals(), ["n_works", ...])``.
+    Every edit updates ``namespace[name]`` immediately; re-run the cells below to use it.
+    Headless (papermill), or with ``force=False``, nothing is shown and None is returned, so the
+    parameters cell alone drives the run.
+    """
+    if not (interactive_session() if force is None else force):
+        return None
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise ConfigError(f"edit_parameters: {missing} are not defined in the parameters cell")
+    form = parameter_form({n: namespace[n] for n in names}, choices=choices, title=title)
+    form.observe(lambda name, value: namespace.__setitem__(name, value))
+    show(form.widget)
+    return form
+
+
+# --------------------------------------------------------------------------------------------
+# audio and result tables
+
+
+def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
+                      max_seconds: float = 30.0) -> bytes:
+    """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s``, for players.
+
+    Decodes with soundfile (wav, flac, ogg, mp3); keeps the file's sample rate. Embedding an
+    excerpt keeps notebooks small whatever the file's length and format.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: audio file not found")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            f.seek(min(int(start_s * sr), max(f.frames - 1, 0)))
+            y = f.read(frames=int(max_seconds * sr), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise AudioError(f"{path}: cannot decode audio for playback ({e})") from e
+    y = y.mean(axis=1)
+    peak = float(np.max(np.abs(y))) if y.size else 0.0
+    if peak > 1.0:
+        y = y / peak
+    buf = io.BytesIO()
+    sf.write(buf, y, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def audio_player(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0):
+    """An ipywidgets Audio player (no autoplay, no loop) for an excerpt of ``path``.
+
+    An unreadable file gives a short red HTML note naming it instead of raising, so one bad
+    file does not break a results table.
+    """
+    import ipywidgets as w
+
+    try:
+        data = audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds)
+    except AudioError as e:
+        return w.HTML(f"<span style='color:#b00'>{html.escape(str(e))}</span>")
+    return w.Audio(value=data, format="wav", autoplay=False, loop=False,
+                   layout=w.Layout(width="16em"))
+
+
+def results_table(rows: Sequence[Mapping], columns: Sequence[str], *,
+                  audio_column: str | None = None, max_seconds: float = 30.0,
+                  floatfmt: str = ".3f"):
+    """A grid of result rows with an audio player in the last column.
+
+    Parameters
+    ----------
+    rows : dicts, one per result (e.g. identify's matches).
+    columns : keys shown as text columns, in order.
+    audio_column : key of each row holding an audio path; its player fills the last column
+        (rows without a path get an empty cell).
+
+    Returns an ipywidgets GridBox of ``len(rows) + 1`` rows (header first).
+    """
+    import ipywidgets as w
+
+    ncols = len(columns) + (1 if audio_column else 0)
+    header = [w.HTML(f"<b>{html.escape(c)}</b>") for c in columns]
+    if audio_column:
+        header.append(w.HTML("<b>listen</b>"))
+    cells = list(header)
+    for r in rows:
+        cells += [w.HTML(html.escape(_cell_text(r.get(c), floatfmt))) for c in columns]
+        if audio_column:
+            p = r.get(audio_column)
+            cells.append(audio_player(p, max_seconds=max_seconds) if p else w.HTML(""))
+    return w.GridBox(cells, layout=w.Layout(
+        grid_template_columns=" ".join(["auto"] * ncols), grid_gap="2px 12px"))
+
+
+# --------------------------------------------------------------------------------------------
+# live training curves
+
+
+class TrainingMonitor:
+    """A training callback that redraws loss and mAP curves after every epoch.
+
+    Interactive: one display area updated in place (``IPython.display`` handle). Headless
+    (papermill) or with ``live=False``: prints one summary line per epoch and draws nothing
+    until :meth:`figure` is called at the end.
+
+    Call it with metrics records (the dicts training appends to ``metrics.jsonl``); it keeps
+    them and redraws whenever an ``epoch`` record arrives.
+    """
+
+    def __init__(self, *, live: bool | None = None, every: int = 1):
+        self.live = interactive_session() if live is None else live
+        self.every = max(1, int(every))
+        self.rows: list[dict] = []
+        self._handle = None
+
+    def __call__(self, record: Mapping | None = None, **kwargs: Any) -> None:
+        rec = dict(record or {}, **kwargs)
+        if not rec:
+            return
+        self.rows.append(rec)
+        if rec.get("kind") != "epoch":
+            return
+        epoch = rec.get("epoch", 0)
+        if self.live and int(epoch or 0) % self.every == 0:
+            self._redraw()
+        elif not self.live:
+            print(self.epoch_line(rec), flush=True)
+
+    @staticmethod
+    def epoch_line(rec: Mapping) -> str:
+        """One line for an epoch record: the epoch and its numeric values."""
+        parts = [f"epoch {rec.get('epoch')}"]
+        for k, v in rec.items():
+            if k in ("kind", "epoch", "time", "timestamp"):
+                continue
+            if isinstance(v, float):
+                parts.append(f"{k} {v:.4g}")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                parts.append(f"{k} {v}")
+        return "  ".join(parts)
+
+    def figure(self):
+        """The current curves (see :func:`chlib.plots.plot_training_curves`)."""
+        from chlib.plots import plot_training_curves
+
+        return plot_training_curves(self.rows)
+
+    def _redraw(self) -> None:
+        from IPython.display import display
+
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)

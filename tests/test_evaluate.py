@@ -1,0 +1,201 @@
+"""chlib.evaluate on a tiny real run: a CoverHunterNet checkpoint and synthetic features.
+
+Recordings of one work share a base CQT pattern (plus small noise) and different works have
+unrelated patterns, so even an untrained model maps a work's recordings close together: the
+pipeline must then find every cover at rank 1 (mAP 1). Scrambling labels must break that.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chlib import evaluate
+from chlib.checkpoint import save_checkpoint
+from chlib.config import HParams, save_hparams
+from chlib.errors import CheckpointError, ConfigError
+from chlib.manifest import write_manifest
+from chlib.model import CoverHunterNet
+
+N_BINS = 24
+WORKS = ["reel", "jig", "hornpipe", "polka"]
+
+
+def _tiny_hp(**extra) -> HParams:
+    return HParams.from_dict({
+        "n_bins": N_BINS, "fmin": 32.0, "chunk_frame": [15], "mean_size": 3, "m_per_class": 2,
+        "batch_size": 4, "embed_dim": 16,
+        "encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 32},
+        "foc": {"output_dims": len(WORKS)}, **extra,
+    })
+
+
+def _write_dataset(root, rng, *, works=WORKS, perfs=3, name="test"):
+    feat_dir = root / "cqt_feat"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for wid, work in enumerate(works):
+        base = rng.uniform(-80, 0, size=(60, N_BINS)).astype(np.float32)
+        for v in range(perfs):
+            perf = f"{work}_v{v}"
+            feat = base + rng.normal(0, 0.5, size=base.shape).astype(np.float32)
+            np.save(feat_dir / f"{perf}.cqt.npy", feat)
+            records.append({"perf": perf, "wav": f"{perf}.wav", "work": work,
+                            "work_id": wid, "feat": f"cqt_feat/{perf}.cqt.npy",
+                            "feat_len": 60, "dur_s": 2.4})
+    path = root / f"{name}.txt"
+    write_manifest(path, records)
+    return path, records
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    rng = np.random.default_rng(0)
+    test_txt, records = _write_dataset(root / "data", rng)
+    train_txt = root / "data" / "train.txt"
+    write_manifest(train_txt, [r for r in records if r["work"] in ("reel", "jig")])
+    hp = _tiny_hp(train_path=str(train_txt),
+                  testsets={"demo_test": {"query_path": str(test_txt),
+                                          "ref_path": str(test_txt)}})
+    run = root / "run"
+    save_hparams(hp, run / "config" / "hparams.yaml")
+    torch.manual_seed(0)
+    model = CoverHunterNet(hp.model_config())
+    save_checkpoint(run / "checkpoints", 0, model_state=model.state_dict())
+    return {"run": run, "test_txt": test_txt, "records": records, "root": root}
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_run):
+    return evaluate.evaluate_run(tiny_run["run"], device="cpu", n_boot=200, progress=False)
+
+
+def test_covers_are_found_at_rank_one(evaluation):
+    r = evaluation.result()
+    assert r.name == "demo_test"
+    assert r.metrics["n_queries"] == 12
+    assert r.metrics["mAP"] == pytest.approx(1.0)
+    assert r.metrics["HR1"] == pytest.approx(1.0) and r.metrics["MR1"] == pytest.approx(1.0)
+    assert r.ranks.tolist() == [1] * 12
+    assert np.all(np.diag(r.exclude)) and r.exclude.sum() == 12  # only self-matches excluded
+    assert r.ci["mAP"]["low"] <= r.metrics["mAP"] <= r.ci["mAP"]["high"] + 1e-12
+    assert r.confusions == []
+
+
+def test_checkpoint_best_falls_back_to_latest_with_a_note(evaluation):
+    assert evaluation.epoch == 0
+    assert any("best.json" in n for n in evaluation.notes)
+
+
+def test_never_seen_works_are_the_ones_missing_from_training(evaluation):
+    r = evaluation.result()
+    names = {r.work_names[lab] for lab in r.test_only}
+    assert names == {"hornpipe", "polka"}
+    assert r.points.shape == (12, 16)
+    np.testing.assert_allclose(np.linalg.norm(r.points, axis=1), 1.0, atol=1e-5)
+
+
+def test_table_has_a_row_per_metric_with_ci(evaluation):
+    t = evaluation.table()
+    assert [row["metric"] for row in t.rows] == ["mAP", "MR1", "HR1", "HR10", "P@10"]
+    assert all(row["low"] is not None and row["high"] is not None for row in t.rows)
+    assert "mAP" in str(t) and "<table>" in t._repr_html_()
+
+
+def test_save_writes_original_style_distance_export(evaluation, tmp_path):
+    paths = evaluation.save(tmp_path)
+    d = np.load(paths["demo_test.dist"])
+    labels = np.load(paths["demo_test.ref_labels"])
+    assert d.shape == (12, 12) and np.all(np.diag(d) == -1) and np.all(d[~np.eye(12, dtype=bool)] >= 0)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    meta = json.loads(paths["metrics"].read_text())
+    assert meta["epoch"] == 0 and meta["testsets"]["demo_test"]["metrics"]["mAP"] == pytest.approx(1)
+    perfs = json.loads(paths["demo_test.perfs"].read_text())
+    assert perfs["query_works"][:3] == ["reel"] * 3
+
+
+@pytest.mark.parametrize("kind", ["pca", "tsne", "ranks", "confused", "per_work"])
+def test_figures_are_saved_as_png(evaluation, tmp_path, kind):
+    fig = evaluation.result().figure(kind, save_dir=tmp_path)
+    assert (tmp_path / f"demo_test_{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    assert fig.axes
+    with pytest.raises(ConfigError, match="figure kind"):
+        evaluation.result().figure("pie")
+
+
+def test_scrambled_labels_lower_the_scores(tiny_run, tmp_path):
+    rng = np.random.default_rng(1)
+    records = [dict(r) for r in tiny_run["records"]]
+    wids = [r["work_id"] for r in records]
+    rng.shuffle(wids)
+    while wids[:3] == [0, 0, 0]:
+        rng.shuffle(wids)
+    for r, w in zip(records, wids, strict=True):
+        r["work_id"] = w
+        r["feat"] = str(tiny_run["root"] / "data" / r["feat"])
+    scrambled = tmp_path / "scrambled.txt"
+    write_manifest(scrambled, records)
+    ev = evaluate.evaluate_run(tiny_run["run"], testsets=[scrambled], device="cpu", n_boot=50,
+                               progress=False)
+    r = ev.result("scrambled")
+    assert r.metrics["mAP"] < 0.9
+    assert r.confusions and r.confusions[0]["count"] >= 1
+
+
+def test_tempo_copies_and_missing_features(tiny_run, tmp_path):
+    data = tiny_run["root"] / "data"
+    recs = [dict(r, feat=str(data / r["feat"])) for r in tiny_run["records"][:6]]
+    copy = dict(recs[0], perf="sp_0.9-" + recs[0]["perf"], source_perf=recs[0]["perf"])
+    missing = dict(recs[1], perf="ghost", feat=str(tmp_path / "nope.npy"))
+    path = tmp_path / "extra.txt"
+    write_manifest(path, recs + [copy, missing])
+    ev = evaluate.evaluate_run(tiny_run["run"], testsets={"x": path}, device="cpu", n_boot=20,
+                               progress=False, cache=False)
+    r = ev.result("x")
+    assert r.skipped == [{"perf": "ghost", "role": "query and ref",
+                          "reason": "no usable features"}]
+    assert len(r.q_perfs) == 7
+    i, j = r.q_perfs.index(copy["perf"]), r.q_perfs.index(recs[0]["perf"])
+    assert r.exclude[i, j] and r.exclude[j, i]  # a tempo copy never matches its source
+
+
+def test_embeddings_are_cached_under_the_run(tiny_run, evaluation):
+    files = list((tiny_run["run"] / "embeddings").rglob("*.npy"))
+    assert len(files) == 12
+
+
+def test_resolve_testsets_forms(tmp_path):
+    hp = _tiny_hp(test_path="data/test.txt")
+    (specs,) = evaluate.resolve_testsets(hp, root=tmp_path)
+    assert specs.name == "test" and specs.query_path == tmp_path / "data/test.txt"
+    specs = evaluate.resolve_testsets(hp, {"a": ("q.txt", "r.txt")})
+    assert (specs[0].query_path.name, specs[0].ref_path.name) == ("q.txt", "r.txt")
+    specs = evaluate.resolve_testsets(hp, ["x/test.txt", "y/test.txt"])
+    assert [s.name for s in specs] == ["test", "test_"]
+    with pytest.raises(ConfigError, match="no test sets"):
+        evaluate.resolve_testsets(_tiny_hp(), None)
+    with pytest.raises(ConfigError, match="query_path"):
+        evaluate.resolve_testsets(hp, {"a": {"ref_path": "r.txt"}})
+
+
+def test_load_checkpoint_rejects_a_bad_choice(tiny_run):
+    with pytest.raises(CheckpointError, match="'best', 'latest' or an epoch"):
+        evaluate.load_checkpoint(tiny_run["run"], "newest", "cpu")
+    with pytest.raises(CheckpointError, match="no checkpoint for epoch 3"):
+        evaluate.load_checkpoint(tiny_run["run"], "3", "cpu")
+
+
+def test_top1_confusions_counts_unordered_pairs():
+    dist = np.array([[0.0, 0.1, 0.5, 0.9],
+                     [0.1, 0.0, 0.2, 0.9],
+                     [0.5, 0.2, 0.0, 0.05],
+                     [0.9, 0.9, 0.05, 0.0]])
+    labels = ["a", "b", "a", "b"]
+    rows = evaluate.top1_confusions(dist, labels, labels, exclude=np.eye(4, dtype=bool))
+    assert rows == [{"work_a": "a", "work_b": "b", "count": 4, "min_distance": 0.05}]
+    same = ["a", "a", "b", "b"]
+    assert evaluate.top1_confusions(dist, same, same, exclude=np.eye(4, dtype=bool)) == []
