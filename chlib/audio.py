@@ -6,9 +6,9 @@ which file is wrong, what is wrong with it and what to do.
 
 Decoding goes through ``soundfile`` (libsndfile >= 1.1 reads WAV, FLAC, OGG/Vorbis, Opus and MP3
 without FFmpeg). If soundfile cannot read a format and ``torchaudio.load`` can (it needs
-torchcodec and FFmpeg's shared libraries), that is tried next. Resampling is
-``torchaudio.functional.resample`` with its default windowed-sinc filter, on the CPU in float32,
-as CoverHunterMPS does on its GPU path.
+torchcodec and FFmpeg's shared libraries), that is tried next. Resampling reproduces
+``torchaudio.functional.resample`` with its default windowed-sinc filter (as CoverHunterMPS does
+on its GPU path), on the CPU in float32, skipping the kernel's zero taps (:func:`resample`).
 
 Checks, in order: the file exists, is not empty, decodes, holds at least one sample, has only
 finite samples, is not silent (peak of the mono mix below ``SILENCE_PEAK`` = 1e-4, i.e. -80
@@ -24,6 +24,8 @@ notebooks.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from chlib.errors import AudioError
 
@@ -120,20 +123,90 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list] | None:
+    """torchaudio's own resampling kernel, split into groups of phases without the zero taps.
+
+    ``torchaudio.functional.resample`` applies, for each of the ``new`` output phases, a kernel
+    of ``2 * width + orig`` taps as one strided ``conv1d``; only ~``12 * orig / new`` taps of
+    each are non-zero (the rest lie outside the sinc window). For 44.1 -> 16 kHz that is ~34 of
+    475 taps. We keep, for groups of neighbouring phases, only the tap range where one of them
+    is non-zero and apply it as a matrix product on a strided view of the signal: the same
+    kernel values and sums, ~8x fewer multiplications. Returns None when torchaudio's private
+    kernel builder is unavailable (then the public function is used).
+    """
+    try:
+        from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+        gcd = math.gcd(orig_sr, new_sr)
+        kernel, width = _get_sinc_resample_kernel(orig_sr, new_sr, gcd, 6, 0.99, "sinc_interp_hann",
+                                                  None, torch.device("cpu"), torch.float32)
+    except (ImportError, TypeError, ValueError, AttributeError):
+        return None
+    orig, new = orig_sr // gcd, new_sr // gcd
+    taps = kernel[:, 0, :].to(torch.float32)
+    if taps.shape[0] != new:
+        return None
+    nonzero = taps.abs() > taps.abs().max() * 1e-12
+    runs = []
+    for i in range(new):
+        idx = torch.nonzero(nonzero[i]).flatten()
+        runs.append((int(idx[0]), int(idx[-1]) + 1))
+    # dynamic programme over contiguous phase groups: multiplications + a per-call overhead
+    best, back = [0.0] + [math.inf] * new, [0] * (new + 1)
+    for end in range(1, new + 1):
+        lo, hi = runs[end - 1]
+        for start in range(end - 1, -1, -1):
+            lo, hi = min(lo, runs[start][0]), max(hi, runs[start][1])
+            cost = best[start] + (hi - lo) * (end - start) + 700.0
+            if cost < best[end]:
+                best[end], back[end] = cost, start
+    groups, end = [], new
+    while end > 0:
+        start = back[end]
+        lo = min(r[0] for r in runs[start:end])
+        hi = max(r[1] for r in runs[start:end])
+        groups.append((start, end, lo, hi, taps[start:end, lo:hi].t().contiguous()))
+        end = start
+    return orig, new, int(width), int(taps.shape[1]), groups[::-1]
+
+
+def _resample_grouped(y: torch.Tensor, plan: tuple, rows_per_chunk: int = 16384) -> torch.Tensor:
+    orig, new, width, n_taps, groups = plan
+    length = y.shape[-1]
+    x = F.pad(y, (width, width + orig))
+    n_blocks = (x.shape[-1] - n_taps) // orig + 1
+    out = torch.empty(n_blocks, new, dtype=torch.float32)
+    for r0 in range(0, n_blocks, rows_per_chunk):
+        r1 = min(n_blocks, r0 + rows_per_chunk)
+        seg = x[r0 * orig:(r1 - 1) * orig + n_taps]
+        for start, end, lo, hi, w in groups:
+            out[r0:r1, start:end] = seg[lo:].unfold(0, hi - lo, orig)[: r1 - r0] @ w
+    # the same output length rule as torchaudio (computed the same way)
+    target = int(torch.ceil(torch.as_tensor(new * length / orig)).long())
+    return out.reshape(-1)[:target]
+
+
 def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     """Resample a mono float32 signal ``[n_samples]`` from ``orig_sr`` to ``new_sr`` Hz (CPU).
 
-    ``torchaudio.functional.resample`` with default settings (windowed sinc, 6 zero crossings,
-    rolloff 0.99). Returns the input unchanged when the rates agree.
+    Numerically ``torchaudio.functional.resample`` with default settings (windowed sinc, 6 zero
+    crossings, rolloff 0.99; agreement ~1e-7), computed without the kernel's zero taps (see
+    :func:`_resample_plan`; 44.1 -> 16 kHz runs several times faster). Returns the input
+    unchanged when the rates agree.
     """
+    y = np.ascontiguousarray(y, dtype=np.float32)
     if orig_sr == new_sr:
-        return np.ascontiguousarray(y, dtype=np.float32)
-    import torchaudio.functional as taf
-
+        return y
+    if y.ndim != 1:
+        raise ValueError(f"resample expects a mono signal [samples], got shape {y.shape}")
+    plan = _resample_plan(int(orig_sr), int(new_sr))
     with torch.no_grad():
-        out = taf.resample(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)),
-                           int(orig_sr), int(new_sr))
-    return out.numpy()
+        if plan is None:
+            import torchaudio.functional as taf
+
+            return taf.resample(torch.from_numpy(y), int(orig_sr), int(new_sr)).numpy()
+        return _resample_grouped(torch.from_numpy(y), plan).numpy()
 
 
 def load_audio(

@@ -268,7 +268,7 @@ class _CoverHunterCQT(nn.Module):
             block = view[:, t0:t1].reshape(-1, self.n_fft)
             spec = torch.view_as_real(torch.fft.rfft(block)).reshape(block.shape[0], -1)
             res = out[:, t0:t1].view(-1, 2 * self.n_bins) if bsz == 1 else None
-            for (start, end, lo, hi), wmat in zip(self.groups, weights):
+            for (start, end, lo, hi), wmat in zip(self.groups, weights, strict=True):
                 part = spec[:, 2 * lo:2 * hi] @ wmat
                 if res is not None:
                     res[:, 2 * start:2 * end] = part

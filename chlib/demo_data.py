@@ -335,15 +335,22 @@ def _parse_abc_tune(path: Path) -> dict:
         if (ends or double) and i + 1 < len(measures):
             section_starts.add(measures[i + 1].number)
     section_starts = {n for n in section_starts if n not in in_ending}
-    # ABC's "A :| B :|" means AABB: the second repeat goes back to the first one's end, which
-    # music21 reads as "back to the top" (AABAAB) unless a start repeat is written.
-    for m, nxt in zip(measures, measures[1:], strict=False):
-        right = m.rightBarline
-        if (isinstance(right, bar.Repeat) and right.direction == "end"
-                and nxt.number not in in_ending
-                and not (isinstance(nxt.leftBarline, bar.Repeat)
-                         and nxt.leftBarline.direction == "start")):
-            nxt.leftBarline = bar.Repeat(direction="start")
+    # ABC's "A :| B :|" means AABB: the second repeat goes back to the end of the previous
+    # section, which music21 reads as "back to the top" (AABAAB) unless a start repeat is
+    # written. So a section that a later end repeat closes gets a start repeat.
+    def repeat_dir(barline: Any) -> str:
+        return barline.direction if isinstance(barline, bar.Repeat) else ""
+
+    for i in range(len(measures) - 1):
+        nxt = measures[i + 1]
+        if nxt.number not in section_starts or repeat_dir(nxt.leftBarline) == "start":
+            continue
+        for later in measures[i + 1:]:  # only when a later end repeat closes the section
+            if later is not nxt and repeat_dir(later.leftBarline) == "start":
+                break
+            if repeat_dir(later.rightBarline) == "end":
+                nxt.leftBarline = bar.Repeat(direction="start")
+                break
 
     try:
         expanded = part.expandRepeats()
@@ -583,7 +590,7 @@ class DemoPerformanceParams:
     timing_jitter_ms: float = 0.0
     accompaniment: str = "none"
     accompaniment_instrument: str = "piano"
-    accompaniment_gain_db: float = -8.0
+    accompaniment_gain_db: float = -14.0
     room_rt60_s: float = 0.3
     room_wet: float = 0.0
     snr_db: float = 60.0
@@ -692,10 +699,11 @@ def draw_performance_params(
 ) -> list[DemoPerformanceParams]:
     """Draw ``n`` distinct performance settings for ``tune``.
 
-    Instruments, transpositions, forms and tempi are spread over the versions (drawn without
-    replacement where possible, tempi stratified over +-25 % of ``tune.base_bpm``) so that
-    versions of one work differ audibly; the rest is drawn independently per version. Durations
-    are uniform in [min_seconds, max_seconds].
+    Instruments, transpositions and forms are spread over the versions (drawn without
+    replacement where possible) and tempi over +-25 % of ``tune.base_bpm`` (a golden-ratio
+    sequence), so that versions of one work differ audibly; the rest is drawn independently per
+    version. Durations are uniform in [min_seconds, max_seconds]. The first ``k`` versions do
+    not depend on ``n``: asking for more versions later keeps the existing ones.
 
     Returns
     -------
@@ -708,14 +716,18 @@ def draw_performance_params(
             f"min_seconds ({min_seconds}) must be >= 0.5 and <= max_seconds ({max_seconds})"
         )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    instruments = [INSTRUMENTS[int(i)] for i in _spread(rng, len(INSTRUMENTS), n)]
-    transposes = [int(t) - 5 for t in _spread(rng, 12, n)]
-    forms = [FORMS[int(i)] for i in _spread(rng, len(FORMS), n)]
-    tempo_factors = 0.75 + 0.5 * (rng.permutation(n) + rng.random(n)) / n
+    base = int(rng.integers(2**63))  # every draw below derives from it, per aspect and version
+    instruments = [INSTRUMENTS[int(i)] for i in _spread(base, 1, len(INSTRUMENTS), n)]
+    transposes = [int(t) - 5 for t in _spread(base, 2, 12, n)]
+    forms = [FORMS[int(i)] for i in _spread(base, 3, len(FORMS), n)]
+    # tempo factors in [0.75, 1.25] from a golden-ratio sequence: evenly spread for any n
+    u0 = float(np.random.default_rng([base, 4]).random())
+    tempo_factors = 0.75 + 0.5 * ((u0 + np.arange(n) * 0.6180339887498949) % 1.0)
     mean_pitch = float(np.mean([x.pitch for x in tune.notes]))
     compound = _is_compound(tune.meter)
     out = []
     for j in range(n):
+        rng = np.random.default_rng([base, 100 + j])
         inst = instruments[j]
         shifted = mean_pitch + transposes[j]
         octave = int(np.clip(round((_INSTRUMENT_CENTRE[inst] - shifted) / 12.0), -2, 2))
@@ -738,7 +750,7 @@ def draw_performance_params(
             timing_jitter_ms=round(float(rng.uniform(0.0, 12.0)), 1),
             accompaniment=accomp,
             accompaniment_instrument=accomp_inst,
-            accompaniment_gain_db=round(float(rng.uniform(-14.0, -6.0)), 1),
+            accompaniment_gain_db=round(float(rng.uniform(-18.0, -10.0)), 1),
             room_rt60_s=round(float(rng.uniform(0.15, 1.1)), 3),
             room_wet=round(float(rng.uniform(0.0, 0.45)), 3),
             snr_db=round(float(rng.uniform(15.0, 40.0)), 1),
@@ -752,10 +764,13 @@ def draw_performance_params(
     return out
 
 
-def _spread(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
-    """``n`` values from range(k), each used before any repeats (concatenated permutations)."""
+def _spread(base: int, stream: int, k: int, n: int) -> np.ndarray:
+    """``n`` values from range(k), each used before any repeats (concatenated permutations
+    drawn from the generator seeded by ``[base, stream]``, so the first values do not
+    depend on ``n``)."""
+    g = np.random.default_rng([base, stream])
     reps = -(-n // k)
-    return np.concatenate([rng.permutation(k) for _ in range(reps)])[:n]
+    return np.concatenate([g.permutation(k) for _ in range(reps)])[:n]
 
 
 def _is_compound(meter: str) -> bool:
@@ -1107,9 +1122,9 @@ def _wavetable(kind: str, which: str, n_harm: int) -> np.ndarray:
     # fixed per-harmonic phases (not random): a deterministic, non-peaky waveform
     h = np.arange(1, n_harm + 1)
     phases = np.pi * h * (h - 1) / n_harm  # Schroeder-like phases
-    x = np.arange(_TABLE_SIZE) / _TABLE_SIZE
-    table = (amps[None, :] * np.sin(2 * np.pi * h[None, :] * x[:, None] + phases)).sum(1)
-    table = table / max(norm, 1e-9)
+    spectrum = np.zeros(_TABLE_SIZE // 2 + 1, dtype=complex)  # sum of sines via one FFT
+    spectrum[h] = 0.5 * _TABLE_SIZE * amps * np.exp(1j * (phases - 0.5 * np.pi))
+    table = np.fft.irfft(spectrum, _TABLE_SIZE) / max(norm, 1e-9)
     return np.append(table, table[0])
 
 
@@ -1283,7 +1298,7 @@ def _slug(text: str, max_len: int = 40) -> str:
     return s[:max_len].rstrip("_") or "tune"
 
 
-def _manifest_path(path: Path, root: Path) -> str:
+def _manifest_path(path: Path) -> str:
     """``path`` relative to the current directory when it lies under it, else absolute."""
     path = path.resolve()
     cwd = Path.cwd().resolve()
@@ -1340,7 +1355,7 @@ def _read_render_manifest(path: Path) -> dict[str, dict]:
     return out
 
 
-def _is_current(job: _Job, rec: dict | None, out_dir: Path) -> bool:
+def _is_current(job: _Job, rec: dict | None) -> bool:
     """True when ``job.path`` holds exactly what the manifest says was rendered for ``job.key``."""
     from chlib.io import file_sha256
 
@@ -1439,9 +1454,10 @@ def make_demo_dataset(
 
     manifest_file = out_dir / "render_manifest.jsonl"
     manifest = _read_render_manifest(manifest_file)
-    todo = [j for j in jobs if not _is_current(j, manifest.get(j.perf), out_dir)]
+    todo = [j for j in jobs if not _is_current(j, manifest.get(j.perf))]
+    todo_ids = {j.perf for j in todo}
     failures: list[dict] = []
-    done: dict[str, dict] = {j.perf: manifest[j.perf] for j in jobs if j not in todo}
+    done: dict[str, dict] = {j.perf: manifest[j.perf] for j in jobs if j.perf not in todo_ids}
 
     def record(job: _Job, sha: str, samples: int) -> None:
         rec = {"perf": job.perf, "file": job.path.relative_to(out_dir).as_posix(),
@@ -1493,7 +1509,7 @@ def make_demo_dataset(
         rec = done.get(job.perf)
         if rec is None:
             continue
-        records.append({"perf": job.perf, "wav": _manifest_path(job.path, out_dir),
+        records.append({"perf": job.perf, "wav": _manifest_path(job.path),
                         "dur_s": round(rec["samples"] / sample_rate, 3), "work": job.work,
                         "version": job.version})
     dataset = out_dir / "dataset.txt"

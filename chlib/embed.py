@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chlib.device import pick_device
 from chlib.errors import CheckpointError, ConfigError, FeatureError
 from chlib.io import atomic_save_npy, stable_hash, write_json
 
@@ -225,7 +226,7 @@ def embed_tracks(
     *,
     window: int,
     mean_size: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_size: int = 64,
     hop: int | None = None,
     tail: str = "shift",
@@ -243,7 +244,8 @@ def embed_tracks(
     features : sequence of [frames, bins] arrays or ``.npy`` paths (memory-mapped)
     window, mean_size, hop, tail, min_tail : the window recipe (:func:`window_starts`,
         :func:`prepare_window`).
-    device : torch device for the model (the model is moved there).
+    device : where the model runs: None (default) = where its parameters are; otherwise
+        "auto", "cpu", "cuda", "mps" or a torch.device, and the model is moved there.
     batch_size : windows per forward pass; windows of different tracks share batches.
     n_bins : if given, every track must have this many CQT bins.
     progress : show a tqdm progress bar over windows.
@@ -260,7 +262,7 @@ def embed_tracks(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     settings = window_settings(window, mean_size, hop=hop, tail=tail, min_tail=min_tail)
     window_starts(1, window, hop=hop, tail=tail, min_tail=min_tail)  # validate the recipe early
-    device = torch.device(device) if not isinstance(device, torch.device) else device
+    device = _model_device(model) if device is None else pick_device(device)
     n_tracks = len(features)
     out: list[list[np.ndarray] | None] = [[] for _ in range(n_tracks)]
     expected: dict[int, int] = {}
@@ -313,6 +315,11 @@ def embed_tracks(
     return result
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
@@ -325,7 +332,7 @@ def embed_tracks_hp(
     model: torch.nn.Module,
     features: Sequence[np.ndarray | str | os.PathLike],
     hp: Any,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> list[np.ndarray | None]:
     """:func:`embed_tracks` with the run's recipe: ``window = hp.chunk_len[0]``,
@@ -465,7 +472,7 @@ def cached_embed_tracks(
     hp: Any,
     cache_dir: str | os.PathLike,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_size: int | None = None,
     hop: int | None = None,
     tail: str = "shift",

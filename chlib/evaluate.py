@@ -1,4 +1,8 @@
-"""Evaluate a trained run on retrieval test sets: the procedure behind ``05_evaluate``.
+"""Evaluate a trained run: the procedures behind ``05_evaluate``, ``06_identify``, ``07_explore``.
+
+Sections: retrieval evaluation on test sets (05); identification of a dataset's held-out
+recordings against the run's reference index, with a summary of how often the true work came
+first (06); the embedding explorer's data (07).
 
 :func:`evaluate_run` loads one checkpoint of a run (``"best"``, ``"latest"`` or an epoch),
 embeds every recording of each test set through the one embedding path (:mod:`chlib.embed`,
@@ -49,6 +53,17 @@ __all__ = [
     "top1_confusions",
     "score_testset",
     "evaluate_run",
+    "read_split",
+    "reference_records",
+    "reference_index_for_run",
+    "Queries",
+    "identification_queries",
+    "identification_summary",
+    "summary_text",
+    "query_features",
+    "query_match_figure",
+    "ExplorerData",
+    "explorer_data",
 ]
 
 #: Kinds accepted by :meth:`TestSetResult.figure`.
@@ -318,8 +333,9 @@ class Evaluation:
         """The metrics with 95 % CIs as a :class:`chlib.widgets.Table` (text + HTML)."""
         from chlib.widgets import Table
 
+        title = f"epoch {self.epoch} ({self.checkpoint}), model {self.fingerprint}"
         return Table(self.rows(), ["testset", "metric", "value", "low", "high", "queries", "refs"],
-                     title=f"epoch {self.epoch} ({self.checkpoint}), model {self.fingerprint}")
+                     title="; ".join([title, *self.notes]))
 
     def skipped(self) -> list[dict]:
         return [dict(s, testset=n) for n, r in self.results.items() for s in r.skipped]
@@ -443,8 +459,11 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
     for row in confusions:
         row["name_a"] = str(names.get(row["work_a"], row["work_a"]))
         row["name_b"] = str(names.get(row["work_b"], row["work_b"]))
-    closest = metrics.most_confused_pairs(dist, q_labels, top_pairs, ref_labels=r_labels,
-                                          exclude=exclude)
+    if q_perfs == r_perfs:  # one list: report each unordered pair once
+        closest = metrics.most_confused_pairs(dist, q_labels, top_pairs, exclude=exclude)
+    else:
+        closest = metrics.most_confused_pairs(dist, q_labels, top_pairs, ref_labels=r_labels,
+                                              exclude=exclude)
     for row in closest:
         row["query_perf"] = q_perfs[row["query"]]
         row["ref_perf"] = r_perfs[row["ref"]]
@@ -545,3 +564,341 @@ def evaluate_run(
                      "marked")
     return Evaluation(run_dir=run_dir, checkpoint=checkpoint, epoch=epoch,
                       fingerprint=fingerprint, results=results, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# identification of a dataset's held-out recordings (06_identify)
+
+
+def _absolute(rec: dict, manifest_path: Path) -> dict:
+    """A copy of ``rec`` whose ``wav`` / ``feat`` paths are absolute (resolved like chlib does)."""
+    from chlib.manifest import resolve_path
+
+    out = dict(rec)
+    for k in ("wav", "feat"):
+        if out.get(k):
+            out[k] = str(resolve_path(out[k], manifest_path).resolve())
+    return out
+
+
+def read_split(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
+    """Records of ``dataset_dir/<split>.txt`` (train, val, test, full) with absolute paths;
+    [] when the file is absent."""
+    from chlib.manifest import read_manifest
+
+    path = Path(dataset_dir) / f"{split}.txt"
+    if not path.is_file():
+        return []
+    return [_absolute(r, path) for r in read_manifest(path, required=("perf", "work"))]
+
+
+def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | os.PathLike = ""
+                      ) -> list[dict]:
+    """The recordings to index as references, with absolute ``wav`` / ``feat`` paths.
+
+    Default: the dataset's train + val recordings, i.e. every recording not held out as a query
+    (``test.txt``); without split files, all of ``full.txt``. A ``reference_manifest`` (a
+    full.txt-style file) replaces that choice. Tempo copies are kept here and dropped by
+    :func:`chlib.index.build_index`.
+    """
+    from chlib.manifest import read_manifest
+
+    if reference_manifest:
+        p = Path(reference_manifest)
+        return [_absolute(r, p) for r in read_manifest(p, required=("perf", "work", "feat"))]
+    recs = read_split(dataset_dir, "train") + read_split(dataset_dir, "val")
+    if not recs:
+        recs = read_split(dataset_dir, "full")
+    if not recs:
+        raise ManifestError(
+            f"{dataset_dir}: no train.txt, val.txt or full.txt; run 02_extract on the dataset "
+            "or give reference_manifest"
+        )
+    return recs
+
+
+def reference_index_for_run(run_dir: str | os.PathLike, model: Any, hp: Any,
+                            records: Sequence[dict], *, rebuild: bool = False,
+                            device: str = "auto", progress: bool = True):
+    """The run's reference index in ``run_dir/index``: loaded when it matches, else built.
+
+    It matches when it was built by this model (fingerprint), with these feature settings and
+    window recipe, from exactly these recordings (perf ids, tempo copies aside). Otherwise (or
+    with ``rebuild``) every record is embedded (cached in ``run_dir/embeddings``), indexed and
+    saved. Returns ``(index, status)`` with status "loaded ..." or "built ...".
+    """
+    from chlib.checkpoint import model_fingerprint
+    from chlib.errors import IndexMismatchError
+    from chlib.index import ReferenceIndex, build_index, is_tempo_copy
+
+    folder = Path(run_dir) / "index"
+    fingerprint = model_fingerprint(model.state_dict())
+    wanted = sorted(str(r["perf"]) for r in records if not is_tempo_copy(r))
+    why = "rebuild asked for"
+    if not rebuild and (folder / "meta.json").is_file():
+        try:
+            idx = ReferenceIndex.load(folder, expect_fingerprint=fingerprint,
+                                      expect_features=hp.features)
+            ws = idx.window_settings
+            have = sorted(idx.perfs + [str(s.get("perf")) for s in idx.skipped])
+            if ws.get("window") != hp.chunk_len[0] or ws.get("mean_size") != hp.mean_size:
+                why = "the index was built with another window recipe"
+            elif have != wanted:
+                why = "the index holds other recordings"
+            else:
+                return idx, f"loaded {folder}: {len(idx)} reference recordings"
+        except IndexMismatchError as e:
+            why = str(e)
+    elif not rebuild:
+        why = "no index yet"
+    dev = next(model.parameters()).device if device == "auto" else device
+    idx = build_index(model, records, hp, device=dev, cache_dir=Path(run_dir) / "embeddings",
+                      progress=progress)
+    idx.save(folder)
+    return idx, (f"built {folder}: {len(idx)} reference recordings, {len(idx.skipped)} skipped "
+                 f"({why})")
+
+
+@dataclass
+class Queries:
+    """Audio files to identify and, where a manifest says so, their true work."""
+
+    paths: list[str]
+    truth: dict[str, str] = field(default_factory=dict)  # path -> work name
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def identification_queries(query_path: str | os.PathLike, dataset_dir: str | os.PathLike
+                           ) -> Queries:
+    """What to identify: ``""`` = the dataset's held-out test recordings (truth known); an
+    audio file; a folder of audio files (no truth); or a manifest (``.txt`` / ``.jsonl``, truth
+    from its ``work``). Tempo copies and repeated audio files are listed once."""
+    from chlib.identify import find_audio_files
+    from chlib.index import is_tempo_copy
+    from chlib.manifest import read_manifest
+
+    def from_records(recs: list[dict], source: str) -> Queries:
+        q = Queries([], {}, source)
+        for r in recs:
+            if is_tempo_copy(r) or not r.get("wav") or r["wav"] in q.truth:
+                continue
+            q.paths.append(r["wav"])
+            q.truth[r["wav"]] = str(r["work"])
+        return q
+
+    if str(query_path) == "":
+        recs = read_split(dataset_dir, "test")
+        if not recs:
+            raise ManifestError(
+                f"{dataset_dir}: no held-out recordings (test.txt is missing or empty); give "
+                "query_path (an audio file, a folder or a manifest)"
+            )
+        return from_records(recs, f"{Path(dataset_dir) / 'test.txt'} (held-out recordings)")
+    p = Path(query_path)
+    if p.is_dir():
+        return Queries([str(f) for f in find_audio_files(p)], {}, str(p))
+    if p.suffix.lower() in (".txt", ".jsonl"):
+        return from_records([_absolute(r, p) for r in read_manifest(p)], str(p))
+    if not p.is_file():
+        raise ConfigError(f"query_path {p}: no such file or folder")
+    return Queries([str(p)], {}, str(p))
+
+
+def identification_summary(rows: Sequence[Mapping], truth: Mapping[str, str], *,
+                           index_works: Sequence[str] | None = None) -> dict:
+    """How often identification put the true work first / in the top 10.
+
+    ``rows`` are :class:`chlib.identify.IdentifyReport` rows (``by="work"``: one row per work
+    and rank), ``truth`` maps query path -> true work. Shares are over queries with a known
+    work; ``*_indexed`` shares only over those whose work has reference recordings (a work
+    with none cannot be found: the right answer there is "no confident match").
+    """
+    by_query: dict[str, list[Mapping]] = {}
+    failed = set()
+    for r in rows:
+        if r.get("error"):
+            failed.add(r["query"])
+            continue
+        by_query.setdefault(str(r["query"]), []).append(r)
+    known = set(index_works) if index_works is not None else None
+    n_truth = n_indexed = top1 = top10 = top1_i = top10_i = 0
+    verdicts: Counter = Counter()
+    per_query = []
+    for q, work in truth.items():
+        if q in failed or q not in by_query:
+            continue
+        hits = sorted(by_query[q], key=lambda r: r["rank"])
+        rank = next((int(h["rank"]) for h in hits if str(h["work"]) == work), None)
+        indexed = known is None or work in known
+        n_truth += 1
+        n_indexed += indexed
+        t1, t10 = rank == 1, rank is not None and rank <= 10
+        top1 += t1
+        top10 += t10
+        top1_i += t1 and indexed
+        top10_i += t10 and indexed
+        verdicts[hits[0].get("verdict")] += 1
+        per_query.append({"query": q, "true_work": work, "rank_of_true_work": rank,
+                          "in_index": indexed, "best_work": hits[0]["work"],
+                          "best_distance": hits[0]["distance"], "verdict": hits[0]["verdict"]})
+
+    def share(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    return {"n_queries": len(set(by_query) | failed), "n_failed": len(failed),
+            "n_with_truth": n_truth, "n_truth_indexed": n_indexed,
+            "top1": share(top1, n_truth), "top10": share(top10, n_truth),
+            "top1_indexed": share(top1_i, n_indexed), "top10_indexed": share(top10_i, n_indexed),
+            "best_verdicts": dict(verdicts), "per_query": per_query}
+
+
+def summary_text(summary: Mapping) -> str:
+    """A few readable lines from :func:`identification_summary`."""
+    s = summary
+    lines = [f"{s['n_queries']} queries identified ({s['n_failed']} could not be read)."]
+    if s["n_with_truth"]:
+        lines.append(
+            f"Of {s['n_with_truth']} queries whose work is known: true work first "
+            f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.")
+        lines.append(
+            f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
+            f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
+            f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the right "
+            "answer for them is 'no confident match').")
+    if s["best_verdicts"]:
+        lines.append("Verdicts of the best match: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
+    return "\n".join(lines)
+
+
+def query_features(path: str | os.PathLike, hp: Any, device: str = "cpu") -> np.ndarray:
+    """CQT [frames, bins] in dB of an audio file, exactly as identification computes it."""
+    from chlib.audio import load_audio, peak_normalise
+    from chlib.cqt import compute_cqt_db
+    from chlib.device import pick_device
+
+    y = peak_normalise(load_audio(path, sample_rate=hp.features.sample_rate))
+    return compute_cqt_db(y, hp.features, device=pick_device(device))
+
+
+def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
+                       max_seconds: float = 30.0, device: str = "cpu"):
+    """CQT of a query file beside the CQT of its best match (an index record with ``feat``)."""
+    from chlib.embed import load_feature
+    from chlib.manifest import resolve_path
+    from chlib.plots import plot_cqts
+
+    q = query_features(query, hp, device)
+    arrays, titles = [q], [f"query: {Path(query).name}"]
+    if match.get("feat"):
+        arrays.append(np.asarray(load_feature(resolve_path(match["feat"]))))
+        titles.append(f"best match: {match.get('perf')} ({match.get('work')})")
+    return plot_cqts(arrays, titles, features=hp.features, max_seconds=max_seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# the embedding explorer's data (07_explore)
+
+
+@dataclass
+class ExplorerData:
+    """Recordings as points: unit embeddings [N, D] and one metadata record each.
+
+    Records carry ``perf``, ``work``, ``role`` ("reference" / "query"), ``wav``, ``feat`` and
+    any other manifest column (e.g. ``version``, ``dur_s``). Projections are computed once per
+    (method, seed) and kept.
+    """
+
+    embeddings: np.ndarray
+    records: list[dict]
+    _projections: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def columns(self) -> list[str]:
+        """Metadata columns usable for colouring (few distinct values or ``work``)."""
+        skip = {"wav", "feat", "perf", "feat_len", "source_perf"}
+        cols = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
+        return ["work", "role"] + [c for c in cols if c not in ("work", "role")]
+
+    def labels(self, column: str) -> list:
+        if column not in self.columns():
+            raise ConfigError(f"no metadata column {column!r}; choose from {self.columns()}")
+        return [r.get(column, "") for r in self.records]
+
+    def index_of(self, perf: str) -> int:
+        """Row of a perf id (exact), else the first row whose perf contains it."""
+        perfs = [str(r["perf"]) for r in self.records]
+        if perf in perfs:
+            return perfs.index(perf)
+        for i, p in enumerate(perfs):
+            if perf and perf.lower() in p.lower():
+                return i
+        raise ConfigError(f"no recording {perf!r} among {len(perfs)} points")
+
+    def matching_works(self, text: str) -> list[str]:
+        """Works whose name contains ``text`` (case-insensitive); [] for empty text."""
+        if not text:
+            return []
+        return sorted({str(r["work"]) for r in self.records if text.lower() in str(r["work"]).lower()})
+
+    def neighbours(self, i: int, k: int = 10) -> list[dict]:
+        """The ``k`` nearest other recordings of row ``i`` by cosine distance, closest first."""
+        d = 1.0 - self.embeddings @ self.embeddings[i]
+        d[i] = np.inf
+        order = np.argsort(d, kind="stable")[: max(0, min(k, len(self) - 1))]
+        me = self.records[i]
+        return [{"rank": n + 1, "perf": self.records[j]["perf"], "work": self.records[j]["work"],
+                 "role": self.records[j].get("role"), "distance": float(d[j]),
+                 "same_work": self.records[j]["work"] == me["work"], "row": int(j)}
+                for n, j in enumerate(order)]
+
+    def project(self, method: str, seed: int = 0) -> np.ndarray:
+        """2-D coordinates [N, 2] (cached per method and seed)."""
+        from chlib.plots import project_embeddings
+
+        key = (method, seed)
+        if key not in self._projections:
+            self._projections[key] = project_embeddings(self.embeddings, method, seed=seed)
+        return self._projections[key]
+
+    def cqt(self, i: int) -> np.ndarray:
+        """The stored CQT [frames, bins] of row ``i``."""
+        from chlib.embed import load_feature
+
+        return np.asarray(load_feature(self.records[i]["feat"]))
+
+
+def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any, *,
+                  run_dir: str | os.PathLike, metadata: Sequence[dict] = (),
+                  device: str = "auto", progress: bool = True) -> ExplorerData:
+    """Reference recordings (from ``index``) plus query recordings (embedded here, cached in
+    ``run_dir/embeddings``) as one :class:`ExplorerData`. ``metadata`` rows (e.g. full.txt)
+    add their columns to the records with the same perf."""
+    from chlib.embed import cached_embed_tracks, track_embedding
+    from chlib.index import is_tempo_copy
+
+    meta = {str(r["perf"]): r for r in metadata}
+    refs = set(index.perfs)
+    qrecs = [r for r in query_records if not is_tempo_copy(r) and str(r["perf"]) not in refs]
+    dev = next(model.parameters()).device if device == "auto" else device
+    failures: list = []
+    wins = cached_embed_tracks(model, None, qrecs, hp, Path(run_dir) / "embeddings", device=dev,
+                               progress=progress, failures=failures) if qrecs else []
+    records, vecs = [], []
+    for r, v in zip(index.records, index.embeddings, strict=True):
+        records.append({**meta.get(r["perf"], {}), **{k: x for k, x in r.items() if x is not None},
+                        "role": "reference"})
+        vecs.append(v)
+    for r, w in zip(qrecs, wins, strict=True):
+        if w is None:
+            continue
+        records.append({**meta.get(str(r["perf"]), {}), **r, "role": "query"})
+        vecs.append(track_embedding(w))
+    if not records:
+        raise ManifestError("explorer_data: no reference or query recording to show")
+    return ExplorerData(np.stack(vecs).astype(np.float32), records)

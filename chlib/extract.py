@@ -45,9 +45,10 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from chlib.config import FeatureSettings, PrepConfig, load_prep_config
-from chlib.errors import AudioError, ChlibError, FeatureError, ManifestError
+from chlib.errors import AudioError, ChlibError, ConfigError, FeatureError, ManifestError
 from chlib.io import atomic_save_npy, file_sha256, read_json, stable_hash, write_json
 from chlib.manifest import (
     DATASET_KEYS,
@@ -208,20 +209,17 @@ def _bad_perf_reason(perf: str) -> str | None:
 # cache
 
 
-def _resolved_tempo_backend(backend: str) -> str:
-    """The backend name that goes into the cache key ("auto" resolved if chlib.tempo can)."""
-    try:
-        from chlib import tempo
-    except ImportError:
+def _resolved_tempo_backend(backend: str, needed: bool) -> str:
+    """The backend name that goes into the cache key ("auto" resolved to the installed one).
+
+    When tempo copies are needed, a missing backend is a ConfigError raised here, before any
+    work starts (not one failure per item).
+    """
+    if not needed:
         return backend
-    for name in ("resolve_backend", "pick_backend"):
-        fn = getattr(tempo, name, None)
-        if callable(fn):
-            try:
-                return str(fn(backend))
-            except ChlibError:
-                return backend
-    return backend
+    from chlib.tempo import resolve_backend
+
+    return str(resolve_backend(backend))
 
 
 def _cache_key(sha256: str, settings: FeatureSettings, factor: float, backend: str) -> str:
@@ -240,11 +238,21 @@ def load_cached_feature(npy: Path, meta: Path, key: str, n_bins: int) -> int | N
     Valid = the sidecar holds ``key``, the array opens (memory-mapped) as float32 2-D with
     ``n_bins`` columns, at least one frame, and the shape recorded in the sidecar.
     """
-    if not (npy.is_file() and meta.is_file()):
+    found = _cache_lookup(npy, meta, key, n_bins)
+    return found if isinstance(found, int) else None
+
+
+def _cache_lookup(npy: Path, meta: Path, key: str, n_bins: int) -> int | str | None:
+    """Frames of a valid cached array, or the remembered reason a file failed, or None."""
+    if not meta.is_file():
         return None
     try:
         info = read_json(meta)
-        if info.get("key") != key:
+        if not isinstance(info, dict) or info.get("key") != key:
+            return None
+        if isinstance(info.get("error"), str):
+            return info["error"]
+        if not npy.is_file():
             return None
         arr = np.load(npy, mmap_mode="r", allow_pickle=False)
         ok = (arr.ndim == 2 and arr.dtype == np.float32 and arr.shape[1] == n_bins
@@ -298,14 +306,27 @@ def _remove_stale_temp_files(feat_dir: Path) -> int:
 @dataclass
 class _Failure:
     reason: str
+    permanent: bool = False  # True: the file itself is bad (remembered until it changes)
 
 
-def _worker_init() -> None:
-    """One thread per worker: the workers already run in parallel."""
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def _worker_init(parent_pid: int | None = None) -> None:
+    """Set up a decoding worker: one thread each (the workers already run in parallel), and a
+    watchdog that ends the worker if the main process dies (e.g. kill -9 or a killed notebook
+    kernel); otherwise idle workers would wait forever on their job queue."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    if parent_pid is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
+                         name="chlib-orphan-watchdog").start()
 
 
 def _decode_job(
@@ -326,21 +347,40 @@ def _decode_job(
             y = time_stretch(y, factor, sample_rate=sample_rate, backend=backend)
         y = np.asarray(y, dtype=np.float32)
         if y.ndim != 1 or not np.isfinite(y).all():
-            return _Failure(f"{wav}: decoded audio is not a finite mono signal"), 0.0
+            return _Failure(f"{wav}: decoded audio is not a finite mono signal", True), 0.0
         if y.shape[0] < min_samples:
             what = "audio" if _is_one(factor) else f"audio after tempo x{factor}"
             return _Failure(
                 f"{wav}: {what} is {y.shape[0] / sample_rate:.2f} s long; the CQT needs at least "
-                f"{min_samples / sample_rate:.2f} s ({min_samples} samples at {sample_rate} Hz)"
-            ), time.perf_counter() - t0
+                f"{min_samples / sample_rate:.2f} s ({min_samples} samples at {sample_rate} Hz)",
+                True), time.perf_counter() - t0
         y = np.asarray(peak_normalise(y), dtype=np.float32)
         return y, time.perf_counter() - t0
     except AudioError as e:
-        return _Failure(str(e)), time.perf_counter() - t0
-    except ChlibError as e:
+        return _Failure(str(e), True), time.perf_counter() - t0
+    except ConfigError as e:
         return _Failure(f"{wav}: {e}"), time.perf_counter() - t0
+    except ChlibError as e:
+        return _Failure(f"{wav}: {e}", True), time.perf_counter() - t0
     except Exception as e:  # decoder libraries raise anything; the batch must go on
         return _Failure(f"{wav}: {type(e).__name__}: {e}"), time.perf_counter() - t0
+
+
+def _probe() -> int:
+    return os.getpid()
+
+
+def _workers_can_start(ctx, timeout_s: float = 120.0) -> bool:
+    """Whether a fresh spawn worker can run a trivial job (tells a broken set-up from a bad file)."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        pool.submit(_probe).result(timeout=timeout_s)
+        return True
+    except Exception:
+        return False
+    finally:
+        _kill_pool(pool)
 
 
 def _kill_pool(pool: ProcessPoolExecutor) -> None:
@@ -366,6 +406,7 @@ def _decode_all(
     sample_rate: int,
     backend: str,
     min_samples: int,
+    job: Callable[..., tuple[np.ndarray | _Failure, float]] = _decode_job,
 ) -> Iterator[tuple[_Item, np.ndarray | _Failure, float]]:
     """Yield ``(item, signal or failure, seconds)`` for every item, in completion order.
 
@@ -373,20 +414,22 @@ def _decode_all(
     process pool decodes at most ``2 x num_workers`` files at a time; a file running longer than
     ``timeout_s`` is reported as failed and the pool is restarted (a hung worker cannot be
     interrupted otherwise). If a worker dies (a decoder crash), the files it may have held are
-    retried one at a time so that only the culprit is skipped.
+    retried one at a time so that only the culprit is skipped. ``job`` (a module-level
+    function, picklable by name) is replaceable for tests.
     """
     args = (sample_rate, backend, min_samples)
     if num_workers <= 0:
         for it in items:
-            res, sec = _decode_job(str(it.wav), it.factor, *args)
+            res, sec = job(str(it.wav), it.factor, *args)
             yield it, res, sec
         return
 
     ctx = mp.get_context("spawn")
     queue: deque[_Item] = deque(items)
+    n_results = 0
     while queue:
         pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx,
-                                   initializer=_worker_init)
+                                   initializer=_worker_init, initargs=(os.getpid(),))
         inflight: dict[Future, _Item] = {}  # insertion order = submission order
         started: dict[Future, float] = {}
         restart = False
@@ -400,7 +443,7 @@ def _decode_all(
                     limit = 2 * num_workers
                 while queue and len(inflight) < limit:
                     it = queue.popleft()
-                    inflight[pool.submit(_decode_job, str(it.wav), it.factor, *args)] = it
+                    inflight[pool.submit(job, str(it.wav), it.factor, *args)] = it
                     if it.attempts:
                         break
                 now = time.monotonic()
@@ -418,12 +461,20 @@ def _decode_all(
                         continue
                     except Exception as e:  # pickling problems and the like
                         res, sec = _Failure(f"{it.wav}: {type(e).__name__}: {e}"), 0.0
+                    n_results += 1
                     yield it, res, sec
                 if broken:
                     broken += list(inflight.values())
                     inflight.clear()
                     for it in broken:
                         it.attempts += 1
+                    if n_results == 0 and not _workers_can_start(ctx):
+                        raise FeatureError(
+                            "the decoding worker processes die before doing any work. In a "
+                            "Python script, put the call under `if __name__ == \"__main__\":` "
+                            "(worker processes use the 'spawn' start method, which re-imports "
+                            "the script), or pass num_workers=0 to decode in this process"
+                        )
                     if len(broken) == 1:  # it was alone in the pool: it is the culprit
                         it = broken[0]
                         yield it, _Failure(f"{it.wav}: the decoder crashed (worker process "
@@ -626,7 +677,8 @@ def extract_dataset(
     from chlib.device import pick_device
 
     dev = pick_device(device if device is not None else config.device)
-    backend = _resolved_tempo_backend(config.tempo_backend)
+    backend = _resolved_tempo_backend(
+        config.tempo_backend, needed=any(not _is_one(f) for f in config.aug_speed_mode))
     feat_dir = dataset_dir / "cqt_feat"
     feat_dir.mkdir(parents=True, exist_ok=True)
     report = ExtractReport(dataset_dir=dataset_dir)
@@ -642,20 +694,32 @@ def extract_dataset(
     timings["hash"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     frames: dict[int, int] = {}
+    failed: dict[int, str] = {}
     todo: list[_Item] = []
     for it in items:
         it.key = _cache_key(it.sha256, settings, it.factor, backend)
-        n = load_cached_feature(it.npy, it.meta, it.key, settings.n_bins)
-        if n is None:
+        found = _cache_lookup(it.npy, it.meta, it.key, settings.n_bins)
+        if found is None:
             todo.append(it)
+        elif isinstance(found, str):
+            failed[it.index] = found + " [remembered from an earlier run: fix or replace the file to retry]"
         else:
-            frames[it.index] = n
+            frames[it.index] = found
     report.n_cached = len(frames)
+    if failed:
+        report.notes.append(f"{len(failed)} item(s) failed in an earlier run on the same audio and "
+                            "settings and were not retried")
     timings["cache_check"] = time.perf_counter() - t0
 
     # 2. decode in workers, CQT here, save
     t_decode = t_cqt = t_save = 0.0
-    failed: dict[int, str] = {}
+
+    def remember_failure(it: _Item, reason: str) -> None:
+        """A permanent failure is written to the sidecar so re-runs do not decode it again."""
+        it.npy.unlink(missing_ok=True)
+        write_json(it.meta, {"key": it.key, "perf": it.record["perf"], "error": reason,
+                             "audio_sha256": it.sha256, "audio_stat": list(stats[it.wav]),
+                             "cache_version": CACHE_VERSION}, indent=None)
     batch: list[tuple[_Item, np.ndarray]] = []
 
     def flush() -> None:
@@ -699,6 +763,8 @@ def extract_dataset(
                 t_decode += sec
                 if isinstance(res, _Failure):
                     failed[it.index] = res.reason
+                    if res.permanent:
+                        remember_failure(it, res.reason)
                     bar.update(1)
                     continue
                 batch.append((it, res))

@@ -284,17 +284,17 @@ def _one_centroid(members: np.ndarray) -> tuple[np.ndarray, float, float]:
 def compute_centroids(embeddings: np.ndarray, works: Sequence) -> Centroids:
     """Centroids of unit ``embeddings`` [N, D] grouped by ``works`` [N] (the work column)."""
     works_s = np.asarray([str(w) for w in works])
-    names = sorted(set(works_s.tolist()))
+    names, codes = np.unique(works_s, return_inverse=True)  # sorted names
+    order = np.argsort(codes, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=names.size))]
     d = embeddings.shape[1] if embeddings.ndim == 2 else 0
-    vecs = np.zeros((len(names), d), np.float32)
-    coh = np.zeros(len(names))
-    rad = np.zeros(len(names))
-    cnt = np.zeros(len(names), np.int64)
-    for k, w in enumerate(names):
-        members = embeddings[works_s == w]
+    vecs = np.zeros((names.size, d), np.float32)
+    coh = np.zeros(names.size)
+    rad = np.zeros(names.size)
+    for k in range(names.size):
+        members = embeddings[order[bounds[k]:bounds[k + 1]]]
         vecs[k], coh[k], rad[k] = _one_centroid(members)
-        cnt[k] = len(members)
-    return Centroids(names, vecs, coh, rad, cnt)
+    return Centroids([str(n) for n in names], vecs, coh, rad, np.diff(bounds).astype(np.int64))
 
 
 def _update_centroids(old: Centroids | None, embeddings: np.ndarray, works: Sequence,
@@ -313,8 +313,9 @@ def _update_centroids(old: Centroids | None, embeddings: np.ndarray, works: Sequ
     d = embeddings.shape[1]
     out = Centroids(names, np.zeros((len(names), d), np.float32), np.zeros(len(names)),
                     np.zeros(len(names)), np.zeros(len(names), np.int64))
+    fresh_row = {w: i for i, w in enumerate(fresh.works)} if fresh is not None else {}
     for k, w in enumerate(names):
-        src, r = (old, keep[w]) if w in keep else (fresh, fresh.works.index(w))  # type: ignore[union-attr]
+        src, r = (old, keep[w]) if w in keep else (fresh, fresh_row[w])
         out.vectors[k], out.coherence[k] = src.vectors[r], src.coherence[r]
         out.radius[k], out.n_members[k] = src.radius[r], src.n_members[r]
     return out
@@ -365,6 +366,7 @@ class ReferenceIndex:
     n_pairs: int = DEFAULT_N_PAIRS
     seed: int = DEFAULT_SEED
     skipped: list[dict] = field(default_factory=list)  # recordings that could not be indexed
+    _groups: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- basic views
     def __len__(self) -> int:
@@ -496,11 +498,18 @@ class ReferenceIndex:
             idx[a:b], dist[a:b] = i, dd
         return idx, dist
 
+    def _work_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row order grouping works together, group starts, group sizes); cached."""
+        if self._groups is None or self._groups[0].size != len(self):
+            codes = _work_codes(self.works)
+            order = np.argsort(codes, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+            sizes = np.diff(np.r_[starts, len(order)])
+            self._groups = (order, starts, sizes)
+        return self._groups
+
     def _search_works(self, vecs: np.ndarray, sets: list[np.ndarray], k: int) -> list[list[dict]]:
-        codes = _work_codes(self.works)
-        order = np.argsort(codes, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
-        sizes = np.diff(np.r_[starts, len(order)])
+        order, starts, sizes = self._work_groups()
         out = []
         for m in range(len(vecs)):
             d = self.distances(sets[m:m + 1] if self.rule == "min" else vecs[m:m + 1])[0]
@@ -569,6 +578,7 @@ class ReferenceIndex:
                                           + [unit_rows(w) for _, w in rows])
             owners = [np.full(len(w), n0 + k, np.int64) for k, (_, w) in enumerate(rows)]
             self.window_owner = np.concatenate([self.window_owner.astype(np.int64)] + owners)
+        self._groups = None
         touched = {r["work"] for r, _ in rows}
         self.centroids = _update_centroids(self.centroids, self.embeddings, self.works, touched)
         self.recalibrate()
@@ -585,6 +595,7 @@ class ReferenceIndex:
         if not gone.any():
             return 0
         touched = {r["work"] for r, g in zip(self.records, gone, strict=True) if g}
+        self._groups = None
         keep = ~gone
         new_pos = np.cumsum(keep) - 1
         self.embeddings = self.embeddings[keep]
@@ -599,7 +610,8 @@ class ReferenceIndex:
         return int(gone.sum())
 
     def add_tracks(self, model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
-                   device: str | torch.device = "cpu", manifest_path: str | os.PathLike | None = None,
+                   device: str | torch.device | None = None,
+                   manifest_path: str | os.PathLike | None = None,
                    progress: bool = True) -> list[dict]:
         """Embed ``records`` (manifest rows with ``feat``) with ``model`` and :meth:`add` them.
 
@@ -878,7 +890,7 @@ def build_index(
     hp: Any,
     *,
     fingerprint: str | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_size: int | None = None,
     rule: str = "mean",
     keep_windows: bool = True,

@@ -82,7 +82,7 @@ class ManifestProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+        return f"{self.path} line {self.line}: {self.message}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "new_figure",
     "plot_cqt",
     "plot_cqts",
+    "training_curves",
     "plot_training_curves",
     "project_embeddings",
     "plot_embedding_projection",
@@ -113,9 +114,17 @@ def _draw_cqt(ax, cqt: np.ndarray, *, frames_per_second: float, fmin: float,
     return im
 
 
+def _axes_from(features: Any, frames_per_second: float, fmin: float,
+               bins_per_octave: int) -> tuple[float, float, int]:
+    if features is None:
+        return frames_per_second, fmin, bins_per_octave
+    return float(features.frames_per_second), float(features.fmin), int(features.bins_per_octave)
+
+
 def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 32.0,
-             bins_per_octave: int = 12, title: str | None = None, vmin: float | None = -80.0,
-             vmax: float | None = 0.0, figsize: tuple[float, float] = (8, 3.5)):
+             bins_per_octave: int = 12, features: Any = None, title: str | None = None,
+             vmin: float | None = -80.0, vmax: float | None = 0.0,
+             figsize: tuple[float, float] = (8, 3.5)):
     """One CQT as an image: time (s) across, pitch up, colour = dB.
 
     Parameters
@@ -123,8 +132,12 @@ def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 
     cqt : array [frames, bins], dB (0 = loudest cell of the track).
     frames_per_second : frames per second of ``cqt`` (25 for 16 kHz audio with hop 640).
     fmin, bins_per_octave : pitch of bin 0 in Hz and bins per octave (octave ticks are named).
+    features : a :class:`chlib.config.FeatureSettings`; when given, its frames per second,
+        fmin and bins per octave replace the three arguments above.
     vmin, vmax : dB range of the colour scale (None: the data range).
     """
+    frames_per_second, fmin, bins_per_octave = _axes_from(features, frames_per_second, fmin,
+                                                           bins_per_octave)
     cqt = _check_cqt(cqt)
     fig, ax = new_figure(figsize=figsize)
     im = _draw_cqt(ax, cqt, frames_per_second=frames_per_second, fmin=fmin,
@@ -135,14 +148,17 @@ def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 
 
 def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
               frames_per_second: float = 25.0, fmin: float = 32.0, bins_per_octave: int = 12,
-              ncols: int | None = None, max_seconds: float | None = None,
+              features: Any = None, ncols: int | None = None, max_seconds: float | None = None,
               vmin: float | None = -80.0, vmax: float | None = 0.0,
               panel_size: tuple[float, float] = (4.0, 3.0)):
     """Several CQTs side by side (e.g. performances of one work), one panel each.
 
     ``max_seconds`` crops every panel to its first seconds so tempo and key can be compared;
-    ``ncols`` defaults to all panels in one row (at most 4 per row).
+    ``ncols`` defaults to all panels in one row (at most 4 per row). ``features`` (a
+    FeatureSettings) sets the time and pitch axes as in :func:`plot_cqt`.
     """
+    frames_per_second, fmin, bins_per_octave = _axes_from(features, frames_per_second, fmin,
+                                                           bins_per_octave)
     if len(cqts) == 0:
         raise ConfigError("plot_cqts: no CQT arrays given")
     if titles is not None and len(titles) != len(cqts):
@@ -173,15 +189,77 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
 # --------------------------------------------------------------------------------------------
 # training curves
 
-_LOSS_KEYS = ("loss", "total_loss", "foc_loss", "tri_loss", "cen_loss")
+_LOSS_KEYS = ("loss", "foc_loss", "total_loss", "total", "tri_loss", "cen_loss")
 
 
-def _losses_of(row: Mapping) -> dict[str, float]:
-    """Loss values of a metrics row: a ``losses`` mapping, else top-level ``*loss`` keys."""
+def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
+    """Loss values of a metrics row: a ``losses`` mapping, else top-level ``<prefix>*loss`` /
+    ``<prefix>total`` keys (prefix stripped)."""
     src = row.get("losses")
     if not isinstance(src, Mapping):
-        src = {k: v for k, v in row.items() if k.endswith("loss")}
-    return {k: float(v) for k, v in src.items() if isinstance(v, (int, float))}
+        src = {k[len(prefix):]: v for k, v in row.items()
+               if k.startswith(prefix) and (k.endswith("loss") or k == f"{prefix}total")}
+    return {k: float(v) for k, v in src.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _pick_loss(available: Iterable[str], wanted: str | None) -> str | None:
+    avail = list(available)
+    if wanted is not None:
+        return wanted if wanted in avail else None
+    return next((k for k in _LOSS_KEYS if k in avail), avail[0] if avail else None)
+
+
+def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dict:
+    """Per-epoch series from metrics records: ``{"loss_key", "train", "val", "mAP"}``.
+
+    ``train`` / ``val`` map epoch -> loss, ``mAP`` maps test set -> {epoch -> mAP}. Sources, in
+    order of preference: ``epoch`` records (``train_<loss>``, ``val_<loss>``, ``mAP/<set>``, as
+    :func:`chlib.train.train` writes them and passes to callbacks), then ``train`` records
+    (averaged per epoch), ``val`` records and ``test`` records.
+    """
+    train_steps: dict[int, list[dict]] = {}
+    val_rows: dict[int, dict] = {}
+    ep_train: dict[int, dict] = {}
+    ep_val: dict[int, dict] = {}
+    maps: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if not isinstance(r, Mapping) or r.get("epoch") is None:
+            continue
+        kind, epoch = r.get("kind"), int(r["epoch"])
+        if kind == "train":
+            train_steps.setdefault(epoch, []).append(_losses_of(r))
+        elif kind == "val":
+            val_rows[epoch] = _losses_of(r)
+        elif kind == "test" and isinstance(r.get("mAP"), (int, float)):
+            maps.setdefault(str(r.get("testset", "test")), {})[epoch] = float(r["mAP"])
+        elif kind == "epoch" or kind is None:
+            ep_train[epoch] = _losses_of(r, "train_")
+            ep_val[epoch] = _losses_of(r, "val_")
+            for k, v in r.items():
+                if k.startswith("mAP/") and isinstance(v, (int, float)):
+                    maps.setdefault(k[4:], {})[epoch] = float(v)
+    t_names = {k for d in ep_train.values() for k in d}
+    t_names |= {k for steps in train_steps.values() for d in steps for k in d}
+    v_names = {k for d in (*ep_val.values(), *val_rows.values()) for k in d}
+    both = t_names & v_names  # prefer a loss that both curves have
+    names = both or t_names or v_names
+    key = _pick_loss(sorted(names, key=lambda k: (k not in _LOSS_KEYS, k)), loss_key)
+    train: dict[int, float] = {}
+    val: dict[int, float] = {}
+    if key is not None:
+        for e in sorted(set(ep_train) | set(train_steps)):
+            if key in ep_train.get(e, {}):
+                train[e] = ep_train[e][key]
+            else:
+                vals = [d[key] for d in train_steps.get(e, []) if key in d]
+                if vals:
+                    train[e] = float(np.mean(vals))
+        for e in sorted(set(ep_val) | set(val_rows)):
+            src = ep_val.get(e, {}) if key in ep_val.get(e, {}) else val_rows.get(e, {})
+            if key in src:
+                val[e] = src[key]
+    return {"loss_key": key, "train": train, "val": val, "mAP": maps}
 
 
 def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None,
@@ -190,60 +268,36 @@ def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None
 
     Parameters
     ----------
-    rows : metrics records as in ``runs/<name>/metrics.jsonl``: dicts with ``kind`` ("train",
-        "val", "test", "epoch"), ``epoch``, ``step``, and either ``losses`` (a mapping of loss
-        name -> value) or top-level ``*loss`` keys; "test" rows carry ``testset`` and ``mAP``.
-        Train rows (per logging step) are averaged per epoch.
-    loss_key : which loss to draw (default: ``loss`` if present, else the first loss seen).
+    rows : metrics records as in ``runs/<name>/metrics.jsonl`` (see :func:`training_curves`):
+        ``epoch`` records with ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>``; or ``train``
+        / ``val`` records with loss keys (or a ``losses`` mapping) and ``test`` records with
+        ``testset`` and ``mAP``.
+    loss_key : which loss to draw (default: ``loss``, else ``foc_loss`` - the original's
+        val_loss -, else ``total``, else the first one seen).
 
-    Returns a Figure with two axes: left losses, right mAP (empty with a note when no test
-    rows exist).
+    Returns a Figure with two axes: left losses, right mAP (a note when there is nothing yet).
     """
-    rows = [r for r in rows if isinstance(r, Mapping)]
-    train: dict[int, list[float]] = {}
-    val: dict[int, float] = {}
-    maps: dict[str, dict[int, float]] = {}
-    chosen = loss_key
-    for r in rows:
-        kind, epoch = r.get("kind"), r.get("epoch")
-        if epoch is None:
-            continue
-        if kind in ("train", "val"):
-            losses = _losses_of(r)
-            if not losses:
-                continue
-            if chosen is None:
-                chosen = next((k for k in _LOSS_KEYS if k in losses), next(iter(losses)))
-            if chosen not in losses:
-                continue
-            if kind == "train":
-                train.setdefault(int(epoch), []).append(losses[chosen])
-            else:
-                val[int(epoch)] = losses[chosen]
-        elif kind == "test" and r.get("mAP") is not None:
-            maps.setdefault(str(r.get("testset", "test")), {})[int(epoch)] = float(r["mAP"])
+    c = training_curves(list(rows), loss_key)
     fig, (ax_loss, ax_map) = new_figure(1, 2, figsize=figsize)
-    if train:
-        ep = sorted(train)
-        ax_loss.plot(ep, [float(np.mean(train[e])) for e in ep], marker="o", label="train")
-    if val:
-        ep = sorted(val)
-        ax_loss.plot(ep, [val[e] for e in ep], marker="s", label="validation")
+    for series, label, marker in ((c["train"], "train", "o"), (c["val"], "validation", "s")):
+        if series:
+            ep = sorted(series)
+            ax_loss.plot(ep, [series[e] for e in ep], marker=marker, label=label)
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel(chosen or "loss")
+    ax_loss.set_ylabel(c["loss_key"] or "loss")
     ax_loss.set_title("loss")
-    if train or val:
+    if c["train"] or c["val"]:
         ax_loss.legend()
     else:
         ax_loss.text(0.5, 0.5, "no loss records yet", ha="center", va="center",
                      transform=ax_loss.transAxes)
-    for name, series in sorted(maps.items()):
+    for name, series in sorted(c["mAP"].items()):
         ep = sorted(series)
         ax_map.plot(ep, [series[e] for e in ep], marker="o", label=name)
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("mAP")
     ax_map.set_title("test-set mAP")
-    if maps:
+    if c["mAP"]:
         ax_map.set_ylim(0, 1.02)
         ax_map.legend()
     else:
@@ -320,6 +374,8 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               highlight: Iterable | None = None,
                               label_names: Mapping | None = None, seed: int = 0,
                               title: str | None = None, annotate: bool | None = None,
+                              selected: int | None = None,
+                              neighbours: Sequence[int] = (),
                               figsize: tuple[float, float] = (7, 6)):
     """A 2-D map of recordings coloured by work, never-seen works ringed, chosen works bold.
 
@@ -332,6 +388,9 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     highlight : labels to emphasise; every other point is drawn faded.
     label_names : optional label -> display name (legend and annotations).
     annotate : write the work name beside each highlighted point (default: when highlighting).
+    selected : row of a chosen point, drawn as a large black star ("selected" collection).
+    neighbours : rows of its neighbours, joined to it by thin lines and drawn with black
+        edges ("neighbours" collection).
 
     Returns the Figure; the scatter points of each label are one collection whose ``label``
     is the work's display name (test-only rings form one extra collection, "never seen").
@@ -370,6 +429,16 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     if ring.any():
         ax.scatter(xy[ring, 0], xy[ring, 1], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.0, label="never seen in training", zorder=4)
+    nb = [int(j) for j in neighbours]
+    if selected is not None:
+        for j in nb:
+            ax.plot([xy[selected, 0], xy[j, 0]], [xy[selected, 1], xy[j, 1]], color="black",
+                    linewidth=0.6, alpha=0.6, zorder=4)
+        if nb:
+            ax.scatter(xy[nb, 0], xy[nb, 1], s=60, facecolors="none", edgecolors="black",
+                       linewidths=1.2, label="neighbours", zorder=5)
+        ax.scatter([xy[selected, 0]], [xy[selected, 1]], s=260, marker="*", color="black",
+                   label="selected", zorder=6)
     n_works = len(style)
     ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {n_works} works"
                  + (f" ({len(set(lab for lab in labels if lab in to))} never seen, ringed)"
@@ -377,9 +446,10 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     ax.set_xticks([])
     ax.set_yticks([])
     if n_works <= 20 or hl:
+        marks = ("never seen in training", "selected", "neighbours")
         handles = [h for h in ax.collections
                    if not hl or h.get_label() in {str(names.get(x, x)) for x in hl}
-                   or h.get_label() == "never seen in training"]
+                   or h.get_label() in marks]
         ax.legend(handles=handles, fontsize=7, loc="best", ncols=1 if len(handles) < 12 else 2)
     return fig
 
@@ -422,7 +492,7 @@ def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20,
     return fig
 
 
-def _pair_rows(pairs: Iterable) -> list[tuple[str, str, float]]:
+def _pair_rows(pairs: Iterable) -> list[tuple[Any, Any, float]]:
     out = []
     for p in pairs:
         if isinstance(p, Mapping):
@@ -431,7 +501,7 @@ def _pair_rows(pairs: Iterable) -> list[tuple[str, str, float]]:
             v = p.get("count", p.get("value", p.get("n", p.get("distance"))))
         else:
             a, b, v = p[0], p[1], p[2]
-        out.append((str(a), str(b), float(v)))
+        out.append((a, b, float(v)))
     return out
 
 
@@ -455,7 +525,12 @@ def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "c
         ax.set_axis_off()
         return fig
     text = [f"{names.get(a, a)}  ↔  {names.get(b, b)}" for a, b, _ in rows]
-    ax.barh(range(len(rows)), [v for *_, v in rows], color="tab:red")
+    values = [v for *_, v in rows]
+    ax.barh(range(len(rows)), values, color="tab:red")
+    if all(float(v).is_integer() for v in values):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(text, fontsize=8)
     ax.invert_yaxis()
@@ -507,6 +582,7 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
     from chlib.io import atomic_write_bytes
 
+    _register_notebook_display()  # so that a Figure made elsewhere also shows as a PNG
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"save_figure: {path} should end in .png")

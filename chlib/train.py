@@ -33,9 +33,13 @@ original's):
    sampler position): a resumed run continues exactly where it was; the learning rate is a pure
    function of the step and epoch (:func:`lr_at`), so it continues too (the original reset it).
 
-Ctrl-C saves a checkpoint of the epoch in progress (marked incomplete; a later ``train`` call
-finishes that epoch) and returns. Three non-finite losses in a row save a checkpoint and raise
-:class:`TrainingDivergedError`.
+Resuming from an epoch's checkpoint (after a crash, kill -9 or a later call with a larger
+``max_epochs``) is exact: on the CPU with ``deterministic: true`` the weights come out
+bit-identical to an uninterrupted run. Ctrl-C saves a checkpoint of the epoch in progress
+(marked incomplete, with the number of finished rounds) and returns; a later ``train`` call
+finishes that epoch, repeating the round that was cut short (so that resume is close but not
+bit-exact). A non-finite loss or gradient skips the update; three in a row save a checkpoint
+and raise :class:`TrainingDivergedError`.
 
 Logs: TensorBoard scalars with the original's tags under ``<run>/logs/<runid>/`` and one JSON
 record per event in ``<run>/metrics.jsonl`` (read it with :func:`read_metrics` /
@@ -767,7 +771,7 @@ def train(
             if not torch.isfinite(norm):
                 return None
         optimizer.step()
-        return {**{k: float(v) for k, v in parts.items()}, "total": float(total)}
+        return {**{k: float(v) for k, v in parts.items()}, "total": float(total.detach())}
 
     stop_reason = ""
     with _deterministic(hp.deterministic, dev):
@@ -790,10 +794,10 @@ def train(
                 for r in range(prog.batch_in_epoch, rounds):
                     batches = [next(it) for it in iters]
                     for li in orders[r]:
-                        prog.step += 1
-                        lr = lr_at(prog.step, epoch, hp)
+                        lr = lr_at(prog.step + 1, epoch, hp)
                         lr_logged = _set_lr(optimizer, lr, hp)
                         losses = train_step(*batches[li])
+                        prog.step += 1
                         bar.update(1)
                         if losses is None:
                             prog.bad_steps += 1

@@ -5,6 +5,7 @@ A *plan* (YAML, see ``chlib/recipes/tune_demo.yaml``) names a base training conf
 ordinary training run in its own folder::
 
     <tune_dir>/plan.yaml                       the plan as given (for the record)
+    <tune_dir>/config/hparams.yaml             the base config (+ test_unseen.txt, see below)
     <tune_dir>/plan.json                       the expanded experiments, aliases, slope window
     <tune_dir>/experiments/<name>/seed_<s>/    a run folder: config/hparams.yaml, checkpoints/,
                                                logs/, metrics.jsonl, done.json (when finished)
@@ -614,21 +615,23 @@ def run_overrides(plan: TunePlan, exp: Experiment, seed: int | None) -> dict:
 # configs and running
 
 
-def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None) -> HParams:
-    """The training config of one run (not written anywhere)."""
-    if plan.base_config is not None:
-        base = load_hparams(plan.base_config)
-        return base.updated(overrides)
-    import tempfile
+def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None,
+                    tune_dir: Path) -> HParams:
+    """The training config of one run.
 
+    A recipe base goes through :func:`chlib.train.make_run_config` with ``run_dir=tune_dir``: it
+    writes ``<tune_dir>/config/hparams.yaml`` (overwritten by each call; :func:`run_plan` writes
+    the base last) and, for datasets with works held out entirely, the ``unseen`` test list
+    ``<tune_dir>/config/test_unseen.txt`` that every experiment's config then names.
+    """
+    if plan.base_config is not None:
+        return load_hparams(plan.base_config).updated(overrides)
     from chlib.train import make_run_config
 
-    with tempfile.TemporaryDirectory(prefix="chlib_tune_") as tmp:
-        kw: dict[str, Any] = {"recipe": plan.base_recipe, "overrides": overrides}
-        if dataset_dir is not None:
-            kw["dataset_dir"] = dataset_dir
-        path = make_run_config(Path(tmp) / "run", **kw)
-        return load_hparams(path)
+    kw: dict[str, Any] = {"recipe": plan.base_recipe, "overrides": overrides}
+    if dataset_dir is not None:
+        kw["dataset_dir"] = dataset_dir
+    return load_hparams(make_run_config(tune_dir, **kw))
 
 
 def _config_key(hp: HParams) -> str:
@@ -721,10 +724,20 @@ def _write_seed_config(seed_dir: Path, hp: HParams) -> None:
     save_hparams(hp, path)
 
 
-def _train_inprocess(seed_dir: Path, device: str, progress: bool) -> None:
+def _tag(cb: Callable[[dict], Any], name: str, seed: int) -> Callable[[dict], Any]:
+    def tagged(rec: dict) -> Any:
+        return cb({**rec, "experiment": name, "seed": seed})
+
+    return tagged
+
+
+def _train_inprocess(seed_dir: Path, device: str, progress: bool,
+                     callbacks: Sequence[Callable[[dict], Any]]) -> None:
     from chlib.train import train
 
-    train(seed_dir, device=device, progress=progress)
+    result = train(seed_dir, device=device, progress=progress, callbacks=callbacks)
+    if getattr(result, "interrupted", False):  # Ctrl-C inside train: it saved; stop the session
+        raise KeyboardInterrupt
 
 
 def _train_papermill(seed_dir: Path, *, plan: TunePlan, overrides: dict, hp: HParams,
@@ -764,6 +777,7 @@ def run_plan(
     time_budget_s: float | None = None,
     cwd: str | os.PathLike | None = None,
     summarise_after: bool = True,
+    callbacks: Sequence[Callable[[dict], Any]] | None = None,
     train_fn: Callable[[Path], None] | None = None,
 ) -> TuneResult:
     """Run (or resume) every experiment x seed of ``plan`` under ``tune_dir``.
@@ -781,6 +795,8 @@ def run_plan(
         ``notebooks/03_train.ipynb`` into each run folder via :func:`chlib.runner.run_notebooks`).
     max_runs : start at most this many training runs in this call (finished ones do not count).
     time_budget_s : start no new run after this many seconds (a running one is not cut).
+    callbacks : passed to :func:`chlib.train.train` (in-process runs): called after every epoch
+        with the epoch record, plus keys ``experiment`` and ``seed``.
     train_fn : replaces the training call (``train_fn(seed_dir)``); for tests and custom launchers.
     """
     if not isinstance(plan, TunePlan):
@@ -792,18 +808,21 @@ def run_plan(
     dataset_dir = dataset_dir if dataset_dir is not None else plan.dataset_dir
     exps = expand_plan(plan)
 
-    base_hp = _resolve_config(plan, run_overrides(plan, Experiment("base"), None), dataset_dir)
-    seeds = plan.seeds if plan.seeds is not None else [base_hp.seed]
+    tune_dir.mkdir(parents=True, exist_ok=True)
     configs: dict[str, HParams] = {}
     for e in exps:
-        configs[e.name] = _resolve_config(plan, run_overrides(plan, e, None), dataset_dir)
+        configs[e.name] = _resolve_config(plan, run_overrides(plan, e, None), dataset_dir,
+                                          tune_dir)
+    base_hp = _resolve_config(plan, run_overrides(plan, Experiment("base"), None), dataset_dir,
+                              tune_dir)
+    save_hparams(base_hp, tune_dir / "config" / "hparams.yaml")
+    seeds = plan.seeds if plan.seeds is not None else [base_hp.seed]
     exps = _merge_aliases(plan, exps, configs)
     test_names = sorted(base_hp.testsets)
     if plan.test_name is not None and plan.test_name not in test_names:
         raise ConfigError(f"{plan.source}: test_name {plan.test_name!r} is not a test set of the "
                           f"base config (test sets: {', '.join(test_names) or 'none'})")
 
-    tune_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tune_dir / "plan.yaml",
                       yaml.safe_dump(plan.raw, sort_keys=False, allow_unicode=True))
     write_json(tune_dir / "plan.json", {
@@ -838,7 +857,7 @@ def run_plan(
             started += 1
             runs.append(_run_one(seed_dir, e, seed, plan=plan, hp=hp, dataset_dir=dataset_dir,
                                  device=device, launch=launch, progress=progress, cwd=cwd,
-                                 train_fn=train_fn))
+                                 train_fn=train_fn, callbacks=callbacks))
     result = TuneResult(tune_dir=tune_dir, experiments=exps, runs=runs, stopped_early=stopped)
     if summarise_after:
         result.summary = summarise(tune_dir)
@@ -847,14 +866,16 @@ def run_plan(
 
 def _run_one(seed_dir: Path, exp: Experiment, seed: int, *, plan: TunePlan, hp: HParams,
              dataset_dir: str | None, device: str, launch: str, progress: bool,
-             cwd: str | os.PathLike | None, train_fn: Callable[[Path], None] | None) -> dict:
+             cwd: str | os.PathLike | None, train_fn: Callable[[Path], None] | None,
+             callbacks: Sequence[Callable[[dict], Any]] | None = None) -> dict:
     t0 = time.monotonic()
+    tagged = [_tag(cb, exp.name, seed) for cb in callbacks or ()]
     (seed_dir / "failed.json").unlink(missing_ok=True)
     try:
         if train_fn is not None:
             train_fn(seed_dir)
         elif launch == "inprocess":
-            _train_inprocess(seed_dir, device, progress)
+            _train_inprocess(seed_dir, device, progress, tagged)
         else:
             _train_papermill(seed_dir, plan=plan, overrides=run_overrides(plan, exp, seed), hp=hp,
                              dataset_dir=dataset_dir, device=device, seed=seed,
@@ -1017,7 +1038,7 @@ def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_sl
                 flat_loss_slope: float) -> dict:
     val = series["val_loss"]
     maps = series["mAP"].get(test_name, {}) if test_name else {}
-    out: dict[str, Any] = {"epochs": max([*val, *maps], default=None)}
+    out: dict[str, Any] = {"last_epoch": max([*val, *maps], default=None)}
     if val:
         ep, vv = list(val), list(val.values())
         i_best = int(np.argmin(vv))
@@ -1057,7 +1078,7 @@ _ROW_FIELDS = [
     "seeds_unmarked", "val_loss_final_mean", "val_loss_final_std", "val_loss_best_mean",
     "val_loss_best_std", "val_loss_best_epoch_mean", "val_slope_mean", "mAP_final_mean",
     "mAP_final_std", "mAP_best_mean", "mAP_best_std", "mAP_best_epoch_mean", "mAP_slope_mean",
-    "epochs_mean", "vs_top", "reading", "seeds_disagree", "advice", "aliases", "settings",
+    "last_epoch_mean", "mAP_final_n", "vs_top", "reading", "seeds_disagree", "advice", "aliases", "settings",
     "problems",
 ]
 
@@ -1194,7 +1215,7 @@ def _experiment_row(name: str, per_seed: dict[int, dict], statuses: dict[int, st
     row["mAP_best_epoch_mean"] = _mean_std(col("map_best_epoch"))[0]
     row["val_slope_mean"] = _mean_std(col("val_slope"))[0]
     row["mAP_slope_mean"] = _mean_std(col("map_slope"))[0]
-    row["epochs_mean"] = _mean_std(col("epochs"))[0]
+    row["last_epoch_mean"] = _mean_std(col("last_epoch"))[0]
     seed_readings = {s["reading"] for s in per_seed.values()}
     if not per_seed:
         label = "diverged" if row["seeds_diverged"] else "no data"
@@ -1351,6 +1372,10 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
             ax.plot(eps, mean, color=color, label=name, marker="o", markersize=3)
             if len(seeds) > 1:
                 ax.fill_between(eps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_map, ax_val):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_map.set_title(f"mAP ({summary.test_name or 'no test set'})", fontsize=10)
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("mAP")

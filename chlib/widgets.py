@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from chlib.errors import AudioError, ConfigError
+from chlib.errors import AudioError, ChlibError, ConfigError
 
 __all__ = [
     "in_papermill",
@@ -42,6 +42,11 @@ __all__ = [
     "audio_player",
     "results_table",
     "TrainingMonitor",
+    "audio",
+    "cqt_examples",
+    "epoch_table",
+    "IdentifyApp",
+    "EmbeddingExplorer",
 ]
 
 #: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
@@ -126,7 +131,7 @@ class Table:
     """
 
     def __init__(self, rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
-                 floatfmt: str = ".3f", max_rows: int | None = None, title: str | None = None):
+                 floatfmt: str = ".4g", max_rows: int | None = None, title: str | None = None):
         self.rows = [dict(r) for r in rows]
         if columns is None:
             columns = list(dict.fromkeys(k for r in self.rows for k in r))
@@ -200,7 +205,7 @@ class Table:
 
 
 def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
-          floatfmt: str = ".3f", max_rows: int | None = 30, title: str | None = None) -> Table:
+          floatfmt: str = ".4g", max_rows: int | None = 30, title: str | None = None) -> Table:
     """A :class:`Table` of ``rows`` (a list of dicts), showing at most ``max_rows`` rows."""
     return Table(rows, columns, floatfmt=floatfmt, max_rows=max_rows, title=title)
 
@@ -424,17 +429,20 @@ class TrainingMonitor:
     """A training callback that redraws loss and mAP curves after every epoch.
 
     Interactive: one display area updated in place (``IPython.display`` handle). Headless
-    (papermill) or with ``live=False``: prints one summary line per epoch and draws nothing
-    until :meth:`figure` is called at the end.
+    (papermill) or with ``live=False``: draws nothing until :meth:`figure` is called at the end
+    (and prints one line per epoch with ``print_epochs=True``; training prints its own).
 
-    Call it with metrics records (the dicts training appends to ``metrics.jsonl``); it keeps
-    them and redraws whenever an ``epoch`` record arrives.
+    Pass it to ``chlib.train.train(..., callbacks=[monitor])``: it is called with each epoch's
+    record (``kind`` "epoch", ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>`` ...), keeps
+    them and redraws. ``rows`` seeds it with earlier records (a resumed run's metrics.jsonl).
     """
 
-    def __init__(self, *, live: bool | None = None, every: int = 1):
+    def __init__(self, *, live: bool | None = None, every: int = 1,
+                 rows: Iterable[Mapping] = (), print_epochs: bool = False):
         self.live = interactive_session() if live is None else live
         self.every = max(1, int(every))
-        self.rows: list[dict] = []
+        self.rows: list[dict] = [dict(r) for r in rows]  # e.g. read_metrics() of a resumed run
+        self.print_epochs = print_epochs
         self._handle = None
 
     def __call__(self, record: Mapping | None = None, **kwargs: Any) -> None:
@@ -447,7 +455,7 @@ class TrainingMonitor:
         epoch = rec.get("epoch", 0)
         if self.live and int(epoch or 0) % self.every == 0:
             self._redraw()
-        elif not self.live:
+        elif not self.live and self.print_epochs:
             print(self.epoch_line(rec), flush=True)
 
     @staticmethod
@@ -477,3 +485,264 @@ class TrainingMonitor:
             self._handle = display(fig, display_id=True)
         else:
             self._handle.update(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# small views of files on disk
+
+
+def audio(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0):
+    """An ``IPython.display.Audio`` of an excerpt: plays in JupyterLab, Colab and in saved
+    (papermill) notebooks alike, unlike a widget."""
+    from IPython.display import Audio
+
+    return Audio(data=audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds),
+                 autoplay=False)
+
+
+def cqt_examples(manifest_path: str | os.PathLike, *, work: str | None = None, n: int = 3
+                 ) -> tuple[list[np.ndarray], list[str]]:
+    """CQT arrays and titles of ``n`` performances of one work from a full.txt-style manifest.
+
+    ``work`` None picks the work with the most recordings (ties: the first in the file);
+    tempo copies are skipped. Returns ``(arrays [frames, bins] each, "perf (work)" titles)``.
+    """
+    from collections import Counter
+
+    from chlib.dataset import feature_path
+    from chlib.embed import load_feature
+    from chlib.manifest import read_manifest
+
+    recs = [r for r in read_manifest(manifest_path, required=("perf", "work", "feat"))
+            if not r.get("source_perf") or r.get("source_perf") == r["perf"]]
+    if not recs:
+        raise ConfigError(f"{manifest_path}: no recordings with features")
+    if work is None:
+        counts = Counter(r["work"] for r in recs)
+        work = max(counts, key=lambda w: (counts[w], -next(i for i, r in enumerate(recs)
+                                                           if r["work"] == w)))
+    chosen = [r for r in recs if r["work"] == work][: max(1, n)]
+    if not chosen:
+        raise ConfigError(f"{manifest_path}: no recording of work {work!r}")
+    arrays = [np.asarray(load_feature(feature_path(r, manifest_path))) for r in chosen]
+    return arrays, [f"{r['perf']}" for r in chosen]
+
+
+_EPOCH_COLUMNS = ("epoch", "step", "train_total", "train_foc_loss", "val_loss", "lr", "is_best")
+
+
+def epoch_table(rows: Iterable[Mapping], *, max_rows: int | None = 60) -> Table:
+    """One row per epoch from training's ``epoch`` records (the last record of an epoch wins),
+    with the losses, learning rate, mAP per test set and the best-epoch flag."""
+    by_epoch: dict[int, dict] = {}
+    for r in rows:
+        if r.get("kind", "epoch") == "epoch" and r.get("epoch") is not None:
+            by_epoch[int(r["epoch"])] = dict(r)
+    recs = [by_epoch[e] for e in sorted(by_epoch)]
+    maps = sorted({k for r in recs for k in r if k.startswith("mAP/")})
+    cols = [c for c in _EPOCH_COLUMNS if any(c in r for r in recs)]
+    cols = cols[:-1] + maps + cols[-1:] if cols and cols[-1] == "is_best" else cols + maps
+    return Table(recs, cols, floatfmt=".4g", max_rows=max_rows,
+                 title=f"{len(recs)} epochs" if recs else "no epochs yet")
+
+
+def _fig_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# interactive identification (06_identify)
+
+
+class IdentifyApp:
+    """Upload a file or type a path, set top-k and the p threshold, press Identify.
+
+    Shows the matches as a table with an audio player for the query and each match, and the
+    query's CQT beside its best match's. ``widget`` is the ipywidgets box to display; the
+    last :class:`chlib.identify.IdentifyReport` is kept in ``report``. Nothing runs until the
+    button is pressed (so nothing runs under papermill).
+    """
+
+    def __init__(self, model: Any, hp: Any, index: Any, *, device: str = "auto",
+                 top_k: int = 10, threshold_p: float = 0.001, path: str = "",
+                 upload_dir: str | os.PathLike | None = None, max_seconds: float = 30.0):
+        import ipywidgets as w
+
+        self.model, self.hp, self.index, self.device = model, hp, index, device
+        self.max_seconds = max_seconds
+        self.upload_dir = Path(upload_dir) if upload_dir is not None else None
+        self.report = None
+        style = {"description_width": "initial"}
+        self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload audio")
+        self.path = w.Text(value=str(path), description="or a path", style=style,
+                           placeholder="an audio file or a folder", layout=w.Layout(width="40em"))
+        self.top_k = w.IntSlider(value=int(top_k), min=1, max=50, description="top k",
+                                 style=style)
+        self.threshold = w.FloatLogSlider(value=float(threshold_p), base=10, min=-6, max=-1,
+                                          step=0.25, description="p threshold", style=style,
+                                          readout_format=".0e")
+        self.button = w.Button(description="Identify", button_style="primary", icon="search")
+        self.out = w.Output()
+        self.button.on_click(lambda _b: self.run())
+        self.widget = w.VBox([w.HBox([self.upload, self.path]), w.HBox([self.top_k, self.threshold]),
+                              self.button, self.out])
+
+    def query_paths(self) -> list[str]:
+        """The uploaded file (saved to ``upload_dir`` or a temporary folder), else the path box
+        (a file, or every audio file of a folder)."""
+        import tempfile
+
+        from chlib.identify import find_audio_files
+
+        files = self.upload.value
+        if files:
+            item = files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
+            folder = self.upload_dir or Path(tempfile.mkdtemp(prefix="chlib_upload_"))
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / Path(item["name"]).name
+            target.write_bytes(bytes(item["content"]))
+            return [str(target)]
+        p = Path(self.path.value.strip())
+        if not str(p) or str(p) == ".":
+            raise ConfigError("upload an audio file or type the path of one")
+        if p.is_dir():
+            return [str(f) for f in find_audio_files(p)]
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such file or folder")
+        return [str(p)]
+
+    def run(self) -> None:
+        """Identify the chosen query and show the results (called by the button)."""
+        from IPython.display import Image, display
+
+        from chlib.identify import identify
+
+        self.out.clear_output()
+        with self.out:
+            try:
+                paths = self.query_paths()
+                self.report = identify(paths, model=self.model, hp=self.hp, index=self.index,
+                                       device=self.device, top_k=self.top_k.value,
+                                       threshold_p=self.threshold.value)
+            except ChlibError as e:
+                print(f"error: {e}")
+                return
+            for q in paths:
+                display(*self.views(q))
+            if self.report.errors:
+                display(table(self.report.errors, title="could not be read"))
+            fig_rows = [r for r in self.report.best() if r["rank"] == 1]
+            if fig_rows:
+                display(Image(_fig_png(self.match_figure(fig_rows[0]))))
+
+    def views(self, query: str) -> list:
+        """The query's player and its results grid with a player per match."""
+        import ipywidgets as w
+
+        rows = [dict(r) for r in self.report.rows if r["query"] == query and r["rank"]]
+        by_perf = {r["perf"]: r for r in self.index.records}
+        for r in rows:
+            r["wav"] = (by_perf.get(r["perf"]) or {}).get("wav")
+        head = w.HBox([w.HTML(f"<b>{html.escape(Path(query).name)}</b>&nbsp;"),
+                       audio_player(query, max_seconds=self.max_seconds)])
+        grid = results_table(rows, ["rank", "work", "perf", "distance", "p_value", "verdict"],
+                             audio_column="wav", max_seconds=self.max_seconds)
+        return [head, grid]
+
+    def match_figure(self, best_row: Mapping):
+        """CQT of the query beside its best match (see :func:`chlib.evaluate.query_match_figure`)."""
+        from chlib.evaluate import query_match_figure
+
+        by_perf = {r["perf"]: r for r in self.index.records}
+        return query_match_figure(best_row["query"], by_perf.get(best_row["perf"], {}), self.hp,
+                                  max_seconds=self.max_seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# the embedding explorer (07_explore)
+
+
+class EmbeddingExplorer:
+    """Projection of reference and query recordings; colour by any column; find a work; pick
+    a recording to list its nearest neighbours, hear it and see its CQT.
+
+    ``data`` is a :class:`chlib.evaluate.ExplorerData`. Pure ipywidgets + matplotlib PNGs, so it
+    works in JupyterLab and Colab without extensions. ``widget`` is the box to display.
+    """
+
+    def __init__(self, data: Any, *, projection: str = "umap", colour_by: str = "work",
+                 highlight_work: str = "", point: str = "", n_neighbours: int = 10,
+                 seed: int = 0, features: Any = None, max_seconds: float = 30.0):
+        import ipywidgets as w
+
+        self.data, self.seed, self.features, self.max_seconds = data, seed, features, max_seconds
+        style = {"description_width": "initial"}
+        self.projection = w.Dropdown(options=["umap", "tsne", "pca"], value=projection,
+                                     description="projection", style=style)
+        self.colour = w.Dropdown(options=data.columns(), value=colour_by, description="colour by",
+                                 style=style)
+        self.search = w.Text(value=highlight_work, description="highlight work",
+                             placeholder="part of a work name", style=style)
+        perfs = [str(r["perf"]) for r in data.records]
+        start = data.index_of(point) if point else 0
+        self.point = w.Dropdown(options=perfs, value=perfs[start], description="recording",
+                                style=style, layout=w.Layout(width="36em"))
+        self.k = w.IntSlider(value=n_neighbours, min=1, max=50, description="neighbours",
+                             style=style)
+        self.map_out, self.detail_out = w.Output(), w.Output()
+        for control in (self.projection, self.colour, self.search, self.point, self.k):
+            control.observe(lambda _c: self.refresh(), names="value")
+        self.widget = w.VBox([
+            w.HBox([self.projection, self.colour, self.search]), w.HBox([self.point, self.k]),
+            w.HBox([self.map_out, self.detail_out])])
+
+    def state(self) -> dict:
+        """The current choices as plain values."""
+        return {"projection": self.projection.value, "colour_by": self.colour.value,
+                "highlight": self.data.matching_works(self.search.value.strip()),
+                "row": self.data.index_of(self.point.value), "k": self.k.value}
+
+    def map_figure(self):
+        """The projection with the current colouring, highlight, selection and neighbours."""
+        from chlib.plots import plot_embedding_projection
+
+        s = self.state()
+        labels = self.data.labels(s["colour_by"])
+        highlight = s["highlight"] if s["colour_by"] == "work" else None
+        nb = [n["row"] for n in self.data.neighbours(s["row"], s["k"])]
+        return plot_embedding_projection(
+            self.data.project(s["projection"], self.seed), labels, method=None,
+            highlight=highlight or None, selected=s["row"], neighbours=nb,
+            title=f"{s['projection']} of {len(self.data)} recordings, colour: {s['colour_by']}")
+
+    def refresh(self) -> None:
+        """Redraw the map and the selected recording's details."""
+        from IPython.display import Image, display
+
+        from chlib.plots import plot_cqt
+
+        s = self.state()
+        self.map_out.clear_output(wait=True)
+        with self.map_out:
+            display(Image(_fig_png(self.map_figure())))
+        self.detail_out.clear_output(wait=True)
+        with self.detail_out:
+            rec = self.data.records[s["row"]]
+            print(f"{rec['perf']} - {rec['work']} ({rec.get('role')})")
+            if rec.get("wav"):
+                display(audio_player(rec["wav"], max_seconds=self.max_seconds))
+            display(table(self.data.neighbours(s["row"], s["k"]),
+                          ["rank", "perf", "work", "role", "distance", "same_work"]))
+            if rec.get("feat"):
+                fps = self.features.frames_per_second if self.features is not None else 25.0
+                fig = plot_cqt(self.data.cqt(s["row"])[: int(self.max_seconds * fps)],
+                               features=self.features, title=str(rec["perf"]),
+                               figsize=(6, 2.8))
+                display(Image(_fig_png(fig)))
+
+    def show(self) -> None:
+        """Display the explorer and draw it once."""
+        show(self.widget)
+        self.refresh()

@@ -33,6 +33,7 @@ __all__ = [
     "CorpusEntry",
     "write_audio_corpus",
     "MALFORMED_MANIFEST_LINES",
+    "fake_decode_job",
 ]
 
 
@@ -185,3 +186,22 @@ MALFORMED_MANIFEST_LINES: list[tuple[str, str]] = [
     ("perf:a8\twav a.wav\twork:A", "':'"),  # legacy line with a field lacking ':'
     ('{"perf": "a9", "wav": "a.wav", "work": "A", "dur_s": NaN}', "dur_s"),
 ]
+
+
+def fake_decode_job(wav: str, factor: float, sample_rate: int, backend: str, min_samples: int):
+    """Stand-in for ``chlib.extract._decode_job`` that misbehaves on purpose (for pool tests).
+
+    A file name containing ``hang`` writes its process id to ``<wav stem>.pid`` and sleeps for
+    10 minutes, ``crash`` kills its worker process;
+    anything else returns a 1 s tone without reading the file.
+    """
+    import os
+    import time
+
+    name = Path(wav).name
+    if "hang" in name:
+        Path(wav).with_suffix(".pid").write_text(str(os.getpid()))
+        time.sleep(600)
+    if "crash" in name:
+        os._exit(3)
+    return tone(1.0, sample_rate=sample_rate), 0.0

@@ -157,15 +157,16 @@ def test_index_incremental_add_equals_a_rebuild(rule):
     assert_same_index(full, part)
 
 
-def test_index_incremental_remove_equals_a_rebuild():
+@pytest.mark.parametrize("rule", ["mean", "min"])
+def test_index_incremental_remove_equals_a_rebuild(rule):
     records, windows = synthetic(seed=2)
-    full = make_index(records, windows)
+    full = make_index(records, windows, rule=rule)
     gone_perfs = {records[1]["perf"], records[7]["perf"]}
     gone_work = "W5"
     removed = full.remove(perfs=sorted(gone_perfs), works=[gone_work])
     keep = [i for i, r in enumerate(records) if r["perf"] not in gone_perfs and r["work"] != gone_work]
     assert removed == len(records) - len(keep)
-    rebuilt = make_index([records[i] for i in keep], [windows[i] for i in keep])
+    rebuilt = make_index([records[i] for i in keep], [windows[i] for i in keep], rule=rule)
     assert_same_index(full, rebuilt)
     assert "W5" not in full.centroids.works
 

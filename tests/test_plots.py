@@ -92,6 +92,24 @@ def test_plot_training_curves_averages_train_steps_per_epoch():
     np.testing.assert_allclose(map_line.get_ydata(), [0.2, 0.4, 0.6])
 
 
+def test_plot_training_curves_from_epoch_records_as_train_writes_them():
+    rows = [{"kind": "epoch", "epoch": e, "step": 4 * (e + 1), "lr": 1e-3,
+             "train_foc_loss": 5.0 - e, "train_total": 6.0 - e, "val_foc_loss": 5.5 - e,
+             "val_total": 6.5 - e, "val_loss": 5.5 - e, "mAP/test": 0.1 * (e + 1),
+             "mAP/unseen": 0.05 * (e + 1), "is_best": True} for e in range(3)]
+    curves = plots.training_curves(rows)
+    assert curves["loss_key"] == "foc_loss"  # the original's val_loss, present in both
+    assert curves["train"] == {0: 5.0, 1: 4.0, 2: 3.0}
+    assert curves["val"] == {0: 5.5, 1: 4.5, 2: 3.5}
+    assert sorted(curves["mAP"]) == ["test", "unseen"]
+    fig = plots.plot_training_curves(rows, loss_key="total")
+    ax_loss, ax_map = fig.axes
+    assert ax_loss.get_ylabel() == "total"
+    assert [list(ln.get_ydata()) for ln in ax_loss.get_lines()] == [[6.0, 5.0, 4.0],
+                                                                    [6.5, 5.5, 4.5]]
+    assert [ln.get_label() for ln in ax_map.get_lines()] == ["test", "unseen"]
+
+
 def test_plot_training_curves_accepts_top_level_losses_and_no_test_rows():
     rows = [{"kind": "train", "epoch": 1, "step": 1, "loss": 3.0},
             {"kind": "train", "epoch": 2, "step": 2, "loss": 2.0}]

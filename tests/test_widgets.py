@@ -134,11 +134,15 @@ def test_audio_player_and_results_table(tmp_path):
 
 
 def test_training_monitor_headless_prints_epochs_and_keeps_rows(capsys):
-    mon = widgets.TrainingMonitor(live=False)
-    mon({"kind": "train", "epoch": 1, "step": 3, "losses": {"loss": 2.0}})
-    mon({"kind": "epoch", "epoch": 1, "step": 3, "val_loss": 1.5})
+    mon = widgets.TrainingMonitor(live=False, print_epochs=True,
+                                  rows=[{"kind": "epoch", "epoch": 0, "train_total": 3.0}])
+    mon({"kind": "epoch", "epoch": 1, "step": 3, "train_total": 2.0, "val_total": 1.5})
     out = capsys.readouterr().out
-    assert out.strip() == "epoch 1  step 3  val_loss 1.5"
+    assert out.strip() == "epoch 1  step 3  train_total 2  val_total 1.5"
     assert len(mon.rows) == 2
     fig = mon.figure()
-    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [2.0]
+    train_line = fig.axes[0].get_lines()[0]
+    assert list(train_line.get_xdata()) == [0, 1] and list(train_line.get_ydata()) == [3.0, 2.0]
+    quiet = widgets.TrainingMonitor(live=False)
+    quiet({"kind": "epoch", "epoch": 0, "train_total": 1.0})
+    assert capsys.readouterr().out == "" and len(quiet.rows) == 1

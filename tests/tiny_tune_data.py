@@ -39,7 +39,8 @@ def make_tiny_dataset(root: str | Path, *, n_works: int = 6, n_recs: int = 4, fr
             perf = f"w{w}_r{r}"
             path = ds / "cqt_feat" / f"{perf}.cqt.npy"
             np.save(path, x.astype(np.float32))
-            recs.append({"perf": perf, "work": f"work{w}", "work_id": w, "feat": str(path),
+            recs.append({"perf": perf, "wav": f"audio/{perf}.wav", "work": f"work{w}", "work_id": w,
+                         "feat": str(path),
                          "feat_len": frames, "dur_s": frames / 25.0, "rec": r})
     strip = [{k: v for k, v in r.items() if k != "rec"} for r in recs]
     write_manifest(ds / "full.txt", strip)
