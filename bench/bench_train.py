@@ -134,7 +134,10 @@ def main() -> None:
     print(f"plain step (pre-made tensors):  {BATCH / plain_s:8.2f} chunks/s  ({plain_s:.2f} s/step)")
     print(f"pipeline step ({args.workers} worker(s)):     {BATCH / (step_s + wait_s):8.2f} chunks/s  "
           f"({step_s + wait_s:.2f} s/step, of which {wait_s:.3f} s waiting for data)")
-    print(f"loader overhead: {100 * wait_s / plain_s:.2f}% of the plain step time (target < 10%)")
+    print(f"loader overhead: {100 * wait_s / plain_s:.2f}% of the plain step time spent waiting for "
+          f"data (target < 10%); making a batch costs {BATCH / load_rate:.2f} s of CPU = "
+          f"{100 * BATCH / load_rate / plain_s:.1f}% of a step, taken from the step when the "
+          "cores are all busy")
     print(f"peak RSS: {_peak_rss_mb(resource.RUSAGE_SELF):.0f} MB (this process), "
           f"{_peak_rss_mb(resource.RUSAGE_CHILDREN):.0f} MB (largest worker)")
 

@@ -199,7 +199,7 @@ def _bin_runs(w: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def _group_bins(runs: list[tuple[int, int]], call_cost: float = 3000.0) -> list[tuple[int, int]]:
+def _group_bins(runs: list[tuple[int, int]], call_cost: float = 10000.0) -> list[tuple[int, int]]:
     """Split bins into contiguous groups minimising ``sum(run width x bins) + call_cost x groups``.
 
     A dynamic programme over the bins; ``call_cost`` (in multiply units) stands for the fixed
@@ -388,8 +388,11 @@ def get_extractor(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> CQTExtractor:
-    """The cached :class:`CQTExtractor` for ``(settings, device, dtype)`` (built on first use)."""
-    return _cached_extractor(settings, str(pick_device(device)), dtype)
+    """The cached :class:`CQTExtractor` for ``(settings, device, dtype)`` (built on first use).
+
+    ``dtype`` None means float32. Up to 8 extractors are kept per process.
+    """
+    return _cached_extractor(settings, str(pick_device(device)), dtype or torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,6 +61,7 @@ __all__ = [
     "demo_tunes",
     "default_tune_cache_dir",
     "draw_performance_params",
+    "tune_form",
     "render_performance",
     "describe_performance",
     "make_demo_dataset",
@@ -303,7 +304,7 @@ def _parse_abc_tune(path: Path) -> dict:
     duration) are dropped (the renderer adds its own ornaments). Repeats are expanded; a tune
     whose repeats music21 cannot expand is used as written.
     """
-    from music21 import bar, converter
+    from music21 import converter
 
     text = path.read_text(encoding="utf-8", errors="replace")
     title = _clean_title(_abc_field(text, "T"), path.stem)
@@ -318,40 +319,7 @@ def _parse_abc_tune(path: Path) -> dict:
     measures = list(part.getElementsByClass("Measure"))
     if len(measures) < 4:
         return {"ok": False, "reason": f"only {len(measures)} bars"}
-
-    # Sections of the written tune, from repeat signs and double bars.
-    in_ending: dict[int, int] = {}
-    for rb in part.spannerBundle.getByClass("RepeatBracket"):
-        for m in rb.getSpannedElements():
-            in_ending[m.number] = int(rb.number or 1) if str(rb.number or "1").isdigit() else 1
-    section_starts = {measures[0].number}
-    for i, m in enumerate(measures):
-        left, right = m.leftBarline, m.rightBarline
-        if isinstance(left, bar.Repeat) and left.direction == "start":
-            section_starts.add(m.number)
-        ends = isinstance(right, bar.Repeat) and right.direction == "end"
-        double = right is not None and getattr(right, "type", "") in (
-            "double", "final", "light-light", "light-heavy", "heavy-light", "heavy-heavy")
-        if (ends or double) and i + 1 < len(measures):
-            section_starts.add(measures[i + 1].number)
-    section_starts = {n for n in section_starts if n not in in_ending}
-    # ABC's "A :| B :|" means AABB: the second repeat goes back to the end of the previous
-    # section, which music21 reads as "back to the top" (AABAAB) unless a start repeat is
-    # written. So a section that a later end repeat closes gets a start repeat.
-    def repeat_dir(barline: Any) -> str:
-        return barline.direction if isinstance(barline, bar.Repeat) else ""
-
-    for i in range(len(measures) - 1):
-        nxt = measures[i + 1]
-        if nxt.number not in section_starts or repeat_dir(nxt.leftBarline) == "start":
-            continue
-        for later in measures[i + 1:]:  # only when a later end repeat closes the section
-            if later is not nxt and repeat_dir(later.leftBarline) == "start":
-                break
-            if repeat_dir(later.rightBarline) == "end":
-                nxt.leftBarline = bar.Repeat(direction="start")
-                break
-
+    section_starts = _section_starts(measures, part)
     try:
         expanded = part.expandRepeats()
         ex_measures = list(expanded.getElementsByClass("Measure"))
@@ -359,8 +327,68 @@ def _parse_abc_tune(path: Path) -> dict:
         expanded, ex_measures = part, measures
     if not ex_measures:
         return {"ok": False, "reason": "no bars after expanding repeats"}
+    notes, bars, passes = _collect_notes(expanded, ex_measures, section_starts)
+    tonic, mode = _tune_key(part, notes)
+    meter = ""
+    ts = list(part.recurse().getElementsByClass("TimeSignature"))
+    if ts:
+        meter = ts[0].ratioString
+    return {
+        "ok": True,
+        "title": title,
+        "notes": notes,
+        "passes": passes,
+        "bars": bars,
+        "tonic": tonic,
+        "mode": mode,
+        "meter": meter,
+        "rhythm": rhythm,
+        "source": path.name,
+    }
 
-    notes: list[list[float]] = []
+
+def _section_starts(measures: list, part: Any) -> set[int]:
+    """Numbers of the bars that start a section (after a repeat sign or double bar, not inside
+    a first/second ending). Also writes the start repeats that ABC leaves implicit: "A :| B :|"
+    means AABB, but music21 reads the second repeat as "back to the top" (AABAAB) unless the
+    B section has a start repeat, so a section closed by a later end repeat gets one."""
+    from music21 import bar
+
+    def repeat_dir(barline: Any) -> str:
+        return barline.direction if isinstance(barline, bar.Repeat) else ""
+
+    in_ending = {m.number for rb in part.spannerBundle.getByClass("RepeatBracket")
+                 for m in rb.getSpannedElements()}
+    starts = {measures[0].number}
+    for i, m in enumerate(measures):
+        if repeat_dir(m.leftBarline) == "start":
+            starts.add(m.number)
+        double = m.rightBarline is not None and getattr(m.rightBarline, "type", "") in (
+            "double", "final", "light-light", "light-heavy", "heavy-light", "heavy-heavy")
+        if (repeat_dir(m.rightBarline) == "end" or double) and i + 1 < len(measures):
+            starts.add(measures[i + 1].number)
+    starts -= in_ending
+    for i, m in enumerate(measures[1:], start=1):
+        if m.number not in starts or repeat_dir(m.leftBarline) == "start":
+            continue
+        for later in measures[i:]:
+            if later is not m and repeat_dir(later.leftBarline) == "start":
+                break
+            if repeat_dir(later.rightBarline) == "end":
+                m.leftBarline = bar.Repeat(direction="start")
+                break
+    return starts
+
+
+def _collect_notes(expanded: Any, ex_measures: list, section_starts: set[int]):
+    """Notes [[midi, onset, dur]], bars [[start, length]] and labelled passes
+    [[label, start, end]] (beats) of a repeats-expanded part.
+
+    A new pass begins where the bar numbers jump back (a repeat) or a section starts. Chords
+    keep their top note, tied notes are merged, grace notes (zero length) dropped, and of notes
+    starting together only the highest is kept.
+    """
+    notes: list[list] = []
     bars: list[list[float]] = []
     passes: list[list] = []  # [section index, start beat, end beat]
     starts_sorted = sorted(section_starts)
@@ -389,32 +417,9 @@ def _parse_abc_tune(path: Path) -> dict:
                 notes[-1][2] += dur
             else:
                 notes.append([int(pitch), onset, dur])
-    passes = _merge_short_passes(passes, bars)
     notes.sort(key=lambda n: (n[1], -n[0]))
-    # drop notes that start together (a second voice): keep the top one
-    dedup: list[list[float]] = []
-    for n in notes:
-        if dedup and abs(dedup[-1][1] - n[1]) < 1e-9:
-            continue
-        dedup.append(n)
-
-    tonic, mode = _tune_key(part, dedup)
-    meter = ""
-    ts = list(part.recurse().getElementsByClass("TimeSignature"))
-    if ts:
-        meter = ts[0].ratioString
-    return {
-        "ok": True,
-        "title": title,
-        "notes": dedup,
-        "passes": passes,
-        "bars": bars,
-        "tonic": tonic,
-        "mode": mode,
-        "meter": meter,
-        "rhythm": rhythm,
-        "source": path.name,
-    }
+    top = [n for i, n in enumerate(notes) if i == 0 or abs(notes[i - 1][1] - n[1]) > 1e-9]
+    return top, bars, _merge_short_passes(passes, bars)
 
 
 def _merge_short_passes(passes: list[list], bars: list[list[float]]) -> list[list]:
@@ -730,7 +735,7 @@ def draw_performance_params(
         rng = np.random.default_rng([base, 100 + j])
         inst = instruments[j]
         shifted = mean_pitch + transposes[j]
-        octave = int(np.clip(round((_INSTRUMENT_CENTRE[inst] - shifted) / 12.0), -2, 2))
+        octave = int(np.clip(round((_INSTRUMENT_CENTRE[inst] - shifted) / 12.0), -1, 1))
         accomp = str(rng.choice(["none", "none", "drone", "chords"]))
         accomp_inst = "drone" if accomp == "drone" else (
             "plucked" if inst in ("piano", "accordion") else str(rng.choice(["piano", "accordion"]))
@@ -1317,7 +1322,6 @@ class _Job:
     path: Path
     key: str
     version: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _encode(y: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
@@ -1484,13 +1488,26 @@ def make_demo_dataset(
                     bar.update(1)
         else:
             _render_pool(todo, workers, sample_rate, audio_format, record, failures, bar)
+            left = [j for j in todo if j.perf not in done
+                    and all(f["perf"] != j.perf for f in failures)]
+            for job in left:  # only when the pool could not start (see _render_pool)
+                try:
+                    sha, samples = _render_to_file(job.tune, job.params, sample_rate,
+                                                   str(job.path), audio_format)
+                    record(job, sha, samples)
+                except Exception as e:  # noqa: BLE001 - batch job: report and go on
+                    failures.append({"perf": job.perf, "reason": f"{type(e).__name__}: {e}"})
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
 
-    # compact manifest, info, hparams, then dataset.txt last
-    lines = [json.dumps(done[j.perf], ensure_ascii=False) for j in jobs if j.perf in done]
-    atomic_write_text(manifest_file, "".join(x + "\n" for x in lines))
+    # compact manifest (entries of other settings' files are kept: they stay reusable), info,
+    # hparams, then dataset.txt last
+    kept = {**manifest, **done}
+    atomic_write_text(manifest_file, "".join(json.dumps(kept[k], ensure_ascii=False) + "\n"
+                                             for k in sorted(kept)))
     hparams = out_dir / "hparams.yaml"
     if not hparams.exists():
         atomic_write_text(hparams, _demo_hparams_yaml(seed))
@@ -1545,23 +1562,51 @@ def _n_workers(num_workers: int | None, n_jobs: int) -> int:
 
 
 def _render_pool(todo, workers, sample_rate, audio_format, record, failures, bar) -> None:
-    """Render ``todo`` in a spawn-started process pool (safe beside torch/OpenMP threads)."""
+    """Render ``todo`` in a spawn-started process pool (safe beside torch/OpenMP threads).
+
+    If the pool breaks (a script without an ``if __name__ == "__main__":`` guard cannot spawn
+    workers), a warning is given and the caller renders what is left in this process.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_render_to_file, j.tune, j.params, sample_rate, str(j.path),
-                               audio_format): j for j in todo}
-        for fut in as_completed(futures):
-            job = futures[fut]
-            try:
-                sha, samples = fut.result()
-                record(job, sha, samples)
-            except Exception as e:  # noqa: BLE001 - batch job: report and go on
-                failures.append({"perf": job.perf, "reason": f"{type(e).__name__}: {e}"})
-            if bar is not None:
-                bar.update(1)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_render_to_file, j.tune, j.params, sample_rate, str(j.path),
+                                   audio_format): j for j in todo}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    sha, samples = fut.result()
+                    record(job, sha, samples)
+                except BrokenProcessPool:
+                    raise
+                except Exception as e:  # noqa: BLE001 - batch job: report and go on
+                    failures.append({"perf": job.perf, "reason": f"{type(e).__name__}: {e}"})
+                if bar is not None:
+                    bar.update(1)
+    except (BrokenProcessPool, RuntimeError, OSError) as e:
+        if _in_worker_bootstrap():
+            raise  # inside a worker that re-ran an unguarded script: do not render here
+        warnings.warn(
+            f"make_demo_dataset: worker processes failed ({type(e).__name__}: {e}); rendering "
+            "the rest in this process. Pass num_workers=0 to skip the pool, or call "
+            "make_demo_dataset under `if __name__ == \"__main__\":` in scripts.",
+            stacklevel=3,
+        )
+
+
+def _in_worker_bootstrap() -> bool:
+    """True inside a spawned worker (also while it re-imports the main script)."""
+    import multiprocessing
+    import sys
+
+    main = sys.modules.get("__main__")
+    return (multiprocessing.parent_process() is not None
+            or bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+            or getattr(main, "__name__", "") == "__mp_main__")
 
 
 def _demo_hparams_yaml(seed: int) -> str:

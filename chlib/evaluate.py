@@ -819,11 +819,16 @@ class ExplorerData:
     def __len__(self) -> int:
         return len(self.records)
 
-    def columns(self) -> list[str]:
-        """Metadata columns usable for colouring (few distinct values or ``work``)."""
-        skip = {"wav", "feat", "perf", "feat_len", "source_perf"}
+    def columns(self, max_values: int = 20) -> list[str]:
+        """Metadata columns usable for colouring: ``work``, ``role`` and every other column with
+        at most ``max_values`` distinct values and at most one per two recordings (a column
+        unique per recording colours nothing)."""
+        skip = {"wav", "feat", "perf", "feat_len", "source_perf", "work_id", "work", "role",
+                "n_windows"}
         cols = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
-        return ["work", "role"] + [c for c in cols if c not in ("work", "role")]
+        limit = min(max_values, max(2, len(self.records) // 2))
+        few = [c for c in cols if len({str(r.get(c, "")) for r in self.records}) <= limit]
+        return ["work", "role"] + few
 
     def labels(self, column: str) -> list:
         if column not in self.columns():

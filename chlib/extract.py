@@ -287,15 +287,22 @@ def _hash_memo_from_sidecars(metas: Sequence[Path]) -> dict[tuple[str, int, int]
     return memo
 
 
-def _remove_stale_temp_files(feat_dir: Path) -> int:
+_OUTPUT_NAMES = ("full.txt", "work_id.map", "features.json", "extract_report.json", "train.txt",
+                 "val.txt", "test.txt", "test-only-work-ids.txt", "val-only-work-ids.txt")
+
+
+def _remove_stale_temp_files(dataset_dir: Path, feat_dir: Path) -> int:
+    """Delete temporary files (``.<name>.<random>.tmp``) that a killed run left behind."""
+    stale = [p for p in feat_dir.glob(".*.tmp") if ".cqt." in p.name]
+    stale += [p for p in dataset_dir.glob(".*.tmp")
+              if any(p.name.startswith(f".{n}.") for n in _OUTPUT_NAMES)]
     n = 0
-    for p in feat_dir.glob(".*.tmp"):
-        if ".cqt." in p.name:
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
+    for p in stale:
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
     return n
 
 
@@ -556,8 +563,9 @@ def _progress(iterable=None, **kw):
 
 
 def _prepare_items(
-    dataset_dir: Path, dataset_txt: Path, config: PrepConfig, feat_dir: Path, report: ExtractReport
+    dataset_txt: Path, config: PrepConfig, feat_dir: Path, report: ExtractReport
 ) -> list[_Item]:
+    """dataset.txt -> one item per (record, tempo factor), in full.txt order; problems reported."""
     records, problems = read_manifest(dataset_txt, required=DATASET_KEYS, strict=False,
                                       unique_key=None)
     for p in problems:
@@ -665,7 +673,7 @@ def extract_dataset(
     t_start = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     if feat_paths not in ("relative", "absolute"):
-        raise ValueError(f"feat_paths must be 'relative' or 'absolute', got {feat_paths!r}")
+        raise ConfigError(f"feat_paths must be 'relative' or 'absolute', got {feat_paths!r}")
     dataset_txt = dataset_dir / "dataset.txt"
     if not dataset_txt.is_file():
         raise ManifestError(f"{dataset_txt}: not found; write dataset.txt first (one JSON line "
@@ -683,13 +691,13 @@ def extract_dataset(
     feat_dir.mkdir(parents=True, exist_ok=True)
     report = ExtractReport(dataset_dir=dataset_dir)
     timings = report.timings_s
-    n_tmp = _remove_stale_temp_files(feat_dir)
+    n_tmp = _remove_stale_temp_files(dataset_dir, feat_dir)
     if n_tmp:
         report.notes.append(f"removed {n_tmp} temporary file(s) left by an interrupted run")
 
     # 1. items and cache look-up
     t0 = time.perf_counter()
-    items = _prepare_items(dataset_dir, dataset_txt, config, feat_dir, report)
+    items = _prepare_items(dataset_txt, config, feat_dir, report)
     items, stats = _hash_audio(items, report, progress)
     timings["hash"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -35,7 +35,8 @@ Procedure:
    own start LR.
 5. The final run trains on every record, validated on the held-out set, starting from the global
    best at ``anchor x ratio ** (final_fold_position - 2)`` (default position ``k - 0.5``), with
-   ``final_lr_decay`` and ``final_early_stopping_patience``.
+   ``final_lr_decay`` and ``final_early_stopping_patience``. Deviation: that LR is kept between
+   ``min_lr`` and the anchor (for k = 2 the original's default gives 6x the anchor or more).
 
 Deviations from the original, on purpose:
 
@@ -113,7 +114,10 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
     Returns ``{"ratio", "folds": [lr of fold 1, ..., fold k], "final"}``: fold 1 at
     ``learning_rate``, fold ``j >= 2`` at ``anchor x ratio ** (j - 2)`` with
     ``ratio = (min_lr / anchor) ** (1 / (k - 1))``, the final run at
-    ``anchor x ratio ** (final_fold_position - 2)`` (default position ``k - 0.5``).
+    ``anchor x ratio ** (final_fold_position - 2)`` (default position ``k - 0.5``), kept
+    between ``min_lr`` and the anchor: the original's formula extrapolates *above* the anchor
+    for positions below 2 (k = 2 with the default position 1.5 gives 6x the anchor for
+    ``min_lr / anchor = 1/36``) and below ``min_lr`` for positions above k + 1.
     """
     if k < 2:
         raise ConfigError(f"k_folds must be >= 2, got {k}")
@@ -124,9 +128,11 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
         )
     ratio = (min_lr / anchor) ** (1.0 / (k - 1))
     pos = k - 0.5 if final_fold_position is None else float(final_fold_position)
+    final = anchor * ratio ** (pos - 2)
+    lo, hi = sorted((min_lr, anchor))
     return {"ratio": ratio,
             "folds": [learning_rate] + [anchor * ratio ** (j - 2) for j in range(2, k + 1)],
-            "final": anchor * ratio ** (pos - 2)}
+            "final": min(max(final, lo), hi)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +216,15 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
 
     folds_path = data_dir / "folds.json"
     sha = file_sha256(full)
+    held_sha = None if held is None else file_sha256(held)
     if folds_path.is_file():
         info = read_json(folds_path)
-        if info["manifest_sha256"] != sha or info["k"] != hp.k_folds:
+        if (info["manifest_sha256"], info.get("heldout_sha256"), info["k"]) != (
+                sha, held_sha, hp.k_folds):
             raise ConfigError(
-                f"{folds_path}: the folds were drawn from another manifest or k ({info['manifest']}"
-                f", k={info['k']}); use a new production folder for changed data")
+                f"{folds_path}: the folds were drawn from another manifest, held-out set or k "
+                f"({info['manifest']}, {info.get('heldout')}, k={info['k']}); use a new "
+                "production folder for changed data")
         folds = info["folds"]
     else:
         from chlib.splits import kfold_groups
@@ -232,6 +241,7 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
         write_manifest(data_dir / "full_train.txt", kept)
         write_json(folds_path, {"manifest": str(full), "manifest_sha256": sha, "k": hp.k_folds,
                                 "seed": hp.seed, "heldout": None if held is None else str(held),
+                                "heldout_sha256": held_sha,
                                 "removed_heldout_records": removed,
                                 "n_records": len(kept), "folds": folds})
     max_id = max(int(r["work_id"]) for r in records + held_recs)
@@ -300,8 +310,9 @@ def _epoch_record(run_dir: Path, epoch: int | None) -> dict:
 
 @dataclass
 class ProdResult:
-    """What :func:`run_production` did (or found done): per fold and final run, the start LR,
-    start epoch, best epoch and value; the product checkpoint; the report text."""
+    """What :func:`run_production` did (or found done): per fold and final run (dicts from
+    ``state.json``: status, start_lr, init_from, best_epoch, best_value, metric, last_epoch ...),
+    the LR anchor and ratio, the product checkpoint (the final run's best) and the report."""
 
     prod_dir: Path
     folds: list[dict]

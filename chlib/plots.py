@@ -360,13 +360,23 @@ def _pca_2d(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _label_style(labels: Sequence) -> dict:
-    """A colour and marker per distinct label (20 colours x 8 markers before repeating)."""
+    """A colour and marker per distinct label (20 colours x 8 markers before repeating).
+
+    The 20 colours are tab20's dark shades first, then its light ones, so that up to 10 labels
+    get 10 clearly different hues.
+    """
     from matplotlib import colormaps
 
     cmap = colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
     uniq = list(dict.fromkeys(labels))
-    return {lab: (cmap(i % 20), _MARKERS[(i // 20) % len(_MARKERS)]) for i, lab in enumerate(uniq)}
+    return {lab: (cmap(order[i % 20]), _MARKERS[(i // 20) % len(_MARKERS)])
+            for i, lab in enumerate(uniq)}
 
 
 def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str | None = "tsne",
@@ -376,7 +386,7 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               title: str | None = None, annotate: bool | None = None,
                               selected: int | None = None,
                               neighbours: Sequence[int] = (),
-                              figsize: tuple[float, float] = (7, 6)):
+                              figsize: tuple[float, float] = (9, 6)):
     """A 2-D map of recordings coloured by work, never-seen works ringed, chosen works bold.
 
     Parameters
@@ -420,7 +430,7 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
         ax.scatter(xy[m, 0], xy[m, 1], color=colour, marker=marker,
                    s=70 if lab in hl else 28, alpha=0.2 if faded else 0.9,
                    edgecolors="black" if lab in hl else "none",
-                   label=str(names.get(lab, lab)), zorder=3 if lab in hl else 2)
+                   label=_short(str(names.get(lab, lab))), zorder=3 if lab in hl else 2)
         if annotate and lab in hl:
             for px, py in xy[m]:
                 ax.annotate(str(names.get(lab, lab)), (px, py), fontsize=8,
@@ -448,9 +458,10 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     if n_works <= 20 or hl:
         marks = ("never seen in training", "selected", "neighbours")
         handles = [h for h in ax.collections
-                   if not hl or h.get_label() in {str(names.get(x, x)) for x in hl}
+                   if not hl or h.get_label() in {_short(str(names.get(x, x))) for x in hl}
                    or h.get_label() in marks]
-        ax.legend(handles=handles, fontsize=7, loc="best", ncols=1 if len(handles) < 12 else 2)
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0, ncols=1 if len(handles) <= 24 else 2)
     return fig
 
 

@@ -935,9 +935,10 @@ def _held_out_list(dataset_dir: Path, out: Path) -> Path | None:
     if not ids_file.is_file() or not test_file.is_file():
         return None
     ids = {int(line) for line in ids_file.read_text(encoding="utf-8").split() if line.strip()}
-    recs = [r for r in read_manifest(test_file, FULL_KEYS) if int(r["work_id"]) in ids]
-    if len({r["work_id"] for r in recs}) < 2:
-        return None
+    test = read_manifest(test_file, FULL_KEYS)
+    recs = [r for r in test if int(r["work_id"]) in ids]
+    if len({r["work_id"] for r in recs}) < 2 or len(recs) == len(test):
+        return None  # too few held-out works, or the test set is nothing but them
     write_manifest(out, recs)
     return out
 
@@ -954,8 +955,8 @@ def make_run_config(
     With ``dataset_dir`` (a folder made by the extract and split steps), it sets ``train_path``
     (train.txt), ``val_path`` (val.txt when it has records), the CQT settings and ``input_dim``
     from ``features.json``, and test sets: ``test`` (query = ref = test.txt) and, when some works
-    were held out entirely, ``unseen`` (their test recordings only, written to
-    ``<run_dir>/config/test_unseen.txt``). Paths are written as given (relative paths stay
+    were held out entirely and the test set also holds seen works, ``unseen`` (the held-out
+    works' test recordings only, written to ``<run_dir>/config/test_unseen.txt``). Paths are written as given (relative paths stay
     relative to the current directory, as the original expects). ``overrides`` (nested dict, YAML
     key names) are merged last. The result is validated. Returns the YAML path.
     """

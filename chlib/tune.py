@@ -308,7 +308,8 @@ class TunePlan:
             f"test set {self.test_name or '<auto>'}",
         ]
         for f in self.factors:
-            lines.append(f"  factor {f.name}: {list(f.values)}")
+            shown = [list(v) if isinstance(v, tuple) else v for v in f.values]
+            lines.append(f"  factor {f.name}: {shown}")
         if self.hp_overrides:
             lines.append(f"  hp_overrides: {self.hp_overrides}")
         lines.append(f"  {len(exps)} experiment(s) x {len(seeds)} seed(s) = "
@@ -554,7 +555,17 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def load_plan(path: str | os.PathLike) -> TunePlan:
-    """Read and validate a plan YAML file."""
+    """Read and validate a plan YAML file.
+
+    A path that does not exist but names a plan shipped in ``chlib/recipes/`` (e.g.
+    ``chlib/recipes/tune_demo.yaml`` when chlib is installed from a wheel, as on Colab) is read
+    from there.
+    """
+    path = Path(path)
+    if not path.exists():
+        shipped = Path(__file__).resolve().parent / "recipes" / path.name
+        if shipped.is_file():
+            path = shipped
     return parse_plan(load_yaml(path), where=str(path))
 
 
@@ -806,6 +817,10 @@ def run_plan(
         raise ConfigError(f"launch must be 'inprocess' or 'papermill', got {launch!r}")
     tune_dir = Path(tune_dir)
     dataset_dir = dataset_dir if dataset_dir is not None else plan.dataset_dir
+    if launch == "papermill" and plan.base_config is not None and dataset_dir is None:
+        raise ConfigError(
+            f"{plan.source}: launch='papermill' with a config base needs dataset_dir (03_train "
+            "builds its config from a dataset folder; the base config's settings then override it)")
     exps = expand_plan(plan)
 
     tune_dir.mkdir(parents=True, exist_ok=True)

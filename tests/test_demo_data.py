@@ -313,6 +313,14 @@ def test_second_call_renders_nothing_and_resumes_missing_files(tmp_path, tune_ca
     assert not list(out.rglob("*.tmp"))
 
 
+def test_existing_hparams_yaml_is_kept(tmp_path, tune_cache):
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "hparams.yaml").write_text("aug_speed_mode: [0.9, 1.0, 1.1]\n")
+    dd.make_demo_dataset(out, cache_dir=tune_cache, **dict(TINY, n_works=1, perfs_per_work=2))
+    assert load_prep_config(out / "hparams.yaml").aug_speed_mode == [0.9, 1.0, 1.1]
+
+
 def test_changed_settings_rerender_affected_files(tmp_path, tune_cache):
     out = tmp_path / "changed"
     args = dict(TINY, n_works=1, perfs_per_work=2)

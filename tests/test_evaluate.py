@@ -8,6 +8,7 @@ pipeline must then find every cover at rank 1 (mAP 1). Scrambling labels must br
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from chlib import evaluate
 from chlib.checkpoint import save_checkpoint
 from chlib.config import HParams, save_hparams
-from chlib.errors import CheckpointError, ConfigError
+from chlib.errors import CheckpointError, ConfigError, ManifestError
 from chlib.manifest import write_manifest
 from chlib.model import CoverHunterNet
 
@@ -199,3 +200,96 @@ def test_top1_confusions_counts_unordered_pairs():
     assert rows == [{"work_a": "a", "work_b": "b", "count": 4, "min_distance": 0.05}]
     same = ["a", "a", "b", "b"]
     assert evaluate.top1_confusions(dist, same, same, exclude=np.eye(4, dtype=bool)) == []
+
+
+# --------------------------------------------------------------------------------------------
+# identification and exploration helpers
+
+
+def _abs_records(tiny_run):
+    data = tiny_run["root"] / "data"
+    return [dict(r, feat=str(data / r["feat"])) for r in tiny_run["records"]]
+
+
+def test_reference_index_is_built_then_reused_then_rebuilt_when_references_change(tiny_run):
+    model, hp, _, _ = evaluate.load_checkpoint(tiny_run["run"], "latest", "cpu")
+    refs = _abs_records(tiny_run)
+    idx, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
+                                                   device="cpu", progress=False)
+    assert status.startswith("built") and len(idx) == 9
+    idx2, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
+                                                    device="cpu", progress=False)
+    assert status.startswith("loaded") and idx2.perfs == idx.perfs
+    np.testing.assert_allclose(idx2.embeddings, idx.embeddings)
+    idx3, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs,
+                                                    device="cpu", progress=False)
+    assert "other recordings" in status and len(idx3) == 12
+    _, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs, rebuild=True,
+                                                 device="cpu", progress=False)
+    assert "rebuild asked for" in status
+
+
+def test_reference_records_default_to_everything_but_the_test_split(tmp_path):
+    def rows(names, split):
+        return [{"perf": n, "work": n[0], "wav": f"a/{n}.wav", "feat": f"f/{n}.npy",
+                 "split": split} for n in names]
+
+    write_manifest(tmp_path / "train.txt", rows(["a1", "b1"], "train"))
+    write_manifest(tmp_path / "val.txt", rows(["a2"], "val"))
+    write_manifest(tmp_path / "test.txt", rows(["a3", "c1"], "test") +
+                   [{"perf": "sp_0.9-a3", "work": "a", "wav": "a/a3.wav", "feat": "f/x.npy",
+                     "source_perf": "a3"}])
+    refs = evaluate.reference_records(tmp_path)
+    assert [r["perf"] for r in refs] == ["a1", "b1", "a2"]
+    assert all(Path(r["wav"]).is_absolute() and Path(r["feat"]).is_absolute() for r in refs)
+    q = evaluate.identification_queries("", tmp_path)
+    assert [Path(p).name for p in q.paths] == ["a3.wav", "c1.wav"]  # the tempo copy once only
+    assert q.truth == {q.paths[0]: "a", q.paths[1]: "c"}
+    only = evaluate.reference_records(tmp_path, tmp_path / "test.txt")
+    assert [r["perf"] for r in only] == ["a3", "c1", "sp_0.9-a3"]
+    with pytest.raises(ConfigError, match="no such file"):
+        evaluate.identification_queries(tmp_path / "nope.wav", tmp_path)
+    with pytest.raises(ManifestError, match="held-out"):
+        evaluate.identification_queries("", tmp_path / "empty")
+
+
+def test_identification_summary_counts_ranks_of_the_true_work():
+    def row(q, rank, work, verdict="no confident match"):
+        return {"query": q, "rank": rank, "work": work, "distance": 0.1 * rank,
+                "verdict": verdict, "error": None}
+
+    rows = [row("q1", 1, "A", "likely the same work"), row("q1", 2, "B"),
+            row("q2", 1, "B"), row("q2", 2, "C"), row("q2", 3, "A"),
+            row("q3", 1, "A"), row("q3", 2, "B"),
+            {"query": "q4", "rank": None, "work": None, "error": "unreadable"}]
+    truth = {"q1": "A", "q2": "A", "q3": "Z", "q4": "A"}
+    s = evaluate.identification_summary(rows, truth, index_works=["A", "B", "C"])
+    assert s["n_queries"] == 4 and s["n_failed"] == 1 and s["n_with_truth"] == 3
+    assert s["top1"] == pytest.approx(1 / 3) and s["top10"] == pytest.approx(2 / 3)
+    assert s["n_truth_indexed"] == 2
+    assert s["top1_indexed"] == pytest.approx(0.5) and s["top10_indexed"] == pytest.approx(1.0)
+    assert [p["rank_of_true_work"] for p in s["per_query"]] == [1, 3, None]
+    text = evaluate.summary_text(s)
+    assert "true work first 33%" in text and "in the top 10 67%" in text
+
+
+def test_explorer_data_joins_references_and_queries(tiny_run):
+    from chlib.index import build_index
+
+    model, hp, _, _ = evaluate.load_checkpoint(tiny_run["run"], "latest", "cpu")
+    recs = _abs_records(tiny_run)
+    index = build_index(model, recs[:6], hp, progress=False)
+    data = evaluate.explorer_data(index, recs[3:], model, hp, run_dir=tiny_run["run"],
+                                  metadata=[{"perf": r["perf"], "era": "old"} for r in recs],
+                                  device="cpu", progress=False)
+    assert len(data) == 12  # 6 references + the 6 queries not already indexed
+    assert [r["role"] for r in data.records].count("query") == 6
+    assert data.records[0]["era"] == "old" and "era" in data.columns()
+    np.testing.assert_allclose(np.linalg.norm(data.embeddings, axis=1), 1.0, atol=1e-5)
+    nb = data.neighbours(0, 2)
+    assert [n["work"] for n in nb] == ["reel", "reel"]  # its two covers come first
+    assert all(n["row"] != 0 for n in data.neighbours(0, 20)) and len(data.neighbours(0, 20)) == 11
+    assert data.index_of("jig_v1") == 4 and data.matching_works("ORN") == ["hornpipe"]
+    assert data.project("pca").shape == (12, 2)
+    with pytest.raises(ConfigError, match="no metadata column"):
+        data.labels("tempo")

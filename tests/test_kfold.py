@@ -43,6 +43,14 @@ def test_kfold_lr_plan_descends_log_linearly_from_the_anchor_to_min_lr():
     assert default["final"] == pytest.approx(8e-4 * plan["ratio"] ** 2.5)  # k - 0.5 = 4.5
 
 
+def test_kfold_lr_plan_final_lr_stays_between_min_lr_and_anchor():
+    # k = 2, default position 1.5: the unclamped formula gives anchor / sqrt(ratio) > anchor
+    two = lr_plan(learning_rate=4e-3, anchor=3.6e-3, min_lr=1e-4, k=2)
+    assert two["final"] == pytest.approx(3.6e-3)
+    far = lr_plan(learning_rate=1e-3, anchor=1e-3, min_lr=1e-5, k=3, final_fold_position=9)
+    assert far["final"] == pytest.approx(1e-5)
+
+
 def test_kfold_lr_plan_needs_positive_min_lr():
     with pytest.raises(ConfigError, match="min_lr"):
         lr_plan(learning_rate=1e-3, anchor=1e-3, min_lr=0.0, k=3)
@@ -213,6 +221,12 @@ def test_prod_3_folds_killed_and_resumed_complete_with_a_report(tmp_path):
     text = (prod / "report.txt").read_text()
     assert "test set 'tiny'" in text and "by average mAP over tiny" in text
     assert res.report.strip() == text.strip()
+
+    # the kills changed nothing: an uninterrupted run gives the same bests, bit for bit
+    ref = run_production(tmp_path / "ref", hp=hp_path, dataset_dir=ds, device="cpu",
+                         progress=False)
+    assert [(f["best_epoch"], f["best_value"]) for f in ref.folds + [ref.final]] == \
+        [(f["best_epoch"], f["best_value"]) for f in res.folds + [res.final]]
 
     # done: a further call trains nothing
     before = {n: (prod / n / "metrics.jsonl").read_text() for n in ("fold_3", "final")}

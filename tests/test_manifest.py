@@ -75,7 +75,7 @@ def test_all_problems_are_collected_in_one_error(tmp_path):
 def test_error_lists_at_most_the_cap_and_counts_the_rest(tmp_path):
     p = tmp_path / "dataset.txt"
     n = MAX_LISTED_PROBLEMS + 7
-    p.write_text("\n".join('{"perf": "x%d"}' % i for i in range(n)) + "\n", encoding="utf-8")
+    p.write_text("\n".join(json.dumps({"perf": f"x{i}"}) for i in range(n)) + "\n", encoding="utf-8")
     with pytest.raises(ManifestError) as ei:
         read_manifest(p)
     msg = str(ei.value)

@@ -199,6 +199,35 @@ def test_plot_confused_pairs_accepts_metrics_output():
     assert len(fig.axes[0].patches) == 2
 
 
+def test_plot_confused_pairs_names_integer_labels_and_counts_integer_ticks():
+    fig = plots.plot_confused_pairs([(3, 4, 2), (1, 3, 1)], label_names={3: "reel", 4: "jig"})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["reel  ↔  jig", "1  ↔  reel"]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_plot_cqt_takes_axes_from_feature_settings():
+    from chlib.config import FeatureSettings
+
+    fs = FeatureSettings(hop_length=320, fmin=65.4, n_bins=48)  # 50 frames/s, from C2
+    fig = plots.plot_cqt(np.zeros((100, 48)) - 3, features=fs)
+    ax = fig.axes[0]
+    assert ax.images[0].get_extent()[1] == 2.0  # 100 frames at 50 fps
+    assert ax.get_yticklabels()[0].get_text() == "C2"
+
+
+def test_plot_embedding_projection_marks_selection_and_neighbours():
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    fig = plots.plot_embedding_projection(xy, ["a", "a", "b", "b"], method=None, selected=0,
+                                          neighbours=[1, 2])
+    ax = fig.axes[0]
+    by_label = {c.get_label(): c for c in ax.collections}
+    np.testing.assert_allclose(by_label["selected"].get_offsets(), [[0.0, 0.0]])
+    np.testing.assert_allclose(by_label["neighbours"].get_offsets(), [[1.0, 0.0], [0.0, 1.0]])
+    assert len(ax.get_lines()) == 2  # one line from the selected point to each neighbour
+
+
 def test_plot_per_work_ap_worst_first_and_top():
     per_work = [{"work": "w1", "ap": 0.9}, {"work": "w2", "ap": 0.1}, {"work": "w3", "ap": 0.5}]
     fig = plots.plot_per_work_ap(per_work, top=2)

@@ -504,7 +504,8 @@ def test_tune_papermill_launch_passes_parameters_and_marks_done(tmp_path):
         d = pathlib.Path(run_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / "params.json").write_text(json.dumps(dict(recipe=recipe, overrides=overrides,
-                                                       seed=seed, device=device)))
+                                                       seed=seed, device=device,
+                                                       dataset_dir=dataset_dir)))
         with open(d / "metrics.jsonl", "a") as f:
             for ep in range(2):
                 f.write(json.dumps({"kind": "val", "epoch": ep, "foc_loss": 1.0 - 0.1 * ep}) + "\\n")
@@ -517,12 +518,39 @@ def test_tune_papermill_launch_passes_parameters_and_marks_done(tmp_path):
     base = _base_yaml(tmp_path)
     plan = parse_plan({"base": {"config": str(base)}, "factors": {"learning_rate": [0.004]},
                        "seeds": [3], "include_base": False})
+    with pytest.raises(ConfigError, match="dataset_dir"):
+        run_plan(plan, tmp_path / "tune", launch="papermill", cwd=tmp_path, progress=False)
     res = run_plan(plan, tmp_path / "tune", launch="papermill", cwd=tmp_path, device="cpu",
-                   progress=False)
+                   dataset_dir=str(tmp_path / "tiny"), progress=False)
     assert [r["status"] for r in res.runs] == ["ok"], res.report()
     seed_dir = tmp_path / "tune" / "experiments" / "lrate0.004" / "seed_3"
     got = json.loads((seed_dir / "params.json").read_text())
     assert got["seed"] == 3 and got["device"] == "cpu"
+    assert got["dataset_dir"] == str(tmp_path / "tiny")
     assert got["overrides"]["learning_rate"] == 0.004  # the whole resolved config went over
     assert (seed_dir / "notebooks" / "03_train.ipynb").is_file()
     assert res.summary.rows[0]["mAP_final_mean"] == pytest.approx(0.41)
+
+
+@pytest.mark.slow
+def test_tune_notebook_runs_headless_with_production_step(tmp_path):
+    from chlib.runner import run_notebooks
+
+    base = _base_yaml(tmp_path)
+    plan = {"base": {"config": str(base)}, "factors": {"learning_rate": [0.004]}, "seeds": [1],
+            "max_epochs": 1, "early_stopping_patience": 2}
+    run_dir = tmp_path / "tune"
+    record = run_notebooks(["04_tune"], run_dir=run_dir, cwd=REPO, progress=False, parameters={
+        "dataset_dir": str(tmp_path / "tiny"), "plan": plan, "device": "cpu",
+        "production_dir": str(tmp_path / "prod"),
+        "production_overrides": {"k_folds": 2, "max_epochs": 1}})
+    assert record.ok, record.summary()
+    assert (run_dir / "figures" / "tune_curves.png").is_file()
+    assert {r["experiment"] for r in read_json(run_dir / "summary.json")["rows"]} == \
+        {"base", "lrate0.004"}
+    state = read_json(tmp_path / "prod" / "state.json")
+    assert state["final"]["status"] == "done" and len(state["folds"]) == 2
+    executed = json.loads((run_dir / "notebooks" / "04_tune.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in executed["cells"]
+                   for o in c.get("outputs", []))
+    assert "vs top" in text and "production report" in text

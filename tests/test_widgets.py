@@ -146,3 +146,175 @@ def test_training_monitor_headless_prints_epochs_and_keeps_rows(capsys):
     quiet = widgets.TrainingMonitor(live=False)
     quiet({"kind": "epoch", "epoch": 0, "train_total": 1.0})
     assert capsys.readouterr().out == "" and len(quiet.rows) == 1
+
+
+def test_session_detection_inside_a_real_kernel():
+    """JupyterLab / Colab send allow_stdin=True, papermill (nbclient) False."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        seen = {}
+        for allow in (True, False):
+            msg_id = kc.execute("from chlib.widgets import interactive_session, in_papermill\n"
+                                "print(interactive_session(), in_papermill())", allow_stdin=allow)
+            out = []
+            while True:
+                m = kc.get_iopub_msg(timeout=60)
+                if m["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if m["msg_type"] == "stream":
+                    out.append(m["content"]["text"])
+                if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    break
+            seen[allow] = "".join(out).split()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert seen == {True: ["True", "False"], False: ["False", "True"]}
+
+
+def test_epoch_table_keeps_the_last_record_of_each_epoch_and_map_columns():
+    rows = [{"kind": "train", "epoch": 0, "total": 9.0},
+            {"kind": "epoch", "epoch": 0, "step": 2, "train_total": 3.0, "val_loss": 2.0,
+             "mAP/test": 0.2, "is_best": True},
+            {"kind": "epoch", "epoch": 1, "step": 4, "train_total": 2.5, "val_loss": 2.1,
+             "mAP/test": 0.3, "is_best": False},
+            {"kind": "epoch", "epoch": 1, "step": 4, "train_total": 2.4, "val_loss": 2.2,
+             "mAP/test": 0.35, "is_best": False}]
+    t = widgets.epoch_table(rows)
+    assert t.columns == ["epoch", "step", "train_total", "val_loss", "mAP/test", "is_best"]
+    assert [r["train_total"] for r in t.rows] == [3.0, 2.4]
+
+
+def test_cqt_examples_pick_the_work_with_most_recordings(tmp_path):
+    from chlib.manifest import write_manifest
+
+    recs = []
+    for perf, work, n in (("a1", "A", 10), ("b1", "B", 20), ("b2", "B", 30), ("b3", "B", 40),
+                          ("a2", "A", 50)):
+        np.save(tmp_path / f"{perf}.npy", np.full((n, 4), -1.0, dtype=np.float32))
+        recs.append({"perf": perf, "work": work, "feat": f"{perf}.npy"})
+    recs.append({"perf": "sp_0.9-b1", "work": "B", "feat": "b1.npy", "source_perf": "b1"})
+    write_manifest(tmp_path / "full.txt", recs)
+    arrays, titles = widgets.cqt_examples(tmp_path / "full.txt", n=5)
+    assert titles == ["b1", "b2", "b3"]  # the tempo copy is skipped
+    assert [a.shape[0] for a in arrays] == [20, 30, 40]
+    arrays, titles = widgets.cqt_examples(tmp_path / "full.txt", work="A", n=1)
+    assert titles == ["a1"]
+
+
+def test_audio_is_a_playable_ipython_object(tmp_path):
+    import io
+
+    a = widgets.audio(_tone(tmp_path / "a.wav", seconds=3.0), max_seconds=1.0)
+    assert a._repr_html_().strip().startswith("<audio") and "base64" in a._repr_html_()
+    y, sr = sf.read(io.BytesIO(a.data))
+    assert len(y) == sr == 8000  # one second embedded, not the whole file
+
+
+def _identify_fixture(tmp_path):
+    from chlib.config import HParams
+
+    hp = HParams.from_dict({"n_bins": 24})
+    feat = tmp_path / "ref.npy"
+    np.save(feat, np.random.default_rng(0).uniform(-80, 0, (100, 24)).astype(np.float32))
+    ref_wav = _tone(tmp_path / "ref.wav", sr=16000)
+
+    class FakeIndex:
+        records = [{"perf": "ref_v0", "work": "reel", "wav": str(ref_wav), "feat": str(feat)}]
+
+    return hp, FakeIndex()
+
+
+def test_identify_app_paths_from_upload_and_path_box(tmp_path):
+    import datetime
+
+    hp, index = _identify_fixture(tmp_path)
+    app = widgets.IdentifyApp(None, hp, index, upload_dir=tmp_path / "up", top_k=5)
+    assert app.top_k.value == 5 and app.threshold.value == pytest.approx(0.001)
+    with pytest.raises(ConfigError, match="upload an audio file"):
+        app.query_paths()
+    app.path.value = str(tmp_path / "missing.wav")
+    with pytest.raises(ConfigError, match="no such file"):
+        app.query_paths()
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    _tone(folder / "q1.wav")
+    _tone(folder / "q2.flac")
+    app.path.value = str(folder)
+    assert [p.rsplit("/", 1)[1] for p in app.query_paths()] == ["q1.wav", "q2.flac"]
+    data = (folder / "q1.wav").read_bytes()
+    app.upload.value = ({"name": "mine.wav", "type": "audio/wav", "size": len(data),
+                         "content": memoryview(data),
+                         "last_modified": datetime.datetime(2024, 1, 1)},)
+    (p,) = app.query_paths()
+    assert p == str(tmp_path / "up" / "mine.wav") and (tmp_path / "up" / "mine.wav").read_bytes() == data
+
+
+def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
+    import ipywidgets as w
+
+    import chlib.identify
+    from chlib.identify import IdentifyReport
+
+    hp, index = _identify_fixture(tmp_path)
+    query = _tone(tmp_path / "query.wav", sr=16000)
+    calls = {}
+
+    def fake_identify(paths, **kw):
+        calls.update(kw, paths=paths)
+        return IdentifyReport(rows=[{"query": str(query), "rank": 1, "perf": "ref_v0",
+                                     "work": "reel", "distance": 0.1, "p_value": 1e-4,
+                                     "verdict": "likely the same work", "error": None}])
+
+    monkeypatch.setattr(chlib.identify, "identify", fake_identify)
+    app = widgets.IdentifyApp("model", hp, index, path=str(query), top_k=3)
+    app.threshold.value = 0.01
+    app.run()
+    assert calls["paths"] == [str(query)] and calls["top_k"] == 3
+    assert calls["threshold_p"] == pytest.approx(0.01, rel=0.1)
+    head, grid = app.views(str(query))
+    assert isinstance(head.children[1], w.Audio)
+    assert isinstance(grid.children[-1], w.Audio)  # the match's player
+    fig = app.match_figure(app.report.best()[0])
+    assert [ax.get_title() for ax in fig.axes if ax.images] == [
+        "query: query.wav", "best match: ref_v0 (reel)"]
+
+
+def _explorer_data(tmp_path):
+    from chlib.evaluate import ExplorerData
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 8))
+    emb, recs = [], []
+    wav = _tone(tmp_path / "x.wav")
+    for i in range(9):
+        v = centres[i % 3] + rng.normal(0, 0.05, 8)
+        emb.append(v / np.linalg.norm(v))
+        feat = tmp_path / f"f{i}.npy"
+        np.save(feat, np.full((30, 12), -10.0, dtype=np.float32))
+        recs.append({"perf": f"p{i}", "work": f"work{i % 3}", "wav": str(wav), "feat": str(feat),
+                     "role": "query" if i < 3 else "reference", "version": f"v{i}",
+                     "instrument": "fiddle" if i % 2 else "flute"})
+    return ExplorerData(np.array(emb, dtype=np.float32), recs)
+
+
+def test_embedding_explorer_controls_drive_the_map(tmp_path):
+    data = _explorer_data(tmp_path)
+    ex = widgets.EmbeddingExplorer(data, projection="pca", point="p4", n_neighbours=2)
+    assert list(ex.colour.options) == ["work", "role", "instrument"]  # "version" is unique
+    s = ex.state()
+    assert s["row"] == 4 and s["k"] == 2 and s["highlight"] == []
+    ex.search.value = "work1"
+    ex.k.value = 3
+    s = ex.state()
+    assert s["highlight"] == ["work1"] and s["k"] == 3
+    ax = ex.map_figure().axes[0]
+    by_label = {c.get_label(): c for c in ax.collections}
+    xy = data.project("pca", 0)
+    np.testing.assert_allclose(by_label["selected"].get_offsets()[0], xy[4])
+    assert len(by_label["neighbours"].get_offsets()) == 3
+    ex.refresh()  # draws into its Output widgets without raising
+    ex.colour.value = "instrument"
+    assert ex.state()["colour_by"] == "instrument"
