@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 # Bump when the ABC -> note-list conversion changes (invalidates the tune cache).
-_PARSE_VERSION = 1
+_PARSE_VERSION = 2
 # Bump when the synthesiser changes (invalidates rendered files through the manifest).
 _RENDER_VERSION = 1
 
@@ -1417,6 +1417,10 @@ def make_demo_dataset(
     progress : show a tqdm progress bar.
     num_workers : processes for rendering; None = up to the CPU count when there are at least 8
         files to render, 0 or 1 = render in this process.
+
+    Cost: about 0.09 CPU-seconds per 32 s file, so the default 240 files (2.2 h of audio,
+    ~175 MB of FLAC) take ~21 CPU-seconds (~11 s wall on 2 idle cores), plus ~5 s to parse
+    the 40 tunes the first time.
     """
     from chlib.io import append_jsonl, atomic_write_text, write_json
 

@@ -871,6 +871,26 @@ class ExplorerData:
             self._projections[key] = project_embeddings(self.embeddings, method, seed=seed)
         return self._projections[key]
 
+    def row_of(self, point: str = "") -> int:
+        """Row of ``point`` (a perf id or part of one); "" gives the first query (else row 0)."""
+        if point:
+            return self.index_of(point)
+        return next((i for i, r in enumerate(self.records) if r.get("role") == "query"), 0)
+
+    def map_figure(self, projection: str = "umap", colour_by: str = "work", *,
+                   highlight_work: str = "", row: int | None = None, n_neighbours: int = 10,
+                   seed: int = 0):
+        """The projection coloured by ``colour_by``; works matching ``highlight_work`` stand out
+        (when colouring by work); ``row`` is starred and joined to its ``n_neighbours``."""
+        from chlib.plots import plot_embedding_projection
+
+        highlight = self.matching_works(highlight_work) if colour_by == "work" else []
+        nb = [n["row"] for n in self.neighbours(row, n_neighbours)] if row is not None else []
+        return plot_embedding_projection(
+            self.project(projection, seed), self.labels(colour_by), method=None,
+            highlight=highlight or None, selected=row, neighbours=nb,
+            title=f"{projection} of {len(self)} recordings, colour: {colour_by}")
+
     def cqt(self, i: int) -> np.ndarray:
         """The stored CQT [frames, bins] of row ``i``."""
         from chlib.embed import load_feature

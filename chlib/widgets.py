@@ -706,16 +706,10 @@ class EmbeddingExplorer:
 
     def map_figure(self):
         """The projection with the current colouring, highlight, selection and neighbours."""
-        from chlib.plots import plot_embedding_projection
-
         s = self.state()
-        labels = self.data.labels(s["colour_by"])
-        highlight = s["highlight"] if s["colour_by"] == "work" else None
-        nb = [n["row"] for n in self.data.neighbours(s["row"], s["k"])]
-        return plot_embedding_projection(
-            self.data.project(s["projection"], self.seed), labels, method=None,
-            highlight=highlight or None, selected=s["row"], neighbours=nb,
-            title=f"{s['projection']} of {len(self.data)} recordings, colour: {s['colour_by']}")
+        return self.data.map_figure(s["projection"], s["colour_by"],
+                                    highlight_work=self.search.value.strip(), row=s["row"],
+                                    n_neighbours=s["k"], seed=self.seed)
 
     def refresh(self) -> None:
         """Redraw the map and the selected recording's details."""

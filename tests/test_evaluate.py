@@ -291,5 +291,9 @@ def test_explorer_data_joins_references_and_queries(tiny_run):
     assert all(n["row"] != 0 for n in data.neighbours(0, 20)) and len(data.neighbours(0, 20)) == 11
     assert data.index_of("jig_v1") == 4 and data.matching_works("ORN") == ["hornpipe"]
     assert data.project("pca").shape == (12, 2)
+    assert data.row_of("") == 6 and data.row_of("jig_v1") == 4  # "": the first query
+    ax = data.map_figure("pca", "work", highlight_work="reel", row=6, n_neighbours=3).axes[0]
+    labels = {c.get_label(): len(c.get_offsets()) for c in ax.collections}
+    assert labels["selected"] == 1 and labels["neighbours"] == 3 and labels["reel"] == 3
     with pytest.raises(ConfigError, match="no metadata column"):
         data.labels("tempo")
