@@ -141,7 +141,7 @@ def resolve_testsets(hp: Any, testsets: Any = None, *, root: str | os.PathLike |
 
 
 def load_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "best",
-                    device: str = "auto"):
+                    device: str = "auto") -> tuple[Any, Any, int, str]:
     """``chlib.checkpoint.load_model`` with one convenience: ``"best"`` falls back to
     ``"latest"`` (with a note) when the run has no ``best.json``.
 
@@ -619,7 +619,7 @@ def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | 
 
 def reference_index_for_run(run_dir: str | os.PathLike, model: Any, hp: Any,
                             records: Sequence[dict], *, rebuild: bool = False,
-                            device: str = "auto", progress: bool = True):
+                            device: str = "auto", progress: bool = True) -> tuple[Any, str]:
     """The run's reference index in ``run_dir/index``: loaded when it matches, else built.
 
     It matches when it was built by this model (fingerprint), with these feature settings and
@@ -785,7 +785,7 @@ def query_features(path: str | os.PathLike, hp: Any, device: str = "cpu") -> np.
 
 
 def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
-                       max_seconds: float = 30.0, device: str = "cpu"):
+                       max_seconds: float = 30.0, device: str = "cpu") -> Any:
     """CQT of a query file beside the CQT of its best match (an index record with ``feat``)."""
     from chlib.embed import load_feature
     from chlib.manifest import resolve_path

@@ -18,11 +18,14 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chlib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "new_figure",
@@ -124,7 +127,7 @@ def _axes_from(features: Any, frames_per_second: float, fmin: float,
 def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 32.0,
              bins_per_octave: int = 12, features: Any = None, title: str | None = None,
              vmin: float | None = -80.0, vmax: float | None = 0.0,
-             figsize: tuple[float, float] = (8, 3.5)):
+             figsize: tuple[float, float] = (8, 3.5)) -> Figure:
     """One CQT as an image: time (s) across, pitch up, colour = dB.
 
     Parameters
@@ -150,7 +153,7 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
               frames_per_second: float = 25.0, fmin: float = 32.0, bins_per_octave: int = 12,
               features: Any = None, ncols: int | None = None, max_seconds: float | None = None,
               vmin: float | None = -80.0, vmax: float | None = 0.0,
-              panel_size: tuple[float, float] = (4.0, 3.0)):
+              panel_size: tuple[float, float] = (4.0, 3.0)) -> Figure:
     """Several CQTs side by side (e.g. performances of one work), one panel each.
 
     ``max_seconds`` crops every panel to its first seconds so tempo and key can be compared;
@@ -263,7 +266,7 @@ def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dic
 
 
 def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None,
-                         figsize: tuple[float, float] = (11, 3.8)):
+                         figsize: tuple[float, float] = (11, 3.8)) -> Figure:
     """Loss per epoch (train and validation) and mAP per test set per epoch.
 
     Parameters
@@ -386,7 +389,7 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               title: str | None = None, annotate: bool | None = None,
                               selected: int | None = None,
                               neighbours: Sequence[int] = (),
-                              figsize: tuple[float, float] = (9, 6)):
+                              figsize: tuple[float, float] = (9, 6)) -> Figure:
     """A 2-D map of recordings coloured by work, never-seen works ringed, chosen works bold.
 
     Parameters
@@ -470,7 +473,7 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
 
 
 def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20,
-                        figsize: tuple[float, float] = (7, 3.5)):
+                        figsize: tuple[float, float] = (7, 3.5)) -> Figure:
     """How far down the ranking the first correct recording sits, per query.
 
     Parameters
@@ -518,7 +521,7 @@ def _pair_rows(pairs: Iterable) -> list[tuple[Any, Any, float]]:
 
 def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "confusions",
                         label_names: Mapping | None = None,
-                        figsize: tuple[float, float] | None = None):
+                        figsize: tuple[float, float] | None = None) -> Figure:
     """Horizontal bars of the work pairs most often confused, largest at the top.
 
     Parameters
@@ -552,7 +555,7 @@ def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "c
 
 def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first: bool = True,
                      label_names: Mapping | None = None,
-                     figsize: tuple[float, float] | None = None):
+                     figsize: tuple[float, float] | None = None) -> Figure:
     """Average precision per work as horizontal bars, worst first (the works to look at).
 
     Parameters
@@ -589,7 +592,7 @@ def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
     from chlib.io import atomic_write_bytes
 

@@ -825,9 +825,13 @@ def run_plan(
 
     tune_dir.mkdir(parents=True, exist_ok=True)
     configs: dict[str, HParams] = {}
-    for e in exps:
-        configs[e.name] = _resolve_config(plan, run_overrides(plan, e, None), dataset_dir,
-                                          tune_dir)
+    for e in exps:  # every setting is checked before any training starts
+        try:
+            configs[e.name] = _resolve_config(plan, run_overrides(plan, e, None), dataset_dir,
+                                              tune_dir)
+        except ConfigError as err:
+            raise ConfigError(f"{plan.source}: experiment {e.name!r} ({e.settings or 'the base'})"
+                              f" gives an invalid config: {err}") from err
     base_hp = _resolve_config(plan, run_overrides(plan, Experiment("base"), None), dataset_dir,
                               tune_dir)
     save_hparams(base_hp, tune_dir / "config" / "hparams.yaml")

@@ -32,6 +32,7 @@ from chlib.errors import AudioError, ChlibError, ConfigError
 __all__ = [
     "in_papermill",
     "interactive_session",
+    "use_project_root",
     "Table",
     "table",
     "ParameterForm",
@@ -90,6 +91,21 @@ def interactive_session() -> bool:
     if forced in ("0", "false", "no"):
         return False
     return _kernel() is not None and not in_papermill()
+
+
+def use_project_root() -> Path:
+    """Make the project folder the working directory when a notebook runs from ``notebooks/``.
+
+    JupyterLab starts a notebook's kernel in the notebook's own folder, while headless runs
+    (``python -m chlib run``) start in the project folder; moving up one level when the
+    working directory holds the numbered notebooks makes relative paths such as
+    ``datasets/demo`` mean the same in both. Anywhere else (Colab, a project folder) nothing
+    changes. Returns the working directory.
+    """
+    cwd = Path.cwd()
+    if (cwd / "01_prepare.ipynb").is_file() and cwd.name == "notebooks":
+        os.chdir(cwd.parent)
+    return Path.cwd()
 
 
 def show(*objs: Any) -> None:

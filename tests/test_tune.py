@@ -386,6 +386,15 @@ def test_tune_changed_settings_under_an_existing_experiment_are_refused(tmp_path
         run_plan(parse_plan(plan), tmp_path / "tune", progress=False, train_fn=_fake_train([]))
 
 
+def test_tune_invalid_setting_is_refused_before_any_training(tmp_path):
+    base = _base_yaml(tmp_path)  # batch_size 8
+    plan = parse_plan({"base": {"config": str(base)}, "factors": {"m_per_class": [2, 3]}})
+    calls: list = []
+    with pytest.raises(ConfigError, match="m_per_class3"):
+        run_plan(plan, tmp_path / "tune", progress=False, train_fn=_fake_train(calls))
+    assert calls == []
+
+
 def test_tune_unknown_test_name_is_refused_before_training(tmp_path):
     base = _base_yaml(tmp_path)
     plan = parse_plan({"base": {"config": str(base)}, "test_name": "covers80"})

@@ -33,6 +33,18 @@ def test_kernel_without_stdin_counts_as_papermill(monkeypatch):
     assert not widgets.in_papermill() and widgets.interactive_session()
 
 
+def test_use_project_root_leaves_the_notebooks_folder_only(tmp_path, monkeypatch):
+    nbs = tmp_path / "proj" / "notebooks"
+    nbs.mkdir(parents=True)
+    (nbs / "01_prepare.ipynb").write_text("{}")
+    monkeypatch.chdir(nbs)
+    assert widgets.use_project_root() == tmp_path / "proj"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert widgets.use_project_root() == other
+
+
 def test_table_text_and_html():
     rows = [{"metric": "mAP", "value": 0.51234, "n": 3}, {"metric": "MR1", "value": None}]
     t = widgets.table(rows, floatfmt=".2f")
