@@ -271,7 +271,7 @@ class RandomEraseConfig:
 class RollPitchConfig:
     prob: float = 0.0
     shift_num: int = 12
-    method: str = "default"  # "default" | "low_melody" | "flex_melody"
+    method: str = "default"  # "default" | "low_melody" | "flex_melody" | "random" (chlib)
 
 
 @dataclass(frozen=True)
@@ -602,8 +602,8 @@ class HParams:
             rp_kw["shift_num"] = _as(rp_d["shift_num"], int, where, "roll_pitch.shift_num")
         if "method" in rp_d:
             rp_kw["method"] = _as(rp_d["method"], str, where, "roll_pitch.method")
-            _check(rp_kw["method"] in ("default", "low_melody", "flex_melody"), where,
-                   "roll_pitch.method must be default, low_melody or flex_melody")
+            _check(rp_kw["method"] in ("default", "low_melody", "flex_melody", "random"), where,
+                   "roll_pitch.method must be default, low_melody, flex_melody or random")
         hp.spec_augmentation = SpecAugConfig(RandomEraseConfig(**re_kw), RollPitchConfig(**rp_kw))
         for p in (hp.spec_augmentation.random_erase.prob, hp.spec_augmentation.roll_pitch.prob):
             _check(0.0 <= p <= 1.0, where, "augmentation probabilities must be in [0, 1]")

@@ -259,7 +259,7 @@ class _CoverHunterCQT(nn.Module):
         dtype = weights[0].dtype
         padded = padded.to(dtype)
         if rows_per_chunk is None:
-            rows_per_chunk = 256 if padded.device.type == "cpu" else 4096
+            rows_per_chunk = 64 if padded.device.type == "cpu" else 4096
         step = max(1, rows_per_chunk // bsz)
         view = padded.unfold(-1, self.n_fft, self.hop)  # [B, frames, n_fft], no copy
         out = torch.empty(bsz, frames, 2 * self.n_bins, dtype=dtype, device=padded.device)

@@ -18,7 +18,9 @@ Differences from the original (coverhunter-facts sections 4.2 and 13.2.1-2):
   than the quiet bins around it. A fixed dB value can be passed instead.
 * ``roll_pitch`` method ``"default"`` keeps the original's behaviour on purpose (a shift drawn
   from {-n, 0, +n}, so no shift one time in three, and a *circular* roll that moves the top
-  bins to the bottom); ``"low_melody"`` and ``"flex_melody"`` follow the fork.
+  bins to the bottom); ``"low_melody"`` and ``"flex_melody"`` follow the fork; ``"random"``
+  (chlib) shifts by any whole number of bins in [-shift_num, +shift_num], without wrapping: a
+  key change in either direction, which is what makes a model transposition-invariant.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "roll_pitch_default",
     "roll_pitch_low_melody",
     "roll_pitch_flex_melody",
+    "roll_pitch_random",
     "tempo_resample",
     "spec_augment",
 ]
@@ -215,17 +218,39 @@ def roll_pitch_flex_melody(
     return out
 
 
+def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
+    """chlib's pitch shift: s uniform over the integers in [-shift_num, +shift_num], no wrap.
+
+    Content moves up (s > 0) or down (s < 0) by |s| bins; what leaves the array is dropped and
+    the vacated bins of each frame get that frame's minimum (so -100 dB padding rows stay
+    -100 dB and quiet frames stay quiet). With 12 bins per octave and shift_num 6-12 this
+    imitates the key changes between versions of a work. Returns a new [frames, bins] array.
+    """
+    _check_2d(feat, "roll_pitch")
+    n_bins = feat.shape[1]
+    s = int(rng.integers(-shift_num, shift_num + 1))
+    if s == 0 or abs(s) >= n_bins:
+        return np.array(feat, copy=True)
+    out = np.repeat(feat.min(axis=1, keepdims=True), n_bins, axis=1).astype(feat.dtype)
+    if s > 0:
+        out[:, s:] = feat[:, : n_bins - s]
+    else:
+        out[:, :s] = feat[:, -s:]
+    return out
+
+
 _ROLLS = {
     "default": roll_pitch_default,
     "low_melody": roll_pitch_low_melody,
     "flex_melody": roll_pitch_flex_melody,
+    "random": roll_pitch_random,
 }
 
 
 def roll_pitch(
     feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12, method: str = "default"
 ) -> np.ndarray:
-    """Pitch roll by ``method`` ("default", "low_melody" or "flex_melody"); see the functions above."""
+    """Pitch roll by ``method`` ("default", "low_melody", "flex_melody" or "random"); see above."""
     if method not in _ROLLS:
         raise ConfigError(f"roll_pitch.method must be one of {sorted(_ROLLS)}, got {method!r}")
     return _ROLLS[method](feat, rng=rng, shift_num=shift_num)

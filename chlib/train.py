@@ -929,16 +929,20 @@ def load_recipe(recipe: str | os.PathLike = "laptop") -> dict:
     return load_yaml(recipe_path(recipe))
 
 
-def _held_out_list(dataset_dir: Path, out: Path) -> Path | None:
-    """Write the test records of works held out entirely (test-only-work-ids.txt) to ``out``."""
-    ids_file, test_file = dataset_dir / "test-only-work-ids.txt", dataset_dir / "test.txt"
-    if not ids_file.is_file() or not test_file.is_file():
+def _held_out_list(dataset_dir: Path, split: str, out: Path, *, keep_if_all: bool) -> Path | None:
+    """Write the ``<split>.txt`` records of works held out entirely (``<split>-only-work-ids.txt``)
+    to ``out``; None when there are fewer than 2 such works (or, unless ``keep_if_all``, when
+    the split holds nothing else, so that a second list would repeat it)."""
+    ids_file, split_file = dataset_dir / f"{split}-only-work-ids.txt", dataset_dir / f"{split}.txt"
+    if not ids_file.is_file() or not split_file.is_file():
         return None
     ids = {int(line) for line in ids_file.read_text(encoding="utf-8").split() if line.strip()}
-    test = read_manifest(test_file, FULL_KEYS)
-    recs = [r for r in test if int(r["work_id"]) in ids]
-    if len({r["work_id"] for r in recs}) < 2 or len(recs) == len(test):
-        return None  # too few held-out works, or the test set is nothing but them
+    every = read_manifest(split_file, FULL_KEYS)
+    # feature paths re-anchored: the copy lives elsewhere than the split file
+    recs = [{**r, "feat": str(feature_path(r, split_file))} for r in every
+            if int(r["work_id"]) in ids]
+    if len({r["work_id"] for r in recs}) < 2 or (len(recs) == len(every) and not keep_if_all):
+        return None
     write_manifest(out, recs)
     return out
 
@@ -956,7 +960,12 @@ def make_run_config(
     (train.txt), ``val_path`` (val.txt when it has records), the CQT settings and ``input_dim``
     from ``features.json``, and test sets: ``test`` (query = ref = test.txt) and, when some works
     were held out entirely and the test set also holds seen works, ``unseen`` (the held-out
-    works' test recordings only, written to ``<run_dir>/config/test_unseen.txt``). Paths are written as given (relative paths stay
+    works' test recordings only, written to ``<run_dir>/config/test_unseen.txt``); and, when
+    at least two works were held out for validation (``val_unseen``), ``val_unseen`` (their
+    val recordings, ``<run_dir>/config/val_unseen.txt``): the test set a recipe can early-stop
+    on (``early_stop_metric: mAP``, ``map_stopping_testsets: [val_unseen]``) without touching
+    the test works. A recipe asking for mAP stopping on a set the dataset cannot provide falls
+    back to val_loss, with a warning. Paths are written as given (relative paths stay
     relative to the current directory, as the original expects). ``overrides`` (nested dict, YAML
     key names) are merged last. The result is validated. Returns the YAML path.
     """
@@ -985,12 +994,26 @@ def make_run_config(
         test = ds / "test.txt"
         if test.is_file() and read_manifest(test, FULL_KEYS):
             d["test"] = {"query_path": str(test), "ref_path": str(test), "every_n_epoch_to_test": 1}
-            unseen = _held_out_list(ds, run_dir / "config" / "test_unseen.txt")
+            unseen = _held_out_list(ds, "test", run_dir / "config" / "test_unseen.txt",
+                                    keep_if_all=False)
             if unseen is not None:
                 d["unseen"] = {"query_path": str(unseen), "ref_path": str(unseen),
                                "every_n_epoch_to_test": 1}
+        val_unseen = _held_out_list(ds, "val", run_dir / "config" / "val_unseen.txt",
+                                    keep_if_all=True)
+        if val_unseen is not None:
+            d["val_unseen"] = {"query_path": str(val_unseen), "ref_path": str(val_unseen),
+                               "every_n_epoch_to_test": 1}
     if overrides:
         d = deep_merge(d, overrides)
+    wanted = d.get("map_stopping_testsets") or []
+    if d.get("early_stop_metric") == "mAP" and not all(
+            isinstance(d.get(n), dict) or n in (d.get("testsets") or {}) for n in wanted):
+        warnings.warn(
+            f"recipe {recipe}: early stopping on the mAP of {wanted} is not possible with this "
+            "dataset (no such test set: it needs works held out for validation, val_unseen in "
+            "the data-prep config); using val_loss instead", stacklevel=2)
+        d["early_stop_metric"], d["map_stopping_testsets"] = "val_loss", []
     hp = HParams.from_dict(d, where=f"recipe {recipe} + overrides")
     out = run_dir / "config" / "hparams.yaml"
     save_hparams(hp, out)

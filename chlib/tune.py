@@ -1185,6 +1185,11 @@ def summarise(
     elif test_name is not None and all_sets and test_name not in all_sets:
         notes.append(f"test set {test_name!r} appears in no metrics file "
                      f"(found: {', '.join(sorted(all_sets))})")
+    planned_seeds = [int(x) for x in plan_info.get("seeds") or []]
+    for e in plan_info.get("experiments", []):  # planned runs not begun count as pending
+        for seed in planned_seeds:
+            if e["name"] in statuses and seed not in statuses[e["name"]]:
+                statuses[e["name"]][seed] = "pending"
     aliases = {e["name"]: e.get("aliases", []) for e in plan_info.get("experiments", [])}
     settings = {e["name"]: e.get("settings", {}) for e in plan_info.get("experiments", [])}
 
@@ -1192,7 +1197,7 @@ def summarise(
     for name in found:
         per_seed = {}
         problems = []
-        for seed, st in statuses[name].items():
+        for seed, st in sorted(statuses[name].items()):
             if st in ("ok", "unmarked"):
                 per_seed[seed] = _seed_stats(curves[name][seed], test_name, window,
                                              flat_map_slope=fm, flat_loss_slope=fl)

@@ -129,3 +129,19 @@ def test_spec_augment_probabilities_and_reproducibility():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, x) and not np.array_equal(a, c)
     np.testing.assert_array_equal(x, _chunk())  # input untouched
+
+
+def test_roll_pitch_random_shifts_both_ways_without_wrap_filling_the_row_minimum():
+    x = _chunk(t=20)
+    x[15:] = PAD_DB
+    rng = np.random.default_rng(2)
+    shifts = set()
+    for _ in range(80):
+        out = roll_pitch(x, rng=rng, shift_num=6, method="random")
+        s = next(s for s in range(-6, 7) if (
+            np.array_equal(out[:, max(s, 0): 96 + min(s, 0)], x[:, max(-s, 0): 96 - max(s, 0)])))
+        shifts.add(s)
+        vac = out[:, :s] if s > 0 else out[:, 96 + s:] if s < 0 else out[:, :0]
+        np.testing.assert_array_equal(vac, np.broadcast_to(x.min(axis=1, keepdims=True), vac.shape))
+        assert np.all(out[15:] == PAD_DB)
+    assert shifts == set(range(-6, 7))

@@ -21,6 +21,7 @@ from chlib.dataset import write_toy_dataset
 from chlib.errors import ConfigError, FeatureError
 from chlib.io import read_json
 from chlib.manifest import FULL_KEYS, read_manifest, write_manifest
+from chlib.model import CoverHunterNet
 from chlib.train import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train
 
 TINY = {"encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 64}, "embed_dim": 16}
@@ -278,8 +279,6 @@ def test_early_stopping_stops_the_loop_and_records_the_best_epoch(toy, tmp_path,
 
 
 def test_non_finite_losses_save_and_raise(toy, tmp_path, monkeypatch):
-    from chlib.model import CoverHunterNet
-
     def nan_loss(self, x, labels):
         return torch.tensor(math.nan, requires_grad=True), {"foc_loss": torch.tensor(math.nan)}
 
@@ -325,9 +324,9 @@ def test_recipes_load_and_make_run_config_points_at_the_splits(recipe, toy, tmp_
     ds = tmp_path / "ds"
     ds.mkdir()
     recs = read_manifest(toy, FULL_KEYS)
-    write_manifest(ds / "train.txt", [r for r in recs if r["work_id"] < 4])
+    write_manifest(ds / "train.txt", [r for r in recs[1:] if r["work_id"] < 4])
     write_manifest(ds / "val.txt", [])
-    write_manifest(ds / "test.txt", [r for r in recs if r["work_id"] >= 4])
+    write_manifest(ds / "test.txt", recs[:1] + [r for r in recs if r["work_id"] >= 4])
     (ds / "test-only-work-ids.txt").write_text("4\n5\n")
     path = make_run_config(tmp_path / "run", recipe, dataset_dir=ds, overrides={"seed": 7})
     hp = T.load_hparams(path)
@@ -348,3 +347,24 @@ def test_recipes_load_and_make_run_config_points_at_the_splits(recipe, toy, tmp_
 def test_make_run_config_without_dataset_writes_the_recipe_as_is(tmp_path):
     path = make_run_config(tmp_path / "run", "laptop")
     assert T.load_hparams(path).to_dict() == HParams.from_dict(T.load_recipe("laptop")).to_dict()
+
+
+def test_make_run_config_adds_val_unseen_for_map_stopping_and_falls_back_without_it(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = Path("ds")  # relative, with feature paths relative to the dataset folder (as extract writes)
+    recs = [{**r, "feat": str(Path(r["feat"]).relative_to(ds.resolve()))}
+            for r in read_manifest(write_toy_dataset(ds), FULL_KEYS)]
+    write_manifest(ds / "train.txt", [r for r in recs if r["work_id"] < 4])
+    write_manifest(ds / "val.txt", [r for r in recs if r["work_id"] >= 4])
+    (ds / "val-only-work-ids.txt").write_text("4\n5\n")
+    over = {"early_stop_metric": "mAP", "map_stopping_testsets": ["val_unseen"]}
+    hp = T.load_hparams(make_run_config(tmp_path / "a", "laptop", dataset_dir=ds, overrides=over))
+    assert hp.early_stop_metric == "mAP" and set(hp.testsets) == {"val_unseen"}
+    listed = read_manifest(hp.testsets["val_unseen"].query_path, FULL_KEYS)
+    assert len(listed) == 8 and all(Path(r["feat"]).is_file() for r in listed)
+    assert T.evaluate_testsets(CoverHunterNet(hp.model_config(6)), hp, torch.device("cpu"))
+    (ds / "val-only-work-ids.txt").write_text("")
+    with pytest.warns(UserWarning, match="using val_loss instead"):
+        path = make_run_config(tmp_path / "b", "laptop", dataset_dir=ds, overrides=over)
+    assert T.load_hparams(path).early_stop_metric == "val_loss"

@@ -209,7 +209,7 @@ def _synthetic_tune_dir(root: Path) -> Path:
     # one seed only, never marked done (as if run elsewhere), logs epoch 2 twice
     _write_run(exp / "single" / "seed_1", list(2.0 - 0.01 * ep), list(0.35 + 0.0 * ep),
                status=None, repeat_epoch=2)
-    write_json(root / "plan.json", {"window": 3, "test_name": None,
+    write_json(root / "plan.json", {"window": 3, "test_name": None, "seeds": [1, 2, 3],
                                     "flat_map_slope": 0.002, "flat_loss_slope": 0.005,
                                     "experiments": [{"name": "flat", "aliases": ["lrate0.001"],
                                                      "settings": {}}]})
@@ -244,6 +244,9 @@ def test_tune_summary_statistics_slopes_and_readings(tmp_path):
     assert flat["mAP_slope_mean"] == pytest.approx(0.0)  # only the last 3 epochs count
     assert flat["reading"] == "converged"
     assert flat["aliases"] == "lrate0.001"
+    # planned seeds come from plan.json: seed 3 of "flat" has not begun
+    assert (flat["seeds_total"], flat["seeds_ok"]) == (3, 2)
+    assert "2/3" in next(line for line in summary.table.splitlines() if line.split()[1] == "flat")
     assert flat["mAP_best_epoch_mean"] == pytest.approx(2)  # first epoch reaching the best
 
     over = rows["overfit"]
