@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     n_files = max(1, round(args.minutes * 60 / args.file_seconds))
@@ -242,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nchlib feature-extraction benchmark: {n_files} x {args.file_seconds:.0f} s MP3 "
           f"(44.1 kHz stereo) = {hours * 60:.1f} audio-minutes; torch threads {args.threads}; "
           f"test audio written in {t_made:.1f} s")
+    cores = os.cpu_count() or 1
+    res["load_average_1min_at_start"] = load0
+    print(f"machine: {cores} cores, 1-minute load average {load0:.2f} before the run"
+          + ("  [BUSY: other processes compete for the cores; multi-threaded timings suffer most]"
+             if load0 > 0.5 else ""))
     print(f"\n{'stage':34s} {'wall s':>8s} {'s/audio-h':>10s} {'cpu s/audio-h':>14s}")
     rows = [("(a) decode mp3 (soundfile)", res["decode"]),
             ("(b) mono + resample 44.1->16 kHz", res["resample"]),

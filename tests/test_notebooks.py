@@ -76,6 +76,8 @@ def test_parameters_are_annotated_commented_and_shared_names_keep_defaults(path)
         assert p["inferred_type_name"] not in ("None", ""), f"{name} has no type annotation"
         assert p["help"], f"{name} has no trailing comment"
     for name, default in SHARED_DEFAULTS.items():
+        if name == "run_dir" and path.stem == "04_tune":
+            continue  # tuning writes many runs: its own folder by default, not the demo run's
         if name in declared:
             assert declared[name] == default, f"shared parameter {name} should default to {default!r}"
 
