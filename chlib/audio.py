@@ -18,8 +18,8 @@ Worker-friendly helpers: :func:`try_load_audio` returns ``(signal, None)`` or ``
 instead of raising (for batch jobs that skip and report bad files), and
 :func:`iter_load_audio` decodes a list of files with a small thread pool, yielding results in
 input order with bounded read-ahead. Threads suffice for decoding (libsndfile runs outside the
-GIL through cffi, torch releases it in its kernels) and avoid the start-up cost and pickling
-rules of worker processes in notebooks.
+GIL through cffi) and avoid the start-up cost and pickling rules of worker processes in
+notebooks.
 """
 
 from __future__ import annotations
@@ -231,6 +231,20 @@ def load_audio(
     """
     path = Path(path)
     data, sr = decode_audio(path)
+    return _check_and_convert(path, data, sr, sample_rate=sample_rate, min_seconds=min_seconds,
+                              silence_peak=silence_peak)
+
+
+def _check_and_convert(
+    path: Path,
+    data: np.ndarray,
+    sr: int,
+    *,
+    sample_rate: int,
+    min_seconds: float,
+    silence_peak: float,
+) -> np.ndarray:
+    """Checks of :func:`load_audio` on decoded ``data [n, channels]``, then mono + resample."""
     if data.shape[0] == 0:
         raise AudioError(f"{_describe(path)}: decodes to 0 samples; the file holds no audio: "
                          "re-export it or remove it from the list")
@@ -289,11 +303,11 @@ def iter_load_audio(
     """Decode many files in a thread pool; yield ``(index, signal or None, reason or None)``.
 
     Results come in input order. At most ``read_ahead`` (default ``2 * num_workers``) decoded
-    signals wait in memory at a time. ``num_workers <= 1`` decodes in the calling thread.
-    Resampling inside the workers uses torch's intra-op threads too: on a 2-core machine that
-    also runs the CQT, keep ``torch.get_num_threads() * (num_workers + 1)`` near the core count
-    (or decode in worker processes with one torch thread each, as :mod:`chlib.extract` does),
-    since oversubscribed OpenMP threads slow every stage down several-fold.
+    files wait in memory at a time. ``num_workers <= 1`` does everything in the calling thread.
+    Only the decoding (libsndfile, outside the GIL) runs in the worker threads; the checks,
+    mono mix and resampling run in the calling thread, so that torch's OpenMP thread team is
+    never started from several threads at once (oversubscribed OpenMP teams slow every stage
+    several-fold on a 2-core machine).
     """
     kw = dict(sample_rate=sample_rate, min_seconds=min_seconds, normalise=normalise)
     if num_workers <= 1:
@@ -301,19 +315,36 @@ def iter_load_audio(
             y, err = try_load_audio(p, **kw)
             yield i, y, err
         return
+
+    def finish(path: Path, job: Future) -> tuple[np.ndarray | None, str | None]:
+        decoded, err = job.result()
+        if err is not None:
+            return None, err
+        try:
+            y = _check_and_convert(path, decoded[0], decoded[1], sample_rate=sample_rate,
+                                   min_seconds=min_seconds, silence_peak=SILENCE_PEAK)
+        except AudioError as e:
+            return None, str(e)
+        return (peak_normalise(y) if normalise else y), None
+
     ahead = max(1, read_ahead or 2 * num_workers)
-    pending: deque[tuple[int, Future]] = deque()
+    pending: deque[tuple[int, Path, Future]] = deque()
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="chlib-audio") as pool:
         for i, p in enumerate(paths):
-            pending.append((i, pool.submit(try_load_audio, p, **kw)))
+            pending.append((i, Path(p), pool.submit(_try_decode, Path(p))))
             if len(pending) >= ahead:
-                j, fut = pending.popleft()
-                y, err = fut.result()
-                yield j, y, err
+                j, path, job = pending.popleft()
+                yield (j, *finish(path, job))
         while pending:
-            j, fut = pending.popleft()
-            y, err = fut.result()
-            yield j, y, err
+            j, path, job = pending.popleft()
+            yield (j, *finish(path, job))
+
+
+def _try_decode(path: Path) -> tuple[tuple[np.ndarray, int] | None, str | None]:
+    try:
+        return decode_audio(path), None
+    except AudioError as e:
+        return None, str(e)
 
 
 def peak_normalise(y: np.ndarray) -> np.ndarray:

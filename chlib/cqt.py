@@ -12,9 +12,10 @@ degrades on the other (different window, per-bin scaling, frame count and centri
     L1 kernel norm, librosa-style scaling, reflect padding of half a kernel width, 16384 samples
     with the defaults) configured with sr, hop_length, fmin, n_bins and bins_per_octave.
     ``n_frames = floor(n_samples / hop) + 1``. We use ``CQT1992v2`` on every device. The fork
-    uses ``CQT2010v2`` on CUDA, but that class is 4-10x slower on CPU and further from both
-    librosa and ``CQT1992v2`` (its octave-wise decimation changes the values by several dB on
-    strong bins), so one implementation everywhere keeps features comparable across machines.
+    uses ``CQT2010v2`` on CUDA, but that class is 4-9x slower on CPU, further from librosa
+    (3.3 dB mean difference on strong bins) and differs from ``CQT1992v2`` (golden tune: 0.6 dB
+    mean, up to 39 dB on single cells above -60 dB: its octave-wise decimation), so one
+    implementation everywhere keeps features comparable across machines.
     The reflect padding is done per track here, so a track in a zero-padded batch gets exactly
     the frames it gets alone. Float32 on every device.
 
@@ -37,13 +38,16 @@ degrades on the other (different window, per-bin scaling, frame count and centri
     matrix (``[2 * run, 2 * bins in group]``, real and imaginary parts interleaved as
     ``torch.view_as_real`` lays them out). The grouping is chosen once per settings to balance
     wasted multiplications against per-call overhead. Frames are strided views of the padded
-    signal, processed a few hundred at a time (bounded memory for hour-long tracks). The
+    signal, processed ~128 at a time (bounded memory for hour-long tracks). The
     arithmetic is exact (no approximation of the kernel); float32 agrees with the float64
     original within 0.001 dB on cells above -60 dB of the golden tune (``tests/test_cqt.py``),
     so float32 is the default on every device; ``dtype=torch.float64`` is available on CPU and
-    CUDA for bit-level comparisons (about twice as slow). Measured on 2 CPU cores: ~1.5 s of
-    compute per audio-hour, ~8x the plain NumPy/scipy.sparse per-frame loop (see
-    ``bench/bench_extract.py``).
+    CUDA for bit-level comparisons (about twice as slow). Cost per frame: one 16384-point real
+    FFT (~20 us on one core with MKL) and ~0.37 M multiply-adds. Measured (``bench/
+    bench_extract.py``, 2-core machine shared with other jobs): one torch thread 3.5-4 s per
+    audio-hour, 3.6x the plain NumPy/scipy.sparse per-frame loop (13-14 s per audio-hour in one
+    process); two threads on an idle machine ~1.4 s (~9x). Under CPU contention use one torch
+    thread: OpenMP teams on oversubscribed cores run several times slower.
 
 Extractors are cached per (settings, device, dtype) by :func:`get_extractor`, so kernels are
 built once per process, not per file.
@@ -259,7 +263,7 @@ class _CoverHunterCQT(nn.Module):
         dtype = weights[0].dtype
         padded = padded.to(dtype)
         if rows_per_chunk is None:
-            rows_per_chunk = 64 if padded.device.type == "cpu" else 4096
+            rows_per_chunk = 128 if padded.device.type == "cpu" else 4096
         step = max(1, rows_per_chunk // bsz)
         view = padded.unfold(-1, self.n_fft, self.hop)  # [B, frames, n_fft], no copy
         out = torch.empty(bsz, frames, 2 * self.n_bins, dtype=dtype, device=padded.device)
@@ -301,7 +305,7 @@ class _NnAudioCQT(nn.Module):
 
     def transform(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded [B, P]`` -> magnitude ``[B, (P - kernel) // hop + 1, n_bins]``."""
-        return self.cqt(padded.to(torch.float32)).transpose(1, 2)
+        return self.cqt(padded.to(torch.float32)).transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------

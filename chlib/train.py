@@ -20,7 +20,11 @@ original's):
    once, with a fixed crop (seeded by the run seed and the item), no augmentation, batches grouped
    by work; the focal, triplet and center parts are reported separately (``csi_val/...``).
    **val_loss = the mean focal loss**, the original's choice, used for early stopping with
-   ``early_stop_metric: val_loss``;
+   ``early_stop_metric: val_loss``. Caveat: for val recordings of works held out of training
+   (``val_unseen``) the focal loss can only grow as the head learns the training works, so
+   with such works in val.txt, val_loss rises even while retrieval improves; early-stop on the
+   mAP of a held-out-works test set instead (what :func:`make_run_config` sets up as
+   ``val_unseen``);
 2. every test set of ``hp.testsets`` whose ``every_n_epoch_to_test`` divides ``e + 1``: window
    embeddings (:func:`chlib.embed.embed_tracks`), min-over-windows cosine distances, and mAP / MR1 /
    HR1 / HR10 with work_id labels. A reference is never ranked for a query when it is the same
@@ -80,6 +84,7 @@ from chlib.dataset import (
     feature_lengths,
     feature_path,
     find_missing_features,
+    open_feature,
     worker_init,
 )
 from chlib.device import pick_device
@@ -302,14 +307,13 @@ def prepare_training_data(hp: HParams) -> TrainingData:
                 f"Paths are relative to the current directory ({os.getcwd()}); re-run feature "
                 "extraction or fix the 'feat' paths"
             )
-    with contextlib.suppress(ValueError):
-        first = np.load(feature_path(train[0], train_path), mmap_mode="r")
-        if first.ndim == 2 and first.shape[1] != hp.model.input_dim:
-            raise FeatureError(
-                f"{feature_path(train[0], train_path)}: features have {first.shape[1]} bins but "
-                f"input_dim / n_bins is {hp.model.input_dim}; use features made with these "
-                "settings or change n_bins"
-            )
+    first = open_feature(feature_path(train[0], train_path))
+    if first.shape[1] != hp.model.input_dim:
+        raise FeatureError(
+            f"{feature_path(train[0], train_path)}: features have {first.shape[1]} bins but "
+            f"input_dim / n_bins is {hp.model.input_dim}; use features made with these settings "
+            "or change n_bins"
+        )
 
     lengths = feature_lengths(train, train_path)
     for chunk_frames, raw in zip(hp.chunk_frame, hp.chunk_len, strict=True):
@@ -386,12 +390,8 @@ def _val_loader(data: TrainingData, hp: HParams, device: torch.device) -> DataLo
     ds = ChunkDataset(data.val, chunk_len=hp.chunk_len[0], mean_size=hp.mean_size, mode=hp.mode,
                       spec_aug=None, seed=hp.seed, manifest_path=data.val_manifest)
     batches = grouped_batches(ds.labels, hp.batch_size)
-    kw = _loader_kwargs(hp, device, 100)
-    kw.pop("persistent_workers", None)
-    kw["num_workers"] = min(kw["num_workers"], 1)
-    if kw["num_workers"] == 0:
-        kw.pop("worker_init_fn", None)
-    return DataLoader(ds, batch_sampler=batches, **kw)
+    # in this process: a small set, and no worker start-up per validation
+    return DataLoader(ds, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
 
 
 # --------------------------------------------------------------------------------------------
