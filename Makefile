@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_query.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check chlib tests bench
+	$(PY) -m ruff check chlib tests bench tools
 
 clean-demo:
 	rm -rf $(DEMO_DATASET) runs/$(RUN)

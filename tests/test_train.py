@@ -218,8 +218,9 @@ def test_kill_minus_9_then_restart_resumes_and_matches_an_uninterrupted_run(toy,
     train(reference, hp=hp, device="cpu", progress=False)
     run = tmp_path / "killed"
     save_hparams(hp, run / "config" / "hparams.yaml")
-    code = ("import torch; torch.set_num_threads(1); from chlib.train import train; "
-            "train('killed', device='cpu', progress=False)")
+    # a 0.5 s pause after each epoch (after its checkpoint) leaves time to kill it mid-run
+    code = ("import time, torch; torch.set_num_threads(1); from chlib.train import train; "
+            "train('killed', device='cpu', progress=False, callbacks=[lambda r: time.sleep(0.5)])")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
