@@ -231,15 +231,22 @@ class TestSetResult:
     work_names: dict = field(default_factory=dict)  # label -> work name
     test_only: set = field(default_factory=set)  # labels of works absent from training
     skipped: list[dict] = field(default_factory=list)  # recordings without usable features
+    # name -> retrieval_metrics of a reference point on the same queries and exclusions
+    # ("random embeddings", "untrained model"): what the trained model must beat
+    baselines: dict = field(default_factory=dict)
 
     def metric_rows(self) -> list[dict]:
-        """One row per metric: value with its bootstrap CI (``low`` / ``high``)."""
+        """One row per metric: value with its bootstrap CI (``low`` / ``high``), and the value of
+        each baseline on the same queries in its own column."""
         rows = []
         for m in ("mAP", "MR1", "HR1", "HR10", "P@10"):
             c = self.ci.get(m, {})
-            rows.append({"testset": self.name, "metric": m, "value": self.metrics.get(m),
-                         "low": c.get("low"), "high": c.get("high"),
-                         "queries": self.metrics.get("n_queries"), "refs": len(self.r_perfs)})
+            row = {"testset": self.name, "metric": m, "value": self.metrics.get(m),
+                   "low": c.get("low"), "high": c.get("high"),
+                   "queries": self.metrics.get("n_queries"), "refs": len(self.r_perfs)}
+            for b, scores in self.baselines.items():
+                row[b] = scores.get(m)
+            rows.append(row)
         return rows
 
     def name_of(self, label: Any) -> str:
@@ -334,7 +341,9 @@ class Evaluation:
         from chlib.widgets import Table
 
         title = f"epoch {self.epoch} ({self.checkpoint}), model {self.fingerprint}"
-        return Table(self.rows(), ["testset", "metric", "value", "low", "high", "queries", "refs"],
+        extra = list(dict.fromkeys(b for r in self.results.values() for b in r.baselines))
+        return Table(self.rows(), ["testset", "metric", "value", "low", "high", *extra,
+                                   "queries", "refs"],
                      title="; ".join([title, *self.notes]))
 
     def skipped(self) -> list[dict]:
@@ -355,7 +364,7 @@ class Evaluation:
             "fingerprint": self.fingerprint, "notes": self.notes,
             "testsets": {n: {"query_path": str(r.spec.query_path),
                              "ref_path": str(r.spec.ref_path),
-                             "metrics": r.metrics, "ci": r.ci,
+                             "metrics": r.metrics, "ci": r.ci, "baselines": r.baselines,
                              "n_skipped": len(r.skipped)} for n, r in self.results.items()},
         })
         return paths
@@ -389,6 +398,34 @@ def _train_works(hp: Any, root: Path | None) -> set[str] | None:
     if not p.exists():
         return None
     return {str(r.get("work", r.get("work_id"))) for r in read_manifest(p, required=())}
+
+
+def random_embedding_baseline(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray],
+                              q_labels: np.ndarray, r_labels: np.ndarray, exclude: np.ndarray, *,
+                              same: bool, n_draws: int = 20, seed: int = 12345,
+                              no_relevant: str = "count_as_zero") -> dict:
+    """Chance level: the metrics of random unit window embeddings, averaged over ``n_draws``.
+
+    Each recording keeps its number of windows and the distance rule (min over window pairs),
+    so the baseline sees exactly the queries, references and exclusions the model sees.
+    ``same``: queries and references are one list (they then share their random vectors).
+    """
+    from chlib import metrics
+    from chlib.embed import track_distances
+
+    rng = np.random.default_rng(seed)
+    dim = int(q_windows[0].shape[1])
+    keys = ("mAP", "MR1", "HR1", "HR10", "P@10")
+    sums = dict.fromkeys(keys, 0.0)
+    for _ in range(n_draws):
+        qw = [rng.standard_normal((len(w), dim)).astype(np.float32) for w in q_windows]
+        rw = qw if same else [rng.standard_normal((len(w), dim)).astype(np.float32)
+                              for w in r_windows]
+        scores = metrics.retrieval_metrics(track_distances(qw, rw), q_labels, r_labels,
+                                           exclude=exclude, no_relevant=no_relevant)
+        for k in keys:
+            sums[k] += float(scores[k])
+    return {k: v / n_draws for k, v in sums.items()}
 
 
 def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list[dict],
@@ -448,6 +485,9 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
         exclude |= metrics.query_in_ref_mask(pairs, len(q_perfs), len(r_perfs))
     scores = metrics.retrieval_metrics(dist, q_labels, r_labels, exclude=exclude,
                                        no_relevant=no_relevant)
+    baselines = {"random embeddings": random_embedding_baseline(
+        qw, rw, q_labels, r_labels, exclude, same=q_perfs == r_perfs, seed=seed,
+        no_relevant=no_relevant)}
     ci = metrics.bootstrap_ci(dist, q_labels, r_labels, exclude, n_boot=n_boot, seed=seed,
                               confidence=confidence, no_relevant=no_relevant)
     ranks = metrics.rank_of_first_correct(dist, q_labels, r_labels, exclude=exclude)
@@ -482,7 +522,7 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
         r_labels=r_labels, dist=dist, exclude=exclude, metrics=scores, ci=ci, ranks=ranks,
         per_work=per_work, confusions=confusions, closest_wrong=closest, points=points,
         point_labels=point_labels, point_perfs=point_perfs, work_names=names,
-        test_only=test_only, skipped=skipped,
+        test_only=test_only, skipped=skipped, baselines=baselines,
     )
 
 
@@ -499,6 +539,7 @@ def evaluate_run(
     cache: bool = True,
     progress: bool = True,
     root: str | os.PathLike | None = None,
+    untrained_baseline: bool = True,
 ) -> Evaluation:
     """Evaluate one checkpoint of a run on its test sets (or on the given manifests).
 
@@ -517,6 +558,9 @@ def evaluate_run(
         recipe, feature settings and feature file; **this function caches**).
     root : folder that relative manifest paths in the config refer to (default: the current
         directory, as the original's repo-root-relative paths expect).
+    untrained_baseline : also score the same architecture with random (untrained) weights,
+        seeded by ``seed``, on the same queries: the "untrained model" baseline column. Every
+        result also carries a "random embeddings" baseline (chance level).
 
     Returns an :class:`Evaluation`; nothing is written (call ``.save()`` and ``.figure()``).
     """
@@ -558,12 +602,43 @@ def evaluate_run(
         results[spec.name] = score_testset(
             spec.name, spec, q_records, r_records, qw, rw, train_works=train_works,
             n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant)
+    if untrained_baseline and results:
+        _score_untrained(model, hp, results, manifests={
+            spec.name: (spec, read_manifest(spec.query_path, required=("perf", "feat")),
+                        read_manifest(spec.ref_path, required=("perf", "feat")))
+            for spec in specs}, device=dev, seed=seed, no_relevant=no_relevant)
     notes = [note] if note else []
     if train_works is None:
         notes.append("the run config names no readable train_path: never-seen works are not "
                      "marked")
     return Evaluation(run_dir=run_dir, checkpoint=checkpoint, epoch=epoch,
                       fingerprint=fingerprint, results=results, notes=notes)
+
+
+def _score_untrained(model: Any, hp: Any, results: dict[str, TestSetResult], *,
+                     manifests: dict, device: Any, seed: int, no_relevant: str) -> None:
+    """Add the "untrained model" baseline to each result: same architecture, random weights."""
+    import torch
+
+    from chlib import metrics
+    from chlib.embed import embed_tracks_hp, track_distances
+    from chlib.manifest import resolve_path
+    from chlib.model import CoverHunterNet
+
+    torch.manual_seed(seed)
+    untrained = CoverHunterNet(model.cfg).to(device).eval()
+    for name, (spec, q_records, r_records) in manifests.items():
+        res = results[name]
+        q_feat = {str(r["perf"]): resolve_path(r["feat"], spec.query_path) for r in q_records}
+        r_feat = {str(r["perf"]): resolve_path(r["feat"], spec.ref_path) for r in r_records}
+        qw = embed_tracks_hp(untrained, [q_feat[p] for p in res.q_perfs], hp, device,
+                             progress=False)
+        rw = qw if res.r_perfs == res.q_perfs else embed_tracks_hp(
+            untrained, [r_feat[p] for p in res.r_perfs], hp, device, progress=False)
+        scores = metrics.retrieval_metrics(track_distances(qw, rw), res.q_labels, res.r_labels,
+                                           exclude=res.exclude, no_relevant=no_relevant)
+        res.baselines["untrained model"] = {k: float(scores[k])
+                                            for k in ("mAP", "MR1", "HR1", "HR10", "P@10")}
 
 
 # --------------------------------------------------------------------------------------------

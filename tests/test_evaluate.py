@@ -297,3 +297,30 @@ def test_explorer_data_joins_references_and_queries(tiny_run):
     assert labels["selected"] == 1 and labels["neighbours"] == 3 and labels["reel"] == 3
     with pytest.raises(ConfigError, match="no metadata column"):
         data.labels("tempo")
+
+
+def test_random_embedding_baseline_is_chance_level_on_a_large_random_problem():
+    from chlib.evaluate import random_embedding_baseline
+    from chlib.metrics import self_exclusion_mask
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(50), 2)  # 50 works x 2 recordings
+    wins = [rng.standard_normal((2, 16)).astype(np.float32) for _ in labels]
+    perfs = [f"p{i}" for i in range(len(labels))]
+    exclude = self_exclusion_mask(perfs, perfs)
+    base = random_embedding_baseline(wins, wins, labels, labels, exclude, same=True, n_draws=10)
+    # one relevant item among 99 candidates: expected rank ~50, HR1 ~1/99
+    assert 30 < base["MR1"] < 70
+    assert base["HR1"] < 0.06 and base["mAP"] < 0.12
+
+
+def test_evaluation_carries_random_and_untrained_baselines_below_the_model(evaluation):
+    r = evaluation.result()
+    assert set(r.baselines) == {"random embeddings", "untrained model"}
+    # the fixture's features make covers trivially close: any network ranks them first, random
+    # vectors do not
+    assert r.baselines["random embeddings"]["mAP"] < 0.9 * r.metrics["mAP"]
+    assert r.baselines["untrained model"]["mAP"] == pytest.approx(1.0)
+    assert 1.0 <= r.baselines["random embeddings"]["MR1"] <= 11.0
+    t = evaluation.table()
+    assert "random embeddings" in t.columns and "untrained model" in t.columns
