@@ -20,11 +20,12 @@ original's):
    once, with a fixed crop (seeded by the run seed and the item), no augmentation, batches grouped
    by work; the focal, triplet and center parts are reported separately (``csi_val/...``).
    **val_loss = the mean focal loss**, the original's choice, used for early stopping with
-   ``early_stop_metric: val_loss``. Caveat: for val recordings of works held out of training
-   (``val_unseen``) the focal loss can only grow as the head learns the training works, so
-   with such works in val.txt, val_loss rises even while retrieval improves; early-stop on the
-   mAP of a held-out-works test set instead (what :func:`make_run_config` sets up as
-   ``val_unseen``);
+   ``early_stop_metric: val_loss``, computed over the val recordings of works that are in the
+   training data only. The original also scored val recordings of works held out of training
+   (``val_unseen``): their focal class is never trained, so that loss can only grow as the head
+   learns the training works, and val_loss rose while retrieval improved (seen on the demo
+   data). Held-out works are judged by retrieval instead: the ``val_unseen`` test set that
+   :func:`make_run_config` sets up (early-stop on its mAP with ``early_stop_metric: mAP``);
 2. every test set of ``hp.testsets`` whose ``every_n_epoch_to_test`` divides ``e + 1``: window
    embeddings (:func:`chlib.embed.embed_tracks`), min-over-windows cosine distances, and mAP / MR1 /
    HR1 / HR10 with work_id labels. A reference is never ranked for a query when it is the same
@@ -111,6 +112,7 @@ __all__ = [
     "prepare_training_data",
     "evaluate_testsets",
     "validation_loss",
+    "seen_work_records",
     "read_metrics",
     "epoch_table",
     "RECIPES_DIR",
@@ -384,10 +386,18 @@ def _train_loaders(
     return loaders, samplers
 
 
+def seen_work_records(val: list[dict], train: list[dict]) -> list[dict]:
+    """The val records whose work is in the training data (the only ones a focal loss can
+    judge: a held-out work's class is never trained)."""
+    seen = {int(r["work_id"]) for r in train}
+    return [r for r in val if int(r["work_id"]) in seen]
+
+
 def _val_loader(data: TrainingData, hp: HParams, device: torch.device) -> DataLoader | None:
-    if not data.val:
+    val = seen_work_records(data.val, data.train)
+    if not val:
         return None
-    ds = ChunkDataset(data.val, chunk_len=hp.chunk_len[0], mean_size=hp.mean_size, mode=hp.mode,
+    ds = ChunkDataset(val, chunk_len=hp.chunk_len[0], mean_size=hp.mean_size, mode=hp.mode,
                       spec_aug=None, seed=hp.seed, manifest_path=data.val_manifest)
     batches = grouped_batches(ds.labels, hp.batch_size)
     # in this process: a small set, and no worker start-up per validation

@@ -369,3 +369,12 @@ def test_make_run_config_adds_val_unseen_for_map_stopping_and_falls_back_without
     with pytest.warns(UserWarning, match="using val_loss instead"):
         path = make_run_config(tmp_path / "b", "laptop", dataset_dir=ds, overrides=over)
     assert T.load_hparams(path).early_stop_metric == "val_loss"
+
+
+def test_validation_loss_only_scores_works_the_model_is_trained_on():
+    from chlib.train import seen_work_records
+
+    train = [{"perf": "a1", "work_id": 0}, {"perf": "b1", "work_id": 1}]
+    val = [{"perf": "a2", "work_id": 0}, {"perf": "c1", "work_id": 2}, {"perf": "b2", "work_id": 1}]
+    assert [r["perf"] for r in seen_work_records(val, train)] == ["a2", "b2"]
+    assert seen_work_records([{"perf": "c1", "work_id": 2}], train) == []
