@@ -346,8 +346,20 @@ def test_recipes_load_and_make_run_config_points_at_the_splits(recipe, toy, tmp_
 
 
 def test_make_run_config_without_dataset_writes_the_recipe_as_is(tmp_path):
-    path = make_run_config(tmp_path / "run", "laptop")
-    assert T.load_hparams(path).to_dict() == HParams.from_dict(T.load_recipe("laptop")).to_dict()
+    path = make_run_config(tmp_path / "run", "coverhunter")
+    assert (T.load_hparams(path).to_dict()
+            == HParams.from_dict(T.load_recipe("coverhunter")).to_dict())
+
+
+def test_laptop_recipe_without_held_out_validation_works_falls_back_to_val_loss(tmp_path):
+    # the laptop recipe early-stops on the mAP of val_unseen, which needs a dataset with works
+    # held out for validation; without one it says so and uses val_loss
+    with pytest.warns(UserWarning, match="val_unseen"):
+        path = make_run_config(tmp_path / "run", "laptop")
+    hp = T.load_hparams(path)
+    assert hp.early_stop_metric == "val_loss" and hp.map_stopping_testsets == []
+    recipe = T.load_recipe("laptop")
+    assert recipe["early_stop_metric"] == "mAP" and recipe["map_stopping_testsets"] == ["val_unseen"]
 
 
 def test_make_run_config_adds_val_unseen_for_map_stopping_and_falls_back_without_it(
