@@ -1480,8 +1480,8 @@ def make_demo_dataset(
         bar = tqdm(total=len(todo), desc="rendering demo performances", unit="file")
     workers = _n_workers(num_workers, len(todo))
     try:
-        if workers <= 1:
-            for job in todo:
+        def render_here(jobs: list) -> None:
+            for job in jobs:
                 try:
                     sha, samples = _render_to_file(job.tune, job.params, sample_rate,
                                                    str(job.path), audio_format)
@@ -1490,19 +1490,14 @@ def make_demo_dataset(
                     failures.append({"perf": job.perf, "reason": f"{type(e).__name__}: {e}"})
                 if bar is not None:
                     bar.update(1)
+
+        if workers <= 1:
+            render_here(todo)
         else:
             _render_pool(todo, workers, sample_rate, audio_format, record, failures, bar)
-            left = [j for j in todo if j.perf not in done
-                    and all(f["perf"] != j.perf for f in failures)]
-            for job in left:  # only when the pool could not start (see _render_pool)
-                try:
-                    sha, samples = _render_to_file(job.tune, job.params, sample_rate,
-                                                   str(job.path), audio_format)
-                    record(job, sha, samples)
-                except Exception as e:  # noqa: BLE001 - batch job: report and go on
-                    failures.append({"perf": job.perf, "reason": f"{type(e).__name__}: {e}"})
-                if bar is not None:
-                    bar.update(1)
+            failed = {f["perf"] for f in failures}
+            # only when the pool could not start (see _render_pool)
+            render_here([j for j in todo if j.perf not in done and j.perf not in failed])
     finally:
         if bar is not None:
             bar.close()

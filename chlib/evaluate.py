@@ -593,20 +593,20 @@ def evaluate_run(
         return memo[key]
 
     results: dict[str, TestSetResult] = {}
+    manifests: dict[str, tuple] = {}
     for spec in specs:
         q_records = read_manifest(spec.query_path, required=("perf", "feat"))
         r_records = (q_records if spec.ref_path == spec.query_path
                      else read_manifest(spec.ref_path, required=("perf", "feat")))
+        manifests[spec.name] = (spec, q_records, r_records)
         qw = embed(spec.query_path, q_records)
         rw = qw if r_records is q_records else embed(spec.ref_path, r_records)
         results[spec.name] = score_testset(
             spec.name, spec, q_records, r_records, qw, rw, train_works=train_works,
             n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant)
     if untrained_baseline and results:
-        _score_untrained(model, hp, results, manifests={
-            spec.name: (spec, read_manifest(spec.query_path, required=("perf", "feat")),
-                        read_manifest(spec.ref_path, required=("perf", "feat")))
-            for spec in specs}, device=dev, seed=seed, no_relevant=no_relevant)
+        _score_untrained(model, hp, results, manifests=manifests, device=dev, seed=seed,
+                         no_relevant=no_relevant)
     notes = [note] if note else []
     if train_works is None:
         notes.append("the run config names no readable train_path: never-seen works are not "
