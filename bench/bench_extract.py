@@ -5,7 +5,7 @@ Run: ``.venv/bin/python bench/bench_extract.py [--minutes 4] [--threads 2]`` (``
 1. Writes ``--minutes`` of a synthetic tune-like signal (harmonic notes with vibrato over a soft
    noise floor, 44.1 kHz stereo) as 60-second MP3 files into a temporary folder.
 2. Times, on the CPU: (a) decoding (soundfile), (b) mono mix + resampling to 16 kHz
-   (torchaudio), (c) the CQT in dB of each flavour (chlib.cqt, batched), and (d) the baseline:
+   (torchaudio), (c) the CQT in dB of each flavour (chlib.signal.cqt, batched), and (d) the baseline:
    the original CoverHunter algorithm written plainly below (per-frame 16384-point NumPy FFT and
    a scipy.sparse kernel, float64, one frame at a time).
 3. Prints seconds per audio-hour per stage, end-to-end totals per flavour, the baseline / ours
@@ -37,9 +37,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from chlib.audio import iter_load_audio, peak_normalise, resample, to_mono  # noqa: E402
-from chlib.config import FeatureSettings  # noqa: E402
-from chlib.cqt import compute_cqt_db, compute_cqt_db_batch, get_extractor  # noqa: E402
+from chlib.core.config import FeatureSettings  # noqa: E402
+from chlib.signal.audio import iter_load_audio, peak_normalise, resample, to_mono  # noqa: E402
+from chlib.signal.cqt import compute_cqt_db, compute_cqt_db_batch, get_extractor  # noqa: E402
 
 SR_IN = 44100
 SR = 16000
@@ -141,7 +141,7 @@ def golden_agreement() -> dict[str, float] | None:
             break
     else:
         return None
-    from chlib.audio import load_audio
+    from chlib.signal.audio import load_audio
 
     with np.load(npz) as z:
         gold = {k: z[k] for k in z.files}
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             signals = sigs
         get_extractor(FeatureSettings(flavour="coverhunter"), "cpu")
         # the whole path as an extraction job would run it: files decoded by a thread pool
-        # (chlib.audio.iter_load_audio) while the CQT runs, batch by batch
+        # (chlib.signal.audio.iter_load_audio) while the CQT runs, batch by batch
         pipeline = Timer()
         with pipeline:
             loaded = [y for _, y, _ in iter_load_audio(paths, sample_rate=SR, normalise=True,

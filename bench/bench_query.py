@@ -23,12 +23,17 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from chlib.checkpoint import model_fingerprint
-from chlib.config import HParams, ModelConfig
-from chlib.embed import window_settings
-from chlib.identify import identify
-from chlib.index import ReferenceIndex, build_index, calibrate_distances, compute_centroids
+from chlib.core.config import HParams, ModelConfig
 from chlib.model import CoverHunterNet
+from chlib.model.checkpoint import model_fingerprint
+from chlib.retrieval.embed import window_settings
+from chlib.retrieval.identify import identify
+from chlib.retrieval.index import (
+    ReferenceIndex,
+    build_index,
+    calibrate_distances,
+    compute_centroids,
+)
 
 TARGET_TOTAL_S = 2.0
 TARGET_SEARCH_S = 0.050

@@ -7,9 +7,9 @@ What is measured (CPU unless --device says otherwise):
   1000 is closer to real work counts), triplet loss on, AdamW, grad clip 1.0;
 * batch 32 chunks of 1125 model frames (= 3375 raw CQT frames with mean_size 3, 135 s) x 96 bins,
   4 works x m 8 per batch;
-* "pipeline": chlib's path: :class:`chlib.dataset.ChunkDataset` over memory-mapped ``.npy``
+* "pipeline": chlib's path: :class:`chlib.data.dataset.ChunkDataset` over memory-mapped ``.npy``
   features in a temporary folder (64 tracks of 4000 frames), spectral augmentation as the
-  original recipe (erase 0.5, roll 0.5), :class:`chlib.sampler.MPerClassBatchSampler`,
+  original recipe (erase 0.5, roll 0.5), :class:`chlib.data.sampler.MPerClassBatchSampler`,
   a DataLoader with ``--workers`` worker processes (1 = the recipe default);
 * "plain": the same forward + backward + optimizer step on pre-made tensors of the same shapes;
 * the loader's own speed (no model), and the time the training loop waited for data, as a
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from chlib.config import ModelConfig, RandomEraseConfig, RollPitchConfig, SpecAugConfig
-from chlib.dataset import ChunkDataset, worker_init
-from chlib.device import pick_device, synchronize
-from chlib.io import atomic_save_npy
+from chlib.core.config import ModelConfig, RandomEraseConfig, RollPitchConfig, SpecAugConfig
+from chlib.core.device import pick_device, synchronize
+from chlib.core.io import atomic_save_npy
+from chlib.data.dataset import ChunkDataset, worker_init
+from chlib.data.sampler import MPerClassBatchSampler
 from chlib.model import CoverHunterNet
-from chlib.sampler import MPerClassBatchSampler
 
 BATCH, M, CHUNK_FRAMES, MEAN_SIZE, BINS, CLASSES = 32, 8, 1125, 3, 96, 1000
 N_WORKS, N_PERFS, TRACK_FRAMES = 16, 4, 4000

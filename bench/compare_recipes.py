@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from chlib.config import load_hparams
+from chlib.core.config import load_hparams
 from chlib.model import CoverHunterNet
-from chlib.train import evaluate_testsets, make_run_config, prepare_training_data, train
+from chlib.train.loop import evaluate_testsets, make_run_config, prepare_training_data, train
 
 recipe, max_epochs = sys.argv[1], int(sys.argv[2])
 extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chlib.errors import ChlibError
+from chlib.core.errors import ChlibError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     params.add_argument("notebook")
 
     args = parser.parse_args(argv)
-    from chlib import runner
+    from chlib.ui import runner
 
     try:
         if args.command == "params":

@@ -189,7 +189,7 @@ MALFORMED_MANIFEST_LINES: list[tuple[str, str]] = [
 
 
 def fake_decode_job(wav: str, factor: float, sample_rate: int, backend: str, min_samples: int):
-    """Stand-in for ``chlib.extract._decode_job`` that misbehaves on purpose (for pool tests).
+    """Stand-in for ``chlib.data.extract._decode_job`` that misbehaves on purpose (for pool tests).
 
     A file name containing ``hang`` writes its process id to ``<wav stem>.pid`` and sleeps for
     10 minutes, ``crash`` kills its worker process;

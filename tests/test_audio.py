@@ -1,4 +1,4 @@
-"""chlib.audio: decoding, mono mix, resampling, validation errors, peak normalisation."""
+"""chlib.signal.audio: decoding, mono mix, resampling, validation errors, peak normalisation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chlib.audio import (
+from chlib.core.errors import AudioError
+from chlib.signal.audio import (
     MIN_SECONDS,
     audio_info,
     iter_load_audio,
@@ -16,7 +17,6 @@ from chlib.audio import (
     peak_normalise,
     try_load_audio,
 )
-from chlib.errors import AudioError
 
 
 def _tone(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
@@ -179,7 +179,7 @@ def test_resample_equals_torchaudio_default(orig_sr, n, rng):
     import torch
     import torchaudio.functional as taf
 
-    from chlib.audio import resample
+    from chlib.signal.audio import resample
 
     y = (rng.standard_normal(n) * 0.3).astype(np.float32)
     ours = resample(y, orig_sr, 16000)

@@ -9,7 +9,11 @@ import pytest
 import torch
 import yaml
 
-from chlib.checkpoint import (
+from chlib.core.config import ModelConfig
+from chlib.core.errors import CheckpointError
+from chlib.core.io import write_json
+from chlib.model import CoverHunterNet
+from chlib.model.checkpoint import (
     checkpoint_name,
     find_checkpoint_dir,
     latest_epoch,
@@ -21,10 +25,6 @@ from chlib.checkpoint import (
     model_fingerprint,
     save_checkpoint,
 )
-from chlib.config import ModelConfig
-from chlib.errors import CheckpointError
-from chlib.io import write_json
-from chlib.model import CoverHunterNet
 
 TINY = ModelConfig(
     input_dim=96, embed_dim=32, output_dims=32, num_blocks=1, attention_dim=48,

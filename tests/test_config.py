@@ -1,11 +1,11 @@
-"""chlib.config: typed settings, derived values, clear errors for unknown keys and bad values."""
+"""chlib.core.config: typed settings, derived values, clear errors for unknown keys and bad values."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from chlib.config import (
+from chlib.core.config import (
     FeatureSettings,
     HParams,
     PrepConfig,
@@ -13,7 +13,7 @@ from chlib.config import (
     load_prep_config,
     save_hparams,
 )
-from chlib.errors import ConfigError
+from chlib.core.errors import ConfigError
 
 GOLDEN_HP = Path(__file__).resolve().parents[2] / "shared/fixtures/coverhunter_golden/config/hparams.yaml"
 

@@ -1,4 +1,4 @@
-"""chlib.cqt: golden agreement of both flavours, tone placement, batching, frame counts, errors."""
+"""chlib.signal.cqt: golden agreement of both flavours, tone placement, batching, frame counts, errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from chlib.audio import load_audio, peak_normalise
-from chlib.config import FeatureSettings
-from chlib.cqt import (
+from chlib.core.config import FeatureSettings
+from chlib.core.errors import AudioError, ConfigError
+from chlib.signal.audio import load_audio, peak_normalise
+from chlib.signal.cqt import (
     CQTExtractor,
     amplitude_to_db,
     compute_cqt_db,
@@ -20,7 +21,6 @@ from chlib.cqt import (
     min_samples,
     n_frames,
 )
-from chlib.errors import AudioError, ConfigError
 
 SR = 16000
 COVERHUNTER = FeatureSettings(flavour="coverhunter")

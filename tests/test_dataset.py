@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chlib.config import RandomEraseConfig, SpecAugConfig
-from chlib.dataset import ChunkDataset, find_missing_features, open_feature, write_toy_dataset
-from chlib.errors import FeatureError
-from chlib.io import atomic_save_npy
-from chlib.manifest import FULL_KEYS, read_manifest
-from chlib.sampler import MPerClassBatchSampler
+from chlib.core.config import RandomEraseConfig, SpecAugConfig
+from chlib.core.errors import FeatureError
+from chlib.core.io import atomic_save_npy
+from chlib.core.manifest import FULL_KEYS, read_manifest
+from chlib.data.dataset import ChunkDataset, find_missing_features, open_feature, write_toy_dataset
+from chlib.data.sampler import MPerClassBatchSampler
 
 
 def _ramp_record(tmp_path, n_frames: int, n_bins: int = 4, feat_len: int | None = None) -> dict:

@@ -1,13 +1,13 @@
-"""chlib.datatools: overlap/leakage between manifests, works histogram, query_in_ref."""
+"""chlib.data.datatools: overlap/leakage between manifests, works histogram, query_in_ref."""
 
 import shutil
 
 import pytest
 from bad_inputs import write_tone
 
-from chlib.datatools import compare_datasets, make_query_in_ref, save_figure, works_histogram
-from chlib.errors import ManifestError
-from chlib.manifest import read_query_in_ref, write_manifest
+from chlib.core.errors import ManifestError
+from chlib.core.manifest import read_query_in_ref, write_manifest
+from chlib.data.datatools import compare_datasets, make_query_in_ref, save_figure, works_histogram
 
 
 @pytest.fixture

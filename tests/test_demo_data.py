@@ -1,4 +1,4 @@
-"""Tests for chlib.demo_data: real tunes, synthesised performances, the dataset on disk."""
+"""Tests for chlib.demo.generate: real tunes, synthesised performances, the dataset on disk."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chlib import demo_data as dd
-from chlib.config import load_prep_config
-from chlib.errors import ConfigError
+from chlib.core.config import load_prep_config
+from chlib.core.errors import ConfigError
+from chlib.demo import generate as dd
 
 TINY = dict(n_works=4, perfs_per_work=3, min_seconds=8.0, max_seconds=10.0, seed=0,
             progress=False, num_workers=0)
@@ -356,7 +356,7 @@ def test_import_does_no_heavy_work():
     import subprocess
     import sys
 
-    code = ("import sys, chlib.demo_data; "
+    code = ("import sys, chlib.demo.generate; "
             "print(all(m not in sys.modules for m in ('music21', 'soundfile', 'librosa')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

@@ -1,4 +1,4 @@
-"""Tests of chlib.embed: windows, window preparation, batching, distances and the cache."""
+"""Tests of chlib.retrieval.embed: windows, window preparation, batching, distances and the cache."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from chlib.config import HParams
-from chlib.embed import (
+from chlib.core.config import HParams
+from chlib.core.errors import CheckpointError, ConfigError, FeatureError
+from chlib.retrieval.embed import (
     PAD_DB,
     cached_embed_tracks,
     embed_tracks,
@@ -20,7 +21,6 @@ from chlib.embed import (
     track_embedding,
     window_starts,
 )
-from chlib.errors import CheckpointError, ConfigError, FeatureError
 
 
 class StandIn(nn.Module):

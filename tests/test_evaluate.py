@@ -1,4 +1,4 @@
-"""chlib.evaluate on a tiny real run: a CoverHunterNet checkpoint and synthetic features.
+"""chlib.retrieval.evaluate on a tiny real run: a CoverHunterNet checkpoint and synthetic features.
 
 Recordings of one work share a base CQT pattern (plus small noise) and different works have
 unrelated patterns, so even an untrained model maps a work's recordings close together: the
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from chlib import evaluate
-from chlib.checkpoint import save_checkpoint
-from chlib.config import HParams, save_hparams
-from chlib.errors import CheckpointError, ConfigError, ManifestError
-from chlib.manifest import write_manifest
+from chlib.core.config import HParams, save_hparams
+from chlib.core.errors import CheckpointError, ConfigError, ManifestError
+from chlib.core.manifest import write_manifest
 from chlib.model import CoverHunterNet
+from chlib.model.checkpoint import save_checkpoint
+from chlib.retrieval import evaluate
 
 N_BINS = 24
 WORKS = ["reel", "jig", "hornpipe", "polka"]
@@ -274,7 +274,7 @@ def test_identification_summary_counts_ranks_of_the_true_work():
 
 
 def test_explorer_data_joins_references_and_queries(tiny_run):
-    from chlib.index import build_index
+    from chlib.retrieval.index import build_index
 
     model, hp, _, _ = evaluate.load_checkpoint(tiny_run["run"], "latest", "cpu")
     recs = _abs_records(tiny_run)
@@ -300,8 +300,8 @@ def test_explorer_data_joins_references_and_queries(tiny_run):
 
 
 def test_random_embedding_baseline_is_chance_level_on_a_large_random_problem():
-    from chlib.evaluate import random_embedding_baseline
-    from chlib.metrics import self_exclusion_mask
+    from chlib.retrieval.evaluate import random_embedding_baseline
+    from chlib.retrieval.metrics import self_exclusion_mask
 
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(50), 2)  # 50 works x 2 recordings

@@ -1,4 +1,4 @@
-"""chlib.extract: good items extracted, bad ones reported, cached by key, resumable after kill -9."""
+"""chlib.data.extract: good items extracted, bad ones reported, cached by key, resumable after kill -9."""
 
 import json
 import os
@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from bad_inputs import fake_decode_job, write_audio_corpus, write_tone
 
-from chlib.config import FeatureSettings, PrepConfig
-from chlib.cqt import n_frames
-from chlib.errors import FeatureError
-from chlib.extract import _decode_all, _Failure, _Item, expand_tempo, extract_dataset
-from chlib.manifest import (
+from chlib.core.config import FeatureSettings, PrepConfig
+from chlib.core.errors import FeatureError
+from chlib.core.manifest import (
     FULL_KEYS,
     read_manifest,
     read_work_id_map,
     source_perf,
     write_manifest,
 )
+from chlib.data.extract import _decode_all, _Failure, _Item, expand_tempo, extract_dataset
+from chlib.signal.cqt import n_frames
 
 SECONDS = 2.0
 SR = 16000
@@ -118,7 +118,7 @@ def test_second_run_recomputes_and_redecodes_nothing(extracted, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("a cached item was decoded again")
 
-    monkeypatch.setattr("chlib.extract._decode_job", no_decoding)
+    monkeypatch.setattr("chlib.data.extract._decode_job", no_decoding)
     report = run(ds, cfg())
     assert report.n_computed == 0 and report.n_cached == 6 and report.n_ok == 6
     assert npy_mtimes(ds) == before
@@ -282,8 +282,8 @@ def test_a_crashing_decoder_skips_only_its_own_file(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from chlib.config import PrepConfig
-from chlib.extract import extract_dataset
+from chlib.core.config import PrepConfig
+from chlib.data.extract import extract_dataset
 extract_dataset(sys.argv[1], config=PrepConfig(aug_speed_mode=[1.0], num_workers=0, batch_size=1),
                 device="cpu", progress=False)
 """
@@ -326,7 +326,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from bad_inputs import fake_decode_job
-from chlib.extract import _decode_all, _Item
+from chlib.data.extract import _decode_all, _Item
 d = Path(sys.argv[1])
 items = [_Item(index=0, record={"perf": "h"}, wav=d / "x_hang.wav", factor=1.0, npy=d / "h.npy",
                meta=d / "h.json")]
@@ -366,8 +366,8 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
 
 
 def test_demo_dataset_extracts_cleanly_with_its_own_hparams(tmp_path):
-    from chlib.config import load_prep_config
-    from chlib.demo_data import make_demo_dataset
+    from chlib.core.config import load_prep_config
+    from chlib.demo.generate import make_demo_dataset
 
     ds = tmp_path / "demo"
     make_demo_dataset(ds, n_works=4, perfs_per_work=3, min_seconds=3.0, max_seconds=4.0, seed=2,

@@ -1,4 +1,4 @@
-"""Tests of chlib.identify with a tiny stand-in model and synthetic audio."""
+"""Tests of chlib.retrieval.identify with a tiny stand-in model and synthetic audio."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from chlib.audio import load_audio, peak_normalise
-from chlib.config import HParams
-from chlib.cqt import compute_cqt_db
-from chlib.errors import IndexMismatchError
-from chlib.identify import (
+from chlib.core.config import HParams
+from chlib.core.errors import IndexMismatchError
+from chlib.retrieval.identify import (
     CSV_COLUMNS,
     VERDICT_LIKELY,
     VERDICT_NONE,
@@ -23,7 +21,9 @@ from chlib.identify import (
     identify_folder,
     verdict,
 )
-from chlib.index import build_index
+from chlib.retrieval.index import build_index
+from chlib.signal.audio import load_audio, peak_normalise
+from chlib.signal.cqt import compute_cqt_db
 
 SR = 16000
 

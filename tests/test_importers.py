@@ -1,11 +1,11 @@
-"""chlib.importers: covers80's covers32k/<work>/<recording>.mp3 tree and generic folder trees."""
+"""chlib.data.importers: covers80's covers32k/<work>/<recording>.mp3 tree and generic folder trees."""
 
 import pytest
 from bad_inputs import write_corrupt_mp3, write_tone
 
-from chlib.errors import ManifestError
-from chlib.importers import import_covers80, import_folder_tree
-from chlib.manifest import read_manifest
+from chlib.core.errors import ManifestError
+from chlib.core.manifest import read_manifest
+from chlib.data.importers import import_covers80, import_folder_tree
 
 
 @pytest.fixture(scope="module")

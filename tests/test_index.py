@@ -1,4 +1,4 @@
-"""Tests of chlib.index: round trips, refusals, incremental updates, calibration, centroids,
+"""Tests of chlib.retrieval.index: round trips, refusals, incremental updates, calibration, centroids,
 search."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from chlib.config import FeatureSettings, HParams
-from chlib.embed import track_distances, window_settings
-from chlib.errors import IndexMismatchError
-from chlib.index import (
+from chlib.core.config import FeatureSettings, HParams
+from chlib.core.errors import IndexMismatchError
+from chlib.retrieval.embed import track_distances, window_settings
+from chlib.retrieval.index import (
     Calibration,
     ReferenceIndex,
     build_index,
@@ -360,7 +360,7 @@ def test_build_index_from_a_model_and_feature_files(tmp_path):
     idx = build_index(model, records, hp, progress=False)
     assert len(idx) == 8  # tempo copy dropped, broken file skipped
     assert [s["perf"] for s in idx.skipped] == ["broken"]
-    from chlib.checkpoint import model_fingerprint
+    from chlib.model.checkpoint import model_fingerprint
 
     assert idx.model_fingerprint == model_fingerprint(model.state_dict())
     assert idx.feature_settings == hp.features.key()

@@ -1,9 +1,9 @@
-"""chlib.io: atomic writes leave either the old file or the new one, never a torn file."""
+"""chlib.core.io: atomic writes leave either the old file or the new one, never a torn file."""
 
 import numpy as np
 import pytest
 
-from chlib.io import (
+from chlib.core.io import (
     append_jsonl,
     atomic_open,
     atomic_save_npy,

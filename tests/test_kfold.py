@@ -1,4 +1,4 @@
-"""Tests of chlib.kfold: the production LR plan, folds, kill/resume, and the report."""
+"""Tests of chlib.train.kfold: the production LR plan, folds, kill/resume, and the report."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from chlib.checkpoint import list_checkpoints
-from chlib.config import HParams, save_hparams
-from chlib.errors import ConfigError
-from chlib.io import append_jsonl, read_json, read_jsonl, write_json
-from chlib.kfold import _prepare_data, lr_plan, production_rows, report_production, run_production
-from chlib.manifest import read_manifest, source_perf, write_manifest
+from chlib.core.config import HParams, save_hparams
+from chlib.core.errors import ConfigError
+from chlib.core.io import append_jsonl, read_json, read_jsonl, write_json
+from chlib.core.manifest import read_manifest, source_perf, write_manifest
+from chlib.model.checkpoint import list_checkpoints
+from chlib.train.kfold import (
+    _prepare_data,
+    lr_plan,
+    production_rows,
+    report_production,
+    run_production,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -136,7 +142,7 @@ def test_prod_report_ranks_per_test_set_and_by_average(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from chlib.kfold import run_production
+    from chlib.train.kfold import run_production
 
     prod_dir, hp_path, ds, mode = sys.argv[1:5]
     current = {"fold": None}

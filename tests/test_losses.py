@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chlib.losses import FLOAT32_EPS, BatchHardTripletLoss, CenterLoss, FocalLoss
+from chlib.model.losses import FLOAT32_EPS, BatchHardTripletLoss, CenterLoss, FocalLoss
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -1,12 +1,12 @@
-"""chlib.manifest: both line formats, key renames, validation with file/line, atomic writers."""
+"""chlib.core.manifest: both line formats, key renames, validation with file/line, atomic writers."""
 
 import json
 
 import pytest
 from bad_inputs import MALFORMED_MANIFEST_LINES
 
-from chlib.errors import ManifestError
-from chlib.manifest import (
+from chlib.core.errors import ManifestError
+from chlib.core.manifest import (
     FULL_KEYS,
     MAX_LISTED_PROBLEMS,
     assign_work_ids,

@@ -1,4 +1,4 @@
-"""Tests of chlib.metrics against brute-force loops, scikit-learn and hand-made cases."""
+"""Tests of chlib.retrieval.metrics against brute-force loops, scikit-learn and hand-made cases."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from chlib.errors import ConfigError, ManifestError
-from chlib.metrics import (
+from chlib.core.errors import ConfigError, ManifestError
+from chlib.retrieval.metrics import (
     bootstrap_ci,
     most_confused_pairs,
     per_query_ap,

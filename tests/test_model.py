@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from chlib.config import ModelConfig
-from chlib.errors import ConfigError, FeatureError
+from chlib.core.config import ModelConfig
+from chlib.core.errors import ConfigError, FeatureError
 from chlib.model import CoverHunterNet, sinusoid_table, subsampled_length
 from chlib.model.conformer import RelPositionalEncoding
 

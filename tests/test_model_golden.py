@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from chlib.checkpoint import load_generator_state, load_model, load_state_into
-from chlib.config import load_hparams
+from chlib.core.config import load_hparams
 from chlib.model import CoverHunterNet
+from chlib.model.checkpoint import load_generator_state, load_model, load_state_into
 
 pytestmark = pytest.mark.golden
 

@@ -1,9 +1,9 @@
 """The numbered notebooks: committed clean, parameters declared properly, and each one runs
-headless (papermill, through chlib.runner) on tiny data and leaves its artifacts behind.
+headless (papermill, through chlib.ui.runner) on tiny data and leaves its artifacts behind.
 
 The chain runs once per module on a demo dataset of 5 works x 3 performances of 8-12 s, with
 a tiny model (1 conformer block, width 32, 2 epochs): 01 -> 02 -> 03 are module fixtures, and
-05, 06, 07 each run against the trained run. 04_tune belongs to chlib.tune's own tests.
+05, 06, 07 each run against the trained run. 04_tune belongs to chlib.train.tune's own tests.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import nbformat
 import papermill
 import pytest
 
-from chlib.runner import NOTEBOOKS, notebook_parameters, run_notebooks
+from chlib.ui.runner import NOTEBOOKS, notebook_parameters, run_notebooks
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -228,7 +228,7 @@ def test_identify_notebook_identifies_held_out_recordings(chain, trained):
     run = chain["run"]
     with open(run / "identify_results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    from chlib.identify import CSV_COLUMNS
+    from chlib.retrieval.identify import CSV_COLUMNS
 
     assert list(rows[0]) == list(CSV_COLUMNS)
     test_wavs = {json.loads(x)["wav"] for x in (chain["data"] / "test.txt").read_text().splitlines()}

@@ -1,4 +1,4 @@
-"""chlib.plots: each figure holds the data it was given (points, bars, labels), Agg only."""
+"""chlib.ui.plots: each figure holds the data it was given (points, bars, labels), Agg only."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from chlib import plots  # noqa: E402
-from chlib.errors import ConfigError  # noqa: E402
+from chlib.ui import plots  # noqa: E402
+from chlib.core.errors import ConfigError  # noqa: E402
 
 
 def _n_points(ax) -> int:
@@ -190,7 +190,7 @@ def test_plot_confused_pairs_sorted_largest_first():
 
 
 def test_plot_confused_pairs_accepts_metrics_output():
-    from chlib.metrics import most_confused_pairs
+    from chlib.retrieval.metrics import most_confused_pairs
 
     dist = np.array([[0.0, 0.1, 0.9], [0.1, 0.0, 0.5], [0.9, 0.5, 0.0]])
     pairs = [(p["query_label"], p["ref_label"], 1 - p["distance"])
@@ -208,7 +208,7 @@ def test_plot_confused_pairs_names_integer_labels_and_counts_integer_ticks():
 
 
 def test_plot_cqt_takes_axes_from_feature_settings():
-    from chlib.config import FeatureSettings
+    from chlib.core.config import FeatureSettings
 
     fs = FeatureSettings(hop_length=320, fmin=65.4, n_bins=48)  # 50 frames/s, from C2
     fig = plots.plot_cqt(np.zeros((100, 48)) - 3, features=fs)

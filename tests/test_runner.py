@@ -1,12 +1,12 @@
-"""chlib.runner: papermill batch runs into runs/<name>/notebooks/, parameters checked."""
+"""chlib.ui.runner: papermill batch runs into runs/<name>/notebooks/, parameters checked."""
 
 import json
 
 import nbformat
 import pytest
 
-from chlib.errors import ConfigError
-from chlib.runner import notebook_parameters, parse_cli_value, run_notebooks
+from chlib.core.errors import ConfigError
+from chlib.ui.runner import notebook_parameters, parse_cli_value, run_notebooks
 
 
 def _write_nb(path, params_src, body_src):

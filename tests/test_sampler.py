@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from chlib.errors import ConfigError
-from chlib.sampler import MPerClassBatchSampler, grouped_batches
+from chlib.core.errors import ConfigError
+from chlib.data.sampler import MPerClassBatchSampler, grouped_batches
 
 # 10 works with 1..5 recordings each
 LABELS = [w for w in range(10) for _ in range(1 + w % 5)]

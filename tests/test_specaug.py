@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chlib.config import RandomEraseConfig, RollPitchConfig, SpecAugConfig
-from chlib.errors import ConfigError
-from chlib.specaug import (
+from chlib.core.config import RandomEraseConfig, RollPitchConfig, SpecAugConfig
+from chlib.core.errors import ConfigError
+from chlib.signal.specaug import (
     FLEX_FILL_DB,
     PAD_DB,
     erase_boxes,

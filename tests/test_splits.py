@@ -1,13 +1,13 @@
-"""chlib.splits: no leakage of recordings across splits, reproducible, fractions and holdouts."""
+"""chlib.data.splits: no leakage of recordings across splits, reproducible, fractions and holdouts."""
 
 import random
 from collections import Counter
 
 import pytest
 
-from chlib.errors import ConfigError, ManifestError
-from chlib.manifest import read_manifest, source_perf
-from chlib.splits import kfold_groups, split_by_work, write_splits
+from chlib.core.errors import ConfigError, ManifestError
+from chlib.core.manifest import read_manifest, source_perf
+from chlib.data.splits import kfold_groups, split_by_work, write_splits
 
 FACTORS = (0.8, 0.9, 1.1, 1.2)
 

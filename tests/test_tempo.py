@@ -1,4 +1,4 @@
-"""chlib.tempo: length, pitch preservation, identity, backends and their errors."""
+"""chlib.signal.tempo: length, pitch preservation, identity, backends and their errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import chlib.tempo as tempo
-from chlib.errors import AudioError, ConfigError
-from chlib.tempo import available_backends, resolve_backend, time_stretch
+import chlib.signal.tempo as tempo
+from chlib.core.errors import AudioError, ConfigError
+from chlib.signal.tempo import available_backends, resolve_backend, time_stretch
 
 SR = 16000
 

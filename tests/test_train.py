@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import chlib.train as T
-from chlib.checkpoint import list_checkpoints, load_generator_state, load_train_state
-from chlib.config import HParams, save_hparams
-from chlib.dataset import write_toy_dataset
-from chlib.errors import ConfigError, FeatureError
-from chlib.io import read_json
-from chlib.manifest import FULL_KEYS, read_manifest, write_manifest
+import chlib.train.loop as T
+from chlib.core.config import HParams, save_hparams
+from chlib.core.errors import ConfigError, FeatureError
+from chlib.core.io import read_json
+from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
+from chlib.data.dataset import write_toy_dataset
 from chlib.model import CoverHunterNet
-from chlib.train import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train
+from chlib.model.checkpoint import list_checkpoints, load_generator_state, load_train_state
+from chlib.train.loop import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train
 
 TINY = {"encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 64}, "embed_dim": 16}
 
@@ -219,7 +219,7 @@ def test_kill_minus_9_then_restart_resumes_and_matches_an_uninterrupted_run(toy,
     run = tmp_path / "killed"
     save_hparams(hp, run / "config" / "hparams.yaml")
     # a 0.5 s pause after each epoch (after its checkpoint) leaves time to kill it mid-run
-    code = ("import time, torch; torch.set_num_threads(1); from chlib.train import train; "
+    code = ("import time, torch; torch.set_num_threads(1); from chlib.train.loop import train; "
             "train('killed', device='cpu', progress=False, callbacks=[lambda r: time.sleep(0.5)])")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -384,7 +384,7 @@ def test_make_run_config_adds_val_unseen_for_map_stopping_and_falls_back_without
 
 
 def test_validation_loss_only_scores_works_the_model_is_trained_on():
-    from chlib.train import seen_work_records
+    from chlib.train.loop import seen_work_records
 
     train = [{"perf": "a1", "work_id": 0}, {"perf": "b1", "work_id": 1}]
     val = [{"perf": "a2", "work_id": 0}, {"perf": "c1", "work_id": 2}, {"perf": "b2", "work_id": 1}]

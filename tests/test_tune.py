@@ -1,4 +1,4 @@
-"""Tests of chlib.tune: plans, experiment names, expansion, resumable runs, summaries, plots."""
+"""Tests of chlib.train.tune: plans, experiment names, expansion, resumable runs, summaries, plots."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from chlib.config import HParams, load_hparams, save_hparams
-from chlib.errors import ConfigError
-from chlib.io import append_jsonl, read_json, read_jsonl, write_json
-from chlib.runner import parse_cli_value
-from chlib.tune import (
+from chlib.core.config import HParams, load_hparams, save_hparams
+from chlib.core.errors import ConfigError
+from chlib.core.io import append_jsonl, read_json, read_jsonl, write_json
+from chlib.train.tune import (
     READING_GUIDE,
     batch_commands,
     expand_plan,
@@ -32,6 +31,7 @@ from chlib.tune import (
     seed_series,
     summarise,
 )
+from chlib.ui.runner import parse_cli_value
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -285,7 +285,7 @@ def test_tune_figures_are_written(tmp_path):
     paths = save_tuning_figures(summary, root)
     for p in paths.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from chlib.tune import plot_tuning_curves
+    from chlib.train.tune import plot_tuning_curves
 
     fig = plot_tuning_curves(summary)
     ax_map = fig.axes[0]
@@ -314,7 +314,7 @@ def _fake_train(calls: list, *, fail_on: str | None = None, diverge_on: str | No
         if fail_on and fail_on in str(seed_dir):
             raise ValueError("broken features")
         if diverge_on and diverge_on in str(seed_dir):
-            from chlib.train import TrainingDivergedError
+            from chlib.train.loop import TrainingDivergedError
 
             raise TrainingDivergedError("loss not finite")
         for ep in range(3):
@@ -458,7 +458,7 @@ def test_tune_plan_2_factors_2_values_2_seeds_runs_to_a_summary(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from chlib.tune import load_plan, run_plan
+    from chlib.train.tune import load_plan, run_plan
 
     kill_after = {"exp": sys.argv[3], "epoch": int(sys.argv[4])}
 
@@ -546,7 +546,7 @@ def test_tune_papermill_launch_passes_parameters_and_marks_done(tmp_path):
 
 @pytest.mark.slow
 def test_tune_notebook_runs_headless_with_production_step(tmp_path):
-    from chlib.runner import run_notebooks
+    from chlib.ui.runner import run_notebooks
 
     base = _base_yaml(tmp_path)
     plan = {"base": {"config": str(base)}, "factors": {"learning_rate": [0.004]}, "seeds": [1],

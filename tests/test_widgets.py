@@ -1,4 +1,4 @@
-"""chlib.widgets: session detection, tables, forms (value round trip), players, monitor."""
+"""chlib.ui.widgets: session detection, tables, forms (value round trip), players, monitor."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chlib import widgets
-from chlib.errors import AudioError, ConfigError
+from chlib.core.errors import AudioError, ConfigError
+from chlib.ui import widgets
 
 
 def test_plain_python_is_not_an_interactive_session(monkeypatch):
@@ -168,7 +168,7 @@ def test_session_detection_inside_a_real_kernel():
     try:
         seen = {}
         for allow in (True, False):
-            msg_id = kc.execute("from chlib.widgets import interactive_session, in_papermill\n"
+            msg_id = kc.execute("from chlib.ui.widgets import interactive_session, in_papermill\n"
                                 "print(interactive_session(), in_papermill())", allow_stdin=allow)
             out = []
             while True:
@@ -200,7 +200,7 @@ def test_epoch_table_keeps_the_last_record_of_each_epoch_and_map_columns():
 
 
 def test_cqt_examples_pick_the_work_with_most_recordings(tmp_path):
-    from chlib.manifest import write_manifest
+    from chlib.core.manifest import write_manifest
 
     recs = []
     for perf, work, n in (("a1", "A", 10), ("b1", "B", 20), ("b2", "B", 30), ("b3", "B", 40),
@@ -226,7 +226,7 @@ def test_audio_is_a_playable_ipython_object(tmp_path):
 
 
 def _identify_fixture(tmp_path):
-    from chlib.config import HParams
+    from chlib.core.config import HParams
 
     hp = HParams.from_dict({"n_bins": 24})
     feat = tmp_path / "ref.npy"
@@ -267,8 +267,8 @@ def test_identify_app_paths_from_upload_and_path_box(tmp_path):
 def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
     import ipywidgets as w
 
-    import chlib.identify
-    from chlib.identify import IdentifyReport
+    import chlib.retrieval.identify
+    from chlib.retrieval.identify import IdentifyReport
 
     hp, index = _identify_fixture(tmp_path)
     query = _tone(tmp_path / "query.wav", sr=16000)
@@ -280,7 +280,7 @@ def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
                                      "work": "reel", "distance": 0.1, "p_value": 1e-4,
                                      "verdict": "likely the same work", "error": None}])
 
-    monkeypatch.setattr(chlib.identify, "identify", fake_identify)
+    monkeypatch.setattr(chlib.retrieval.identify, "identify", fake_identify)
     app = widgets.IdentifyApp("model", hp, index, path=str(query), top_k=3)
     app.threshold.value = 0.01
     app.run()
@@ -295,7 +295,7 @@ def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
 
 
 def _explorer_data(tmp_path):
-    from chlib.evaluate import ExplorerData
+    from chlib.retrieval.evaluate import ExplorerData
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(3, 8))

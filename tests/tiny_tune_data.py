@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chlib.manifest import write_manifest
+from chlib.core.manifest import write_manifest
 
 __all__ = ["make_tiny_dataset", "tiny_config", "N_BINS"]
 

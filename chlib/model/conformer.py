@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chlib.errors import ConfigError, FeatureError
+from chlib.core.errors import ConfigError, FeatureError
 
 __all__ = [
     "subsampled_length",

@@ -14,7 +14,7 @@ Data path (default sizes in brackets)::
       _ce_layer               Linear(embed_dim -> num_classes, no bias) -> logits -> focal loss
       triplet loss, center loss (``_center_loss.centers``) on f_t itself
 
-All sizes come from :class:`chlib.config.ModelConfig`. Loss weighting is in
+All sizes come from :class:`chlib.core.config.ModelConfig`. Loss weighting is in
 :meth:`CoverHunterNet.loss_from_embedding`. Weights are initialised from torch's global RNG:
 seed it (``torch.manual_seed``) before building the model for a reproducible start.
 """
@@ -26,10 +26,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from chlib.config import ModelConfig
-from chlib.errors import ConfigError, FeatureError
-from chlib.losses import BatchHardTripletLoss, CenterLoss, FocalLoss
+from chlib.core.config import ModelConfig
+from chlib.core.errors import ConfigError, FeatureError
 from chlib.model.conformer import ConformerEncoder
+from chlib.model.losses import BatchHardTripletLoss, CenterLoss, FocalLoss
 from chlib.model.pooling import AttentiveStatisticsPooling
 
 __all__ = ["CoverHunterNet", "HEAD_PREFIXES"]

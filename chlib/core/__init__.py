@@ -1,0 +1,1 @@
+"""Plumbing, the lowest layer: errors, atomic io, device choice, typed config, manifests."""

@@ -1,0 +1,1 @@
+"""Data layer: extraction pipeline, splits, importers, dataset tools, training chunks, sampler."""

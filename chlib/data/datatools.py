@@ -1,0 +1,226 @@
+"""Looking at datasets: overlap / leakage between two manifests, works histogram, query_in_ref.
+
+* :func:`compare_datasets` — shared works, shared perf ids and identical audio (by content hash
+  of the wav files) between two manifests, e.g. a training set and a test set.
+* :func:`works_histogram` — how many performances each work has (a matplotlib Figure; nothing
+  is shown or saved by it) and :func:`save_figure` to write any figure atomically.
+* :func:`make_query_in_ref` — the ``query_in_ref`` file for evaluating with a query list whose
+  perfs also appear in the reference list (the original tool crashed whenever a perf matched,
+  fact sheet 13.4.5).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chlib.core.errors import ManifestError
+from chlib.core.io import atomic_write_bytes, file_sha256
+from chlib.core.manifest import read_manifest, resolve_path, source_perf, write_query_in_ref
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is made
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DatasetOverlap",
+    "compare_datasets",
+    "works_histogram",
+    "save_figure",
+    "make_query_in_ref",
+]
+
+
+@dataclass
+class DatasetOverlap:
+    """Overlap between manifests A and B.
+
+    ``same_audio`` lists audio content found in both sets: ``{"sha256", "perfs_a", "perfs_b"}``
+    (the perf ids may differ: the same recording imported twice under different names).
+    ``duplicates_a`` / ``duplicates_b`` list identical audio under several perf ids inside one
+    set. Tempo copies (``source_perf``) count as their source recording.
+    """
+
+    path_a: str
+    path_b: str
+    n_perfs_a: int
+    n_perfs_b: int
+    n_works_a: int
+    n_works_b: int
+    shared_works: list[str]
+    shared_perfs: list[str]
+    same_audio: list[dict] = field(default_factory=list)
+    duplicates_a: list[dict] = field(default_factory=list)
+    duplicates_b: list[dict] = field(default_factory=list)
+    missing_audio_a: int = 0  # recordings whose wav file was not found (not hashed)
+    missing_audio_b: int = 0
+    hashed: bool = True
+
+    @property
+    def same_audio_different_ids(self) -> list[dict]:
+        """Entries of ``same_audio`` where no perf id is shared (renamed duplicates)."""
+        return [x for x in self.same_audio if not set(x["perfs_a"]) & set(x["perfs_b"])]
+
+    @property
+    def leaks(self) -> bool:
+        """True if any recording (by perf id or by audio content) is in both sets."""
+        return bool(self.shared_perfs or self.same_audio)
+
+    def summary(self) -> str:
+        lines = [
+            f"A: {self.path_a}: {self.n_perfs_a} perfs, {self.n_works_a} works",
+            f"B: {self.path_b}: {self.n_perfs_b} perfs, {self.n_works_b} works",
+            f"shared works: {len(self.shared_works)}"
+            + (f" ({', '.join(self.shared_works[:10])}{' ...' if len(self.shared_works) > 10 else ''})"
+               if self.shared_works else ""),
+            f"shared perf ids: {len(self.shared_perfs)}"
+            + (f" ({', '.join(self.shared_perfs[:10])}{' ...' if len(self.shared_perfs) > 10 else ''})"
+               if self.shared_perfs else ""),
+        ]
+        if self.hashed:
+            renamed = self.same_audio_different_ids
+            lines.append(f"identical audio in both sets: {len(self.same_audio)} recording(s), "
+                         f"{len(renamed)} of them under different perf ids")
+            for x in renamed[:10]:
+                lines.append(f"  A {', '.join(x['perfs_a'])} == B {', '.join(x['perfs_b'])}")
+            lines.append(f"identical audio under several perf ids: {len(self.duplicates_a)} in A, "
+                         f"{len(self.duplicates_b)} in B")
+            if self.missing_audio_a or self.missing_audio_b:
+                lines.append(f"audio files not found (not compared): {self.missing_audio_a} in A, "
+                             f"{self.missing_audio_b} in B")
+        else:
+            lines.append("audio content not compared (hash_audio=False)")
+        lines.append("LEAKAGE: some recordings are in both sets" if self.leaks
+                     else "no recording is in both sets")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _hash_recordings(
+    records: list[dict], manifest: Path, cache: dict[Path, str | None]
+) -> tuple[dict[str, list[str]], int]:
+    """sha256 -> source perf ids of the recordings whose wav exists; and the missing count."""
+    by_hash: dict[str, list[str]] = {}
+    wav_of: dict[str, str] = {}
+    for r in records:
+        if "wav" in r:
+            wav_of.setdefault(source_perf(r), r["wav"])
+    missing = 0
+    for perf, wav in sorted(wav_of.items()):
+        p = resolve_path(wav, manifest)
+        key = p.resolve() if p.exists() else p
+        if key not in cache:
+            cache[key] = file_sha256(p) if p.is_file() else None
+        digest = cache[key]
+        if digest is None:
+            missing += 1
+            continue
+        by_hash.setdefault(digest, []).append(perf)
+    return by_hash, missing
+
+
+def compare_datasets(
+    a_path: str | os.PathLike, b_path: str | os.PathLike, *, hash_audio: bool = True
+) -> DatasetOverlap:
+    """Overlap and leakage between two manifests (dataset.txt, full.txt, split files).
+
+    Compares works (by name), perf ids, and, with ``hash_audio`` (default), the SHA-256 of the
+    audio files named by ``wav`` (relative paths resolved as in
+    :func:`chlib.core.manifest.resolve_path`), which finds the same recording under two perf ids.
+    Returns a :class:`DatasetOverlap`; ``print()`` it for a report.
+    """
+    a_path, b_path = Path(a_path), Path(b_path)
+    a = read_manifest(a_path, required=("perf", "work"))
+    b = read_manifest(b_path, required=("perf", "work"))
+    works_a, works_b = {r["work"] for r in a}, {r["work"] for r in b}
+    perfs_a, perfs_b = {r["perf"] for r in a}, {r["perf"] for r in b}
+    out = DatasetOverlap(
+        path_a=str(a_path), path_b=str(b_path),
+        n_perfs_a=len(perfs_a), n_perfs_b=len(perfs_b),
+        n_works_a=len(works_a), n_works_b=len(works_b),
+        shared_works=sorted(works_a & works_b), shared_perfs=sorted(perfs_a & perfs_b),
+        hashed=hash_audio,
+    )
+    if not hash_audio:
+        return out
+    cache: dict[Path, str | None] = {}
+    ha, out.missing_audio_a = _hash_recordings(a, a_path, cache)
+    hb, out.missing_audio_b = _hash_recordings(b, b_path, cache)
+    out.same_audio = [{"sha256": h, "perfs_a": ha[h], "perfs_b": hb[h]}
+                      for h in sorted(ha.keys() & hb.keys())]
+    out.duplicates_a = [{"sha256": h, "perfs": p} for h, p in sorted(ha.items()) if len(p) > 1]
+    out.duplicates_b = [{"sha256": h, "perfs": p} for h, p in sorted(hb.items()) if len(p) > 1]
+    return out
+
+
+def works_histogram(
+    records: Sequence[dict] | str | os.PathLike,
+    *,
+    name: str = "Dataset",
+    ax: Axes | None = None,
+) -> Figure:
+    """Histogram of performances per work: x = recordings of a work, y = number of works.
+
+    ``records`` are manifest dicts with ``perf`` and ``work`` (or a manifest path). Tempo copies
+    count as their source recording. Draws on ``ax`` if given, else on a new Figure (not
+    registered with pyplot, so nothing is shown twice in a notebook). Saves nothing: use
+    :func:`save_figure`. Returns the Figure.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if isinstance(records, (str, os.PathLike)):
+        records = read_manifest(records, required=("perf", "work"))
+    if not records:
+        raise ManifestError(f"works_histogram: {name!r} has no records to plot")
+    per_work: dict[str, set[str]] = {}
+    for r in records:
+        per_work.setdefault(r["work"], set()).add(source_perf(r))
+    counts = Counter(len(v) for v in per_work.values())
+    if ax is None:
+        fig = Figure(figsize=(6, 3.5), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    xs = sorted(counts)
+    ax.bar(xs, [counts[x] for x in xs], width=0.8, color="tab:blue")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    n_recs = sum(len(v) for v in per_work.values())
+    ax.set_xlabel("performances (recordings) per work")
+    ax.set_ylabel("number of works")
+    ax.set_title(f"{name}: {len(per_work)} works, {n_recs} recordings")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+    """Save ``fig`` to ``path`` atomically; the format comes from the suffix (.png, .pdf, .svg)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def make_query_in_ref(
+    query_path: str | os.PathLike, ref_path: str | os.PathLike, out_path: str | os.PathLike
+) -> list[tuple[int, int]]:
+    """Write the query_in_ref file for a query list whose perfs also appear in the ref list.
+
+    Pairs ``[query_index, ref_index]`` (0-based positions in file order) for every perf present
+    in both files; evaluation excludes those cells from the ranking. Written as one line
+    ``{"query_in_ref": [[qi, ri], ...]}`` to ``out_path``. Returns the pairs.
+    """
+    query = read_manifest(query_path, required=("perf",))
+    ref = read_manifest(ref_path, required=("perf",))
+    ref_index = {r["perf"]: i for i, r in enumerate(ref)}
+    pairs = [(qi, ref_index[q["perf"]]) for qi, q in enumerate(query) if q["perf"] in ref_index]
+    write_query_in_ref(out_path, pairs)
+    return pairs

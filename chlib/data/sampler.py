@@ -1,0 +1,153 @@
+"""Batch samplers: m recordings of each of batch_size/m works per training batch.
+
+:class:`MPerClassBatchSampler` replaces the original's MPerClassSampler (coverhunter-facts 4.3,
+bug 13.2.3). What one epoch is, exactly:
+
+* the works of the training set are shuffled and cut into groups of ``k = batch_size // m``
+  distinct works; one batch per group, so an epoch has ``ceil(n_works / k)`` batches and **every
+  work appears in exactly one batch** (once per training chunk length, as the trainer runs one
+  sampler per length);
+* if the last group is short, it is completed with other works drawn at random (without
+  replacement, from the works not already in that batch), so every batch has k distinct works;
+  with fewer than k works in the whole set, works are repeated within the batch instead;
+* for each work in a batch, m of its recordings are drawn: without replacement when it has at
+  least m, otherwise each of its recordings once plus random repeats (with replacement) up to m.
+  A batch therefore always holds exactly ``batch_size`` real items: no zero-filled tail;
+* each item comes with its own 63-bit seed, which the dataset uses for its crop position and
+  augmentation. Crops therefore do not depend on the number of DataLoader workers.
+
+Everything is a pure function of ``(seed, stream, epoch)``: a sampler asked again for an epoch
+returns the same batches, and resuming in the middle of an epoch only needs ``start_batch``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from chlib.core.errors import ConfigError
+
+__all__ = ["MPerClassBatchSampler", "grouped_batches", "item_rng"]
+
+
+def item_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy Generator for the seed sequence ``(seed, *keys)`` (all non-negative ints)."""
+    return np.random.default_rng([int(seed), *(int(k) for k in keys)])
+
+
+class MPerClassBatchSampler:
+    """Yield batches of ``(item_index, item_seed)``: ``batch_size // m`` works x ``m`` items.
+
+    Args:
+        labels: the work id of every item of the dataset, in dataset order.
+        m: recordings per work in a batch (``m_per_class``).
+        batch_size: items per batch; a multiple of m.
+        seed: the run seed.
+        stream: a number that keeps several samplers of one run independent (the trainer uses
+            the index of the chunk length).
+
+    Use :meth:`set_epoch` before iterating; ``len()`` is the number of batches left in that epoch.
+    Pass it to ``DataLoader(batch_sampler=...)``.
+    """
+
+    def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0):
+        if m < 1 or batch_size < 1 or batch_size % m:
+            raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of m_per_class ({m})")
+        if len(labels) == 0:
+            raise ConfigError("the training set is empty: no items to sample batches from")
+        self.m = int(m)
+        self.batch_size = int(batch_size)
+        self.k = self.batch_size // self.m  # works per batch
+        self.seed = int(seed)
+        self.stream = int(stream)
+        by_work: dict[int, list[int]] = {}
+        for i, lab in enumerate(labels):
+            by_work.setdefault(int(lab), []).append(i)
+        self.works = sorted(by_work)  # fixed order before shuffling: reproducible
+        self.items = [np.asarray(by_work[w], dtype=np.int64) for w in self.works]
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def n_works(self) -> int:
+        return len(self.works)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """``ceil(n_works / (batch_size // m))``."""
+        return math.ceil(self.n_works / self.k)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate over, skipping its first ``start_batch`` batches."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def _work_groups(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """Positions (into self.works) of the k works of each batch of one epoch."""
+        order = rng.permutation(self.n_works)
+        groups = []
+        for b in range(self.batches_per_epoch):
+            g = order[b * self.k : (b + 1) * self.k]
+            short = self.k - len(g)
+            if short > 0:
+                others = np.setdiff1d(np.arange(self.n_works), g)
+                if len(others) >= short:
+                    extra = rng.choice(others, size=short, replace=False)
+                else:  # fewer works than a batch needs: repeat works
+                    extra = rng.choice(self.n_works, size=short, replace=True)
+                g = np.concatenate([g, extra])
+            groups.append(g)
+        return groups
+
+    def _draw_items(self, pos: int, rng: np.random.Generator) -> np.ndarray:
+        items = self.items[pos]
+        if len(items) >= self.m:
+            return rng.choice(items, size=self.m, replace=False)
+        extra = rng.choice(items, size=self.m - len(items), replace=True)
+        return rng.permutation(np.concatenate([items, extra]))
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Every batch of ``epoch``: lists of ``(item_index, item_seed)``, batch_size long."""
+        rng = item_rng(self.seed, self.stream, epoch)
+        out = []
+        for group in self._work_groups(rng):
+            idx = np.concatenate([self._draw_items(int(p), rng) for p in group])
+            seeds = rng.integers(0, 2**63 - 1, size=len(idx), dtype=np.int64)
+            out.append([(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)])
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume (the batches themselves are recomputed)."""
+        return {"seed": self.seed, "stream": self.stream, "epoch": self.epoch,
+                "start_batch": self.start_batch, "m": self.m, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "stream", "m", "batch_size"):
+            if int(state[key]) != getattr(self, key):
+                raise ConfigError(
+                    f"sampler state was saved with {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}; resume with the same settings or start a new run"
+                )
+        self.set_epoch(int(state["epoch"]), int(state["start_batch"]))
+
+
+def grouped_batches(labels: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Deterministic evaluation batches: every item once, items sorted by work (stable).
+
+    Grouping by work puts several recordings of a work in one batch where possible, so batch
+    losses that need positives (triplet) are meaningful on validation data too.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(labels)), key=lambda i: (int(labels[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,362 @@
+"""Checkpoints on disk: the original CoverHunter(MPS) layout, read and written.
+
+Layout (fact sheet 2.4; epochs are 0-based and zero-padded to 8 digits)::
+
+    <run>/config/hparams.yaml
+    <run>/checkpoints/g_00000012     {"generator": model.state_dict()}   weights only
+    <run>/checkpoints/do_00000012    {"optim_g", "steps", "epoch", "early_stopping", ...}
+    <run>/checkpoints/best.json      {"epoch": N, ...}  written by chlib's trainer (optional)
+
+The original CoverHunter keeps the same files in ``<model_dir>/pt_model/``, CoverHunterMPS's
+production training in ``prod_checkpoints/``; all three are read. A ``g_`` file written here
+holds exactly ``{"generator": state_dict}``, so the original tools load it too. Weights are read
+with ``torch.load(weights_only=True)``: a checkpoint cannot run code when opened.
+
+Fixed here: the original's model loader never picked an epoch-0 checkpoint (bug 13.3.8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from chlib.core.config import HParams, load_hparams
+from chlib.core.device import pick_device
+from chlib.core.errors import CheckpointError
+from chlib.core.io import atomic_torch_save, read_json
+
+__all__ = [
+    "CHECKPOINT_DIR_NAMES",
+    "KEY_RENAMES",
+    "checkpoint_name",
+    "list_checkpoints",
+    "latest_epoch",
+    "find_checkpoint_dir",
+    "save_checkpoint",
+    "load_generator_state",
+    "load_train_state",
+    "load_state_into",
+    "model_fingerprint",
+    "read_best_epoch",
+    "resolve_epoch",
+    "load_model",
+]
+
+# Sub-folders that hold g_/do_ files, in the order they are searched:
+# ours and CoverHunterMPS's training, CoverHunterMPS's production training, original CoverHunter.
+CHECKPOINT_DIR_NAMES = ("checkpoints", "prod_checkpoints", "pt_model")
+
+# Checkpoint key -> our key. Empty: chlib's module names are the original's, so no key is
+# renamed (orig and fork share the names too; only their yaml differs, ce: vs foc:).
+KEY_RENAMES: dict[str, str] = {}
+
+BEST_FILE = "best.json"
+EPOCH_DIGITS = 8
+
+
+def checkpoint_name(epoch: int, prefix: str = "g_") -> str:
+    """File name of an epoch's checkpoint: ``checkpoint_name(12) == "g_00000012"``."""
+    if epoch < 0:
+        raise CheckpointError(f"epoch must be >= 0, got {epoch}")
+    return f"{prefix}{epoch:0{EPOCH_DIGITS}d}"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> dict[int, Path]:
+    """``{epoch: path}`` of every ``<prefix><digits>`` file in ``ckpt_dir``, sorted by epoch.
+
+    Epoch 0 is included. A missing folder gives ``{}``. Temporary files of interrupted writes
+    (``.g_00000003.xxx.tmp``) do not match.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return {}
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
+    found: dict[int, Path] = {}
+    for path in ckpt_dir.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def latest_epoch(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> int | None:
+    """Largest saved epoch in ``ckpt_dir`` (0 counts), or None when there is none."""
+    epochs = list_checkpoints(ckpt_dir, prefix)
+    return max(epochs) if epochs else None
+
+
+def find_checkpoint_dir(run_or_model_dir: str | os.PathLike) -> Path:
+    """The folder holding the ``g_`` files of a run or model folder.
+
+    Accepts a folder that holds ``g_`` files itself, or one with a ``checkpoints/`` (chlib,
+    CoverHunterMPS), ``prod_checkpoints/`` (CoverHunterMPS production) or ``pt_model/``
+    (original CoverHunter) sub-folder holding them. Several such sub-folders with checkpoints
+    are ambiguous and raise :class:`CheckpointError`: pass the wanted one directly.
+    """
+    root = Path(run_or_model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: folder not found (expected a run or model folder)")
+    if list_checkpoints(root):
+        return root
+    candidates = [root / name for name in CHECKPOINT_DIR_NAMES if list_checkpoints(root / name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise CheckpointError(
+            f"{root}: several checkpoint folders hold g_ files "
+            f"({', '.join(c.name for c in candidates)}); pass the one you mean, "
+            f"e.g. {candidates[0]}"
+        )
+    raise CheckpointError(
+        f"{root}: no g_######## checkpoint files found in it or in its "
+        f"{', '.join(n + '/' for n in CHECKPOINT_DIR_NAMES)} sub-folders: train a model first "
+        "or point at the folder that holds them"
+    )
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    epoch: int,
+    *,
+    model_state: Mapping[str, Tensor],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``g_<epoch>`` = ``{"generator": model_state}`` (and ``do_<epoch>`` = train_state).
+
+    Both writes are atomic; ``do_`` is written first, so a ``g_`` file whose run saved train
+    state always has its ``do_`` partner. Tensors are copied to the CPU first, so the files
+    load on any device. Returns the ``g_`` path.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if train_state is not None:
+        atomic_torch_save(ckpt_dir / checkpoint_name(epoch, "do_"), train_state)
+    cpu_state = {k: v.detach().cpu() for k, v in model_state.items()}
+    g_path = ckpt_dir / checkpoint_name(epoch, "g_")
+    atomic_torch_save(g_path, {"generator": cpu_state})
+    return g_path
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e}). The file "
+            "may be truncated or not a checkpoint; delete it or pick another epoch"
+        ) from e
+
+
+def load_generator_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model ``state_dict`` in a ``g_`` file (on the CPU), read with ``weights_only=True``.
+
+    A bare state_dict (no ``"generator"`` wrapper) is accepted too.
+    """
+    path = Path(path)
+    obj = _torch_load(path, weights_only=True)
+    if isinstance(obj, dict) and "generator" in obj:
+        obj = obj["generator"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path}: expected {{'generator': state_dict}} (a mapping of names to tensors), "
+            f"found {type(obj).__name__}; is this a do_ (optimizer) file?"
+        )
+    return dict(obj)
+
+
+def load_train_state(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """The training state in a ``do_`` file.
+
+    Read with ``weights_only=True`` unless ``trusted`` (the original's do_ files load that way;
+    other content, e.g. numpy RNG state, needs ``trusted=True`` and must come from a source you
+    trust, since unpickling can run code).
+    """
+    path = Path(path)
+    obj = _torch_load(path, weights_only=not trusted)
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: expected a dict of training state, found {type(obj).__name__}"
+        )
+    return obj
+
+
+# (key whose first dimension reveals a config value, the config value's name)
+_SIZE_KEYS = (
+    ("_global_cmvn.weight", "input_dim (CQT bins)"),
+    ("_encoder.after_norm.weight", "encoder.output_dims"),
+    ("_encoder.encoders.0.feed_forward.w_1.weight", "encoder.attention_dim (feed-forward size)"),
+    ("_bottleneck.weight", "embed_dim"),
+)
+
+
+def _mismatch_hints(ckpt: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> list[str]:
+    """Plain-language guesses at which config value differs between checkpoint and model."""
+
+    def rows(sd: Mapping[str, Tensor], key: str) -> int | None:
+        return int(sd[key].shape[0]) if key in sd and sd[key].dim() >= 1 else None
+
+    def n_blocks(sd: Mapping[str, Tensor]) -> int:
+        ids = {int(m.group(1)) for k in sd if (m := re.match(r"_encoder\.encoders\.(\d+)\.", k))}
+        return max(ids) + 1 if ids else 0
+
+    hints = []
+    n_ckpt, n_model = rows(ckpt, "_ce_layer.weight"), rows(model_state, "_ce_layer.weight")
+    if n_ckpt is not None and n_model is not None and n_ckpt != n_model:
+        hints.append(
+            f"foc.output_dims differs: checkpoint has {n_ckpt} classes, config {n_model} "
+            f"(set foc.output_dims: {n_ckpt}, or auto)"
+        )
+    for key, name in _SIZE_KEYS:
+        a, b = rows(ckpt, key), rows(model_state, key)
+        if a is not None and b is not None and a != b:
+            hints.append(f"{name} differs: checkpoint {a}, config {b}")
+    b_ckpt, b_model = n_blocks(ckpt), n_blocks(model_state)
+    if b_ckpt != b_model:
+        hints.append(f"encoder.num_blocks differs: checkpoint {b_ckpt}, config {b_model}")
+    if ("_embed_lo.weight" in ckpt) != ("_embed_lo.weight" in model_state):
+        hints.append(
+            "_embed_lo is in only one of them: embed_dim equals encoder.output_dims in one "
+            "and not in the other"
+        )
+    return hints
+
+
+def _apply_renames(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {KEY_RENAMES.get(k, k): v for k, v in state_dict.items()}
+
+
+def load_state_into(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, where: str = "checkpoint"
+) -> None:
+    """Load ``state_dict`` into ``model`` strictly (after the :data:`KEY_RENAMES` mapping).
+
+    On any mismatch nothing is loaded and :class:`CheckpointError` lists every missing key,
+    unexpected key and shape mismatch, with hints naming the config value that differs.
+    ``where`` names the source in the message (e.g. the file path).
+    """
+    ckpt = _apply_renames(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(ckpt[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in ckpt and tuple(ckpt[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{where} does not match the model built from the config:"]
+        for title, items in (
+            ("missing from the checkpoint", missing),
+            ("unexpected in the checkpoint", unexpected),
+            ("shape mismatches", shapes),
+        ):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items)
+        hints = _mismatch_hints(ckpt, own)
+        if hints:
+            lines.append("  likely cause:")
+            lines.extend(f"    {h}" for h in hints)
+        lines.append("  Build the model from the hparams.yaml saved with this checkpoint.")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(ckpt, strict=True)
+
+
+def model_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
+    """First 16 hex characters of a SHA-256 over the weights (fact sheet 9.1).
+
+    For each key in sorted order: the key (UTF-8), the shape tuple's string (``"(96,)"``), the
+    dtype's string (``"torch.float32"``) and the tensor's raw bytes (CPU, contiguous). Any
+    change of a value, shape, dtype or name changes the fingerprint; the device does not.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode("utf-8"))
+        h.update(str(tuple(t.shape)).encode("utf-8"))
+        h.update(str(t.dtype).encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_best_epoch(ckpt_dir: str | os.PathLike) -> int | None:
+    """Epoch recorded in ``<ckpt_dir>/best.json`` by the trainer, or None if there is no file."""
+    path = Path(ckpt_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        epoch = read_json(path)["epoch"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: expected JSON like {{\"epoch\": 12}} ({e})") from e
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"{path}: 'epoch' must be an integer >= 0, got {epoch!r}")
+    return epoch
+
+
+def resolve_epoch(ckpt_dir: str | os.PathLike, epoch: int | str = "latest") -> int:
+    """The epoch number meant by ``epoch`` ("latest", "best" or an int) in ``ckpt_dir``."""
+    available = list_checkpoints(ckpt_dir)
+    if not available:
+        raise CheckpointError(f"{ckpt_dir}: no g_######## checkpoint files")
+    if epoch == "latest":
+        return max(available)
+    if epoch == "best":
+        best = read_best_epoch(ckpt_dir)
+        if best is None:
+            raise CheckpointError(
+                f"{ckpt_dir}: no {BEST_FILE} (written by chlib's trainer); ask for "
+                f"'latest' or an epoch number ({', '.join(map(str, available))})"
+            )
+        epoch = best
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise CheckpointError(f"epoch must be 'latest', 'best' or an integer, got {epoch!r}")
+    if epoch not in available:
+        raise CheckpointError(
+            f"{ckpt_dir}: no checkpoint for epoch {epoch}; available: "
+            f"{', '.join(map(str, available))}"
+        )
+    return epoch
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    epoch: int | str = "latest",
+    device: str | torch.device = "auto",
+    hp: HParams | None = None,
+) -> tuple[nn.Module, HParams, int]:
+    """Build a :class:`~chlib.model.CoverHunterNet` from a run folder and load a checkpoint.
+
+    ``model_dir`` is a run folder (``config/hparams.yaml`` plus ``checkpoints/``,
+    ``prod_checkpoints/`` or the original's ``pt_model/``), or the checkpoint folder itself
+    (then the config is read from its parent's ``config/``). The yaml may use the original's
+    ``ce:`` or the fork's ``foc:``; ``foc.output_dims: auto`` takes the class count from the
+    checkpoint. ``epoch``: "latest", "best" (needs ``best.json``) or an epoch number. Returns
+    ``(model in eval mode on the device, hp, epoch)``.
+    """
+    from chlib.model import CoverHunterNet  # the model package sits beside this module
+
+    model_dir = Path(model_dir)
+    ckpt_dir = find_checkpoint_dir(model_dir)
+    if hp is None:
+        run_dir = model_dir if ckpt_dir != model_dir else model_dir.parent
+        hp = load_hparams(run_dir / "config" / "hparams.yaml")
+    chosen = resolve_epoch(ckpt_dir, epoch)
+    path = ckpt_dir / checkpoint_name(chosen)
+    state = _apply_renames(load_generator_state(path))
+    num_works = None
+    if hp.num_classes_auto:
+        if "_ce_layer.weight" not in state:
+            raise CheckpointError(f"{path}: no _ce_layer.weight to size foc.output_dims: auto from")
+        num_works = int(state["_ce_layer.weight"].shape[0])
+    model = CoverHunterNet(hp.model_config(num_works))
+    load_state_into(model, state, where=str(path))
+    model.to(pick_device(device)).eval()
+    return model, hp, chosen

@@ -1,0 +1,1 @@
+"""Retrieval layer: window embeddings, metrics, reference index, identification, evaluation."""

@@ -1,0 +1,1 @@
+"""Signal layer: audio decoding, the two CQT flavours, tempo stretch, spectral augmentation."""

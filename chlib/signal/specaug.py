@@ -1,0 +1,302 @@
+"""Spectral augmentation of training chunks (the original's SpecAug, with its bugs fixed).
+
+Every function takes a chunk ``feat`` of shape ``[frames, bins]`` (time-major, after mean_size
+averaging; values in dB relative to the track maximum, so <= 0, with -100 dB end padding) and an
+explicit ``numpy.random.Generator``. Nothing here touches global random state, and the input array
+is never modified: each function returns a new array of the same shape and dtype.
+
+Order in :func:`spec_augment` is the original's: ``roll_pitch`` first, then ``random_erase``.
+
+Differences from the original (coverhunter-facts sections 4.2 and 13.2.1-2):
+
+* ``random_erase`` draws each box's *corner* so that the whole box lies inside the array. The
+  original drew a centre from ``[0, T - size)`` and sliced from ``centre - size/2``, which gave an
+  empty slice (no erase at all) whenever that start was negative and never reached the last
+  half-box of frames.
+* The erase fill value defaults to the chunk's own minimum (its quietest cell, i.e. "nothing
+  here" at this chunk's floor) instead of a uniform draw in [-128, 0) dB, which could be louder
+  than the quiet bins around it. A fixed dB value can be passed instead.
+* ``roll_pitch`` method ``"default"`` keeps the original's behaviour on purpose (a shift drawn
+  from {-n, 0, +n}, so no shift one time in three, and a *circular* roll that moves the top
+  bins to the bottom); ``"low_melody"`` and ``"flex_melody"`` follow the fork; ``"random"``
+  (chlib) shifts by any whole number of bins in [-shift_num, +shift_num], without wrapping: a
+  key change in either direction, which is what makes a model transposition-invariant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from chlib.core.config import RandomEraseConfig, RollPitchConfig, SpecAugConfig
+from chlib.core.errors import ConfigError
+
+__all__ = [
+    "PAD_DB",
+    "FLEX_FILL_DB",
+    "random_erase",
+    "erase_boxes",
+    "roll_pitch",
+    "roll_pitch_default",
+    "roll_pitch_low_melody",
+    "roll_pitch_flex_melody",
+    "roll_pitch_random",
+    "tempo_resample",
+    "spec_augment",
+]
+
+PAD_DB = -100.0  # value of end padding (rows past the end of a track)
+FLEX_FILL_DB = -128.0  # value of bins vacated by flex_melody (the fork's choice)
+
+
+def _check_2d(feat: np.ndarray, what: str) -> None:
+    if feat.ndim != 2 or feat.shape[0] < 1 or feat.shape[1] < 1:
+        raise ValueError(f"{what}: expected a non-empty [frames, bins] array, got shape {feat.shape}")
+
+
+# --------------------------------------------------------------------------------------------
+# random erase
+
+
+def erase_boxes(
+    n_frames: int,
+    n_bins: int,
+    *,
+    rng: np.random.Generator,
+    erase_num: int = 4,
+    region_size: tuple[float, float] = (0.25, 0.1),
+) -> list[tuple[int, int, int, int]]:
+    """Draw ``erase_num`` boxes that lie wholly inside a ``[n_frames, n_bins]`` array.
+
+    Box size is ``max(1, int(n_frames * region_size[0]))`` frames by
+    ``max(1, int(n_bins * region_size[1]))`` bins (the original's sizes, but never empty);
+    the top-left corner is uniform over every position that keeps the box inside.
+
+    Returns:
+        list of ``(t0, t1, f0, f1)`` half-open index ranges, ``0 <= t0 < t1 <= n_frames`` and
+        ``0 <= f0 < f1 <= n_bins``.
+    """
+    rt, rf = region_size
+    if not (0 < rt <= 1 and 0 < rf <= 1):
+        raise ConfigError(f"random_erase.region_size fractions must be in (0, 1], got {region_size}")
+    h = min(n_frames, max(1, int(n_frames * rt)))
+    w = min(n_bins, max(1, int(n_bins * rf)))
+    boxes = []
+    for _ in range(erase_num):
+        t0 = int(rng.integers(0, n_frames - h + 1))
+        f0 = int(rng.integers(0, n_bins - w + 1))
+        boxes.append((t0, t0 + h, f0, f0 + w))
+    return boxes
+
+
+def random_erase(
+    feat: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    erase_num: int = 4,
+    region_size: tuple[float, float] = (0.25, 0.1),
+    fill: float | None = None,
+) -> np.ndarray:
+    """Set ``erase_num`` time-frequency boxes of ``feat`` [frames, bins] to one fill value.
+
+    Args:
+        feat: [frames, bins] dB chunk.
+        rng: the random generator (box positions).
+        erase_num: number of boxes (they may overlap).
+        region_size: (time fraction, frequency fraction) of each box, as the original.
+        fill: dB value written into the boxes; None (default) = the chunk's minimum value.
+
+    Returns:
+        a new [frames, bins] array.
+    """
+    _check_2d(feat, "random_erase")
+    out = np.array(feat, copy=True)
+    value = float(out.min()) if fill is None else float(fill)
+    for t0, t1, f0, f1 in erase_boxes(out.shape[0], out.shape[1], rng=rng, erase_num=erase_num,
+                                      region_size=region_size):
+        out[t0:t1, f0:f1] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# pitch roll
+
+
+def roll_pitch_default(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
+    """The original's pitch roll: shift s uniform in {-shift_num, 0, +shift_num} bins, circular.
+
+    Content pushed past the top bin re-enters at the bottom (and vice versa): with 96 bins and
+    12 bins per octave the top octave lands below the lowest one. Kept for fidelity; prefer
+    ``low_melody`` for a shift that does not wrap.
+
+    Returns:
+        a new [frames, bins] array.
+    """
+    _check_2d(feat, "roll_pitch")
+    s = int(rng.choice([-shift_num, 0, shift_num]))
+    return np.roll(feat, s, axis=1)
+
+
+def roll_pitch_low_melody(
+    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12
+) -> np.ndarray:
+    """The fork's ``low_melody`` roll: move everything up by s in [1, shift_num] bins, no wrap.
+
+    The top s bins are discarded; the s vacated bottom bins are filled with noise shaped like
+    the band just above them:
+
+    1. rows made entirely of -100 dB are padding; over the other rows, the lowest per-bin mean
+       is the "target" level that the very bottom should fade towards;
+    2. a reference band of 6-8 bins directly above the vacated ones gives, per frame, a mean m
+       and a standard deviation sd;
+    3. noise ~ N(m, 0.5 sd) per frame and vacated bin, floored at m - sd; when s > 2 a raised
+       cosine subtracts (m - target) at the bottom bin, fading to 0 at the boundary; capped at
+       m + sd;
+    4. the top min(5, s) noise bins are blended with the mirror image of the bins above the
+       boundary, mirror weight rising linearly from 0.1 to 0.6 towards the boundary;
+    5. padding rows get -100 dB in the vacated bins.
+
+    If s >= bins nothing happens. Returns a new [frames, bins] array.
+    """
+    _check_2d(feat, "roll_pitch")
+    n_frames, n_bins = feat.shape
+    s = int(rng.integers(1, shift_num + 1)) if shift_num >= 1 else 0
+    if s == 0 or s >= n_bins:
+        return np.array(feat, copy=True)
+    x = feat.astype(np.float64, copy=False)
+    pad_rows = np.all(x == PAD_DB, axis=1)  # [frames]
+    real = ~pad_rows
+    out = np.empty_like(x)
+    out[:, s:] = x[:, : n_bins - s]  # bins move up by s; the top s are dropped
+    if not real.any():
+        out[:, :s] = PAD_DB
+        return out.astype(feat.dtype)
+    target = float(x[real].mean(axis=0).min())
+
+    band_hi = min(n_bins, s + 6 + int(rng.integers(0, 3)))
+    band = out[:, s:band_hi]  # [frames, 6..8]
+    m = band.mean(axis=1, keepdims=True)  # [frames, 1]
+    sd = band.std(axis=1, keepdims=True)
+    noise = rng.normal(0.0, 1.0, size=(n_frames, s)) * (0.5 * sd) + m  # [frames, s]
+    noise = np.maximum(noise, m - sd)
+    if s > 2:
+        w = 0.5 * (1.0 + np.cos(np.pi * np.arange(s) / (s - 1)))  # 1 at bin 0 -> 0 at bin s-1
+        noise = noise - (m - target) * w[None, :]
+    noise = np.minimum(noise, m + sd)
+    k = min(5, s)
+    weights = np.linspace(0.1, 0.6, k)  # for vacated bins s-k .. s-1 (towards the boundary)
+    for j, wt in zip(range(s - k, s), weights, strict=True):
+        mirror = min(n_bins - 1, 2 * s - 1 - j)  # reflection of bin j about the boundary
+        noise[:, j] = (1.0 - wt) * noise[:, j] + wt * out[:, mirror]
+    out[:, :s] = np.where(real[:, None], noise, PAD_DB)
+    return out.astype(feat.dtype)
+
+
+def roll_pitch_flex_melody(
+    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12
+) -> np.ndarray:
+    """The fork's ``flex_melody`` roll (its author marks it "not recommended").
+
+    The tonal centre c is the integer mean bin index of all cells above the chunk's 90th
+    percentile (bins // 2 if none). The shift s is uniform in
+    [-min(shift_num, c), +min(shift_num, bins - c)]; the shift does not wrap and vacated bins are
+    set to -128 dB. Returns a new [frames, bins] array.
+    """
+    _check_2d(feat, "roll_pitch")
+    n_bins = feat.shape[1]
+    thr = np.percentile(feat, 90)
+    _, cols = np.nonzero(feat > thr)
+    c = int(cols.mean()) if cols.size else n_bins // 2
+    lo, hi = -min(shift_num, c), min(shift_num, n_bins - c)
+    s = int(rng.integers(lo, hi + 1))
+    out = np.full_like(feat, FLEX_FILL_DB)
+    if s > 0:
+        out[:, s:] = feat[:, : n_bins - s]
+    elif s < 0:
+        out[:, :s] = feat[:, -s:]
+    else:
+        out[:] = feat
+    return out
+
+
+def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
+    """chlib's pitch shift: s uniform over the integers in [-shift_num, +shift_num], no wrap.
+
+    Content moves up (s > 0) or down (s < 0) by |s| bins; what leaves the array is dropped and
+    the vacated bins of each frame get that frame's minimum (so -100 dB padding rows stay
+    -100 dB and quiet frames stay quiet). With 12 bins per octave and shift_num 6-12 this
+    imitates the key changes between versions of a work. Returns a new [frames, bins] array.
+    """
+    _check_2d(feat, "roll_pitch")
+    n_bins = feat.shape[1]
+    s = int(rng.integers(-shift_num, shift_num + 1))
+    if s == 0 or abs(s) >= n_bins:
+        return np.array(feat, copy=True)
+    out = np.repeat(feat.min(axis=1, keepdims=True), n_bins, axis=1).astype(feat.dtype)
+    if s > 0:
+        out[:, s:] = feat[:, : n_bins - s]
+    else:
+        out[:, :s] = feat[:, -s:]
+    return out
+
+
+_ROLLS = {
+    "default": roll_pitch_default,
+    "low_melody": roll_pitch_low_melody,
+    "flex_melody": roll_pitch_flex_melody,
+    "random": roll_pitch_random,
+}
+
+
+def roll_pitch(
+    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12, method: str = "default"
+) -> np.ndarray:
+    """Pitch roll by ``method`` ("default", "low_melody", "flex_melody" or "random"); see above."""
+    if method not in _ROLLS:
+        raise ConfigError(f"roll_pitch.method must be one of {sorted(_ROLLS)}, got {method!r}")
+    return _ROLLS[method](feat, rng=rng, shift_num=shift_num)
+
+
+# --------------------------------------------------------------------------------------------
+# tempo jitter in the feature domain
+
+
+def tempo_resample(feat: np.ndarray, n_out: int) -> np.ndarray:
+    """Resample ``feat`` [frames, bins] along time to ``n_out`` frames by linear interpolation.
+
+    Used for feature-domain tempo jitter: a crop of ``round(n * factor)`` frames squeezed or
+    stretched to ``n`` frames plays ``factor`` times faster or slower. Pitch (bins) is untouched.
+    Returns a new float32 array [n_out, bins].
+    """
+    _check_2d(feat, "tempo_resample")
+    n_in = feat.shape[0]
+    if n_in == n_out:
+        return np.array(feat, dtype=np.float32, copy=True)
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # frame centres, aligned
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (pos - i0)[:, None].astype(np.float32)
+    x = feat.astype(np.float32, copy=False)
+    return (x[i0] * (1.0 - frac) + x[i1] * frac).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole chain
+
+
+def spec_augment(feat: np.ndarray, cfg: SpecAugConfig, *, rng: np.random.Generator) -> np.ndarray:
+    """Apply the configured augmentation to ``feat`` [frames, bins]: roll_pitch, then random_erase.
+
+    Each step happens with its own probability (``cfg.roll_pitch.prob``,
+    ``cfg.random_erase.prob``). Returns a new array (the input is not modified).
+    """
+    rp: RollPitchConfig = cfg.roll_pitch
+    re: RandomEraseConfig = cfg.random_erase
+    out = feat
+    if rp.prob > 0 and rng.random() < rp.prob:
+        out = roll_pitch(out, rng=rng, shift_num=rp.shift_num, method=rp.method)
+    if re.prob > 0 and rng.random() < re.prob:
+        out = random_erase(out, rng=rng, erase_num=re.erase_num, region_size=re.region_size)
+    if out is feat:
+        out = np.array(feat, copy=True)
+    return out

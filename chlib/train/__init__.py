@@ -1,0 +1,1 @@
+"""Training layer: the training loop, k-fold production training, hyperparameter tuning."""

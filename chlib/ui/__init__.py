@@ -1,0 +1,1 @@
+"""Faces: figures, notebook widgets, the papermill runner."""
