@@ -11,7 +11,8 @@ from chlib.core.config import RandomEraseConfig, SpecAugConfig
 from chlib.core.errors import FeatureError
 from chlib.core.io import atomic_save_npy
 from chlib.core.manifest import FULL_KEYS, read_manifest
-from chlib.data.dataset import ChunkDataset, find_missing_features, open_feature, write_toy_dataset
+from chlib.data.dataset import ChunkDataset, find_missing_features, write_toy_dataset
+from chlib.data.features import load_feature
 from chlib.data.sampler import MPerClassBatchSampler
 
 
@@ -70,7 +71,7 @@ def test_int_index_gives_a_fixed_crop_and_seeded_index_varies(tmp_path):
 
 def test_features_are_memory_mapped(tmp_path):
     rec = _ramp_record(tmp_path, 30)
-    arr = open_feature(rec["feat"])
+    arr = load_feature(rec["feat"])
     assert isinstance(arr, np.memmap) and not arr.flags.writeable
 
 
@@ -120,7 +121,7 @@ def test_missing_and_corrupt_features_are_reported(tmp_path):
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not an array")
     with pytest.raises(FeatureError, match="bad.npy"):
-        open_feature(bad)
+        load_feature(bad)
     ds = ChunkDataset([gone], chunk_len=10)
     with pytest.raises(FeatureError, match="nope.npy"):
         ds[0]

@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from chlib.ui import plots  # noqa: E402
 from chlib.core.errors import ConfigError  # noqa: E402
+from chlib.ui import plots  # noqa: E402
 
 
 def _n_points(ax) -> int:

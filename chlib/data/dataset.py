@@ -9,7 +9,7 @@ float32 tensor, work_id int)``, the original AudioFeatDataset's item (coverhunte
    13.1.6); ``mode="defined"``: the record's ``start`` key (0 if absent);
 2. the rows ``[start, start + crop)`` are read from the memory-mapped ``.npy`` (only those pages
    are touched, so a feature set larger than RAM trains), padded at the end with -100 dB and
-   averaged over groups of ``mean_size`` frames by :func:`chlib.retrieval.embed.prepare_window`, the same
+   averaged over groups of ``mean_size`` frames by :func:`chlib.data.features.prepare_window`, the same
    function every embedding goes through;
 3. optional feature-domain tempo jitter (``tempo_jitter = j``): the crop is
    ``round(chunk_len x f)`` raw frames for a factor f uniform in [1 - j, 1 + j], resampled to the
@@ -36,43 +36,20 @@ import torch
 from torch.utils.data import Dataset
 
 from chlib.core.config import SpecAugConfig
-from chlib.core.errors import ConfigError, FeatureError
+from chlib.core.errors import ConfigError
 from chlib.core.io import atomic_save_npy
-from chlib.core.manifest import resolve_path, write_manifest
+from chlib.core.manifest import write_manifest
+from chlib.data.features import feature_path, load_feature, prepare_window
 from chlib.data.sampler import item_rng
-from chlib.retrieval.embed import prepare_window
 from chlib.signal.specaug import spec_augment, tempo_resample
 
 __all__ = [
     "ChunkDataset",
-    "open_feature",
-    "feature_path",
     "find_missing_features",
     "feature_lengths",
     "worker_init",
     "write_toy_dataset",
 ]
-
-
-def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -> Path:
-    """Path of a record's ``feat`` file (as given, i.e. relative to the current directory as in
-    the original, else relative to the manifest's folder)."""
-    if "feat" not in record:
-        raise FeatureError(f"record {record.get('perf', record)!r} has no 'feat' key (use full.txt)")
-    return resolve_path(record["feat"], manifest_path)
-
-
-def open_feature(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a [frames, bins] feature ``.npy`` read-only; FeatureError if unusable."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise FeatureError(f"{path}: feature file not found; re-run feature extraction") from None
-    except (ValueError, OSError) as e:
-        raise FeatureError(f"{path}: not a readable .npy feature file ({e}); re-extract it") from None
-    if arr.ndim != 2 or arr.shape[0] < 1:
-        raise FeatureError(f"{path}: expected a [frames, bins] array, got shape {arr.shape}")
-    return arr
 
 
 def find_missing_features(
@@ -93,7 +70,7 @@ def feature_lengths(records: Sequence[dict], manifest_path: str | os.PathLike | 
         if r.get("feat_len") is not None:
             out[i] = int(r["feat_len"])
         else:
-            out[i] = open_feature(feature_path(r, manifest_path)).shape[0]
+            out[i] = load_feature(feature_path(r, manifest_path)).shape[0]
     return out
 
 
@@ -173,7 +150,7 @@ class ChunkDataset(Dataset):
 
     def crop(self, idx: int, rng: np.random.Generator) -> np.ndarray:
         """The (unaugmented) chunk of item ``idx``: [chunk_len // mean_size, bins] float32."""
-        feat = open_feature(self.paths[idx])
+        feat = load_feature(self.paths[idx])
         n_frames = feat.shape[0]
         factor = 1.0
         if self.tempo_jitter > 0:

@@ -863,7 +863,7 @@ def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
                        max_seconds: float = 30.0, device: str = "cpu") -> Any:
     """CQT of a query file beside the CQT of its best match (an index record with ``feat``)."""
     from chlib.core.manifest import resolve_path
-    from chlib.retrieval.embed import load_feature
+    from chlib.data.features import load_feature
     from chlib.ui.plots import plot_cqts
 
     q = query_features(query, hp, device)
@@ -968,7 +968,7 @@ class ExplorerData:
 
     def cqt(self, i: int) -> np.ndarray:
         """The stored CQT [frames, bins] of row ``i``."""
-        from chlib.retrieval.embed import load_feature
+        from chlib.data.features import load_feature
 
         return np.asarray(load_feature(self.records[i]["feat"]))
 

@@ -75,14 +75,8 @@ from chlib.core.device import pick_device
 from chlib.core.errors import ChlibError, ConfigError, FeatureError
 from chlib.core.io import append_jsonl, read_json, read_jsonl, write_json
 from chlib.core.manifest import FULL_KEYS, read_manifest, source_perf, write_manifest
-from chlib.data.dataset import (
-    ChunkDataset,
-    feature_lengths,
-    feature_path,
-    find_missing_features,
-    open_feature,
-    worker_init,
-)
+from chlib.data.dataset import ChunkDataset, feature_lengths, find_missing_features, worker_init
+from chlib.data.features import feature_path, load_feature
 from chlib.data.sampler import MPerClassBatchSampler, grouped_batches, item_rng
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import (
@@ -309,7 +303,7 @@ def prepare_training_data(hp: HParams) -> TrainingData:
                 f"Paths are relative to the current directory ({os.getcwd()}); re-run feature "
                 "extraction or fix the 'feat' paths"
             )
-    first = open_feature(feature_path(train[0], train_path))
+    first = load_feature(feature_path(train[0], train_path))
     if first.shape[1] != hp.model.input_dim:
         raise FeatureError(
             f"{feature_path(train[0], train_path)}: features have {first.shape[1]} bins but "

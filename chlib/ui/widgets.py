@@ -526,8 +526,7 @@ def cqt_examples(manifest_path: str | os.PathLike, *, work: str | None = None, n
     from collections import Counter
 
     from chlib.core.manifest import read_manifest
-    from chlib.data.dataset import feature_path
-    from chlib.retrieval.embed import load_feature
+    from chlib.data.features import feature_path, load_feature
 
     recs = [r for r in read_manifest(manifest_path, required=("perf", "work", "feat"))
             if not r.get("source_perf") or r.get("source_perf") == r["perf"]]
