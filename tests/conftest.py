@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,24 @@ def shared_dir() -> Path:
     return _shared_dir()
 
 
+def require_fixture(path: Path) -> Path:
+    """``path`` when it exists; else skip the test, or fail it under CI (``CI=true``).
+
+    CI always has ``shared/`` beside the clone, so a missing fixture there is a broken path, not
+    an absent optional folder: it must not pass silently as a skip.
+    """
+    if path.exists():
+        return path
+    msg = f"golden fixture not found at {path} (set CHLIB_FIXTURES or put shared/ beside the repo)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg + "; under CI the fixtures must be present")
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir: Path) -> Path:
-    """``shared/fixtures``; tests that need it are skipped when it is absent."""
-    path = shared_dir / "fixtures"
-    if not path.is_dir():
-        pytest.skip(f"golden fixtures not found at {path}")
-    return path
+    """``shared/fixtures``; skipped when absent, a failure under CI."""
+    return require_fixture(shared_dir / "fixtures")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import require_fixture
 
 from chlib.core.config import load_hparams
 from chlib.model import CoverHunterNet
@@ -32,8 +33,7 @@ ATOL = 1e-4  # float32 on CPU, as the fixture's README states
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    if not FIXTURE.is_dir():
-        pytest.skip(f"golden fixture not found at {FIXTURE} (set CHLIB_FIXTURES)")
+    require_fixture(FIXTURE)
     with np.load(FIXTURE / "golden.npz") as data:
         return {k: data[k] for k in data.files}
 

@@ -31,6 +31,7 @@ from chlib.core.config import HParams, load_hparams
 from chlib.core.device import pick_device
 from chlib.core.errors import CheckpointError
 from chlib.core.io import atomic_torch_save, read_json
+from chlib.model.network import CoverHunterNet
 
 __all__ = [
     "CHECKPOINT_DIR_NAMES",
@@ -341,8 +342,6 @@ def load_model(
     checkpoint. ``epoch``: "latest", "best" (needs ``best.json``) or an epoch number. Returns
     ``(model in eval mode on the device, hp, epoch)``.
     """
-    from chlib.model import CoverHunterNet  # the model package sits beside this module
-
     model_dir = Path(model_dir)
     ckpt_dir = find_checkpoint_dir(model_dir)
     if hp is None:
