@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_query.py
+	$(PY) bench/bench_demo.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check chlib tests bench tools

@@ -130,3 +130,41 @@ def test_prep_config_keys_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="add_noise"):
         PrepConfig.from_dict({"add_noise": {"prob": 0.5}})
     assert load_prep_config(tmp_path / "missing.yaml") == PrepConfig()
+
+
+def test_original_coverhunter_keys_load_and_round_trip():
+    d = _base()
+    d["ce"] = d.pop("foc")
+    d.update({"data_type": "cqt", "num_gpus": 1, "pool_type": "attention", "cqt": {"hop_size": 0.04},
+              "every_n_epoch_to_dev": 2, "chunk_frame": 250, "chunk_s": 30,
+              "covers80": {"query_path": "q.txt", "every_n_epoch_to_dev": 3}})
+    hp = HParams.from_dict(d)
+    assert hp.every_n_epoch_to_test == 2 and hp.chunk_frame == [250]
+    ts = hp.testsets["covers80"]
+    assert (ts.ref_path, ts.every_n_epoch_to_test) == ("q.txt", 3)
+    assert HParams.from_dict(hp.to_dict()) == hp
+
+
+def test_distance_rule_is_declared_with_its_choices():
+    assert HParams().distance_rule == "mean"  # measured on the demo: as good as min, 33x faster
+    assert HParams.from_dict({**_base(), "distance_rule": "min"}).distance_rule == "min"
+    with pytest.raises(ConfigError, match="distance_rule must be one of min, mean"):
+        HParams.from_dict({**_base(), "distance_rule": "max"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"spec_augmentation": {"roll_pitch": {"prob": 1.5}}}, r"spec_augmentation\.roll_pitch\.prob must be in \[0, 1\]"),
+        ({"spec_augmentation": {"random_erase": {"probb": 0.5}}}, "random_erase.probb.*random_erase.prob"),
+        ({"encoder": [2]}, "encoder must be a mapping"),
+        ({"chunk_frame": []}, "chunk_frame must be a non-empty list"),
+        ({"tempo_jitter": 1.0}, "tempo_jitter must be in \\[0, 1\\)"),
+        ({"foc": {"output_dims": 0}}, "foc.output_dims must be >= 1"),
+    ],
+)
+def test_nested_keys_are_named_dotted_in_errors(change, message):
+    d = _base()
+    d.update(change)
+    with pytest.raises(ConfigError, match=message):
+        HParams.from_dict(d, where="runs/x/config/hparams.yaml")

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from toy_features import write_toy_dataset
 
 from chlib.core.config import RandomEraseConfig, SpecAugConfig
 from chlib.core.errors import FeatureError
 from chlib.core.io import atomic_save_npy
 from chlib.core.manifest import FULL_KEYS, read_manifest
-from chlib.data.dataset import ChunkDataset, find_missing_features, write_toy_dataset
+from chlib.data.dataset import ChunkDataset, find_missing_features
 from chlib.data.features import load_feature
 from chlib.data.sampler import MPerClassBatchSampler
 

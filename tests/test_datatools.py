@@ -7,7 +7,8 @@ from bad_inputs import write_tone
 
 from chlib.core.errors import ManifestError
 from chlib.core.manifest import read_query_in_ref, write_manifest
-from chlib.data.datatools import compare_datasets, make_query_in_ref, save_figure, works_histogram
+from chlib.data.datatools import compare_datasets, make_query_in_ref, works_histogram
+from chlib.ui.plots import save_figure
 
 
 @pytest.fixture

@@ -13,14 +13,12 @@ from chlib.core.config import HParams
 from chlib.core.errors import CheckpointError, ConfigError, FeatureError
 from chlib.retrieval.embed import (
     PAD_DB,
-    cached_embed_tracks,
-    embed_tracks,
-    embed_tracks_hp,
+    embed_recordings,
+    embed_windows,
     prepare_window,
-    track_distances,
-    track_embedding,
     window_starts,
 )
+from chlib.retrieval.protocol import track_distances, track_vector
 
 
 class StandIn(nn.Module):
@@ -114,18 +112,18 @@ def test_prepare_window_matches_a_plain_loop():
 # embedding
 
 
-def test_embed_tracks_batching_does_not_change_results(tmp_path):
+def test_embed_windows_batching_does_not_change_results(tmp_path):
     rng = np.random.default_rng(1)
     tracks = [feats(rng, n) for n in (40, 100, 7, 230, 61)]
     model = StandIn()
-    one = embed_tracks(model, tracks, window=30, mean_size=3, batch_size=1, progress=False)
-    many = embed_tracks(model, tracks, window=30, mean_size=3, batch_size=64, progress=False)
+    one = embed_windows(model, tracks, window=30, mean_size=3, batch_size=1, progress=False)
+    many = embed_windows(model, tracks, window=30, mean_size=3, batch_size=64, progress=False)
     for a, b, t in zip(one, many, tracks, strict=True):
         assert a.shape == (len(window_starts(len(t), 30)), 8)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_embed_tracks_from_paths_equals_from_arrays_and_each_window_is_the_model_output(tmp_path):
+def test_embed_windows_from_paths_equals_from_arrays_and_each_window_is_the_model_output(tmp_path):
     rng = np.random.default_rng(2)
     tracks = [feats(rng, n) for n in (90, 35)]
     paths = []
@@ -134,8 +132,8 @@ def test_embed_tracks_from_paths_equals_from_arrays_and_each_window_is_the_model
         np.save(p, t)
         paths.append(p)
     model = StandIn()
-    a = embed_tracks(model, tracks, window=30, mean_size=3, progress=False)
-    b = embed_tracks(model, [str(p) for p in paths], window=30, mean_size=3, progress=False)
+    a = embed_windows(model, tracks, window=30, mean_size=3, progress=False)
+    b = embed_windows(model, [str(p) for p in paths], window=30, mean_size=3, progress=False)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     # window 2 of track 0 by hand
@@ -145,7 +143,7 @@ def test_embed_tracks_from_paths_equals_from_arrays_and_each_window_is_the_model
     np.testing.assert_allclose(a[0][2], ref, rtol=1e-5)
 
 
-def test_embed_tracks_restores_the_training_mode_and_uses_eval_mode():
+def test_embed_windows_restores_the_training_mode_and_uses_eval_mode():
     class ModeSpy(StandIn):
         def forward(self, x):
             assert not self.training
@@ -153,11 +151,11 @@ def test_embed_tracks_restores_the_training_mode_and_uses_eval_mode():
 
     model = ModeSpy()
     model.train()
-    embed_tracks(model, [np.zeros((40, 12), np.float32)], window=30, mean_size=3, progress=False)
+    embed_windows(model, [np.zeros((40, 12), np.float32)], window=30, mean_size=3, progress=False)
     assert model.training
 
 
-def test_embed_tracks_reports_bad_files_and_continues(tmp_path):
+def test_embed_windows_reports_bad_files_and_continues(tmp_path):
     rng = np.random.default_rng(3)
     good = tmp_path / "good.npy"
     np.save(good, feats(rng, 50))
@@ -169,28 +167,28 @@ def test_embed_tracks_reports_bad_files_and_continues(tmp_path):
     nan[3, 3] = np.nan
     inputs = [good, tmp_path / "missing.npy", corrupt, wrong_bins, nan, good]
     failures: list = []
-    out = embed_tracks(StandIn(), inputs, window=30, mean_size=3, n_bins=12, progress=False,
+    out = embed_windows(StandIn(), inputs, window=30, mean_size=3, n_bins=12, progress=False,
                        failures=failures)
     assert [o is None for o in out] == [False, True, True, True, True, False]
     assert [f["index"] for f in failures] == [1, 2, 3, 4]
     assert "not found" in failures[0]["reason"]
     assert "bins" in failures[2]["reason"] and "NaN" in failures[3]["reason"]
     with pytest.raises(FeatureError, match="missing.npy"):
-        embed_tracks(StandIn(), inputs, window=30, mean_size=3, progress=False)
+        embed_windows(StandIn(), inputs, window=30, mean_size=3, progress=False)
 
 
-def test_embed_tracks_refuses_pickled_npy(tmp_path):
+def test_embed_windows_refuses_pickled_npy(tmp_path):
     p = tmp_path / "obj.npy"
     np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(FeatureError, match="obj.npy"):
-        embed_tracks(StandIn(), [p], window=30, mean_size=3, progress=False)
+        embed_windows(StandIn(), [p], window=30, mean_size=3, progress=False)
 
 
-def test_embed_tracks_hp_uses_the_first_chunk_length():
+def test_embed_windows_hp_uses_the_first_chunk_length():
     hp = HParams.from_dict({"chunk_frame": [20, 15], "mean_size": 2, "n_bins": 12,
                             "input_dim": 12})
     t = np.zeros((100, 12), np.float32)
-    out = embed_tracks_hp(StandIn(), [t], hp, progress=False)
+    out = embed_recordings(StandIn(), [t], hp, progress=False)
     assert out[0].shape[0] == len(window_starts(100, 40))
 
 
@@ -198,39 +196,51 @@ def test_embed_tracks_hp_uses_the_first_chunk_length():
 # distances
 
 
-def brute_distances(qs, rs, reduce):
+def brute_distances(qs, rs, rule):
+    def unit(x):
+        return x / np.linalg.norm(x)
+
     out = np.zeros((len(qs), len(rs)))
     for i, q in enumerate(qs):
         for j, r in enumerate(rs):
-            ds = [1 - np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a in q for b in r]
-            out[i, j] = min(ds) if reduce == "min" else np.mean(ds)
+            if rule == "min":
+                out[i, j] = min(1 - np.dot(unit(a), unit(b)) for a in q for b in r)
+            else:  # cosine distance of the unit means of unit windows
+                mq = unit(np.mean([unit(a) for a in q], axis=0))
+                mr = unit(np.mean([unit(b) for b in r], axis=0))
+                out[i, j] = 1 - np.dot(mq, mr)
     return out
 
 
-@pytest.mark.parametrize("reduce", ["min", "mean"])
+@pytest.mark.parametrize("rule", ["min", "mean"])
 @pytest.mark.parametrize("block_elements", [1, 50, 1 << 25])
-def test_track_distances_equal_a_double_loop(reduce, block_elements):
+def test_track_distances_equal_a_double_loop(rule, block_elements):
     rng = np.random.default_rng(4)
     qs = [rng.normal(size=(n, 6)) for n in (1, 3, 2, 4)]
     rs = [rng.normal(size=(n, 6)) for n in (2, 1, 5)]
-    got = track_distances(qs, rs, reduce=reduce, block_elements=block_elements)
+    got = track_distances(qs, rs, rule=rule, block_elements=block_elements)
     assert got.shape == (4, 3) and got.dtype == np.float32
-    np.testing.assert_allclose(got, brute_distances(qs, rs, reduce), atol=1e-5)
+    np.testing.assert_allclose(got, brute_distances(qs, rs, rule), atol=1e-5)
+
+
+def test_track_distances_refuse_an_unknown_rule():
+    with pytest.raises(ConfigError, match="distance rule"):
+        track_distances([np.ones((1, 2))], [np.ones((1, 2))], rule="avg")
 
 
 def test_track_distance_to_itself_is_zero_and_in_range():
     rng = np.random.default_rng(5)
     ts = [rng.normal(size=(3, 16)) for _ in range(5)]
-    d = track_distances(ts, ts)
+    d = track_distances(ts, ts, rule="min")
     assert np.allclose(np.diag(d), 0.0, atol=1e-5)
     assert d.min() >= 0.0 and d.max() <= 2.0
 
 
-def test_track_embedding_is_the_renormalised_mean_of_unit_windows():
+def test_track_vector_is_the_renormalised_mean_of_unit_windows():
     w = np.array([[3.0, 0.0], [0.0, 0.5]])
-    e = track_embedding(w)
+    e = track_vector(w)
     np.testing.assert_allclose(e, [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
-    assert track_embedding(np.array([[1.0, 0.0], [-2.0, 0.0]])).tolist() == [1.0, 0.0]
+    assert track_vector(np.array([[1.0, 0.0], [-2.0, 0.0]])).tolist() == [1.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +268,13 @@ def test_cache_reuses_embeddings_for_the_same_model_and_settings(tmp_path):
     paths = write_tracks(tmp_path, rng, (40, 75))
     hp = small_hp()
     model = StandIn()
-    a = cached_embed_tracks(model, None, paths, hp, tmp_path / "cache", progress=False)
+    a = embed_recordings(model, paths, hp, cache_dir=tmp_path / "cache", progress=False)
     calls = model.calls
-    b = cached_embed_tracks(model, None, paths, hp, tmp_path / "cache", progress=False)
+    b = embed_recordings(model, paths, hp, cache_dir=tmp_path / "cache", progress=False)
     assert model.calls == calls  # nothing recomputed
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    direct = embed_tracks_hp(model, paths, hp, progress=False)
+    direct = embed_recordings(model, paths, hp, progress=False)
     for x, y in zip(a, direct, strict=True):
         np.testing.assert_array_equal(x, y)
     for f in (tmp_path / "cache").rglob("*.npy"):
@@ -277,32 +287,32 @@ def test_cache_never_reuses_after_a_model_setting_or_file_change(tmp_path):
     cache = tmp_path / "cache"
     hp = small_hp()
     model = StandIn(seed=0)
-    base = cached_embed_tracks(model, None, paths, hp, cache, progress=False)
+    base = embed_recordings(model, paths, hp, cache_dir=cache, progress=False)
 
     # changed weights -> other fingerprint -> recomputed, different values
     with torch.no_grad():
         model.proj.mul_(2.0)
     calls = model.calls
-    new = cached_embed_tracks(model, None, paths, hp, cache, progress=False)
+    new = embed_recordings(model, paths, hp, cache_dir=cache, progress=False)
     assert model.calls > calls
     np.testing.assert_allclose(new[0], 2 * base[0], rtol=1e-5)
 
     # changed window recipe -> recomputed, other shape
     calls = model.calls
-    other = cached_embed_tracks(model, None, paths, small_hp(mean_size=3), cache, progress=False)
+    other = embed_recordings(model, paths, small_hp(mean_size=3), cache_dir=cache, progress=False)
     assert model.calls > calls
     assert other[1].shape[0] != new[1].shape[0] or not np.allclose(other[1], new[1])
 
     # changed feature setting (same window) -> recomputed
     calls = model.calls
-    cached_embed_tracks(model, None, paths, small_hp(fmin=40.0), cache, progress=False)
+    embed_recordings(model, paths, small_hp(fmin=40.0), cache_dir=cache, progress=False)
     assert model.calls > calls
 
     # changed feature file content -> recomputed for that file only
     np.save(paths[0], feats(rng, 90))
     os.utime(paths[0], ns=(1, 1))
     calls = model.calls
-    again = cached_embed_tracks(model, None, paths, hp, cache, progress=False)
+    again = embed_recordings(model, paths, hp, cache_dir=cache, progress=False)
     assert model.calls == calls + 1  # one batch, track 0 only
     assert again[0].shape[0] == len(window_starts(90, 30))
     np.testing.assert_array_equal(again[1], new[1])
@@ -312,15 +322,15 @@ def test_cache_refuses_a_fingerprint_that_is_not_the_models(tmp_path):
     rng = np.random.default_rng(8)
     paths = write_tracks(tmp_path, rng, (40,))
     with pytest.raises(CheckpointError, match="0123456789abcdef"):
-        cached_embed_tracks(StandIn(), "0123456789abcdef", paths, small_hp(), tmp_path / "c",
-                            progress=False)
+        embed_recordings(StandIn(), paths, small_hp(), cache_dir=tmp_path / "c",
+                         fingerprint="0123456789abcdef", progress=False)
 
 
 def test_cache_reports_missing_files_when_asked(tmp_path):
     rng = np.random.default_rng(9)
     paths = write_tracks(tmp_path, rng, (40,))
     failures: list = []
-    out = cached_embed_tracks(StandIn(), None, [tmp_path / "nope.npy", paths[0]], small_hp(),
-                              tmp_path / "c", progress=False, failures=failures)
+    out = embed_recordings(StandIn(), [tmp_path / "nope.npy", paths[0]], small_hp(),
+                           cache_dir=tmp_path / "c", progress=False, failures=failures)
     assert out[0] is None and out[1] is not None
     assert failures[0]["index"] == 0 and "not found" in failures[0]["reason"]

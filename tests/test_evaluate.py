@@ -19,7 +19,8 @@ from chlib.core.errors import CheckpointError, ConfigError, ManifestError
 from chlib.core.manifest import write_manifest
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import save_checkpoint
-from chlib.retrieval import evaluate
+from chlib.retrieval import evaluate, explore, identify
+from chlib.ui import report
 
 N_BINS = 24
 WORKS = ["reel", "jig", "hornpipe", "polka"]
@@ -100,11 +101,11 @@ def test_never_seen_works_are_the_ones_missing_from_training(evaluation):
     np.testing.assert_allclose(np.linalg.norm(r.points, axis=1), 1.0, atol=1e-5)
 
 
-def test_table_has_a_row_per_metric_with_ci(evaluation):
-    t = evaluation.table()
-    assert [row["metric"] for row in t.rows] == ["mAP", "MR1", "HR1", "HR10", "P@10"]
-    assert all(row["low"] is not None and row["high"] is not None for row in t.rows)
-    assert "mAP" in str(t) and "<table>" in t._repr_html_()
+def test_table_has_a_row_per_metric_with_ci_and_names_the_rule(evaluation):
+    t = report.metrics_table(evaluation)
+    assert list(t["metric"]) == ["mAP", "MR1", "HR1", "HR10", "P@10"]
+    assert t["low"].notna().all() and t["high"].notna().all()
+    assert set(t["rule"]) == {evaluation.rule} and f"distance rule {evaluation.rule!r}" in t.columns.name
 
 
 def test_save_writes_original_style_distance_export(evaluation, tmp_path):
@@ -115,17 +116,18 @@ def test_save_writes_original_style_distance_export(evaluation, tmp_path):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     meta = json.loads(paths["metrics"].read_text())
     assert meta["epoch"] == 0 and meta["testsets"]["demo_test"]["metrics"]["mAP"] == pytest.approx(1)
+    assert meta["distance_rule"] == meta["testsets"]["demo_test"]["distance_rule"] == "mean"
     perfs = json.loads(paths["demo_test.perfs"].read_text())
     assert perfs["query_works"][:3] == ["reel"] * 3
 
 
 @pytest.mark.parametrize("kind", ["pca", "tsne", "ranks", "confused", "per_work"])
 def test_figures_are_saved_as_png(evaluation, tmp_path, kind):
-    fig = evaluation.result().figure(kind, save_dir=tmp_path)
+    fig = report.testset_figure(evaluation.result(), kind, save_dir=tmp_path)
     assert (tmp_path / f"demo_test_{kind}.png").read_bytes()[:4] == b"\x89PNG"
     assert fig.axes
     with pytest.raises(ConfigError, match="figure kind"):
-        evaluation.result().figure("pie")
+        report.testset_figure(evaluation.result(), "pie")
 
 
 def test_scrambled_labels_lower_the_scores(tiny_run, tmp_path):
@@ -214,17 +216,17 @@ def _abs_records(tiny_run):
 def test_reference_index_is_built_then_reused_then_rebuilt_when_references_change(tiny_run):
     model, hp, _, _ = evaluate.load_checkpoint(tiny_run["run"], "latest", "cpu")
     refs = _abs_records(tiny_run)
-    idx, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
+    idx, status = identify.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
                                                    device="cpu", progress=False)
     assert status.startswith("built") and len(idx) == 9
-    idx2, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
+    idx2, status = identify.reference_index_for_run(tiny_run["run"], model, hp, refs[:9],
                                                     device="cpu", progress=False)
     assert status.startswith("loaded") and idx2.perfs == idx.perfs
     np.testing.assert_allclose(idx2.embeddings, idx.embeddings)
-    idx3, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs,
+    idx3, status = identify.reference_index_for_run(tiny_run["run"], model, hp, refs,
                                                     device="cpu", progress=False)
     assert "other recordings" in status and len(idx3) == 12
-    _, status = evaluate.reference_index_for_run(tiny_run["run"], model, hp, refs, rebuild=True,
+    _, status = identify.reference_index_for_run(tiny_run["run"], model, hp, refs, rebuild=True,
                                                  device="cpu", progress=False)
     assert "rebuild asked for" in status
 
@@ -239,18 +241,18 @@ def test_reference_records_default_to_everything_but_the_test_split(tmp_path):
     write_manifest(tmp_path / "test.txt", rows(["a3", "c1"], "test") +
                    [{"perf": "sp_0.9-a3", "work": "a", "wav": "a/a3.wav", "feat": "f/x.npy",
                      "source_perf": "a3"}])
-    refs = evaluate.reference_records(tmp_path)
+    refs = identify.reference_records(tmp_path)
     assert [r["perf"] for r in refs] == ["a1", "b1", "a2"]
     assert all(Path(r["wav"]).is_absolute() and Path(r["feat"]).is_absolute() for r in refs)
-    q = evaluate.identification_queries("", tmp_path)
+    q = identify.identification_queries("", tmp_path)
     assert [Path(p).name for p in q.paths] == ["a3.wav", "c1.wav"]  # the tempo copy once only
     assert q.truth == {q.paths[0]: "a", q.paths[1]: "c"}
-    only = evaluate.reference_records(tmp_path, tmp_path / "test.txt")
+    only = identify.reference_records(tmp_path, tmp_path / "test.txt")
     assert [r["perf"] for r in only] == ["a3", "c1", "sp_0.9-a3"]
     with pytest.raises(ConfigError, match="no such file"):
-        evaluate.identification_queries(tmp_path / "nope.wav", tmp_path)
+        identify.identification_queries(tmp_path / "nope.wav", tmp_path)
     with pytest.raises(ManifestError, match="held-out"):
-        evaluate.identification_queries("", tmp_path / "empty")
+        identify.identification_queries("", tmp_path / "empty")
 
 
 def test_identification_summary_counts_ranks_of_the_true_work():
@@ -263,13 +265,13 @@ def test_identification_summary_counts_ranks_of_the_true_work():
             row("q3", 1, "A"), row("q3", 2, "B"),
             {"query": "q4", "rank": None, "work": None, "error": "unreadable"}]
     truth = {"q1": "A", "q2": "A", "q3": "Z", "q4": "A"}
-    s = evaluate.identification_summary(rows, truth, index_works=["A", "B", "C"])
+    s = identify.identification_summary(rows, truth, index_works=["A", "B", "C"])
     assert s["n_queries"] == 4 and s["n_failed"] == 1 and s["n_with_truth"] == 3
     assert s["top1"] == pytest.approx(1 / 3) and s["top10"] == pytest.approx(2 / 3)
     assert s["n_truth_indexed"] == 2
     assert s["top1_indexed"] == pytest.approx(0.5) and s["top10_indexed"] == pytest.approx(1.0)
     assert [p["rank_of_true_work"] for p in s["per_query"]] == [1, 3, None]
-    text = evaluate.summary_text(s)
+    text = identify.summary_text(s)
     assert "true work first 33%" in text and "in the top 10 67%" in text
 
 
@@ -279,7 +281,7 @@ def test_explorer_data_joins_references_and_queries(tiny_run):
     model, hp, _, _ = evaluate.load_checkpoint(tiny_run["run"], "latest", "cpu")
     recs = _abs_records(tiny_run)
     index = build_index(model, recs[:6], hp, progress=False)
-    data = evaluate.explorer_data(index, recs[3:], model, hp, run_dir=tiny_run["run"],
+    data = explore.explorer_data(index, recs[3:], model, hp, run_dir=tiny_run["run"],
                                   metadata=[{"perf": r["perf"], "era": "old"} for r in recs],
                                   device="cpu", progress=False)
     assert len(data) == 12  # 6 references + the 6 queries not already indexed
@@ -290,9 +292,10 @@ def test_explorer_data_joins_references_and_queries(tiny_run):
     assert [n["work"] for n in nb] == ["reel", "reel"]  # its two covers come first
     assert all(n["row"] != 0 for n in data.neighbours(0, 20)) and len(data.neighbours(0, 20)) == 11
     assert data.index_of("jig_v1") == 4 and data.matching_works("ORN") == ["hornpipe"]
-    assert data.project("pca").shape == (12, 2)
+    assert report.explorer_projection(data, "pca").shape == (12, 2)
     assert data.row_of("") == 6 and data.row_of("jig_v1") == 4  # "": the first query
-    ax = data.map_figure("pca", "work", highlight_work="reel", row=6, n_neighbours=3).axes[0]
+    ax = report.explorer_map_figure(data, "pca", "work", highlight_work="reel", row=6,
+                                    n_neighbours=3).axes[0]
     labels = {c.get_label(): len(c.get_offsets()) for c in ax.collections}
     assert labels["selected"] == 1 and labels["neighbours"] == 3 and labels["reel"] == 3
     with pytest.raises(ConfigError, match="no metadata column"):
@@ -322,5 +325,5 @@ def test_evaluation_carries_random_and_untrained_baselines_below_the_model(evalu
     assert r.baselines["random embeddings"]["mAP"] < 0.9 * r.metrics["mAP"]
     assert r.baselines["untrained model"]["mAP"] == pytest.approx(1.0)
     assert 1.0 <= r.baselines["random embeddings"]["MR1"] <= 11.0
-    t = evaluation.table()
+    t = report.metrics_table(evaluation)
     assert "random embeddings" in t.columns and "untrained model" in t.columns

@@ -397,3 +397,43 @@ def test_temporary_files_of_a_killed_run_are_removed_and_others_kept(tmp_path):
     report = run(ds, cfg())
     assert not any(p.exists() for p in stale) and mine.exists()
     assert any("2 temporary file(s)" in n for n in report.notes)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _fails_on_b(name: str) -> str:
+    if name == "b":
+        raise ValueError("bad item")
+    return name.upper()
+
+
+def test_run_jobs_in_process_reports_an_error_and_goes_on():
+    from chlib.core.parallel import JobFailure, run_jobs
+
+    out = dict(run_jobs(_fails_on_b, [("a",), ("b",), ("c",)], num_workers=0))
+    assert out[0] == "A" and out[2] == "C"
+    assert out[1] == JobFailure("error", "ValueError: bad item")
+
+
+def test_run_jobs_raises_when_workers_cannot_start(tmp_path, monkeypatch):
+    import importlib
+
+    from chlib.core.parallel import WorkerStartError, run_jobs
+
+    (tmp_path / "gone_module.py").write_text("def job(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = importlib.import_module("gone_module").job
+    (tmp_path / "gone_module.py").unlink()  # a spawned worker cannot unpickle the job
+    with pytest.raises(WorkerStartError, match="before doing any work"):
+        list(run_jobs(job, [(1,), (2,)], num_workers=1, timeout_s=60))
+
+
+def test_a_disabled_progress_bar_still_iterates_and_counts():
+    from chlib.core.progress import progress
+
+    bar = progress(total=3, enabled=False)
+    bar.update(2)
+    bar.set_postfix(loss="0.1")
+    bar.close()
+    assert list(progress(range(3), enabled=False)) == [0, 1, 2]

@@ -3,9 +3,14 @@
 import pytest
 from bad_inputs import write_corrupt_mp3, write_tone
 
-from chlib.core.errors import ManifestError
+from chlib.core.errors import ConfigError, ManifestError
 from chlib.core.manifest import read_manifest
-from chlib.data.importers import import_covers80, import_folder_tree
+from chlib.data.importers import (
+    PREP_DEFAULTS,
+    default_prep_config,
+    import_covers80,
+    import_folder_tree,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +99,16 @@ def test_empty_tree_is_an_error_naming_the_folder(tmp_path):
         import_folder_tree(tmp_path / "empty", tmp_path / "ds")
     with pytest.raises(ManifestError, match="not found"):
         import_covers80(tmp_path / "nowhere", tmp_path / "ds")
+
+
+def test_each_source_kind_has_its_own_valid_prep_defaults():
+    from chlib.demo import DEMO_PREP_CONFIG
+
+    assert PREP_DEFAULTS["demo"] == DEMO_PREP_CONFIG
+    covers, folder = default_prep_config("covers80"), default_prep_config("folder", n_works=50)
+    assert covers.test_data_unseen > 0 and covers.test_data_split == 0  # ~2 recordings a work
+    assert covers.to_dict() != default_prep_config("demo").to_dict() != folder.to_dict()
+    small = default_prep_config("folder", n_works=4)
+    assert small.test_data_unseen == 0 and small.test_data_split > 0
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        default_prep_config("mp3s")

@@ -10,7 +10,7 @@ from torch import nn
 
 from chlib.core.config import FeatureSettings, HParams
 from chlib.core.errors import IndexMismatchError
-from chlib.retrieval.embed import track_distances, window_settings
+from chlib.retrieval.embed import window_settings
 from chlib.retrieval.index import (
     Calibration,
     ReferenceIndex,
@@ -21,6 +21,7 @@ from chlib.retrieval.index import (
     index_from_windows,
     sample_cross_work_pairs,
 )
+from chlib.retrieval.protocol import track_distances
 
 FP = "0123456789abcdef"
 WSET = window_settings(30, 3)
@@ -296,7 +297,7 @@ def test_index_search_top_k_equals_brute_force(rule):
     res = idx.search(queries, k=10)
     for q, rows in zip(queries, res, strict=True):
         if rule == "min":
-            d = track_distances([q], windows)[0]
+            d = track_distances([q], windows, rule="min")[0]
         else:
             qe = q / np.linalg.norm(q, axis=1, keepdims=True)
             qe = qe.mean(0) / np.linalg.norm(qe.mean(0))
@@ -357,7 +358,7 @@ def test_build_index_from_a_model_and_feature_files(tmp_path):
                     "source_perf": "w0v0"})
     records.append({"perf": "broken", "work": "w9", "work_id": 9, "feat": str(tmp_path / "no.npy")})
     model = StandIn()
-    idx = build_index(model, records, hp, progress=False)
+    idx = build_index(model, records, hp, rule="mean", progress=False)
     assert len(idx) == 8  # tempo copy dropped, broken file skipped
     assert [s["perf"] for s in idx.skipped] == ["broken"]
     from chlib.model.checkpoint import model_fingerprint

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_features import write_toy_dataset
 
 import chlib.train.loop as T
 from chlib.core.config import HParams, save_hparams
 from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.io import read_json
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
-from chlib.data.dataset import write_toy_dataset
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import list_checkpoints, load_generator_state, load_train_state
 from chlib.train.loop import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train

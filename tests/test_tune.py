@@ -27,11 +27,11 @@ from chlib.train.tune import (
     parse_plan,
     reading,
     run_plan,
-    save_tuning_figures,
     seed_series,
     summarise,
 )
 from chlib.ui.runner import parse_cli_value
+from chlib.ui.tune_figures import plot_tuning_curves, save_tuning_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -285,8 +285,6 @@ def test_tune_figures_are_written(tmp_path):
     paths = save_tuning_figures(summary, root)
     for p in paths.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from chlib.train.tune import plot_tuning_curves
-
     fig = plot_tuning_curves(summary)
     ax_map = fig.axes[0]
     assert len(ax_map.get_lines()) == len(summary.rows)  # one mean line per experiment

@@ -45,33 +45,24 @@ def test_use_project_root_leaves_the_notebooks_folder_only(tmp_path, monkeypatch
     assert widgets.use_project_root() == other
 
 
-def test_table_text_and_html():
-    rows = [{"metric": "mAP", "value": 0.51234, "n": 3}, {"metric": "MR1", "value": None}]
-    t = widgets.table(rows, floatfmt=".2f")
+def test_table_is_a_dataframe_of_the_chosen_columns():
+    rows = [{"metric": "mAP", "value": 0.5, "n": 3, "extra": 1}, {"metric": "MR1", "value": None}]
+    t = widgets.table(rows, ["metric", "value", "n"], title="scores")
+    assert list(t.columns) == ["metric", "value", "n"] and t["metric"].tolist() == ["mAP", "MR1"]
     text = str(t).splitlines()
-    assert text[0].split() == ["metric", "value", "n"]
-    assert set(text[1]) <= {"-", " "}
-    assert text[2].split() == ["mAP", "0.51", "3"]
-    assert text[3].split() == ["MR1"]
+    assert text[0].split()[:1] == ["scores"] and text[0].split()[-3:] == ["metric", "value", "n"]
+    assert text[1].split()[:3] == ["0", "mAP", "0.5"]
     h = t._repr_html_()
-    assert h.count("<tr>") == 3 and "<th>value</th>" in h and "<td>0.51</td>" in h
+    assert h.count("<tr") == 3 and "<th>value</th>" in h and "<td>0.5</td>" in h
 
 
-def test_table_escapes_html_and_truncates():
+def test_table_escapes_html_and_truncates_with_a_note():
     rows = [{"name": f"<b>{i}</b>"} for i in range(5)]
-    t = widgets.table(rows, max_rows=2)
-    assert "&lt;b&gt;0&lt;/b&gt;" in t.to_html() and "<b>0</b>" not in t.to_html()
-    assert "3 more rows" in t.to_text()
-    assert len(t) == 5
-
-
-def test_table_to_csv_writes_every_row(tmp_path):
-    import csv
-
-    rows = [{"a": i, "b": i / 2} for i in range(40)]
-    path = widgets.table(rows, max_rows=3).to_csv(tmp_path / "t.csv")
-    back = list(csv.DictReader(path.open()))
-    assert len(back) == 40 and back[-1] == {"a": "39", "b": "19.5"}
+    t = widgets.table(rows, max_rows=2, title="names")
+    assert "&lt;b&gt;0&lt;/b&gt;" in t._repr_html_() and "<b>0</b>" not in t._repr_html_()
+    assert len(t) == 2 and t.columns.name == "names; first 2 of 5 rows"
+    assert len(widgets.table(rows, max_rows=None)) == 5
+    assert widgets.table([], ["a", "b"]).columns.tolist() == ["a", "b"]
 
 
 def test_parameter_form_round_trips_typed_values():
@@ -195,8 +186,8 @@ def test_epoch_table_keeps_the_last_record_of_each_epoch_and_map_columns():
             {"kind": "epoch", "epoch": 1, "step": 4, "train_total": 2.4, "val_loss": 2.2,
              "mAP/test": 0.35, "is_best": False}]
     t = widgets.epoch_table(rows)
-    assert t.columns == ["epoch", "step", "train_total", "val_loss", "mAP/test", "is_best"]
-    assert [r["train_total"] for r in t.rows] == [3.0, 2.4]
+    assert list(t.columns) == ["epoch", "step", "train_total", "val_loss", "mAP/test", "is_best"]
+    assert t["train_total"].tolist() == [3.0, 2.4] and t.columns.name == "2 epochs"
 
 
 def test_cqt_examples_pick_the_work_with_most_recordings(tmp_path):
@@ -267,7 +258,6 @@ def test_identify_app_paths_from_upload_and_path_box(tmp_path):
 def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
     import ipywidgets as w
 
-    import chlib.retrieval.identify
     from chlib.retrieval.identify import IdentifyReport
 
     hp, index = _identify_fixture(tmp_path)
@@ -280,7 +270,7 @@ def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
                                      "work": "reel", "distance": 0.1, "p_value": 1e-4,
                                      "verdict": "likely the same work", "error": None}])
 
-    monkeypatch.setattr(chlib.retrieval.identify, "identify", fake_identify)
+    monkeypatch.setattr(widgets, "identify", fake_identify)
     app = widgets.IdentifyApp("model", hp, index, path=str(query), top_k=3)
     app.threshold.value = 0.01
     app.run()
@@ -295,7 +285,7 @@ def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
 
 
 def _explorer_data(tmp_path):
-    from chlib.retrieval.evaluate import ExplorerData
+    from chlib.retrieval.explore import ExplorerData
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(3, 8))
@@ -313,6 +303,8 @@ def _explorer_data(tmp_path):
 
 
 def test_embedding_explorer_controls_drive_the_map(tmp_path):
+    from chlib.ui.report import explorer_projection
+
     data = _explorer_data(tmp_path)
     ex = widgets.EmbeddingExplorer(data, projection="pca", point="p4", n_neighbours=2)
     assert list(ex.colour.options) == ["work", "role", "instrument"]  # "version" is unique
@@ -324,7 +316,7 @@ def test_embedding_explorer_controls_drive_the_map(tmp_path):
     assert s["highlight"] == ["work1"] and s["k"] == 3
     ax = ex.map_figure().axes[0]
     by_label = {c.get_label(): c for c in ax.collections}
-    xy = data.project("pca", 0)
+    xy = explorer_projection(data, "pca", 0)
     np.testing.assert_allclose(by_label["selected"].get_offsets()[0], xy[4])
     assert len(by_label["neighbours"].get_offsets()) == 3
     ex.refresh()  # draws into its Output widgets without raising

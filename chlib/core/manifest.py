@@ -1,27 +1,18 @@
 """Reading and writing manifests: dataset.txt, full.txt, split files and query/ref lists.
 
-One record per line, in either of the two formats CoverHunter(MPS) reads:
+One record per line, in either of the two formats CoverHunter(MPS) reads: a JSON object (e.g.
+``{"perf": "cover80_00000000_0_0", "wav": "data/a.wav", "dur_s": 231.4, "work": "A_Song"}``) or
+the legacy TAB-separated ``key:value`` pairs (the value is everything after the first colon;
+the original kept every legacy value a string except ``len``, chlib also casts the numeric keys
+it knows so that both formats give the same records). Blank lines are skipped; the original's
+key names are mapped on read (``utt`` -> ``perf``, ``song`` -> ``work``, ``song_id`` ->
+``work_id``). Every line is validated and all problems of a file are reported together with
+file name and line number, or, with ``strict=False``, returned beside the good records.
 
-* a JSON object (a line starting with ``{``), e.g.
-  ``{"perf": "cover80_00000000_0_0", "wav": "data/a.wav", "dur_s": 231.4, "work": "A_Song"}``;
-* the legacy form: TAB-separated ``key:value`` pairs, the value being everything after the
-  first colon. The original kept every legacy value as a string except ``len``; chlib also
-  casts the numeric keys it knows (``dur_s``, ``feat_len``, ``work_id`` ...) so that both formats
-  give the same records.
-
-Blank lines are skipped. The original's key names are mapped on read: ``utt`` -> ``perf``,
-``song`` -> ``work``, ``song_id`` -> ``work_id``. Every line is validated (JSON syntax, required
-keys, types, duplicate perf ids); all problems of a file are collected and reported together
-with file name and line number, or, with ``strict=False``, returned beside the good records so a
-batch job can skip the bad lines.
-
-Writers emit one JSON object per line (UTF-8, non-ASCII kept) and write atomically. Unlike the
-original, writing an empty list is allowed: an empty split file (e.g. ``val.txt`` when
-``val_data_split`` is 0) is a valid, empty manifest in chlib.
-
+Writers emit one JSON object per line (UTF-8, non-ASCII kept), atomically. Unlike the original,
+an empty list is a valid, empty manifest (e.g. ``val.txt`` when ``val_data_split`` is 0).
 Paths inside manifests (``wav``, ``feat``) are stored as written; :func:`resolve_path` finds
-the file they name (relative to the manifest's own folder if it exists there, else as given,
-i.e. relative to the current directory as in the original).
+the file they name.
 """
 
 from __future__ import annotations
@@ -91,17 +82,11 @@ class ManifestProblem:
 
 def _cast_legacy(key: str, value: str) -> Any:
     """Legacy ``key:value`` values are strings; cast the keys whose type chlib knows."""
-    if key in _INT_KEYS:
-        try:
-            return int(value)
-        except ValueError:
-            return value  # left as a string; the type check below reports it
-    if key in _FLOAT_KEYS:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    cast = int if key in _INT_KEYS else float if key in _FLOAT_KEYS else str
+    try:
+        return cast(value)
+    except ValueError:
+        return value  # left as a string; the type check reports it
 
 
 def _parse_legacy(line: str) -> dict:

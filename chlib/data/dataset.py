@@ -1,35 +1,22 @@
 """Training and validation chunks cut from memory-mapped CQT features.
 
-:class:`ChunkDataset` gives, for one item, the pair ``(feat [chunk_len // mean_size, bins]
-float32 tensor, work_id int)``, the original AudioFeatDataset's item (coverhunter-facts 4.1):
+:class:`ChunkDataset` item = ``(feat [chunk_len // mean_size, bins] float32 tensor, work_id)``,
+the original AudioFeatDataset's item (coverhunter-facts 4.1): a start frame (``"random"``:
+uniform over ``[0, n_frames - crop]`` with the array's true row count, never a file-size guess,
+bug 13.1.6; ``"defined"``: the record's ``start``), the rows read from the memory map, padded
+with -100 dB and frame-averaged by :func:`chlib.data.features.prepare_window` (what every
+embedding uses); optional tempo jitter j (crop ``round(chunk_len x f)``, f uniform in
+[1 - j, 1 + j], resampled to the chunk length) and spectral augmentation.
 
-1. a start frame: ``mode="random"``: uniform over every start that fits the crop inside the
-   track, ``[0, n_frames - crop]`` (0 when the track is shorter), where ``n_frames`` is the
-   **true** length, the number of rows of the array (never estimated from a file size, bug
-   13.1.6); ``mode="defined"``: the record's ``start`` key (0 if absent);
-2. the rows ``[start, start + crop)`` are read from the memory-mapped ``.npy`` (only those pages
-   are touched, so a feature set larger than RAM trains), padded at the end with -100 dB and
-   averaged over groups of ``mean_size`` frames by :func:`chlib.data.features.prepare_window`, the same
-   function every embedding goes through;
-3. optional feature-domain tempo jitter (``tempo_jitter = j``): the crop is
-   ``round(chunk_len x f)`` raw frames for a factor f uniform in [1 - j, 1 + j], resampled to the
-   chunk length, i.e. the music plays f times faster; bins (pitch) are untouched. A cheap
-   alternative to audio-domain tempo copies (prep's ``aug_speed_mode``);
-4. optional spectral augmentation (:func:`chlib.signal.specaug.spec_augment`).
-
-Randomness: the index is either an ``int`` or an ``(int, item_seed)`` pair (what
-:class:`chlib.data.sampler.MPerClassBatchSampler` yields). With a seed pair, that seed drives the
-crop and the augmentation, so results do not depend on DataLoader workers. With a plain int the
-generator is seeded from ``(dataset seed, index)``: the same crop every time, which is what
-validation wants (stable val loss for early stopping, instead of the original's fresh random
-crops each epoch).
+An index ``(int, item_seed)`` (from :class:`chlib.data.sampler.MPerClassBatchSampler`) seeds the
+crop and augmentation; a plain int seeds from ``(dataset seed, index)``: the same crop every
+time, which gives validation a stable loss.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,19 +24,11 @@ from torch.utils.data import Dataset
 
 from chlib.core.config import SpecAugConfig
 from chlib.core.errors import ConfigError
-from chlib.core.io import atomic_save_npy
-from chlib.core.manifest import write_manifest
 from chlib.data.features import feature_path, load_feature, prepare_window
 from chlib.data.sampler import item_rng
 from chlib.signal.specaug import spec_augment, tempo_resample
 
-__all__ = [
-    "ChunkDataset",
-    "find_missing_features",
-    "feature_lengths",
-    "worker_init",
-    "write_toy_dataset",
-]
+__all__ = ["ChunkDataset", "find_missing_features", "feature_lengths", "worker_init"]
 
 
 def find_missing_features(
@@ -173,40 +152,3 @@ class ChunkDataset(Dataset):
         if self.spec_aug is not None:
             chunk = spec_augment(chunk, self.spec_aug, rng=rng)
         return torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)), self.labels[idx]
-
-
-def write_toy_dataset(
-    out_dir: str | os.PathLike,
-    *,
-    n_works: int = 6,
-    n_perfs: int = 4,
-    frames: tuple[int, int] = (30, 60),
-    n_bins: int = 96,
-    noise_db: float = 6.0,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny, learnable synthetic feature set; returns the path of its ``full.txt``.
-
-    Work w has a fixed spectral envelope (a few "active" bins at about -10 dB over a -80 dB
-    floor); each of its ``n_perfs`` recordings is that envelope plus Gaussian noise
-    (``noise_db``), ``frames`` = (min, max) rows long, clipped to <= 0 dB like real features.
-    Any crop of a recording identifies its work, so a model can learn it in a few steps. Feature
-    paths in full.txt are absolute. For tests, benchmarks and examples; not music.
-    """
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    recs = []
-    for w in range(n_works):
-        env = np.full(n_bins, -80.0, dtype=np.float32)
-        env[rng.choice(n_bins, size=max(1, n_bins // 12), replace=False)] = -10.0
-        for p in range(n_perfs):
-            n = int(rng.integers(frames[0], frames[1] + 1))
-            feat = env[None, :] + rng.normal(0.0, noise_db, size=(n, n_bins)).astype(np.float32)
-            feat = np.minimum(feat, 0.0).astype(np.float32)
-            perf = f"toy_w{w:03d}_p{p:02d}"
-            path = (out / "cqt_feat" / f"{perf}.cqt.npy").resolve()
-            atomic_save_npy(path, feat)
-            recs.append({"perf": perf, "work": f"work{w:03d}", "work_id": w, "feat": str(path),
-                         "feat_len": n, "dur_s": n / 25.0})
-    write_manifest(out / "full.txt", recs)
-    return out / "full.txt"

@@ -3,7 +3,7 @@
 * :func:`compare_datasets` — shared works, shared perf ids and identical audio (by content hash
   of the wav files) between two manifests, e.g. a training set and a test set.
 * :func:`works_histogram` — how many performances each work has (a matplotlib Figure; nothing
-  is shown or saved by it) and :func:`save_figure` to write any figure atomically.
+  is shown or saved by it: :func:`chlib.ui.plots.save_figure` writes it).
 * :func:`make_query_in_ref` — the ``query_in_ref`` file for evaluating with a query list whose
   perfs also appear in the reference list (the original tool crashed whenever a perf matched,
   fact sheet 13.4.5).
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -20,20 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chlib.core.errors import ManifestError
-from chlib.core.io import atomic_write_bytes, file_sha256
+from chlib.core.io import file_sha256
 from chlib.core.manifest import read_manifest, resolve_path, source_perf, write_query_in_ref
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is made
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = [
-    "DatasetOverlap",
-    "compare_datasets",
-    "works_histogram",
-    "save_figure",
-    "make_query_in_ref",
-]
+__all__ = ["DatasetOverlap", "compare_datasets", "works_histogram", "make_query_in_ref"]
 
 
 @dataclass
@@ -72,22 +65,21 @@ class DatasetOverlap:
         return bool(self.shared_perfs or self.same_audio)
 
     def summary(self) -> str:
+        def listed(what: str, names: list[str]) -> str:
+            more = " ..." if len(names) > 10 else ""
+            return f"{what}: {len(names)}" + (f" ({', '.join(names[:10])}{more})" if names else "")
+
         lines = [
             f"A: {self.path_a}: {self.n_perfs_a} perfs, {self.n_works_a} works",
             f"B: {self.path_b}: {self.n_perfs_b} perfs, {self.n_works_b} works",
-            f"shared works: {len(self.shared_works)}"
-            + (f" ({', '.join(self.shared_works[:10])}{' ...' if len(self.shared_works) > 10 else ''})"
-               if self.shared_works else ""),
-            f"shared perf ids: {len(self.shared_perfs)}"
-            + (f" ({', '.join(self.shared_perfs[:10])}{' ...' if len(self.shared_perfs) > 10 else ''})"
-               if self.shared_perfs else ""),
+            listed("shared works", self.shared_works), listed("shared perf ids", self.shared_perfs),
         ]
         if self.hashed:
             renamed = self.same_audio_different_ids
             lines.append(f"identical audio in both sets: {len(self.same_audio)} recording(s), "
                          f"{len(renamed)} of them under different perf ids")
-            for x in renamed[:10]:
-                lines.append(f"  A {', '.join(x['perfs_a'])} == B {', '.join(x['perfs_b'])}")
+            lines += [f"  A {', '.join(x['perfs_a'])} == B {', '.join(x['perfs_b'])}"
+                      for x in renamed[:10]]
             lines.append(f"identical audio under several perf ids: {len(self.duplicates_a)} in A, "
                          f"{len(self.duplicates_b)} in B")
             if self.missing_audio_a or self.missing_audio_b:
@@ -117,11 +109,10 @@ def _hash_recordings(
         key = p.resolve() if p.exists() else p
         if key not in cache:
             cache[key] = file_sha256(p) if p.is_file() else None
-        digest = cache[key]
-        if digest is None:
+        if cache[key] is None:
             missing += 1
-            continue
-        by_hash.setdefault(digest, []).append(perf)
+        else:
+            by_hash.setdefault(cache[key], []).append(perf)
     return by_hash, missing
 
 
@@ -183,11 +174,8 @@ def works_histogram(
     for r in records:
         per_work.setdefault(r["work"], set()).add(source_perf(r))
     counts = Counter(len(v) for v in per_work.values())
-    if ax is None:
-        fig = Figure(figsize=(6, 3.5), layout="constrained")
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig = ax.figure if ax is not None else Figure(figsize=(6, 3.5), layout="constrained")
+    ax = ax if ax is not None else fig.add_subplot()
     xs = sorted(counts)
     ax.bar(xs, [counts[x] for x in xs], width=0.8, color="tab:blue")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -197,16 +185,6 @@ def works_histogram(
     ax.set_ylabel("number of works")
     ax.set_title(f"{name}: {len(per_work)} works, {n_recs} recordings")
     return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Save ``fig`` to ``path`` atomically; the format comes from the suffix (.png, .pdf, .svg)."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def make_query_in_ref(

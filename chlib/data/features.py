@@ -14,11 +14,9 @@ import numpy as np
 
 from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.manifest import resolve_path
+from chlib.signal.specaug import PAD_DB
 
 __all__ = ["PAD_DB", "load_feature", "prepare_window", "feature_path"]
-
-PAD_DB = -100.0  # dB value used to pad windows that run past the end of a track
-
 
 def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -> Path:
     """Path of a record's ``feat`` file (as given, i.e. relative to the current directory as in

@@ -15,25 +15,54 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chlib.core.errors import AudioError, ManifestError
+from chlib.core.config import PrepConfig
+from chlib.core.errors import AudioError, ConfigError, ManifestError
 from chlib.core.io import write_json
 from chlib.core.manifest import write_manifest
+from chlib.signal.audio import audio_info
 
-__all__ = [
-    "AUDIO_EXTENSIONS",
-    "ImportReport",
-    "import_covers80",
-    "import_folder_tree",
-    "find_covers80_root",
-]
+__all__ = ["AUDIO_EXTENSIONS", "PREP_DEFAULTS", "ImportReport", "import_covers80",
+           "import_folder_tree", "find_covers80_root", "default_prep_config"]
 
 #: File name endings treated as audio (case-insensitive).
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aif", ".aiff",
                     ".aifc", ".wv")
+
+
+#: Data-prep settings (merged over the PrepConfig defaults) of each kind of source.
+PREP_DEFAULTS: dict[str, dict] = {
+    # the synthetic demo: 40 works x 6 versions; its versions already span +-25 % of each work's
+    # tempo, so no tempo copies. 4 works test-only, 2 val-only, and one version of every other
+    # work in val and one in test.
+    "demo": {"aug_speed_mode": [1.0], "val_data_split": 0.1, "val_unseen": 0.05,
+             "test_data_split": 0.1, "test_data_unseen": 0.1},
+    # covers80: 80 works of ~2 recordings, too few to give a seen work's version away (one must
+    # stay in training), so whole works are held out: 16 for test, 8 for validation.
+    "covers80": {"aug_speed_mode": [1.0], "val_data_split": 0.0, "val_unseen": 0.1,
+                 "test_data_split": 0.0, "test_data_unseen": 0.2},
+    # your own folder tree: 15 % of works test-only and 10 % val-only (validation on unseen
+    # works, what early stopping should watch), and 10 % of the other works' recordings to test
+    "folder": {"aug_speed_mode": [1.0], "val_data_split": 0.0, "val_unseen": 0.1,
+               "test_data_split": 0.1, "test_data_unseen": 0.15},
+}
+
+
+def default_prep_config(kind: str, n_works: int | None = None) -> PrepConfig:
+    """The default :class:`PrepConfig` of a source ``kind``: "demo", "covers80" or "folder".
+
+    With ``n_works`` < 10 (too few works to hold any out) a folder tree keeps every work seen
+    and gives a quarter of each work's recordings to test (and none to val).
+    """
+    if kind not in PREP_DEFAULTS:
+        raise ConfigError(f"default_prep_config: kind must be one of {sorted(PREP_DEFAULTS)}, "
+                          f"got {kind!r}")
+    d = dict(PREP_DEFAULTS[kind])
+    if kind == "folder" and n_works is not None and n_works < 10:
+        d.update(val_data_split=0.0, val_unseen=0.0, test_data_split=0.25, test_data_unseen=0.0)
+    return PrepConfig.from_dict(d, where=f"{kind} prep defaults")
 
 
 @dataclass
@@ -67,12 +96,6 @@ def find_covers80_root(root: str | os.PathLike) -> Path:
     return root
 
 
-def _default_audio_info(path: Path) -> tuple[float, int, int]:
-    from chlib.signal.audio import audio_info
-
-    return audio_info(path)
-
-
 def _wav_string(path: Path, relative_to: str | os.PathLike | None) -> str:
     if relative_to is None:
         return str(path.resolve())
@@ -90,27 +113,19 @@ def _import_tree(
     perf_prefix: str,
     relative_to: str | os.PathLike | None,
     extensions: tuple[str, ...],
-    info: Callable[[Path], tuple[float, int, int]],
-    version_from: Callable[[Path], str],
 ) -> ImportReport:
     files = sorted(
         (p for p in root.glob(pattern) if p.is_file() and not p.name.startswith(".")),
         key=lambda p: (p.parent.name, p.name),
     )
-    skipped: list[dict] = []
-    audio = []
-    for p in files:
-        if p.suffix.lower() in extensions:
-            audio.append(p)
-        else:
-            skipped.append({"wav": str(p), "reason": f"not an audio file ending {p.suffix!r}"})
+    audio = [p for p in files if p.suffix.lower() in extensions]
+    skipped = [{"wav": str(p), "reason": f"not an audio file ending {p.suffix!r}"}
+               for p in files if p.suffix.lower() not in extensions]
     if not audio:
-        raise ManifestError(
-            f"{root}: no audio files match {pattern!r} (endings {', '.join(extensions)}); "
-            "expected one folder per work holding its recordings"
-        )
-    works = sorted({p.parent.name for p in audio})
-    work_index = {w: i for i, w in enumerate(works)}
+        raise ManifestError(f"{root}: no audio files match {pattern!r} (endings "
+                            f"{', '.join(extensions)}); expected one folder per work holding its "
+                            "recordings")
+    work_index = {w: i for i, w in enumerate(sorted({p.parent.name for p in audio}))}
     version_counter: dict[str, int] = {}
     records = []
     for running, p in enumerate(audio):
@@ -118,7 +133,7 @@ def _import_tree(
         v = version_counter.get(w, 0)
         version_counter[w] = v + 1
         try:
-            dur_s, _sr, _ch = info(p)
+            dur_s, _sr, _ch = audio_info(p)
         except (AudioError, OSError, RuntimeError, ValueError) as e:  # keep going; report it
             skipped.append({"wav": str(p), "reason": str(e) or type(e).__name__})
             continue
@@ -127,7 +142,7 @@ def _import_tree(
             "wav": _wav_string(p, relative_to),
             "dur_s": round(float(dur_s), 3),
             "work": w,
-            "version": version_from(p),
+            "version": p.name,
         })
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset_txt = out_dir / "dataset.txt"
@@ -147,28 +162,19 @@ def import_covers80(
     relative_to: str | os.PathLike | None = None,
     return_report: bool = False,
 ) -> Path | ImportReport:
-    """Write ``out_dir/dataset.txt`` for the covers80 tree ``covers32k/<work>/<recording>.mp3``.
+    """Write ``out_dir/dataset.txt`` for covers80's ``covers32k/<work>/<recording>.mp3`` tree.
 
-    Parameters
-    ----------
-    root : the ``covers32k`` folder or the folder containing it.
-    out_dir : the dataset folder to create (e.g. ``datasets/covers80``).
-    relative_to : write ``wav`` paths relative to this folder (e.g. the project root, the
-        original's convention); default: absolute paths.
-    return_report : return the :class:`ImportReport` instead of the path.
-
-    Works are numbered over sorted folder names, recordings over sorted file names within a
-    work; perf = ``cover80_<running index:08d>_<work index>_<version index>``, work = the folder
-    name, version = the file name, dur_s = the decoded duration in seconds. Unreadable files are
-    skipped and listed in ``out_dir/import_report.json`` (their indices stay reserved, so the
-    ids of the other files do not depend on which files could be read).
-
-    Returns the path of ``dataset.txt``.
+    ``root``: ``covers32k`` or its parent; ``relative_to``: write ``wav`` paths relative to this
+    folder (default absolute); ``return_report``: return the :class:`ImportReport`, not the path.
+    Works are numbered over sorted folder names, recordings over sorted file names; perf =
+    ``cover80_<running index:08d>_<work index>_<version index>``, work = folder name, version =
+    file name, dur_s = decoded duration (s). Unreadable files are skipped and listed in
+    ``import_report.json``; their indices stay reserved, so other ids do not depend on them.
     """
     covers = find_covers80_root(root)
     report = _import_tree(
         covers, Path(out_dir), pattern="*/*", perf_prefix="cover80", relative_to=relative_to,
-        extensions=AUDIO_EXTENSIONS, info=_default_audio_info, version_from=lambda p: p.name,
+        extensions=AUDIO_EXTENSIONS,
     )
     return report if return_report else report.dataset_txt
 
@@ -190,19 +196,10 @@ def import_folder_tree(
 ) -> Path | ImportReport:
     """Write ``out_dir/dataset.txt`` for a tree ``root/<work>/<recording>.<ext>``.
 
-    Parameters
-    ----------
-    root : folder with one sub-folder per work.
-    out_dir : dataset folder to create.
-    pattern : glob (relative to ``root``) selecting the recordings; the work is the name of each
-        file's parent folder, so deeper patterns (``"*/*/*.wav"``) group by the innermost folder.
-    relative_to : write ``wav`` paths relative to this folder; default absolute.
-    perf_prefix : prefix of the perf ids (default: the root folder's name, made file-name safe);
-        ids are ``<prefix>_<running index:08d>_<work index>_<version index>``.
-    extensions : file endings accepted as audio; other matched files are skipped and reported.
-    return_report : return the :class:`ImportReport` instead of the path.
-
-    Returns the path of ``dataset.txt``.
+    As :func:`import_covers80`, with ``pattern`` (glob under ``root``; the work is each file's
+    parent folder, so ``"*/*/*.wav"`` groups by the innermost one), ``perf_prefix`` (default: the
+    root folder's name, made file-name safe) and ``extensions`` (other matched files are skipped
+    and reported).
     """
     root = Path(root)
     if not root.is_dir():
@@ -211,6 +208,6 @@ def import_folder_tree(
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     report = _import_tree(
         root, Path(out_dir), pattern=pattern, perf_prefix=prefix, relative_to=relative_to,
-        extensions=exts, info=_default_audio_info, version_from=lambda p: p.name,
+        extensions=exts,
     )
     return report if return_report else report.dataset_txt

@@ -1,23 +1,13 @@
 """Batch samplers: m recordings of each of batch_size/m works per training batch.
 
 :class:`MPerClassBatchSampler` replaces the original's MPerClassSampler (coverhunter-facts 4.3,
-bug 13.2.3). What one epoch is, exactly:
-
-* the works of the training set are shuffled and cut into groups of ``k = batch_size // m``
-  distinct works; one batch per group, so an epoch has ``ceil(n_works / k)`` batches and **every
-  work appears in exactly one batch** (once per training chunk length, as the trainer runs one
-  sampler per length);
-* if the last group is short, it is completed with other works drawn at random (without
-  replacement, from the works not already in that batch), so every batch has k distinct works;
-  with fewer than k works in the whole set, works are repeated within the batch instead;
-* for each work in a batch, m of its recordings are drawn: without replacement when it has at
-  least m, otherwise each of its recordings once plus random repeats (with replacement) up to m.
-  A batch therefore always holds exactly ``batch_size`` real items: no zero-filled tail;
-* each item comes with its own 63-bit seed, which the dataset uses for its crop position and
-  augmentation. Crops therefore do not depend on the number of DataLoader workers.
-
-Everything is a pure function of ``(seed, stream, epoch)``: a sampler asked again for an epoch
-returns the same batches, and resuming in the middle of an epoch only needs ``start_batch``.
+bug 13.2.3). One epoch: the works are shuffled and cut into groups of ``k = batch_size // m``;
+one batch per group, so every work is in exactly one batch (a short last group is completed
+with other works drawn at random, repeating works only when the set has fewer than k). Each
+work gives m recordings, without replacement when it has m, else all plus random repeats: a
+batch always holds ``batch_size`` real items. Each item carries its own 63-bit seed for its crop
+and augmentation (independent of DataLoader workers). Everything is a pure function of ``(seed,
+stream, epoch)``; resuming mid-epoch only needs ``start_batch``.
 """
 
 from __future__ import annotations

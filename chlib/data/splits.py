@@ -1,26 +1,13 @@
 """Train / val / test splits and k folds, by work and by original recording, reproducibly.
 
-The original drew its splits over full.txt *lines* with Python's unseeded ``random``, so
-tempo-stretched copies of one recording landed in different splits (leakage, fact sheet 13.1.1)
-and no split could be reproduced (13.1.2). chlib:
-
-* groups every record with the recording it comes from (``source_perf``, else ``perf``), so a
-  recording and all its tempo copies always sit in the same split or fold;
-* draws everything from a ``numpy.random.Generator`` seeded by ``seed``; the result depends only
-  on the records' contents, not on their order in the file;
-* holds out whole works: ``test_data_unseen`` / ``val_unseen`` are fractions of *all* works
-  (as in the original), at least one work when the fraction is > 0, but never so many that no
-  work is left for training (the count is reduced and a note says so). ``test_data_unseen``
-  works even when ``test_data_split`` is 0 (the original ignored it then);
-* splits each remaining ("seen") work's *recordings* so that, over the whole set, about
-  ``val_data_split`` and ``test_data_split`` of the seen recordings go to val and test.
-  Per work the quota ``n x fraction`` is rounded down, and the leftover recordings needed to
-  reach the overall target are given to the works with the largest remainders (ties broken at
-  random). No forced val recording when ``val_data_split`` is 0, and no off-by-one test guard
-  (the original's quirks 13.1.2);
-* **keeps every seen work in training**: at least one recording of each seen work stays in
-  train, so a work with a single recording is never put in val or test, and a work with two
-  recordings gives at most one of them away.
+Unlike the original (splits over full.txt lines with unseeded ``random``: tempo copies of one
+recording leaked across splits, 13.1.1, and nothing was reproducible, 13.1.2), every record sits
+with its recording (``source_perf``, else ``perf``) in one split or fold, and everything is drawn
+from a ``numpy.random.Generator`` seeded by ``seed`` (independent of the records' file order).
+``test_data_unseen`` / ``val_unseen`` hold out that fraction of *all* works (at least one when
+> 0, never every work). ``val_data_split`` / ``test_data_split`` give about that fraction of the
+seen recordings to val / test: per work ``n x fraction`` rounded down, the leftover to the works
+with the largest remainders (random ties). One recording of every seen work stays in train.
 """
 
 from __future__ import annotations
@@ -35,9 +22,16 @@ import numpy as np
 
 from chlib.core.errors import ConfigError, ManifestError
 from chlib.core.io import atomic_write_text
-from chlib.core.manifest import assign_work_ids, source_perf, write_manifest
+from chlib.core.manifest import (
+    assign_work_ids,
+    read_manifest,
+    resolve_path,
+    source_perf,
+    write_manifest,
+)
 
-__all__ = ["Splits", "split_by_work", "write_splits", "kfold_groups", "group_recordings"]
+__all__ = ["Splits", "split_by_work", "write_splits", "read_split", "kfold_groups",
+           "group_recordings"]
 
 
 @dataclass
@@ -128,6 +122,27 @@ def _largest_remainder(
     return counts
 
 
+def _recordings_by_work(records: Sequence[dict], groups: dict[str, list[int]]
+                        ) -> dict[str, list[str]]:
+    """work -> its original recordings (sorted source perf ids)."""
+    work_recs: dict[str, list[str]] = {}
+    for src in sorted(groups):
+        work_recs.setdefault(records[groups[src][0]]["work"], []).append(src)
+    return work_recs
+
+
+def _hold_out(works: list[str], n_works: int, fraction: float, what: str,
+              rng: np.random.Generator, notes: list[str]) -> list[str]:
+    """``fraction`` x ``n_works`` (at least 1) of ``works`` drawn at random, leaving >= 1."""
+    if fraction <= 0:
+        return []
+    wanted = max(1, int(n_works * fraction))
+    n = min(wanted, max(0, len(works) - 1))
+    if n < wanted:
+        notes.append(f"{what}: {n} work(s) held out instead of {wanted} (need >= 1 train work)")
+    return sorted(rng.choice(works, size=n, replace=False).tolist()) if n else []
+
+
 def split_by_work(
     records: Sequence[dict],
     *,
@@ -164,35 +179,17 @@ def split_by_work(
     rng = np.random.default_rng(seed)
     groups = group_recordings(records)
     ids = _work_ids(records)
-    work_recs: dict[str, list[str]] = {}
-    for src in sorted(groups):
-        work_recs.setdefault(records[groups[src][0]]["work"], []).append(src)
+    work_recs = _recordings_by_work(records, groups)
     works = sorted(work_recs)
-    n_works = len(works)
     notes: list[str] = []
-
-    def n_unseen(fraction: float, available: int, what: str) -> int:
-        if fraction <= 0:
-            return 0
-        wanted = max(1, int(n_works * fraction))
-        n = min(wanted, max(0, available - 1))
-        if n < wanted:
-            notes.append(f"{what}: {n} work(s) held out instead of {wanted} (need >= 1 train work)")
-        return n
-
-    n_test_only = n_unseen(test_data_unseen, n_works, "test_data_unseen")
-    test_only = sorted(rng.choice(works, size=n_test_only, replace=False).tolist()) if n_test_only else []
+    test_only = _hold_out(works, len(works), test_data_unseen, "test_data_unseen", rng, notes)
     rest = [w for w in works if w not in test_only]
-    n_val_only = n_unseen(val_unseen, len(rest), "val_unseen")
-    val_only = sorted(rng.choice(rest, size=n_val_only, replace=False).tolist()) if n_val_only else []
+    val_only = _hold_out(rest, len(works), val_unseen, "val_unseen", rng, notes)
     seen = [w for w in rest if w not in val_only]
 
     where: dict[str, str] = {}  # recording -> split name
-    for w in test_only:
-        where.update({src: "test" for src in work_recs[w]})
-    for w in val_only:
-        where.update({src: "val" for src in work_recs[w]})
-
+    for name, held in (("test", test_only), ("val", val_only)):
+        where.update({src: name for w in held for src in work_recs[w]})
     sizes = [len(work_recs[w]) for w in seen]
     capacity = [n - 1 for n in sizes]  # one recording of each seen work stays in train
     n_val = _largest_remainder(sizes, capacity, val_data_split, rng)
@@ -203,19 +200,13 @@ def split_by_work(
         for k, src in enumerate(order):
             where[src] = "val" if k < nv else "test" if k < nv + nt else "train"
 
+    split_of = {i: where[src] for src, idxs in groups.items() for i in idxs}
     out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    split_of_index = {}
-    for src, idxs in groups.items():
-        for i in idxs:
-            split_of_index[i] = where[src]
     for i, rec in enumerate(records):
-        out[split_of_index[i]].append(rec)
-    return Splits(
-        train=out["train"], val=out["val"], test=out["test"],
-        test_only_work_ids=sorted(ids[w] for w in test_only),
-        val_only_work_ids=sorted(ids[w] for w in val_only),
-        notes=notes,
-    )
+        out[split_of[i]].append(rec)
+    return Splits(train=out["train"], val=out["val"], test=out["test"],
+                  test_only_work_ids=sorted(ids[w] for w in test_only),
+                  val_only_work_ids=sorted(ids[w] for w in val_only), notes=notes)
 
 
 def write_splits(dataset_dir: str | os.PathLike, splits: Splits) -> dict[str, Path]:
@@ -236,6 +227,30 @@ def write_splits(dataset_dir: str | os.PathLike, splits: Splits) -> dict[str, Pa
     return paths
 
 
+def read_split(path_or_dataset_dir: str | os.PathLike, split: str | None = None, *,
+               required: Sequence[str] = ("perf", "work")) -> list[dict]:
+    """Records of a split file with absolute ``wav`` / ``feat`` paths (resolved like chlib does).
+
+    ``read_split(dataset_dir, "test")`` reads ``dataset_dir/test.txt`` (train, val, test, full)
+    and gives [] when that file is absent; ``read_split(manifest_path)`` reads that manifest and
+    raises ManifestError when it is absent. ``required``: keys every line must have.
+    """
+    path = Path(path_or_dataset_dir)
+    if split is not None:
+        path = path / f"{split}.txt"
+        if not path.is_file():
+            return []
+    elif not path.is_file():
+        raise ManifestError(f"{path}: split file not found; check the path or run the split step")
+    out = []
+    for rec in read_manifest(path, required=tuple(required)):
+        for k in ("wav", "feat"):
+            if rec.get(k):
+                rec[k] = str(resolve_path(rec[k], path).resolve())
+        out.append(rec)
+    return out
+
+
 def kfold_groups(records: Sequence[dict], k: int, seed: int = 1234) -> list[list[int]]:
     """K folds of record indices, stratified by work and grouped by original recording.
 
@@ -250,9 +265,7 @@ def kfold_groups(records: Sequence[dict], k: int, seed: int = 1234) -> list[list
     if not isinstance(k, int) or k < 2:
         raise ConfigError(f"kfold: k must be an integer >= 2, got {k!r}")
     groups = group_recordings(records)
-    work_recs: dict[str, list[str]] = {}
-    for src in sorted(groups):
-        work_recs.setdefault(records[groups[src][0]]["work"], []).append(src)
+    work_recs = _recordings_by_work(records, groups)
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     pointer = int(rng.integers(k))

@@ -18,6 +18,11 @@ Verdicts (per result row, from its p-value; thresholds are arguments, not hard-c
 
 A query file that cannot be decoded or is too short is reported in its own row (``error``
 column) and the batch continues. Each stage is timed (seconds, summed over queries).
+
+The procedures of ``06_identify`` are here too: the run's reference index
+(:func:`reference_index_for_run`, built with the run's distance rule), the queries
+(:func:`identification_queries`) and how often the true work came first
+(:func:`identification_summary`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import csv
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +41,22 @@ import numpy as np
 import torch
 
 from chlib.core.device import pick_device, synchronize
-from chlib.core.errors import ChlibError, ConfigError, IndexMismatchError
+from chlib.core.errors import (
+    ChlibError,
+    ConfigError,
+    FeatureError,
+    IndexMismatchError,
+    ManifestError,
+)
 from chlib.core.io import atomic_write_text
-from chlib.retrieval.embed import embed_tracks
-from chlib.retrieval.index import ReferenceIndex
+from chlib.core.manifest import read_manifest, resolve_path
+from chlib.core.progress import progress as progress_bar
+from chlib.model.checkpoint import model_fingerprint
+from chlib.retrieval.embed import embed_windows
+from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
+from chlib.retrieval.scoring import rule_of
+from chlib.signal.audio import try_load_audio
+from chlib.signal.cqt import compute_cqt_db
 
 __all__ = [
     "VERDICT_LIKELY",
@@ -52,6 +70,14 @@ __all__ = [
     "identify",
     "identify_folder",
     "find_audio_files",
+    "query_features",
+    "read_split",
+    "reference_records",
+    "reference_index_for_run",
+    "Queries",
+    "identification_queries",
+    "identification_summary",
+    "summary_text",
 ]
 
 VERDICT_LIKELY = "likely the same work"
@@ -111,9 +137,34 @@ def _empty_row(query: str) -> dict:
     return {k: None for k in CSV_COLUMNS} | {"query": query}
 
 
-def _check_index(index: ReferenceIndex, model: torch.nn.Module, hp: Any) -> None:
-    from chlib.model.checkpoint import model_fingerprint
+def query_features(path: str | os.PathLike, hp: Any, device: str | torch.device = "cpu", *,
+                   timings: dict | None = None) -> np.ndarray:
+    """CQT [frames, bins] in dB of an audio file: decoded mono at ``hp.features.sample_rate``,
+    peak-normalised, transformed with ``hp.features``. The one query path of identification and
+    of the query-vs-match figure. FeatureError (naming the file) when it cannot be used;
+    ``timings`` (optional) gets ``decode_s`` / ``features_s`` added."""
+    t0 = time.perf_counter()
+    try:
+        y, err = try_load_audio(path, sample_rate=hp.features.sample_rate, normalise=True)
+    except Exception as e:  # decoders raise anything; a batch must go on
+        y, err = None, f"{path}: {type(e).__name__}: {e}"
+    t1 = time.perf_counter()
+    if timings is not None:
+        timings["decode_s"] = timings.get("decode_s", 0.0) + t1 - t0
+    if err is not None:
+        raise FeatureError(err)
+    dev = pick_device(device)
+    try:
+        return compute_cqt_db(y, hp.features, device=dev)
+    except ChlibError as e:
+        raise FeatureError(f"{path}: {e}") from e
+    finally:
+        synchronize(dev)
+        if timings is not None:
+            timings["features_s"] = timings.get("features_s", 0.0) + time.perf_counter() - t1
 
+
+def _check_index(index: ReferenceIndex, model: torch.nn.Module, hp: Any) -> None:
     index.check_compatible(fingerprint=model_fingerprint(model.state_dict()),
                            features=hp.features)
     ws = index.window_settings
@@ -156,9 +207,6 @@ def identify(
 
     Returns an :class:`IdentifyReport` (rows, per-stage timings).
     """
-    from chlib.signal.audio import try_load_audio
-    from chlib.signal.cqt import compute_cqt_db
-
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if not 0 < threshold_p <= possible_p <= 1:
@@ -174,65 +222,40 @@ def identify(
     timings = {"decode_s": 0.0, "features_s": 0.0, "model_s": 0.0, "search_s": 0.0}
     report = IdentifyReport()
     paths = [str(p) for p in paths]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(paths), desc="identify", unit="file", leave=False)
+    bar = progress_bar(total=len(paths), desc="identify", unit="file", enabled=progress,
+                       leave=False)
     for c0 in range(0, len(paths), chunk):
         group = paths[c0:c0 + chunk]
         feats: dict[int, np.ndarray] = {}
-        failed: dict[int, str] = {}
+        rows: list[list[dict]] = [[] for _ in group]  # per query, kept in input order
         for k, p in enumerate(group):
-            t0 = time.perf_counter()
             try:
-                y, err = try_load_audio(p, sample_rate=hp.features.sample_rate, normalise=True)
-            except Exception as e:  # decoders raise anything; the batch must go on
-                y, err = None, f"{p}: {type(e).__name__}: {e}"
-            timings["decode_s"] += time.perf_counter() - t0
-            if err is not None:
-                failed[k] = err
-                continue
-            t0 = time.perf_counter()
-            try:
-                feats[k] = compute_cqt_db(y, hp.features, device=dev)
+                feats[k] = query_features(p, hp, dev, timings=timings)
             except ChlibError as e:
-                failed[k] = f"{p}: {e}"
-            synchronize(dev)
-            timings["features_s"] += time.perf_counter() - t0
+                rows[k].append(_empty_row(p) | {"error": str(e)})
         ok = sorted(feats)
-        windows: list = []
-        results: list[list[dict]] = []
         if ok:
             t0 = time.perf_counter()
-            windows = embed_tracks(model, [feats[k] for k in ok], window=ws["window"],
-                                   mean_size=ws["mean_size"], hop=ws["hop"], tail=ws["tail"],
-                                   min_tail=ws["min_tail"], device=dev,
-                                   batch_size=hp.eval_batch_size, progress=False)
+            windows = embed_windows(model, [feats[k] for k in ok], window=ws["window"],
+                                    mean_size=ws["mean_size"], hop=ws["hop"], tail=ws["tail"],
+                                    min_tail=ws["min_tail"], device=dev,
+                                    batch_size=hp.eval_batch_size, progress=False)
             synchronize(dev)
             timings["model_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             results = index.search(windows, k=top_k, by=by)
             timings["search_s"] += time.perf_counter() - t0
-        by_k = dict(zip(ok, range(len(ok)), strict=True))
-        for k, p in enumerate(group):
-            if k in failed:
-                row = _empty_row(p)
-                row["error"] = failed[k]
-                report.rows.append(row)
-                continue
-            j = by_k[k]
-            for hit in results[j]:
-                row = _empty_row(p)
-                row.update({key: hit.get(key) for key in CSV_COLUMNS if key in hit})
-                row["verdict"] = verdict(hit["p_value"], threshold_p, possible_p)
-                row["query_duration_s"] = round(feats[k].shape[0] / fps, 3)
-                row["query_windows"] = int(len(windows[j]))
-                report.rows.append(row)
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
+            for k, wins, hits in zip(ok, windows, results, strict=True):
+                for hit in hits:
+                    row = _empty_row(group[k])
+                    row.update({key: hit.get(key) for key in CSV_COLUMNS if key in hit})
+                    row["verdict"] = verdict(hit["p_value"], threshold_p, possible_p)
+                    row["query_duration_s"] = round(feats[k].shape[0] / fps, 3)
+                    row["query_windows"] = int(len(wins))
+                    rows[k].append(row)
+        report.rows.extend(r for per_query in rows for r in per_query)
+        bar.update(len(group))
+    bar.close()
     timings["total_s"] = time.perf_counter() - t_all
     timings["n_queries"] = len(paths)
     timings["n_failed"] = len({r["query"] for r in report.rows if r["error"]})
@@ -276,3 +299,201 @@ def identify_folder(
     if out_csv is not None:
         report.to_csv(out_csv)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# the procedures of 06_identify
+
+
+def _absolute(rec: dict, manifest_path: Path) -> dict:
+    """A copy of ``rec`` whose ``wav`` / ``feat`` paths are absolute (resolved like chlib does)."""
+    out = dict(rec)
+    for k in ("wav", "feat"):
+        if out.get(k):
+            out[k] = str(resolve_path(out[k], manifest_path).resolve())
+    return out
+
+
+def read_split(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
+    """Records of ``dataset_dir/<split>.txt`` (train, val, test, full) with absolute paths;
+    [] when the file is absent."""
+    path = Path(dataset_dir) / f"{split}.txt"
+    if not path.is_file():
+        return []
+    return [_absolute(r, path) for r in read_manifest(path, required=("perf", "work"))]
+
+
+def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | os.PathLike = ""
+                      ) -> list[dict]:
+    """The recordings to index as references, with absolute ``wav`` / ``feat`` paths.
+
+    Default: the dataset's train + val recordings, i.e. every recording not held out as a query
+    (``test.txt``); without split files, all of ``full.txt``. A ``reference_manifest`` (a
+    full.txt-style file) replaces that choice. Tempo copies are kept here and dropped by
+    :func:`chlib.retrieval.index.build_index`.
+    """
+    if reference_manifest:
+        p = Path(reference_manifest)
+        return [_absolute(r, p) for r in read_manifest(p, required=("perf", "work", "feat"))]
+    recs = read_split(dataset_dir, "train") + read_split(dataset_dir, "val")
+    if not recs:
+        recs = read_split(dataset_dir, "full")
+    if not recs:
+        raise ManifestError(
+            f"{dataset_dir}: no train.txt, val.txt or full.txt; run 02_extract on the dataset "
+            "or give reference_manifest"
+        )
+    return recs
+
+
+def reference_index_for_run(run_dir: str | os.PathLike, model: Any, hp: Any,
+                            records: Sequence[dict], *, rebuild: bool = False,
+                            device: str = "auto", progress: bool = True) -> tuple[Any, str]:
+    """The run's reference index in ``run_dir/index``: loaded when it matches, else built.
+
+    It matches when it was built by this model (fingerprint), with these feature settings,
+    window recipe and the run's distance rule (``hp.distance_rule``), from exactly these
+    recordings (perf ids, tempo copies aside). Otherwise (or
+    with ``rebuild``) every record is embedded (cached in ``run_dir/embeddings``), indexed and
+    saved. Returns ``(index, status)`` with status "loaded ..." or "built ...".
+    """
+    folder = Path(run_dir) / "index"
+    fingerprint = model_fingerprint(model.state_dict())
+    wanted = sorted(str(r["perf"]) for r in records if not is_tempo_copy(r))
+    why = "rebuild asked for"
+    if not rebuild and (folder / "meta.json").is_file():
+        try:
+            idx = ReferenceIndex.load(folder, expect_fingerprint=fingerprint,
+                                      expect_features=hp.features)
+            ws = idx.window_settings
+            have = sorted(idx.perfs + [str(s.get("perf")) for s in idx.skipped])
+            if ws.get("window") != hp.chunk_len[0] or ws.get("mean_size") != hp.mean_size:
+                why = "the index was built with another window recipe"
+            elif idx.rule != rule_of(hp):
+                why = (f"the index ranks by distance rule {idx.rule!r}, the run by "
+                       f"{rule_of(hp)!r}")
+            elif have != wanted:
+                why = "the index holds other recordings"
+            else:
+                return idx, f"loaded {folder}: {len(idx)} reference recordings"
+        except IndexMismatchError as e:
+            why = str(e)
+    elif not rebuild:
+        why = "no index yet"
+    dev = next(model.parameters()).device if device == "auto" else device
+    idx = build_index(model, records, hp, device=dev, cache_dir=Path(run_dir) / "embeddings",
+                      rule=rule_of(hp), progress=progress)
+    idx.save(folder)
+    return idx, (f"built {folder}: {len(idx)} reference recordings, {len(idx.skipped)} skipped "
+                 f"({why})")
+
+
+@dataclass
+class Queries:
+    """Audio files to identify and, where a manifest says so, their true work."""
+
+    paths: list[str]
+    truth: dict[str, str] = field(default_factory=dict)  # path -> work name
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def identification_queries(query_path: str | os.PathLike, dataset_dir: str | os.PathLike
+                           ) -> Queries:
+    """What to identify: ``""`` = the dataset's held-out test recordings (truth known); an
+    audio file; a folder of audio files (no truth); or a manifest (``.txt`` / ``.jsonl``, truth
+    from its ``work``). Tempo copies and repeated audio files are listed once."""
+    def from_records(recs: list[dict], source: str) -> Queries:
+        q = Queries([], {}, source)
+        for r in recs:
+            if is_tempo_copy(r) or not r.get("wav") or r["wav"] in q.truth:
+                continue
+            q.paths.append(r["wav"])
+            q.truth[r["wav"]] = str(r["work"])
+        return q
+
+    if str(query_path) == "":
+        recs = read_split(dataset_dir, "test")
+        if not recs:
+            raise ManifestError(
+                f"{dataset_dir}: no held-out recordings (test.txt is missing or empty); give "
+                "query_path (an audio file, a folder or a manifest)"
+            )
+        return from_records(recs, f"{Path(dataset_dir) / 'test.txt'} (held-out recordings)")
+    p = Path(query_path)
+    if p.is_dir():
+        return Queries([str(f) for f in find_audio_files(p)], {}, str(p))
+    if p.suffix.lower() in (".txt", ".jsonl"):
+        return from_records([_absolute(r, p) for r in read_manifest(p)], str(p))
+    if not p.is_file():
+        raise ConfigError(f"query_path {p}: no such file or folder")
+    return Queries([str(p)], {}, str(p))
+
+
+def identification_summary(rows: Sequence[Mapping], truth: Mapping[str, str], *,
+                           index_works: Sequence[str] | None = None) -> dict:
+    """How often identification put the true work first / in the top 10.
+
+    ``rows`` are :class:`chlib.retrieval.identify.IdentifyReport` rows (``by="work"``: one row per work
+    and rank), ``truth`` maps query path -> true work. Shares are over queries with a known
+    work; ``*_indexed`` shares only over those whose work has reference recordings (a work
+    with none cannot be found: the right answer there is "no confident match").
+    """
+    by_query: dict[str, list[Mapping]] = {}
+    failed = set()
+    for r in rows:
+        if r.get("error"):
+            failed.add(r["query"])
+            continue
+        by_query.setdefault(str(r["query"]), []).append(r)
+    known = set(index_works) if index_works is not None else None
+    n_truth = n_indexed = top1 = top10 = top1_i = top10_i = 0
+    verdicts: Counter = Counter()
+    per_query = []
+    for q, work in truth.items():
+        if q in failed or q not in by_query:
+            continue
+        hits = sorted(by_query[q], key=lambda r: r["rank"])
+        rank = next((int(h["rank"]) for h in hits if str(h["work"]) == work), None)
+        indexed = known is None or work in known
+        n_truth += 1
+        n_indexed += indexed
+        t1, t10 = rank == 1, rank is not None and rank <= 10
+        top1 += t1
+        top10 += t10
+        top1_i += t1 and indexed
+        top10_i += t10 and indexed
+        verdicts[hits[0].get("verdict")] += 1
+        per_query.append({"query": q, "true_work": work, "rank_of_true_work": rank,
+                          "in_index": indexed, "best_work": hits[0]["work"],
+                          "best_distance": hits[0]["distance"], "verdict": hits[0]["verdict"]})
+
+    def share(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    return {"n_queries": len(set(by_query) | failed), "n_failed": len(failed),
+            "n_with_truth": n_truth, "n_truth_indexed": n_indexed,
+            "top1": share(top1, n_truth), "top10": share(top10, n_truth),
+            "top1_indexed": share(top1_i, n_indexed), "top10_indexed": share(top10_i, n_indexed),
+            "best_verdicts": dict(verdicts), "per_query": per_query}
+
+
+def summary_text(summary: Mapping) -> str:
+    """A few readable lines from :func:`identification_summary`."""
+    s = summary
+    lines = [f"{s['n_queries']} queries identified ({s['n_failed']} could not be read)."]
+    if s["n_with_truth"]:
+        lines.append(
+            f"Of {s['n_with_truth']} queries whose work is known: true work first "
+            f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.")
+        lines.append(
+            f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
+            f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
+            f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the right "
+            "answer for them is 'no confident match').")
+    if s["best_verdicts"]:
+        lines.append("Verdicts of the best match: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
+    return "\n".join(lines)

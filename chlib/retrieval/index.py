@@ -3,7 +3,7 @@
 A :class:`ReferenceIndex` holds, for N reference recordings:
 
 * ``embeddings`` [N, D] float32 unit rows, one per recording: the **mean of the unit window
-  embeddings over all windows of the track, renormalised** (:func:`chlib.retrieval.embed.track_embedding`;
+  embeddings over all windows of the track, renormalised** (:func:`chlib.retrieval.protocol.track_vector`;
   the original used only the first 135 s window, or a random one, bug 13.4.3);
 * optionally the window embeddings themselves (``windows`` [W, D] unit rows,
   ``window_owner`` [W] = row of the recording each window belongs to), needed for the
@@ -16,9 +16,9 @@ A :class:`ReferenceIndex` holds, for N reference recordings:
 * a calibration (:class:`Calibration`) of the distances between recordings of *different* works,
   turning a distance into a z-score and an empirical p-value.
 
-The distance rule (``rule``) is the same for search, calibration and identification:
-``"mean"`` = 1 - cos of the track embeddings (fast, one vector per recording, FAISS-able);
-``"min"`` = min over window pairs of 1 - cos (:func:`chlib.retrieval.embed.track_distances`).
+The distance rule (``rule``, :mod:`chlib.retrieval.protocol`) is the same for search,
+calibration and identification, and recorded in ``meta.json``: ``"mean"`` = 1 - cos of the
+track vectors (one per recording, FAISS-able); ``"min"`` = min over window pairs of 1 - cos.
 
 On disk (``save``/``load``) an index is a folder of plain files, never pickles::
 
@@ -47,15 +47,17 @@ import torch
 
 from chlib.core.errors import CheckpointError, ConfigError, IndexMismatchError, ManifestError
 from chlib.core.io import atomic_save_npy, atomic_write_text, file_sha256, read_json, write_json
-from chlib.retrieval.embed import (
-    DEFAULT_MIN_TAIL,
-    cached_embed_tracks,
-    embed_tracks_hp,
+from chlib.model.checkpoint import model_fingerprint
+from chlib.retrieval.embed import DEFAULT_MIN_TAIL, embed_recordings, window_settings
+from chlib.retrieval.protocol import (
+    check_rule,
+    cosine_distances,
+    pair_distances,
     track_distances,
-    track_embedding,
+    track_vector,
     unit_rows,
-    window_settings,
 )
+from chlib.retrieval.scoring import rule_of
 
 __all__ = [
     "INDEX_FORMAT",
@@ -79,7 +81,6 @@ DEFAULT_SEED = 12345  # the fork's calibration seed
 RADIUS_STDS = 1.5  # centroid radius = mean + 1.5 std of member distances (the fork's rule)
 FAISS_MIN_REFS = 200_000  # below this the exact numpy search is fast enough
 _TEMPO_PERF = re.compile(r"^sp_[0-9.]+-.+")
-_RULES = ("mean", "min")
 
 
 def is_tempo_copy(record: dict) -> bool:
@@ -428,20 +429,20 @@ class ReferenceIndex:
         for s in sets:
             if s.shape[1] != self.dim or len(s) == 0:
                 raise ConfigError(f"each query window set must be [n >= 1, {self.dim}], got {s.shape}")
-        return np.stack([track_embedding(s) for s in sets]) if sets else None, sets
+        return np.stack([track_vector(s) for s in sets]) if sets else None, sets
 
     def distances(self, query: Any) -> np.ndarray:
         """Distances [M, N] from queries to every reference under the index's rule.
 
         ``query``: a vector [D], vectors [M, D] (each one query) or a list of window sets
-        [n_windows, D] (rule "mean" reduces each set with :func:`track_embedding`).
+        [n_windows, D] (rule "mean" reduces each set with :func:`track_vector`).
         """
         vecs, sets = self._query_sets(query)
         if len(self) == 0:
             return np.zeros((0 if vecs is None else len(vecs), 0), np.float32)
         if self.rule == "min":
-            return track_distances(sets, self.window_sets(), reduce="min")
-        return _cosine_distances(vecs, self.embeddings)
+            return track_distances(sets, self.window_sets(), rule="min")
+        return cosine_distances(vecs, self.embeddings)
 
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
                use_faiss: bool | None = None) -> list[list[dict]]:
@@ -492,8 +493,8 @@ class ReferenceIndex:
         step = max(1, block_elements // n)
         for a in range(0, n_q, step):
             b = min(n_q, a + step)
-            d = (track_distances(sets[a:b], self.window_sets()) if self.rule == "min"
-                 else _cosine_distances(vecs[a:b], self.embeddings))
+            d = (track_distances(sets[a:b], self.window_sets(), rule="min") if self.rule == "min"
+                 else cosine_distances(vecs[a:b], self.embeddings))
             i, dd = _topk_rows(d, kk)
             idx[a:b], dist[a:b] = i, dd
         return idx, dist
@@ -570,7 +571,7 @@ class ReferenceIndex:
         if not rows:
             return
         n0 = len(self)
-        new_emb = np.stack([track_embedding(w) for _, w in rows]).astype(np.float32)
+        new_emb = np.stack([track_vector(w) for _, w in rows]).astype(np.float32)
         self.embeddings = np.concatenate([self.embeddings.reshape(-1, new_emb.shape[1]), new_emb])
         self.records = self.records + [r for r, _ in rows]
         if self.windows is not None:
@@ -618,8 +619,6 @@ class ReferenceIndex:
         The model must be the index's (fingerprint checked) and ``hp.features`` its feature
         settings. Returns the records that could not be embedded (``{"perf", "feat", "reason"}``).
         """
-        from chlib.model.checkpoint import model_fingerprint
-
         self.check_compatible(fingerprint=model_fingerprint(model.state_dict()),
                               features=hp.features)
         wins, failed = _embed_records(model, records, hp, self.window_settings, device,
@@ -750,11 +749,6 @@ class ReferenceIndex:
 # helpers: distances, top-k, faiss
 
 
-def _cosine_distances(q_unit: np.ndarray, refs_unit: np.ndarray) -> np.ndarray:
-    """1 - q . r for unit rows: float32 [M, N] in [0, 2]."""
-    return (1.0 - np.clip(q_unit @ refs_unit.T, -1.0, 1.0)).astype(np.float32)
-
-
 def _topk_rows(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Column indices and values of the k smallest entries of each row, ascending."""
     n = d.shape[1]
@@ -785,38 +779,13 @@ def _faiss_topk(q_unit: np.ndarray, refs_unit: np.ndarray, k: int) -> tuple[np.n
     return idx.astype(np.int64), (1.0 - np.clip(sims, -1.0, 1.0)).astype(np.float32)
 
 
-def _pair_distances(index: ReferenceIndex, i: np.ndarray, j: np.ndarray,
-                    chunk: int = 8192) -> np.ndarray:
-    """Distances of reference pairs (i[p], j[p]) under the index's rule, float64 [P]."""
-    out = np.empty(i.size, np.float64)
-    if index.rule == "mean":
-        e = index.embeddings.astype(np.float64)
-        for a in range(0, i.size, chunk):
-            dots = np.einsum("pd,pd->p", e[i[a:a + chunk]], e[j[a:a + chunk]])
-            out[a:a + chunk] = 1.0 - np.clip(dots, -1.0, 1.0)
-        return out
-    sets = index.window_sets()
-    w_max = max(len(s) for s in sets)
-    pad = np.zeros((len(sets), w_max, index.dim), np.float64)
-    mask = np.zeros((len(sets), w_max), bool)
-    for r, s in enumerate(sets):
-        pad[r, :len(s)] = s
-        mask[r, :len(s)] = True
-    for a in range(0, i.size, chunk):
-        ii, jj = i[a:a + chunk], j[a:a + chunk]
-        sims = np.einsum("pad,pbd->pab", pad[ii], pad[jj])
-        valid = mask[ii][:, :, None] & mask[jj][:, None, :]
-        best = np.where(valid, sims, -np.inf).max(axis=(1, 2))
-        out[a:a + chunk] = 1.0 - np.clip(best, -1.0, 1.0)
-    return out
-
-
 def _calibrate(index: ReferenceIndex) -> Calibration | None:
     i, j, method = sample_cross_work_pairs(index.works, index.n_pairs, index.seed)
     if i.size < 2:
         return None
-    return calibrate_distances(_pair_distances(index, i, j), seed=index.seed, method=method,
-                               rule=index.rule)
+    sets = index.window_sets() if index.rule == "min" else []
+    d = pair_distances(sets, index.embeddings, i, j, rule=index.rule)
+    return calibrate_distances(d, seed=index.seed, method=method, rule=index.rule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,8 +810,7 @@ def index_from_windows(
     Track embeddings, centroids (by the ``work`` column) and the calibration are computed here.
     ``rule="min"`` needs ``keep_windows=True``.
     """
-    if rule not in _RULES:
-        raise ConfigError(f"rule must be one of {_RULES}, got {rule!r}")
+    check_rule(rule)
     if rule == "min" and not keep_windows:
         raise ConfigError("rule 'min' compares window embeddings: keep_windows must be True")
     if len(records) != len(windows):
@@ -862,23 +830,17 @@ def index_from_windows(
 
 
 def _embed_records(model: torch.nn.Module, records: Sequence[dict], hp: Any, wset: dict,
-                   device: Any, manifest_path: Any, cache_dir: Any,
-                   progress: bool) -> tuple[list[np.ndarray | None], list[dict]]:
-    from chlib.core.manifest import resolve_path
-
+                   device: Any, manifest_path: Any, cache_dir: Any, progress: bool,
+                   batch_size: int | None = None) -> tuple[list[np.ndarray | None], list[dict]]:
+    """Window embeddings of reference records and the ``{"perf", "feat", "reason"}`` failures."""
+    for r in records:
+        if "feat" not in r:
+            raise ManifestError(f"record {r.get('perf', r)!r} has no 'feat' key (use full.txt)")
     failures: list[dict] = []
-    kw = {"hop": wset["hop"], "tail": wset["tail"], "min_tail": wset["min_tail"],
-          "progress": progress, "failures": failures}
-    if cache_dir is not None:
-        wins = cached_embed_tracks(model, None, list(records), hp, cache_dir, device=device,
-                                   manifest_path=manifest_path, **kw)
-    else:
-        paths = []
-        for r in records:
-            if "feat" not in r:
-                raise ManifestError(f"record {r.get('perf', r)!r} has no 'feat' key (use full.txt)")
-            paths.append(resolve_path(r["feat"], manifest_path))
-        wins = embed_tracks_hp(model, paths, hp, device, **kw)
+    wins = embed_recordings(model, list(records), hp, cache_dir=cache_dir,
+                            manifest_path=manifest_path, device=device, batch_size=batch_size,
+                            hop=wset["hop"], tail=wset["tail"], min_tail=wset["min_tail"],
+                            progress=progress, failures=failures)
     failed = [{"perf": records[f["index"]].get("perf"), "feat": f["feat"], "reason": f["reason"]}
               for f in failures]
     return wins, failed
@@ -892,7 +854,7 @@ def build_index(
     fingerprint: str | None = None,
     device: str | torch.device | None = None,
     batch_size: int | None = None,
-    rule: str = "mean",
+    rule: str | None = None,
     keep_windows: bool = True,
     tail: str = "shift",
     hop: int | None = None,
@@ -906,22 +868,19 @@ def build_index(
 ) -> ReferenceIndex:
     """Embed reference recordings (full.txt records) with ``model`` and index them.
 
-    Every window of every track is embedded with the run's recipe (``hp.chunk_len[0]``,
-    ``hp.mean_size``; :mod:`chlib.retrieval.embed`). Tempo copies (``sp_<f>-<perf>``) are left out unless
-    ``drop_tempo_copies=False``. Recordings whose features cannot be read are skipped and
-    listed in ``index.skipped`` (``{"perf", "feat", "reason"}``). ``fingerprint``: None = computed
-    from the model; a different value is a CheckpointError. ``cache_dir``: reuse / store window
-    embeddings (:func:`chlib.retrieval.embed.cached_embed_tracks`).
+    Every window of every track is embedded with the run's recipe (:mod:`chlib.retrieval.embed`).
+    ``rule``: the distance rule, None = the run's (``hp.distance_rule``). Tempo copies
+    (``sp_<f>-<perf>``) are left out unless ``drop_tempo_copies=False``. Recordings whose
+    features cannot be read are listed in ``index.skipped`` (``{"perf", "feat", "reason"}``).
+    ``fingerprint``: None = computed from the model; a different value is a CheckpointError.
+    ``cache_dir``: reuse / store window embeddings (:func:`chlib.retrieval.embed.embed_recordings`).
     """
-    from chlib.model.checkpoint import model_fingerprint
-
     actual = model_fingerprint(model.state_dict())
     if fingerprint is not None and fingerprint != actual:
         raise CheckpointError(
             f"fingerprint {fingerprint} was given but the model's weights hash to {actual}"
         )
-    if rule not in _RULES:
-        raise ConfigError(f"rule must be one of {_RULES}, got {rule!r}")
+    rule = check_rule(rule_of(hp) if rule is None else rule)
     recs = [r for r in records if not (drop_tempo_copies and is_tempo_copy(r))]
     for r in recs:
         _meta_row(r, 0)  # perf and work present
@@ -930,20 +889,11 @@ def build_index(
         dup = sorted({p for p in perfs if perfs.count(p) > 1})[:5]
         raise ManifestError(f"duplicate perf ids in the reference records: {dup}")
     wset = window_settings(hp.chunk_len[0], hp.mean_size, hop=hop, tail=tail, min_tail=min_tail)
-    hp_b = hp if batch_size is None else _with_batch(hp, batch_size)
-    wins, failed = _embed_records(model, recs, hp_b, wset, device, manifest_path, cache_dir,
-                                  progress)
+    wins, failed = _embed_records(model, recs, hp, wset, device, manifest_path, cache_dir,
+                                  progress, batch_size)
     ok = [i for i, w in enumerate(wins) if w is not None]
     return index_from_windows(
         [recs[i] for i in ok], [wins[i] for i in ok], model_fingerprint=actual,
         feature_settings=hp.features, window_settings=wset, rule=rule,
         keep_windows=keep_windows, n_pairs=n_pairs, seed=seed, skipped=failed,
     )
-
-
-def _with_batch(hp: Any, batch_size: int) -> Any:
-    import copy
-
-    hp2 = copy.copy(hp)
-    hp2.eval_batch_size = int(batch_size)
-    return hp2

@@ -1,25 +1,14 @@
 """Audio in: decode, mix to mono, resample, validate, peak-normalise.
 
-Every recording enters chlib through :func:`load_audio`, which returns a float32 mono signal at
-the feature sample rate (16 kHz by default) or raises :class:`~chlib.core.errors.AudioError` saying
-which file is wrong, what is wrong with it and what to do.
-
-Decoding goes through ``soundfile`` (libsndfile >= 1.1 reads WAV, FLAC, OGG/Vorbis, Opus and MP3
-without FFmpeg). If soundfile cannot read a format and ``torchaudio.load`` can (it needs
-torchcodec and FFmpeg's shared libraries), that is tried next. Resampling reproduces
-``torchaudio.functional.resample`` with its default windowed-sinc filter (as CoverHunterMPS does
-on its GPU path), on the CPU in float32, skipping the kernel's zero taps (:func:`resample`).
-
-Checks, in order: the file exists, is not empty, decodes, holds at least one sample, has only
-finite samples, is not silent (peak of the mono mix below ``SILENCE_PEAK`` = 1e-4, i.e. -80
-dBFS) and lasts at least ``min_seconds`` after decoding (default :data:`MIN_SECONDS`).
-
-Worker-friendly helpers: :func:`try_load_audio` returns ``(signal, None)`` or ``(None, reason)``
-instead of raising (for batch jobs that skip and report bad files), and
-:func:`iter_load_audio` decodes a list of files with a small thread pool, yielding results in
-input order with bounded read-ahead. Threads suffice for decoding (libsndfile runs outside the
-GIL through cffi) and avoid the start-up cost and pickling rules of worker processes in
-notebooks.
+Every recording enters through :func:`load_audio`: a float32 mono signal at the feature sample
+rate (16 kHz by default), or an :class:`~chlib.core.errors.AudioError` naming the file, what is
+wrong and what to do. Decoding: ``soundfile`` (libsndfile >= 1.1: WAV, FLAC, OGG, Opus, MP3),
+then ``torchaudio.load`` as a fallback. :func:`resample` reproduces
+``torchaudio.functional.resample`` (default windowed sinc) on the CPU without the zero taps.
+Checks, in order: exists, not empty, decodes, >= 1 sample, all finite, not silent (mono peak >=
+``SILENCE_PEAK`` = 1e-4, -80 dBFS), at least ``min_seconds`` long (:data:`MIN_SECONDS`).
+:func:`try_load_audio` returns ``(signal, None)`` or ``(None, reason)``; :func:`iter_load_audio`
+decodes many files in a few threads (libsndfile releases the GIL), in input order.
 """
 
 from __future__ import annotations
@@ -38,25 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from chlib.core.errors import AudioError
+from chlib.signal.cqt import group_runs
 
-__all__ = [
-    "MIN_SECONDS",
-    "SILENCE_PEAK",
-    "load_audio",
-    "try_load_audio",
-    "iter_load_audio",
-    "decode_audio",
-    "to_mono",
-    "resample",
-    "peak_normalise",
-    "audio_info",
-]
+__all__ = ["MIN_SECONDS", "SILENCE_PEAK", "load_audio", "try_load_audio", "iter_load_audio",
+           "decode_audio", "to_mono", "resample", "peak_normalise", "audio_info"]
 
-#: Shortest accepted recording, in seconds (after decoding). 16384 samples at 16 kHz: the length
-#: of one lowest-bin CQT kernel with the default features (fmin 32 Hz, 12 bins per octave: the
-#: kernel spans Q * sr / fmin = 8409 samples, rounded up to the 16384-point FFT both flavours
-#: use). It is also comfortably above the 8193 samples nnAudio's reflect padding (half a kernel,
-#: 8192 samples) needs, and gives 25 frames: anything shorter carries no usable features.
+#: Shortest accepted recording, in seconds: 16384 samples at 16 kHz, one lowest-bin CQT kernel
+#: of the default features (above nnAudio's 8193-sample minimum; 25 frames).
 MIN_SECONDS: float = 16384 / 16000
 
 #: Peak amplitude (of the mono mix, full scale = 1.0) below which a recording counts as silent:
@@ -64,54 +41,55 @@ MIN_SECONDS: float = 16384 / 16000
 SILENCE_PEAK: float = 1e-4
 
 
-def _describe(path: Path) -> str:
-    return str(path)
-
-
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise AudioError(f"{_describe(path)}: file not found; check the path (relative paths are "
+        raise AudioError(f"{path}: file not found; check the path (relative paths are "
                          f"resolved from {os.getcwd()})")
     if path.is_dir():
-        raise AudioError(f"{_describe(path)}: is a folder, not an audio file; point to the file")
+        raise AudioError(f"{path}: is a folder, not an audio file; point to the file")
     if path.stat().st_size == 0:
-        raise AudioError(f"{_describe(path)}: file is empty (0 bytes); the copy or download was "
+        raise AudioError(f"{path}: file is empty (0 bytes); the copy or download was "
                          "interrupted: copy or re-encode it again")
 
 
-def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return data, int(sr)
-
-
-def _decode_torchaudio(path: Path) -> tuple[np.ndarray, int]:
-    import torchaudio  # imported late: loading it costs ~1 s and it is rarely needed here
-
-    wav, sr = torchaudio.load(str(path))
-    return wav.to(torch.float32).numpy().T.copy(), int(sr)
-
-
-def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode a file as it is stored.
-
-    Returns ``(samples [n_samples, channels] float32, sample_rate in Hz)``. Raises
-    :class:`AudioError` for a missing, empty or undecodable file.
-    """
-    path = Path(path)
+def _first_that_reads(path: Path, soundfile_fn, torchaudio_fn, what: str, advice: str):
+    """``soundfile_fn()``, else the optional ``torchaudio_fn()``; AudioError if neither works."""
     _check_file(path)
     try:
-        return _decode_soundfile(path)
+        return soundfile_fn()
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e_sf:
         first = f"soundfile: {e_sf}"
     try:
-        return _decode_torchaudio(path)
+        return torchaudio_fn()  # imports torchaudio late: ~1 s, rarely needed
     except Exception as e_ta:  # any failure of the optional fallback is reported
-        second = f"torchaudio: {type(e_ta).__name__}: {e_ta}"
-    raise AudioError(
-        f"{_describe(path)}: cannot decode the audio ({first}; {second.splitlines()[0][:200]}). "
-        "The file is corrupt, not audio, or in a format libsndfile cannot read (it reads wav, "
-        "flac, ogg, opus and mp3): re-encode it, e.g. `ffmpeg -i in.m4a out.flac`"
-    )
+        second = f"torchaudio: {type(e_ta).__name__}: {e_ta}".splitlines()[0][:200]
+    raise AudioError(f"{path}: {what} ({first}; {second}). The file is corrupt, not audio, or in "
+                     f"a format libsndfile cannot read (wav, flac, ogg, opus, mp3): {advice}")
+
+
+def _torchaudio():
+    import torchaudio
+
+    return torchaudio
+
+
+def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode a file as stored: ``(samples [n_samples, channels] float32, sample rate in Hz)``.
+
+    Raises :class:`AudioError` for a missing, empty or undecodable file.
+    """
+    path = Path(path)
+
+    def with_soundfile() -> tuple[np.ndarray, int]:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        return data, int(sr)
+
+    def with_torchaudio() -> tuple[np.ndarray, int]:
+        wav, sr = _torchaudio().load(str(path))
+        return wav.to(torch.float32).numpy().T.copy(), int(sr)
+
+    return _first_that_reads(path, with_soundfile, with_torchaudio, "cannot decode the audio",
+                             "re-encode it, e.g. `ffmpeg -i in.m4a out.flac`")
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -133,13 +111,10 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list] | None:
     """torchaudio's own resampling kernel, split into groups of phases without the zero taps.
 
-    ``torchaudio.functional.resample`` applies, for each of the ``new`` output phases, a kernel
-    of ``2 * width + orig`` taps as one strided ``conv1d``; only ~``12 * orig / new`` taps of
-    each are non-zero (the rest lie outside the sinc window). For 44.1 -> 16 kHz that is ~34 of
-    475 taps. We keep, for groups of neighbouring phases, only the tap range where one of them
-    is non-zero and apply it as a matrix product on a strided view of the signal: the same
-    kernel values and sums, ~8x fewer multiplications. Returns None when torchaudio's private
-    kernel builder is unavailable (then the public function is used).
+    Each of the ``new`` output phases has ``2 * width + orig`` taps, only ~``12 * orig / new``
+    non-zero (44.1 -> 16 kHz: ~34 of 475); groups of neighbouring phases keep only their non-zero
+    tap range, applied as a matrix product on a strided view: same sums, ~8x fewer
+    multiplications. None when torchaudio's private kernel builder is unavailable.
     """
     try:
         from torchaudio.functional.functional import _get_sinc_resample_kernel
@@ -154,27 +129,11 @@ def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list]
     if taps.shape[0] != new:
         return None
     nonzero = taps.abs() > taps.abs().max() * 1e-12
-    runs = []
-    for i in range(new):
-        idx = torch.nonzero(nonzero[i]).flatten()
-        runs.append((int(idx[0]), int(idx[-1]) + 1))
-    # dynamic programme over contiguous phase groups: multiplications + a per-call overhead
-    best, back = [0.0] + [math.inf] * new, [0] * (new + 1)
-    for end in range(1, new + 1):
-        lo, hi = runs[end - 1]
-        for start in range(end - 1, -1, -1):
-            lo, hi = min(lo, runs[start][0]), max(hi, runs[start][1])
-            cost = best[start] + (hi - lo) * (end - start) + 700.0
-            if cost < best[end]:
-                best[end], back[end] = cost, start
-    groups, end = [], new
-    while end > 0:
-        start = back[end]
-        lo = min(r[0] for r in runs[start:end])
-        hi = max(r[1] for r in runs[start:end])
-        groups.append((start, end, lo, hi, taps[start:end, lo:hi].t().contiguous()))
-        end = start
-    return orig, new, int(width), int(taps.shape[1]), groups[::-1]
+    runs = [(int(idx[0]), int(idx[-1]) + 1)
+            for idx in (torch.nonzero(nonzero[i]).flatten() for i in range(new))]
+    groups = [(start, end, lo, hi, taps[start:end, lo:hi].t().contiguous())
+              for start, end, lo, hi in group_runs(runs, call_cost=700.0)]
+    return orig, new, int(width), int(taps.shape[1]), groups
 
 
 def _resample_grouped(y: torch.Tensor, plan: tuple, rows_per_chunk: int = 16384) -> torch.Tensor:
@@ -246,18 +205,18 @@ def _check_and_convert(
 ) -> np.ndarray:
     """Checks of :func:`load_audio` on decoded ``data [n, channels]``, then mono + resample."""
     if data.shape[0] == 0:
-        raise AudioError(f"{_describe(path)}: decodes to 0 samples; the file holds no audio: "
+        raise AudioError(f"{path}: decodes to 0 samples; the file holds no audio: "
                          "re-export it or remove it from the list")
     if not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
-        raise AudioError(f"{_describe(path)}: {n_bad} samples are NaN or infinite; the file is "
+        raise AudioError(f"{path}: {n_bad} samples are NaN or infinite; the file is "
                          "damaged (often a float WAV written by a crashed program): re-export it")
     y = to_mono(data)
     peak = float(np.max(np.abs(y)))
     if peak < silence_peak:
         db = 20 * np.log10(max(peak, 1e-12))
         raise AudioError(
-            f"{_describe(path)}: silent: peak amplitude {peak:.2e} ({db:.0f} dBFS) is below "
+            f"{path}: silent: peak amplitude {peak:.2e} ({db:.0f} dBFS) is below "
             f"{silence_peak:.0e} ({20 * np.log10(silence_peak):.0f} dBFS)"
             + ("; the channels may cancel out when mixed to mono (phase-inverted stereo)"
                if data.shape[1] > 1 else "")
@@ -265,7 +224,7 @@ def _check_and_convert(
         )
     duration = y.shape[0] / sr
     if duration < min_seconds:
-        raise AudioError(f"{_describe(path)}: too short: {duration:.3f} s, the minimum is "
+        raise AudioError(f"{path}: too short: {duration:.3f} s, the minimum is "
                          f"{min_seconds:.3f} s (one lowest-frequency CQT kernel); use a longer "
                          "recording or remove it from the list")
     return resample(y, sr, sample_rate)
@@ -360,25 +319,19 @@ def peak_normalise(y: np.ndarray) -> np.ndarray:
 def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
     """``(duration in seconds, sample rate in Hz, channels)`` from the header, without decoding.
 
-    Uses ``soundfile.info`` (for MP3 libsndfile may scan the frames; still much faster than
-    decoding). Falls back to ``torchaudio.info`` where available. Raises :class:`AudioError`
-    naming the file when it is missing, empty or unreadable.
+    ``soundfile.info`` (MP3 may be scanned, still much faster than decoding), else
+    ``torchaudio.info``. Raises :class:`AudioError` naming a missing, empty or unreadable file.
     """
     path = Path(path)
-    _check_file(path)
-    try:
+
+    def with_soundfile() -> tuple[float, int, int]:
         info = sf.info(str(path))
         return float(info.frames) / float(info.samplerate), int(info.samplerate), int(info.channels)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e_sf:
-        first = f"soundfile: {e_sf}"
-    try:
-        import torchaudio
 
-        meta = torchaudio.info(str(path))
+    def with_torchaudio() -> tuple[float, int, int]:
+        meta = _torchaudio().info(str(path))
         return (float(meta.num_frames) / float(meta.sample_rate), int(meta.sample_rate),
                 int(meta.num_channels))
-    except Exception as e_ta:  # optional fallback: report, do not crash
-        second = f"torchaudio: {type(e_ta).__name__}"
-    raise AudioError(f"{_describe(path)}: cannot read the audio header ({first}; {second}); the "
-                     "file is corrupt, not audio, or in a format libsndfile cannot read: "
-                     "re-encode it to flac, wav, ogg or mp3")
+
+    return _first_that_reads(path, with_soundfile, with_torchaudio,
+                             "cannot read the audio header", "re-encode it to flac, wav, ogg or mp3")

@@ -1,56 +1,29 @@
 """Constant-Q transform in two flavours behind one interface: ``nnaudio`` and ``coverhunter``.
 
-Both produce a magnitude CQT ``[frames, bins]`` (bins low to high, ``fmin * 2**(k / bpo)`` Hz)
-that :func:`amplitude_to_db` turns into dB relative to the loudest cell of the track
-(``20 * log10(mag + 1e-9)`` minus its maximum, so the maximum is 0 dB; no floor, no clipping).
-With the defaults (16 kHz, hop 640, fmin 32 Hz, 96 bins, 12 per octave) that is 25 frames per
-second over 32 Hz .. 7.7 kHz. The two flavours are *not* interchangeable: a model trained on one
-degrades on the other (different window, per-bin scaling, frame count and centring).
+Both give a magnitude CQT ``[frames, bins]`` (bin k at ``fmin * 2**(k / bpo)`` Hz) that
+:func:`amplitude_to_db` turns into dB below the track's loudest cell (``20 * log10(mag + 1e-9)``
+minus its maximum; no floor). Defaults (16 kHz, hop 640, fmin 32 Hz, 96 bins, 12 per octave):
+25 frames per second over 32 Hz .. 7.7 kHz. A model trained on one flavour degrades on the other.
 
-``nnaudio`` -- CoverHunterMPS's features
-    nnAudio's ``CQT1992v2`` (time-domain kernels applied as a strided ``conv1d``; Hann window,
-    L1 kernel norm, librosa-style scaling, reflect padding of half a kernel width, 16384 samples
-    with the defaults) configured with sr, hop_length, fmin, n_bins and bins_per_octave.
-    ``n_frames = floor(n_samples / hop) + 1``. We use ``CQT1992v2`` on every device. The fork
-    uses ``CQT2010v2`` on CUDA, but that class is 4-9x slower on CPU, further from librosa
-    (3.3 dB mean difference on strong bins) and differs from ``CQT1992v2`` (golden tune: 0.6 dB
-    mean, up to 39 dB on single cells above -60 dB: its octave-wise decimation), so one
-    implementation everywhere keeps features comparable across machines.
-    The reflect padding is done per track here, so a track in a zero-padded batch gets exactly
-    the frames it gets alone. Float32 on every device.
+``nnaudio`` -- CoverHunterMPS's features: nnAudio's ``CQT1992v2`` (Hann, L1 norm, reflect
+    padding of half a 16384-sample kernel), ``n_frames = floor(n_samples / hop) + 1``, on every
+    device (the fork's CUDA ``CQT2010v2`` is slower on CPU and differs by up to 39 dB on single
+    cells). Padding is per track, so a track in a zero-padded batch gets the frames it gets alone.
 
-``coverhunter`` -- the original CoverHunter features ("PyCqt")
-    Our torch implementation of the original's own transform: for bin k a Hamming-windowed
-    complex exponential of ``L_k = 2 * round(Q * sr / f_k / 2) + 1`` samples (Q cycles, divided
-    by ``L_k``), centred in an ``n_fft``-sample buffer (``n_fft`` = next power of two >=
-    ``Q * sr / fmin``: 16384); its FFT with entries of magnitude < 0.01 set to zero, conjugated
-    and divided by ``n_fft`` is the spectral kernel. The signal is zero-padded by
-    ``ceil((n_fft - hop) / 2)`` before and ``floor((n_fft - hop) / 2)`` after; frame j covers
-    samples ``[hop * j, hop * j + n_fft)`` of that, ``n_frames = floor(n_samples / hop)``, and
-    the magnitude is ``|kernel @ FFT(frame)|``.
+``coverhunter`` -- the original's "PyCqt", in torch: bin k's kernel is a Hamming-windowed complex
+    exponential of ``L_k = 2 * round(Q * sr / f_k / 2) + 1`` samples centred in ``n_fft`` = 16384
+    (next power of two >= ``Q * sr / fmin``); its FFT, entries < 0.01 zeroed, conjugated and
+    divided by ``n_fft`` is the spectral kernel. The signal is zero-padded by ``(n_fft - hop) / 2``
+    (ceil before, floor after), ``n_frames = floor(n_samples / hop)``, magnitude
+    ``|kernel @ FFT(frame)|``. Fast and exact: each bin's kernel is non-zero on one run of FFT
+    bins, so a real FFT per frame (two top bins folded back by conjugate symmetry) is multiplied,
+    per group of neighbouring bins, only over the run that group needs (groups chosen once per
+    settings). Float32 agrees with the float64 original within 0.001 dB above -60 dB
+    (``tests/test_cqt.py``); ``dtype=torch.float64`` on CPU / CUDA for bit-level checks. About
+    3.5-4 s per audio-hour on one torch thread (``bench/bench_extract.py``); under CPU
+    contention use one thread.
 
-    How it is made fast: the thresholded spectral kernel of bin k is non-zero only on one
-    contiguous run of FFT bins around ``f_k`` (7 bins for the lowest bin, ~1800 for the top one,
-    30k of 786k entries in all). We take a *real* FFT of each frame (half the work of the
-    complex one; the two top bins whose kernels reach past Nyquist are folded back onto the
-    real-FFT half with the conjugate symmetry of a real signal's spectrum) and multiply, for
-    groups of neighbouring bins, only the run of FFT bins the group needs by a small dense real
-    matrix (``[2 * run, 2 * bins in group]``, real and imaginary parts interleaved as
-    ``torch.view_as_real`` lays them out). The grouping is chosen once per settings to balance
-    wasted multiplications against per-call overhead. Frames are strided views of the padded
-    signal, processed ~128 at a time (bounded memory for hour-long tracks). The
-    arithmetic is exact (no approximation of the kernel); float32 agrees with the float64
-    original within 0.001 dB on cells above -60 dB of the golden tune (``tests/test_cqt.py``),
-    so float32 is the default on every device; ``dtype=torch.float64`` is available on CPU and
-    CUDA for bit-level comparisons (about twice as slow). Cost per frame: one 16384-point real
-    FFT (~20 us on one core with MKL) and ~0.37 M multiply-adds. Measured (``bench/
-    bench_extract.py``, 2-core machine shared with other jobs): one torch thread 3.5-4 s per
-    audio-hour, 3.6x the plain NumPy/scipy.sparse per-frame loop (13-14 s per audio-hour in one
-    process); two threads on an idle machine ~1.4 s (~9x). Under CPU contention use one torch
-    thread: OpenMP teams on oversubscribed cores run several times slower.
-
-Extractors are cached per (settings, device, dtype) by :func:`get_extractor`, so kernels are
-built once per process, not per file.
+Extractors are cached per (settings, device, dtype) by :func:`get_extractor`.
 """
 
 from __future__ import annotations
@@ -67,18 +40,9 @@ from chlib.core.config import FeatureSettings
 from chlib.core.device import device_dtype_ok, pick_device
 from chlib.core.errors import AudioError, ConfigError
 
-__all__ = [
-    "DB_EPS",
-    "CQTExtractor",
-    "amplitude_to_db",
-    "compute_cqt_db",
-    "compute_cqt_db_batch",
-    "n_frames",
-    "min_samples",
-    "kernel_length",
-    "coverhunter_spectral_kernel",
-    "get_extractor",
-]
+__all__ = ["DB_EPS", "CQTExtractor", "amplitude_to_db", "compute_cqt_db", "compute_cqt_db_batch",
+           "n_frames", "min_samples", "kernel_length", "coverhunter_spectral_kernel",
+           "get_extractor", "group_runs"]
 
 #: Added to magnitudes before the logarithm (the original's constant).
 DB_EPS: float = 1e-9
@@ -203,12 +167,12 @@ def _bin_runs(w: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def _group_bins(runs: list[tuple[int, int]], call_cost: float = 10000.0) -> list[tuple[int, int]]:
-    """Split bins into contiguous groups minimising ``sum(run width x bins) + call_cost x groups``.
-
-    A dynamic programme over the bins; ``call_cost`` (in multiply units) stands for the fixed
-    overhead of one small matmul. Returns half-open bin ranges ``[start, end)``.
-    """
+def group_runs(runs: list[tuple[int, int]],
+               call_cost: float = 10000.0) -> list[tuple[int, int, int, int]]:
+    """Split rows (CQT bins, resampler phases) with non-zero runs ``[lo, hi)`` into contiguous
+    groups minimising ``sum(group run width x rows) + call_cost x groups`` (dynamic programme;
+    ``call_cost``: a small matmul's overhead in multiplies). Returns ``(start, end, lo, hi)``:
+    the half-open rows of each group and the run covering them."""
     n = len(runs)
     best = [0.0] + [math.inf] * n
     back = [0] * (n + 1)
@@ -222,8 +186,10 @@ def _group_bins(runs: list[tuple[int, int]], call_cost: float = 10000.0) -> list
                 best[end], back[end] = cost, start
     groups, end = [], n
     while end > 0:
-        groups.append((back[end], end))
-        end = back[end]
+        start = back[end]
+        groups.append((start, end, min(r[0] for r in runs[start:end]),
+                       max(r[1] for r in runs[start:end])))
+        end = start
     return groups[::-1]
 
 
@@ -243,11 +209,8 @@ class _CoverHunterCQT(nn.Module):
         self.pad_right = (self.n_fft - self.hop) // 2
         w = _fold_to_real_fft(coverhunter_spectral_kernel(settings))
         runs = _bin_runs(w)
-        self.groups: list[tuple[int, int, int, int]] = []
-        for i, (start, end) in enumerate(_group_bins(runs)):
-            lo = min(r[0] for r in runs[start:end])
-            hi = max(r[1] for r in runs[start:end])
-            self.groups.append((start, end, lo, hi))
+        self.groups = group_runs(runs)
+        for i, (start, end, lo, hi) in enumerate(self.groups):
             block = torch.from_numpy(np.ascontiguousarray(w[2 * lo:2 * hi, 2 * start:2 * end]))
             self.register_buffer(f"w{i}", block.to(dtype))
 

@@ -1,26 +1,15 @@
 """Spectral augmentation of training chunks (the original's SpecAug, with its bugs fixed).
 
-Every function takes a chunk ``feat`` of shape ``[frames, bins]`` (time-major, after mean_size
-averaging; values in dB relative to the track maximum, so <= 0, with -100 dB end padding) and an
-explicit ``numpy.random.Generator``. Nothing here touches global random state, and the input array
-is never modified: each function returns a new array of the same shape and dtype.
-
-Order in :func:`spec_augment` is the original's: ``roll_pitch`` first, then ``random_erase``.
-
-Differences from the original (coverhunter-facts sections 4.2 and 13.2.1-2):
-
-* ``random_erase`` draws each box's *corner* so that the whole box lies inside the array. The
-  original drew a centre from ``[0, T - size)`` and sliced from ``centre - size/2``, which gave an
-  empty slice (no erase at all) whenever that start was negative and never reached the last
-  half-box of frames.
-* The erase fill value defaults to the chunk's own minimum (its quietest cell, i.e. "nothing
-  here" at this chunk's floor) instead of a uniform draw in [-128, 0) dB, which could be louder
-  than the quiet bins around it. A fixed dB value can be passed instead.
-* ``roll_pitch`` method ``"default"`` keeps the original's behaviour on purpose (a shift drawn
-  from {-n, 0, +n}, so no shift one time in three, and a *circular* roll that moves the top
-  bins to the bottom); ``"low_melody"`` and ``"flex_melody"`` follow the fork; ``"random"``
-  (chlib) shifts by any whole number of bins in [-shift_num, +shift_num], without wrapping: a
-  key change in either direction, which is what makes a model transposition-invariant.
+Every function takes a chunk ``feat [frames, bins]`` (after mean_size averaging; dB <= 0, -100 dB
+end padding) and an explicit ``numpy.random.Generator``, never touches global random state and
+returns a new array of the same shape and dtype. :func:`spec_augment` runs ``roll_pitch`` then
+``random_erase``, as the original. Fixes (coverhunter-facts 4.2, 13.2.1-2): each erase box's
+corner is drawn so the whole box lies inside the array (the original's centre draw gave empty
+slices and never reached the last half-box); the erase fill defaults to the chunk's own minimum
+(not a uniform draw in [-128, 0) dB, which could be louder than its surroundings). ``roll_pitch``
+``"default"`` keeps the original (shift in {-n, 0, +n}, circular roll); ``"low_melody"`` and
+``"flex_melody"`` follow the fork; ``"random"`` (chlib) shifts by any whole number of bins in
+[-shift_num, shift_num] without wrapping: a key change, for transposition invariance.
 """
 
 from __future__ import annotations
@@ -30,19 +19,9 @@ import numpy as np
 from chlib.core.config import RandomEraseConfig, RollPitchConfig, SpecAugConfig
 from chlib.core.errors import ConfigError
 
-__all__ = [
-    "PAD_DB",
-    "FLEX_FILL_DB",
-    "random_erase",
-    "erase_boxes",
-    "roll_pitch",
-    "roll_pitch_default",
-    "roll_pitch_low_melody",
-    "roll_pitch_flex_melody",
-    "roll_pitch_random",
-    "tempo_resample",
-    "spec_augment",
-]
+__all__ = ["PAD_DB", "FLEX_FILL_DB", "random_erase", "erase_boxes", "roll_pitch",
+           "roll_pitch_default", "roll_pitch_low_melody", "roll_pitch_flex_melody",
+           "roll_pitch_random", "tempo_resample", "spec_augment"]
 
 PAD_DB = -100.0  # value of end padding (rows past the end of a track)
 FLEX_FILL_DB = -128.0  # value of bins vacated by flex_melody (the fork's choice)
@@ -207,15 +186,7 @@ def roll_pitch_flex_melody(
     _, cols = np.nonzero(feat > thr)
     c = int(cols.mean()) if cols.size else n_bins // 2
     lo, hi = -min(shift_num, c), min(shift_num, n_bins - c)
-    s = int(rng.integers(lo, hi + 1))
-    out = np.full_like(feat, FLEX_FILL_DB)
-    if s > 0:
-        out[:, s:] = feat[:, : n_bins - s]
-    elif s < 0:
-        out[:, :s] = feat[:, -s:]
-    else:
-        out[:] = feat
-    return out
+    return _shift_bins(feat, int(rng.integers(lo, hi + 1)), np.full_like(feat, FLEX_FILL_DB))
 
 
 def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
@@ -231,9 +202,16 @@ def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: 
     s = int(rng.integers(-shift_num, shift_num + 1))
     if s == 0 or abs(s) >= n_bins:
         return np.array(feat, copy=True)
-    out = np.repeat(feat.min(axis=1, keepdims=True), n_bins, axis=1).astype(feat.dtype)
-    if s > 0:
-        out[:, s:] = feat[:, : n_bins - s]
+    return _shift_bins(feat, s, np.repeat(feat.min(axis=1, keepdims=True), n_bins,
+                                          axis=1).astype(feat.dtype))
+
+
+def _shift_bins(feat: np.ndarray, s: int, out: np.ndarray) -> np.ndarray:
+    """``feat`` moved up by ``s`` bins (down if negative) into ``out``, which fills the rest."""
+    if s == 0:
+        out[:] = feat
+    elif s > 0:
+        out[:, s:] = feat[:, : feat.shape[1] - s]
     else:
         out[:, :s] = feat[:, -s:]
     return out

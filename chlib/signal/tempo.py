@@ -1,27 +1,13 @@
 """Pitch-preserving tempo change of a mono signal (the original's "speed" augmentation).
 
-The original CoverHunter makes tempo-changed copies of every training recording with SoX's
-``tempo`` effect (factors 0.8, 0.9, 1.0, 1.1, 1.2; factor > 1 = faster, so shorter) and extracts
-CQT features from each copy. :func:`time_stretch` does the same with one of three backends:
-
-* ``sox``: the ``sox`` binary (``sox -q in.wav -t wav out.wav tempo F``), called without a shell
-  through temporary files, when it is on PATH. Same algorithm (WSOLA) as the original.
-* ``pedalboard``: Spotify's pedalboard (Rubber Band library), when importable.
-* ``librosa``: ``librosa.effects.time_stretch`` (STFT phase vocoder). Always installed.
-
-``auto`` picks sox, else pedalboard, else librosa; :func:`available_backends` lists what this
-machine has. The backends differ in artefacts (phasiness, transient smearing), not in pitch or
-length, so a dataset should be augmented with one backend throughout (``tempo_backend`` in the
-data-prep config; the backend is worth recording with the features).
-
-Why stretch the audio rather than the features: stretching in the audio domain keeps every CQT
-bin at its exact frequency and gives the new copy its own frame grid, exactly as the original.
-The cheaper alternative is a feature-domain change of tempo: resample the CQT frames along time
-(e.g. linear interpolation of ``[frames, bins]`` by ``1 / factor``). Pitch is untouched there
-too (bins are not moved), it costs microseconds and it can be drawn at random per training
-chunk instead of multiplying the dataset by the number of factors; the price is smeared onsets
-and a time resolution that is no longer exactly 40 ms per frame. The training data loader may
-offer it as an on-the-fly augmentation; this module is the faithful, offline one.
+The original makes tempo copies of every training recording with SoX's ``tempo`` effect
+(factor > 1 = faster, shorter) and extracts features from each. :func:`time_stretch` backends:
+``sox`` (the binary, without a shell, through temporary files; WSOLA as the original),
+``pedalboard`` (Rubber Band) and ``librosa`` (phase vocoder, always installed); ``auto`` picks
+the first available in that order (:func:`available_backends`). They differ in artefacts, not in
+pitch or length: augment a dataset with one backend throughout (``tempo_backend``). Stretching
+the audio keeps every CQT bin exact and gives the copy its own frame grid; the cheap
+feature-domain alternative is :func:`chlib.signal.specaug.tempo_resample` (training jitter).
 """
 
 from __future__ import annotations

@@ -1,71 +1,36 @@
 """Production training: k folds over the whole dataset, then a final full-data run.
 
-The procedure of CoverHunterMPS's ``train_prod`` (fact sheet 10.2), made resumable and without
-its bugs. Files::
+CoverHunterMPS's ``train_prod`` (fact sheet 10.2), resumable and without its bugs. Files::
 
-    <prod_dir>/config/hparams.yaml          the production config (hp), as given
-    <prod_dir>/state.json                   progress marker, written atomically after each step
-    <prod_dir>/data/folds.json              the k folds (record indices) + the manifest's hash
-    <prod_dir>/data/fold_<k>_train.txt      training / validation records of fold k
-    <prod_dir>/data/fold_<k>_val.txt
-    <prod_dir>/data/full_train.txt          every record (minus held-out recordings): final run
-    <prod_dir>/fold_<k>/                    a training run folder (config, checkpoints, logs,
-                                            metrics.jsonl) per fold
-    <prod_dir>/final/                       the final run; its best checkpoint is the product
-    <prod_dir>/report.txt                   :func:`report_production`
+    <prod_dir>/config/hparams.yaml      the production config, as given
+    <prod_dir>/state.json               progress marker, written atomically after each step
+    <prod_dir>/data/folds.json          the k folds (record indices) + the manifests' hashes
+    <prod_dir>/data/fold_<k>_{train,val}.txt, full_train.txt   per-fold / final-run records
+    <prod_dir>/fold_<k>/, final/        ordinary training run folders (the final run's best
+                                        checkpoint is the product)
+    <prod_dir>/report.txt               :func:`report_production`
 
-Procedure:
+Procedure: folds from :func:`chlib.data.splits.kfold_groups` (stratified by work, grouped by
+source recording, so tempo copies never straddle a fold; held-out recordings removed first).
+Fold 1 trains from scratch at ``learning_rate``. When it ends the LR anchor is fixed
+(``lr_initial_fold2``, else the LR at fold 1's best checkpoint if above ``min_lr``, else
+``learning_rate``) and ``ratio = (min_lr / anchor) ** (1 / (k - 1))``; fold ``j >= 2`` starts at
+``anchor x ratio ** (j - 2)`` with ``fold_lr_decay``, ``fold_hold_steps`` and no warm-up, from
+the weights and optimizer state of the best checkpoint so far, copied in as its epoch 0 (its
+step, epoch and LR schedule start afresh). The final run trains on every record, validated on
+the held-out set, from the global best at the LR of :func:`lr_plan` (``final_fold_position``,
+default ``k - 0.5``), with ``final_lr_decay`` and ``final_early_stopping_patience``.
 
-1. Folds: :func:`chlib.data.splits.kfold_groups` over the records, stratified by work and grouped by
-   source recording, so a recording and its tempo copies never sit on both sides of a fold
-   (the original stratified *lines*, leaking augmented copies into validation, 13.5.2).
-   Recordings that are also in the held-out set are removed from the fold data first.
-2. Fold 1 trains from scratch at ``learning_rate`` (its own ``lr_decay``, ``hold_steps`` 0).
-3. The learning-rate anchor is fixed when fold 1 ends: ``lr_initial_fold2`` if set, else the
-   learning rate at fold 1's best checkpoint if it is above ``min_lr``, else ``learning_rate``.
-   ``ratio = (min_lr / anchor) ** (1 / (k - 1))``; fold ``j >= 2`` starts at
-   ``anchor x ratio ** (j - 2)`` (fold 2 at the anchor, a virtual fold k + 1 at ``min_lr``), with
-   ``lr_decay = fold_lr_decay``, ``hold_steps = fold_hold_steps`` and no warm-up (a warm-up, if
-   configured, happens in fold 1 only). Anchor and ratio are stored
-   in ``state.json`` (the original lost the ratio when resumed after the last fold and crashed,
-   13.5.2).
-4. Fold ``j >= 2`` starts from the weights *and* optimizer state of the best checkpoint so far
-   (see "global best" below), copied into its own ``checkpoints/`` as its epoch 0 (not begun);
-   the step and epoch counters, and so the learning-rate schedule, start again at the fold's
-   own start LR.
-5. The final run trains on every record, validated on the held-out set, starting from the global
-   best at ``anchor x ratio ** (final_fold_position - 2)`` (default position ``k - 0.5``), with
-   ``final_lr_decay`` and ``final_early_stopping_patience``. Deviation: that LR is kept between
-   ``min_lr`` and the anchor (for k = 2 the original's default gives 6x the anchor or more).
-
-Deviations from the original, on purpose:
-
-* **Per-fold bests.** Early stopping starts afresh in every fold, best values included: a fold's
-  best is measured on its own validation set (the original carried ``best_validation_loss``
-  across folds, comparing losses on different sets, 13.5.2).
-* **Global best.** With ``early_stop_metric: mAP`` the folds' best mean mAPs are comparable
-  (the same ``map_stopping_testsets`` every fold), so the next fold and the final run start from
-  the best of them, as in the original. With ``val_loss`` they are not comparable (each fold has
-  its own validation set), so each fold continues from the previous fold's best checkpoint.
-* **Checkpoints are kept per fold** in the fold's folder; with ``keep_checkpoints="best"`` (the
-  default) a finished fold keeps only its best epoch (the original deleted every checkpoint after
-  the global best, discarding later folds' work when they did not improve the global metric).
-* ``max_epochs`` is per fold (each fold and the final run get up to ``max_epochs`` epochs of
-  their own); the original's was an absolute epoch index, leaving later folds almost nothing.
-  Epochs are numbered from 0 in every fold's folder (the original's shared checkpoint folder
-  continued the numbers); the report names (run, epoch) pairs.
-* ``test_path`` is not needed: the held-out set is an argument (default: the dataset's
-  ``test.txt``; with ``early_stop_metric: mAP`` it may be omitted, then the final run has no
-  validation loss). Test sets come from ``hp`` (no hard-coded names, in the report neither).
-* **Resumable at every point**, including after the last fold and after the final run: fold
-  runs resume from their own checkpoints, markers are in one atomically written ``state.json``,
-  and a changed config or manifest under an existing production folder is an error.
-* ``foc.output_dims: auto`` is resolved once, over all records and the held-out set, so every
-  fold and the final run share one focal head.
-
-Caveat inherent to the procedure (the original's too): after fold 1, each fold's validation
-records were training records of an earlier fold, so later folds' validation losses are
-optimistic. mAP on external test sets (``early_stop_metric: mAP``) does not have this problem.
+Deviations from the original, on purpose: early stopping starts afresh per fold (a fold's best
+is measured on its own validation set); the global best is the best fold with
+``early_stop_metric: mAP`` (comparable across folds), else the previous fold's best; checkpoints
+stay in each fold's folder (``keep_checkpoints="best"`` keeps a finished fold's best epoch);
+``max_epochs`` is per fold; the final LR is kept between ``min_lr`` and the anchor; test sets
+come from ``hp``; anchor and ratio are stored in ``state.json`` (the original lost the ratio on
+resume); resumable at every point, and a changed config or manifest under an existing folder is
+an error; ``foc.output_dims: auto`` is resolved once over every record. Caveat (the original's
+too): after fold 1 a fold's validation records were trained on earlier, so later validation
+losses are optimistic; mAP on external test sets does not have this problem.
 """
 
 from __future__ import annotations
@@ -90,12 +55,15 @@ from chlib.core.io import (
     write_json,
 )
 from chlib.core.manifest import FULL_KEYS, read_manifest, resolve_path, source_perf, write_manifest
+from chlib.data.splits import kfold_groups
 from chlib.model.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_train_state,
     read_best_epoch,
 )
+from chlib.train.loop import TrainResult, train
+from chlib.train.schedule import lr_at
 
 __all__ = [
     "ProdResult",
@@ -232,8 +200,6 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
                 "production folder for changed data")
         folds = info["folds"]
     else:
-        from chlib.data.splits import kfold_groups
-
         folds = kfold_groups(kept, hp.k_folds, seed=hp.seed)
         if any(len(f) == 0 for f in folds):
             raise ConfigError(f"{full}: {len(kept)} recordings are too few for {hp.k_folds} folds "
@@ -356,10 +322,102 @@ def _fmt(v: Any) -> str:
 
 def _lr_of_checkpoint(run_dir: Path, epoch: int, hp: HParams) -> float:
     """Learning rate of the last update before ``run_dir``'s checkpoint of ``epoch``."""
-    from chlib.train.loop import lr_at
-
     state = load_train_state(run_dir / "checkpoints" / checkpoint_name(epoch, "do_"))
     return lr_at(max(int(state.get("steps", 1)), 1), epoch, hp)
+
+
+def _finish(run_dir: Path, hp: HParams, result: TrainResult, info: dict, *,
+            required: bool) -> None:
+    """Record a finished fold or final run in its ``state.json`` entry ``info``."""
+    best_epoch, best_value, metric = _best_of(run_dir)
+    if best_epoch is None and required:
+        raise ConfigError(f"{run_dir}: the run finished without a checkpoint; check "
+                          "max_epochs and every_n_epoch_to_save")
+    info.update(status="done", best_epoch=best_epoch, best_value=best_value,
+                metric=metric or hp.early_stop_metric, last_epoch=result.epochs_done - 1,
+                stopped_early=result.stopped_early, finished_at=time.time(),
+                best_record=_epoch_record(run_dir, best_epoch))
+
+
+def _check_fresh(run_dir: Path, what: str) -> None:
+    if (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir}: has training logs but {STATE_FILE} does not list {what} "
+                          f"as started; the folder and the state disagree. Delete {run_dir} to "
+                          "retrain it")
+
+
+def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
+                base_over: dict) -> dict:
+    """Write fold ``i``'s config (and its starting checkpoint) and mark it started."""
+    fold_dir = prod_dir / f"fold_{i}"
+    _check_fresh(fold_dir, f"fold {i}")
+    init = state.get("global_best") if i > 1 else None
+    over = dict(base_over)
+    if i == 1:
+        start_lr, decay, hold = hp.learning_rate, hp.lr_decay, 0
+    else:  # the fold starts at its LR directly: no second warm-up
+        start_lr = state["anchor"] * state["ratio"] ** (i - 2)
+        decay, hold = hp.fold_lr_decay, hp.fold_hold_steps
+        over["warmup"] = False
+    data_dir = prod_dir / "data"
+    over.update({"train_path": str(data_dir / f"fold_{i}_train.txt"),
+                 "val_path": str(data_dir / f"fold_{i}_val.txt"), "learning_rate": start_lr,
+                 "lr_decay": decay, "hold_steps": hold, "max_epochs": hp.max_epochs})
+    if init is not None:
+        _seed_checkpoint(prod_dir / init["run"], init["epoch"], fold_dir)
+    save_hparams(hp.updated(over), fold_dir / "config" / "hparams.yaml")
+    n_val = len(data["folds"][i - 1])
+    fs = {"fold": i, "status": "started", "start_lr": start_lr, "init_from": init,
+          "lr_decay": decay, "hold_steps": hold, "n_train": data["n_records"] - n_val,
+          "n_val": n_val, "started_at": time.time()}
+    state["folds"][str(i)] = fs
+    _save_state(prod_dir, state)
+    return fs
+
+
+def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> None:
+    """After fold ``i``: fix the LR anchor (fold 1) and update the global best."""
+    fold_dir = prod_dir / f"fold_{i}"
+    if i == 1 and state.get("anchor") is None:
+        anchor = hp.lr_initial_fold2
+        if anchor is None:
+            fold_hp = load_hparams(fold_dir / "config" / "hparams.yaml")
+            at_best = _lr_of_checkpoint(fold_dir, fs["best_epoch"], fold_hp)
+            anchor = at_best if at_best > hp.min_lr else hp.learning_rate
+        plan = lr_plan(learning_rate=hp.learning_rate, anchor=anchor, min_lr=hp.min_lr,
+                       k=hp.k_folds, final_fold_position=hp.final_fold_position)
+        state["anchor"], state["ratio"] = anchor, plan["ratio"]
+    gb, value = state.get("global_best"), fs["best_value"]
+    if hp.early_stop_metric == "mAP" and fs["metric"] == "mAP" and gb is not None \
+            and gb.get("metric") == "mAP" and value is not None \
+            and gb.get("value") is not None and value <= gb["value"]:
+        fs["improved_global"] = False  # keep the earlier fold's checkpoint as the start
+    else:
+        state["global_best"] = {"run": fold_dir.name, "epoch": fs["best_epoch"], "value": value,
+                                "metric": fs["metric"]}
+        fs["improved_global"] = True
+    _save_state(prod_dir, state)
+
+
+def _start_final(prod_dir: Path, hp: HParams, state: dict, data: dict, base_over: dict) -> dict:
+    """Write the final run's config and starting checkpoint (the global best); mark it started."""
+    final_dir = prod_dir / "final"
+    _check_fresh(final_dir, "the final run")
+    init, held = state["global_best"], data["heldout"]
+    plan = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"], min_lr=hp.min_lr,
+                   k=hp.k_folds, final_fold_position=hp.final_fold_position)
+    over = {**base_over, "train_path": str(prod_dir / "data" / "full_train.txt"),
+            "val_path": None if held is None else str(held), "learning_rate": plan["final"],
+            "lr_decay": hp.final_lr_decay, "hold_steps": hp.fold_hold_steps, "warmup": False,
+            "early_stopping_patience": hp.final_early_stopping_patience,
+            "max_epochs": hp.max_epochs}
+    _seed_checkpoint(prod_dir / init["run"], init["epoch"], final_dir)
+    save_hparams(hp.updated(over), final_dir / "config" / "hparams.yaml")
+    fin = {"status": "started", "start_lr": plan["final"], "init_from": init,
+           "n_train": data["n_records"], "started_at": time.time()}
+    state["final"] = fin
+    _save_state(prod_dir, state)
+    return fin
 
 
 def run_production(
@@ -377,152 +435,60 @@ def run_production(
 ) -> ProdResult:
     """Run (or resume) k-fold production training in ``prod_dir``; see the module docstring.
 
-    Parameters
-    ----------
-    hp : the production config (HParams or YAML path; keys ``k_folds``, ``fold_lr_decay``,
-        ``final_lr_decay``, ``fold_hold_steps``, ``final_fold_position``,
-        ``final_early_stopping_patience``, ``lr_initial_fold2`` + the usual training keys and
-        test sets). None: the one saved in ``<prod_dir>/config/hparams.yaml`` (resume).
-    dataset_dir : a dataset folder: ``full.txt`` is the whole dataset and ``test.txt`` the
-        held-out set, unless ``full_manifest`` / ``heldout_manifest`` say otherwise. Without
-        either, ``hp.train_path`` / ``hp.test_path`` are used.
-    keep_checkpoints : ``"best"`` (a finished fold keeps only its best epoch) or ``"all"``.
-    callbacks : passed to :func:`chlib.train.loop.train` (called after every epoch of every run).
-    on_event : ``on_event(name, info)`` at ``fold_start``, ``fold_done``, ``folds_done``,
-        ``final_start``, ``final_done`` (after the state is saved).
-
+    ``hp``: the production config (HParams or YAML; keys ``k_folds``, ``fold_lr_decay``,
+    ``final_lr_decay``, ``fold_hold_steps``, ``final_fold_position``,
+    ``final_early_stopping_patience``, ``lr_initial_fold2`` + the training keys); None: the one
+    saved in ``<prod_dir>/config/hparams.yaml``. ``dataset_dir``: its ``full.txt`` is the whole
+    dataset and ``test.txt`` the held-out set unless ``full_manifest`` / ``heldout_manifest``
+    say otherwise (without either: ``hp.train_path`` / ``hp.test_path``). ``keep_checkpoints``:
+    ``"best"`` (a finished fold keeps its best epoch) or ``"all"``. ``callbacks`` go to
+    :func:`chlib.train.loop.train`; ``on_event(name, info)`` is called at ``fold_start``,
+    ``fold_done``, ``folds_done``, ``final_start``, ``final_done`` (after the state is saved).
     Returns a :class:`ProdResult`; ``complete`` is False if a run was interrupted (Ctrl-C).
     """
-    from chlib.train.loop import train
-
     if keep_checkpoints not in ("best", "all"):
         raise ConfigError(f"keep_checkpoints must be 'best' or 'all', got {keep_checkpoints!r}")
     prod_dir = Path(prod_dir)
     hp = _resolve_hp(prod_dir, hp)
-    full, held = _manifests(hp, dataset_dir, full_manifest, heldout_manifest)
-    data = _prepare_data(prod_dir, hp, full, held)
-    k = hp.k_folds
+    data = _prepare_data(prod_dir, hp, *_manifests(hp, dataset_dir, full_manifest, heldout_manifest))
     state = _load_state(prod_dir)
-    state.setdefault("k", k)
-    notes = []
-    if data["removed"]:
-        notes.append(f"{data['removed']} record(s) of held-out recordings were left out of the "
-                     "fold data")
+    state.setdefault("k", hp.k_folds)
+    notes = [f"{data['removed']} record(s) of held-out recordings were left out of the fold "
+             "data"] if data["removed"] else []
     base_over: dict = {"test_path": None}
     if hp.num_classes_auto:
         base_over["foc"] = {"output_dims": data["num_classes"]}
     emit = on_event or (lambda name, info: None)
-    data_dir = prod_dir / "data"
 
-    def run_train(run_dir: Path) -> Any:
-        return train(run_dir, device=device, progress=progress, callbacks=callbacks)
-
-    # ---- folds
-    for i in range(1, k + 1):
-        key = str(i)
-        fold_dir = prod_dir / f"fold_{i}"
-        fs = state["folds"].get(key)
-        if fs is not None and fs["status"] == "done":
+    for i in range(1, hp.k_folds + 1):
+        fold_dir, fs = prod_dir / f"fold_{i}", state["folds"].get(str(i))
+        if fs is None:
+            fs = _start_fold(prod_dir, hp, state, data, i, base_over)
+            emit("fold_start", dict(fs))
+        elif fs["status"] == "done":
             if keep_checkpoints == "best":  # idempotent: a kill may have come before the pruning
                 _prune(fold_dir, {fs["best_epoch"]})
             continue
-        if fs is None:
-            if (fold_dir / "metrics.jsonl").is_file():
-                raise ConfigError(
-                    f"{fold_dir}: has training logs but {prod_dir / STATE_FILE} does not list "
-                    f"fold {i} as started; the folder and the state disagree. Delete {fold_dir} "
-                    "to retrain this fold")
-            init = state.get("global_best") if i > 1 else None
-            over = dict(base_over)
-            if i == 1:
-                start_lr, decay, hold = hp.learning_rate, hp.lr_decay, 0
-            else:  # the fold starts at its LR directly: no second warm-up
-                start_lr = state["anchor"] * state["ratio"] ** (i - 2)
-                decay, hold = hp.fold_lr_decay, hp.fold_hold_steps
-                over["warmup"] = False
-            over.update({"train_path": str(data_dir / f"fold_{i}_train.txt"),
-                         "val_path": str(data_dir / f"fold_{i}_val.txt"),
-                         "learning_rate": start_lr, "lr_decay": decay, "hold_steps": hold,
-                         "max_epochs": hp.max_epochs})
-            fold_hp = hp.updated(over)
-            if init is not None:
-                _seed_checkpoint(prod_dir / init["run"], init["epoch"], fold_dir)
-            save_hparams(fold_hp, fold_dir / "config" / "hparams.yaml")
-            fs = {"fold": i, "status": "started", "start_lr": start_lr, "init_from": init, "lr_decay": decay, "hold_steps": hold,
-                  "n_train": data["n_records"] - len(data["folds"][i - 1]),
-                  "n_val": len(data["folds"][i - 1]), "started_at": time.time()}
-            state["folds"][key] = fs
-            _save_state(prod_dir, state)
-            emit("fold_start", dict(fs))
-        result = run_train(fold_dir)
+        result = train(fold_dir, device=device, progress=progress, callbacks=callbacks)
         if result.interrupted:
             return _result(prod_dir, state, notes, complete=False)
-        fold_hp = load_hparams(fold_dir / "config" / "hparams.yaml")
-        best_epoch, best_value, metric = _best_of(fold_dir)
-        if best_epoch is None:
-            raise ConfigError(f"{fold_dir}: the fold finished without a checkpoint; check "
-                              "max_epochs and every_n_epoch_to_save")
-        fs.update(status="done", best_epoch=best_epoch, best_value=best_value,
-                  metric=metric or hp.early_stop_metric, last_epoch=result.epochs_done - 1,
-                  stopped_early=result.stopped_early, finished_at=time.time(),
-                  best_record=_epoch_record(fold_dir, best_epoch))
-        if i == 1 and state.get("anchor") is None:
-            anchor = hp.lr_initial_fold2
-            if anchor is None:
-                at_best = _lr_of_checkpoint(fold_dir, best_epoch, fold_hp)
-                anchor = at_best if at_best > hp.min_lr else hp.learning_rate
-            plan = lr_plan(learning_rate=hp.learning_rate, anchor=anchor, min_lr=hp.min_lr, k=k,
-                           final_fold_position=hp.final_fold_position)
-            state["anchor"], state["ratio"] = anchor, plan["ratio"]
-        candidate = {"run": fold_dir.name, "epoch": best_epoch, "value": best_value,
-                     "metric": fs["metric"]}
-        gb = state.get("global_best")
-        if hp.early_stop_metric == "mAP" and fs["metric"] == "mAP" and gb is not None \
-                and gb.get("metric") == "mAP" and best_value is not None \
-                and gb.get("value") is not None and best_value <= gb["value"]:
-            fs["improved_global"] = False  # keep the earlier fold's checkpoint as the start
-        else:
-            state["global_best"] = candidate
-            fs["improved_global"] = True
-        _save_state(prod_dir, state)
+        _finish(fold_dir, hp, result, fs, required=True)
+        _fold_done(prod_dir, hp, state, i, fs)
         if keep_checkpoints == "best":
-            _prune(fold_dir, {best_epoch})
+            _prune(fold_dir, {fs["best_epoch"]})
         emit("fold_done", dict(fs))
     emit("folds_done", {"global_best": state["global_best"], "anchor": state["anchor"],
                         "ratio": state["ratio"]})
 
-    # ---- final run on everything, validated on the held-out set
-    final_dir = prod_dir / "final"
-    fin = state.get("final")
+    fin = state.get("final")  # the final run on everything, validated on the held-out set
     if fin is None or fin["status"] != "done":
         if fin is None:
-            if (final_dir / "metrics.jsonl").is_file():
-                raise ConfigError(f"{final_dir}: has training logs but the state does not list "
-                                  f"the final run as started; delete {final_dir} to retrain it")
-            init = state["global_best"]
-            plan = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"],
-                           min_lr=hp.min_lr, k=k, final_fold_position=hp.final_fold_position)
-            over = {**base_over, "train_path": str(data_dir / "full_train.txt"),
-                    "val_path": None if held is None else str(held),
-                    "learning_rate": plan["final"], "lr_decay": hp.final_lr_decay,
-                    "hold_steps": hp.fold_hold_steps, "warmup": False,
-                    "early_stopping_patience": hp.final_early_stopping_patience,
-                    "max_epochs": hp.max_epochs}
-            final_hp = hp.updated(over)
-            _seed_checkpoint(prod_dir / init["run"], init["epoch"], final_dir)
-            save_hparams(final_hp, final_dir / "config" / "hparams.yaml")
-            fin = {"status": "started", "start_lr": plan["final"], "init_from": init, "n_train": data["n_records"], "started_at": time.time()}
-            state["final"] = fin
-            _save_state(prod_dir, state)
+            fin = _start_final(prod_dir, hp, state, data, base_over)
             emit("final_start", dict(fin))
-        result = run_train(final_dir)
+        result = train(prod_dir / "final", device=device, progress=progress, callbacks=callbacks)
         if result.interrupted:
             return _result(prod_dir, state, notes, complete=False)
-        best_epoch, best_value, metric = _best_of(final_dir)
-        fin.update(status="done", best_epoch=best_epoch, best_value=best_value,
-                   metric=metric or hp.early_stop_metric, last_epoch=result.epochs_done - 1,
-                   stopped_early=result.stopped_early, finished_at=time.time(),
-                   best_record=_epoch_record(final_dir, best_epoch))
+        _finish(prod_dir / "final", hp, result, fin, required=False)
         _save_state(prod_dir, state)
         emit("final_done", dict(fin))
     out = _result(prod_dir, state, notes, complete=True)

@@ -1,54 +1,34 @@
-"""Training a CoverHunter model: one loop, readable top to bottom.
+"""Training a CoverHunter model: one loop, readable top to bottom (nanoGPT-style).
 
-``train(run_dir)`` reads ``runs/<name>/config/hparams.yaml`` (paths in it are relative to the
-current directory, as in the original), builds the data, the model and the optimizer, resumes
-from the newest checkpoint if there is one, and runs epochs until ``max_epochs`` or early
-stopping. What one epoch is:
+``train(run_dir)`` reads ``<run>/config/hparams.yaml`` (paths relative to the current directory,
+as in the original), builds data, model and optimizer, resumes from the newest checkpoint, and
+runs epochs until ``max_epochs`` or early stopping. One epoch: one
+:class:`~chlib.data.sampler.MPerClassBatchSampler` per chunk length (``chunk_frame[i] x
+mean_size`` raw frames), each with ``ceil(n_works / works_per_batch)`` batches; round r takes
+the r-th batch of every chunk length in a seeded shuffled order, so an epoch is
+``len(chunk_frame) x ceil(n_works / works_per_batch)`` optimizer steps.
 
-* one :class:`~chlib.data.sampler.MPerClassBatchSampler` per training chunk length
-  (``chunk_frame[i] x mean_size`` raw frames); each visits every training work once per epoch in
-  groups of ``batch_size // m_per_class`` works x ``m_per_class`` chunks, so every sampler has
-  ``ceil(n_works / works_per_batch)`` batches;
-* the samplers are interleaved as in the original: round r takes the r-th batch of every chunk
-  length and processes them in a shuffled order (seeded), so an epoch is
-  ``len(chunk_frame) x ceil(n_works / works_per_batch)`` optimizer steps.
+End of epoch e (0-based; checkpoints ``g_0000000e`` / ``do_0000000e`` as the original's):
 
-After each epoch (0-based index e; checkpoints are named by it, ``g_0000000e``, as the
-original's):
-
-1. validation loss on ``val_path`` every ``every_n_epoch_to_test`` epochs: every val recording
-   once, with a fixed crop (seeded by the run seed and the item), no augmentation, batches grouped
-   by work; the focal, triplet and center parts are reported separately (``csi_val/...``).
-   **val_loss = the mean focal loss**, the original's choice, used for early stopping with
-   ``early_stop_metric: val_loss``, computed over the val recordings of works that are in the
-   training data only. The original also scored val recordings of works held out of training
-   (``val_unseen``): their focal class is never trained, so that loss can only grow as the head
-   learns the training works, and val_loss rose while retrieval improved (seen on the demo
-   data). Held-out works are judged by retrieval instead: the ``val_unseen`` test set that
-   :func:`make_run_config` sets up (early-stop on its mAP with ``early_stop_metric: mAP``);
-2. every test set of ``hp.testsets`` whose ``every_n_epoch_to_test`` divides ``e + 1``: window
-   embeddings (:func:`chlib.retrieval.embed.embed_tracks`), min-over-windows cosine distances, and mAP / MR1 /
-   HR1 / HR10 with work_id labels. A reference is never ranked for a query when it is the same
-   recording or a tempo copy of it (perf / ``source_perf``), and pairs of ``query_in_ref_path``
-   are excluded too;
+1. validation loss every ``every_n_epoch_to_test`` epochs over the val recordings of works seen
+   in training (fixed seeded crops, no augmentation; ``csi_val/...``). **val_loss = mean focal
+   loss**, the original's choice. Held-out works are judged by retrieval instead (the
+   ``val_unseen`` test set of :func:`~chlib.train.runs.make_run_config`): their focal class is
+   never trained, so their loss only grows;
+2. the test sets of ``hp.testsets`` due this epoch: window embeddings, track distances by
+   ``hp.distance_rule``, mAP / MR1 / HR1 / HR10 with work_id labels, a recording's own tempo
+   copies and ``query_in_ref_path`` pairs excluded;
 3. early stopping (:class:`EarlyStopping`) on val_loss or on the EMA-smoothed mean mAP of
    ``map_stopping_testsets``; the best epoch goes to ``checkpoints/best.json``;
-4. a checkpoint every ``every_n_epoch_to_save`` epochs, for a new best epoch and for the last
-   one: ``g_`` (weights) and ``do_`` (optimizer, step, epoch, early-stopping state, RNG states,
-   sampler position): a resumed run continues exactly where it was; the learning rate is a pure
-   function of the step and epoch (:func:`lr_at`), so it continues too (the original reset it).
+4. a checkpoint every ``every_n_epoch_to_save`` epochs, for a new best and for the last epoch.
 
-Resuming from an epoch's checkpoint (after a crash, kill -9 or a later call with a larger
-``max_epochs``) is exact: on the CPU with ``deterministic: true`` the weights come out
-bit-identical to an uninterrupted run. Ctrl-C saves a checkpoint of the epoch in progress
-(marked incomplete, with the number of finished rounds) and returns; a later ``train`` call
-finishes that epoch, repeating the round that was cut short (so that resume is close but not
-bit-exact). A non-finite loss or gradient skips the update; three in a row save a checkpoint
-and raise :class:`TrainingDivergedError`.
-
-Logs: TensorBoard scalars with the original's tags under ``<run>/logs/<runid>/`` and one JSON
-record per event in ``<run>/metrics.jsonl`` (read it with :func:`read_metrics` /
-:func:`epoch_table`).
+Resume is exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds the
+optimizer, step, epoch, early-stopping state, RNG and sampler states, and the LR is a pure
+function of step and epoch (:func:`lr_at`; the original reset it). Ctrl-C saves the epoch in
+progress (incomplete, with its finished rounds) and returns; a later call repeats the cut round.
+A non-finite loss or gradient skips the update; three in a row save and raise
+:class:`TrainingDivergedError`. Logs: TensorBoard with the original's tags under
+``<run>/logs/<runid>/`` and one JSON record per event in ``<run>/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -68,16 +48,14 @@ import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from chlib.core.config import HParams, deep_merge, load_hparams, save_hparams
+from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.device import pick_device
-from chlib.core.errors import ChlibError, ConfigError, FeatureError
-from chlib.core.io import append_jsonl, read_json, read_jsonl, write_json
-from chlib.core.manifest import FULL_KEYS, read_manifest, source_perf, write_manifest
-from chlib.data.dataset import ChunkDataset, feature_lengths, find_missing_features, worker_init
-from chlib.data.features import feature_path, load_feature
-from chlib.data.sampler import MPerClassBatchSampler, grouped_batches, item_rng
+from chlib.core.errors import ChlibError, ConfigError
+from chlib.core.io import append_jsonl, write_json
+from chlib.core.manifest import FULL_KEYS, read_manifest
+from chlib.core.progress import progress as progress_bar
+from chlib.data.sampler import MPerClassBatchSampler, item_rng
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import (
     BEST_FILE,
@@ -88,35 +66,31 @@ from chlib.model.checkpoint import (
     load_train_state,
     save_checkpoint,
 )
-from chlib.retrieval.embed import embed_tracks_hp, track_distances
-from chlib.retrieval.metrics import (
-    query_in_ref_mask,
-    read_query_in_ref,
-    retrieval_metrics,
-    self_exclusion_mask,
+from chlib.retrieval.embed import embed_recordings
+from chlib.retrieval.scoring import rule_of, score_windows
+from chlib.train.data import (
+    TrainingData,
+    make_val_loader,
+    prepare_training_data,
+    seen_work_records,
+    train_loaders,
 )
+from chlib.train.runs import (
+    RECIPES_DIR,
+    epoch_table,
+    load_recipe,
+    make_run_config,
+    read_metrics,
+    recipe_path,
+)
+from chlib.train.schedule import EarlyStopping, lr_at
 
 __all__ = [
-    "TrainResult",
-    "TrainingDivergedError",
-    "TrainingData",
-    "EarlyStopping",
-    "lr_at",
-    "train",
-    "prepare_training_data",
-    "evaluate_testsets",
-    "validation_loss",
-    "seen_work_records",
-    "read_metrics",
-    "epoch_table",
-    "RECIPES_DIR",
-    "recipe_path",
-    "load_recipe",
-    "make_run_config",
+    "TrainResult", "TrainState", "TrainingDivergedError", "TrainingData", "EarlyStopping", "lr_at",
+    "train", "prepare_training_data", "evaluate_testsets", "validation_loss", "seen_work_records",
+    "read_metrics", "epoch_table", "RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-LOSS_NAMES = ("foc_loss", "tri_loss", "cen_loss")
 NAN_PATIENCE = 3  # consecutive non-finite losses before giving up
 _ORDER_STREAM = 1_000_003  # seed-sequence key of the per-round loader order (any constant)
 
@@ -126,290 +100,14 @@ class TrainingDivergedError(ChlibError):
 
 
 # --------------------------------------------------------------------------------------------
-# learning-rate schedule
-
-
-def lr_at(step: int, epoch: int, hp: HParams) -> float:
-    """Learning rate of optimizer update number ``step`` (1-based), made in epoch ``epoch`` (0-based).
-
-    1. warm-up (when ``hp.warmup`` and ``warmup_steps > 0``): ``learning_rate x step / warmup_steps``
-       for steps 1..warmup_steps;
-    2. then ``learning_rate`` for ``hold_steps`` more steps;
-    3. then ``max(min_lr, learning_rate x lr_decay ** n)`` with
-       ``n = (step - warmup - hold) // lr_decay_every`` when ``lr_decay_unit == "steps"``, or
-       ``n = epoch // lr_decay_every`` when it is ``"epochs"`` (warm-up and hold still count in
-       steps; the epoch count is not shifted by them).
-
-    The original (no warm-up or hold, decay 0.9 every 1000 steps) is ``lr_decay_unit: steps``,
-    ``lr_decay_every: 1000``: steps 1..999 at 0.001, 1000..1999 at 0.0009, ...
-    """
-    if step < 1:
-        raise ValueError(f"step is 1-based, got {step}")
-    base = hp.learning_rate
-    warm = hp.warmup_steps if hp.warmup else 0
-    if warm > 0 and step <= warm:
-        return base * step / warm
-    if step <= warm + hp.hold_steps:
-        return base
-    if hp.lr_decay_unit == "steps":
-        n = (step - warm - hp.hold_steps) // hp.lr_decay_every
-    else:
-        n = max(0, epoch) // hp.lr_decay_every
-    return max(hp.min_lr, base * hp.lr_decay**n)
-
-
-# --------------------------------------------------------------------------------------------
-# early stopping
-
-
-@dataclass
-class EarlyStopping:
-    """Early-stopping bookkeeping (the fork's rules, coverhunter-facts 7.5).
-
-    ``metric="val_loss"``: an epoch is better when its val_loss is strictly lower than the best so
-    far; it becomes the best epoch and resets the counter, else the counter grows by one.
-    ``metric="mAP"``: raw = mean mAP over the stopping test sets; smoothed = EMA with ``alpha``
-    (first value = raw). The best *raw* mAP names the best epoch; the counter resets when the
-    *smoothed* value beats the best smoothed value, else it grows. ``metric="train_loss"`` (used
-    when there is no validation set) works like val_loss. The counter does not grow during the
-    learning-rate warm-up/hold (``in_hold``). Stop when ``counter >= patience``.
-    """
-
-    metric: str = "val_loss"
-    patience: int = 20
-    alpha: float = 0.3
-    best_validation_loss: float = math.inf
-    best_raw_map: float = -math.inf
-    best_smoothed_map: float = -math.inf
-    smoothed_map: float | None = None
-    early_stopping_counter: int = 0
-    map_stopping_counter: int = 0
-    best_checkpoint_epoch: int | None = None
-    best_checkpoint_value: float | None = None
-
-    @property
-    def counter(self) -> int:
-        return self.map_stopping_counter if self.metric == "mAP" else self.early_stopping_counter
-
-    @property
-    def should_stop(self) -> bool:
-        return self.counter >= self.patience
-
-    def update(self, epoch: int, value: float, *, in_hold: bool = False) -> bool:
-        """Record ``value`` (a loss, or the mean mAP) of ``epoch``; True if it is the new best."""
-        if not math.isfinite(value):
-            if not in_hold:
-                self._bump()
-            return False
-        if self.metric == "mAP":
-            self.smoothed_map = value if self.smoothed_map is None else (
-                self.alpha * value + (1.0 - self.alpha) * self.smoothed_map)
-            is_best = value > self.best_raw_map
-            if is_best:
-                self.best_raw_map = value
-                self._set_best(epoch, value)
-            if self.smoothed_map > self.best_smoothed_map:
-                self.best_smoothed_map = self.smoothed_map
-                self.map_stopping_counter = 0
-            elif not in_hold:
-                self.map_stopping_counter += 1
-            return is_best
-        if value < self.best_validation_loss:
-            self.best_validation_loss = value
-            self._set_best(epoch, value)
-            self.early_stopping_counter = 0
-            return True
-        if not in_hold:
-            self._bump()
-        return False
-
-    def _set_best(self, epoch: int, value: float) -> None:
-        self.best_checkpoint_epoch = int(epoch)
-        self.best_checkpoint_value = float(value)
-
-    def _bump(self) -> None:
-        if self.metric == "mAP":
-            self.map_stopping_counter += 1
-        else:
-            self.early_stopping_counter += 1
-
-    def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in (
-            "metric", "best_validation_loss", "best_raw_map", "best_smoothed_map", "smoothed_map",
-            "early_stopping_counter", "map_stopping_counter", "best_checkpoint_epoch",
-            "best_checkpoint_value")}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            if k != "metric" and hasattr(self, k):
-                setattr(self, k, v)
-
-
-# --------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class TrainingData:
-    """The records of a run's splits, checked, and the size of the focal head."""
-
-    train: list[dict]
-    val: list[dict]
-    train_manifest: Path
-    val_manifest: Path | None
-    num_classes: int
-    n_works: int
-    warnings: list[str] = field(default_factory=list)
-
-
-def _read_split(path_str: str | None, what: str, hp: HParams) -> tuple[list[dict], Path | None]:
-    if not path_str:
-        return [], None
-    path = hp.resolve_path(path_str)
-    if not path.is_file():
-        raise ConfigError(
-            f"{hp.source}: {what} {path_str!r} not found (paths are relative to the current "
-            f"directory {os.getcwd()}); check the path or run the split step first"
-        )
-    return read_manifest(path, FULL_KEYS), path
-
-
-def prepare_training_data(hp: HParams) -> TrainingData:
-    """Read and check the training and validation splits named in ``hp``.
-
-    Raises a :class:`ConfigError` or :class:`FeatureError` with the remedy for: no or missing
-    ``train_path``, an empty training set, missing feature files, features whose bins differ from
-    ``input_dim``, a chunk longer than every training track, work ids that do not fit the focal
-    head. Warns (and lists in ``.warnings``) when a chunk is longer than most tracks or when there
-    are fewer works than a batch needs.
-    """
-    if not hp.train_path:
-        raise ConfigError(
-            f"{hp.source}: train_path is not set; point it at the training split, e.g. "
-            "datasets/<name>/train.txt (see chlib.train.loop.make_run_config)"
-        )
-    train, train_path = _read_split(hp.train_path, "train_path", hp)
-    if not train:
-        raise ConfigError(f"{train_path}: the training split is empty; check the split step")
-    val, val_path = _read_split(hp.val_path, "val_path", hp)
-    notes: list[str] = []
-
-    for recs, mpath in ((train, train_path), (val, val_path)):
-        missing = find_missing_features(recs, mpath)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise FeatureError(
-                f"{mpath}: {len(missing)} of {len(recs)} feature files are missing: {shown}. "
-                f"Paths are relative to the current directory ({os.getcwd()}); re-run feature "
-                "extraction or fix the 'feat' paths"
-            )
-    first = load_feature(feature_path(train[0], train_path))
-    if first.shape[1] != hp.model.input_dim:
-        raise FeatureError(
-            f"{feature_path(train[0], train_path)}: features have {first.shape[1]} bins but "
-            f"input_dim / n_bins is {hp.model.input_dim}; use features made with these settings "
-            "or change n_bins"
-        )
-
-    lengths = feature_lengths(train, train_path)
-    for chunk_frames, raw in zip(hp.chunk_frame, hp.chunk_len, strict=True):
-        short = int((lengths < raw).sum())
-        secs = raw / hp.frames_per_second
-        if short == len(lengths):
-            raise ConfigError(
-                f"{hp.source}: chunk_frame {chunk_frames} x mean_size {hp.mean_size} = {raw} frames "
-                f"({secs:.0f} s) is longer than every training track (longest: {int(lengths.max())} "
-                f"frames, {lengths.max() / hp.frames_per_second:.0f} s); every chunk would be mostly "
-                "-100 dB padding. Lower chunk_frame (or mean_size)"
-            )
-        if short > len(lengths) / 2:
-            notes.append(
-                f"chunk {raw} frames ({secs:.0f} s) is longer than {short} of {len(lengths)} "
-                "training tracks; they will be padded with -100 dB (consider a shorter chunk_frame)"
-            )
-
-    labels = [int(r["work_id"]) for r in train + val]
-    n_works = len({int(r["work_id"]) for r in train})
-    max_label = max(labels)
-    if hp.num_classes_auto:
-        num_classes = max_label + 1
-    else:
-        num_classes = hp.model.num_classes
-        if max_label >= num_classes:
-            raise ConfigError(
-                f"{hp.source}: work_id {max_label} does not fit foc.output_dims = {num_classes} "
-                "classes (labels must be < foc.output_dims); set foc.output_dims: auto to size "
-                "the head to the data"
-            )
-    if n_works < hp.works_per_batch:
-        notes.append(
-            f"the training set has {n_works} works but a batch takes {hp.works_per_batch} "
-            f"(batch_size {hp.batch_size} / m_per_class {hp.m_per_class}); works will repeat "
-            "within a batch"
-        )
-    for n in notes:
-        warnings.warn(n, stacklevel=2)
-    return TrainingData(train, val, train_path, val_path, num_classes, n_works, notes)
-
-
-def _loader_kwargs(hp: HParams, device: torch.device, stream: int) -> dict:
-    nw = max(0, int(hp.num_workers))
-    kw: dict[str, Any] = {
-        "num_workers": nw,
-        "pin_memory": device.type == "cuda",
-        "generator": torch.Generator().manual_seed(hp.seed + stream),  # not the global RNG
-    }
-    if nw > 0:
-        kw.update(persistent_workers=True, worker_init_fn=worker_init)
-    return kw
-
-
-def _train_loaders(
-    data: TrainingData, hp: HParams, device: torch.device
-) -> tuple[list[DataLoader], list[MPerClassBatchSampler]]:
-    labels = [int(r["work_id"]) for r in data.train]
-    loaders, samplers = [], []
-    for i, chunk_len in enumerate(hp.chunk_len):
-        ds = ChunkDataset(data.train, chunk_len=chunk_len, mean_size=hp.mean_size, mode=hp.mode,
-                          spec_aug=hp.spec_augmentation, tempo_jitter=hp.tempo_jitter,
-                          seed=hp.seed, manifest_path=data.train_manifest)
-        sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
-                                        seed=hp.seed, stream=i)
-        loaders.append(DataLoader(ds, batch_sampler=sampler, **_loader_kwargs(hp, device, i)))
-        samplers.append(sampler)
-    return loaders, samplers
-
-
-def seen_work_records(val: list[dict], train: list[dict]) -> list[dict]:
-    """The val records whose work is in the training data (the only ones a focal loss can
-    judge: a held-out work's class is never trained)."""
-    seen = {int(r["work_id"]) for r in train}
-    return [r for r in val if int(r["work_id"]) in seen]
-
-
-def _val_loader(data: TrainingData, hp: HParams, device: torch.device) -> DataLoader | None:
-    val = seen_work_records(data.val, data.train)
-    if not val:
-        return None
-    ds = ChunkDataset(val, chunk_len=hp.chunk_len[0], mean_size=hp.mean_size, mode=hp.mode,
-                      spec_aug=None, seed=hp.seed, manifest_path=data.val_manifest)
-    batches = grouped_batches(ds.labels, hp.batch_size)
-    # in this process: a small set, and no worker start-up per validation
-    return DataLoader(ds, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
-
-
-# --------------------------------------------------------------------------------------------
 # evaluation
 
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device,
                     autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
-    """Mean loss parts over every validation item: ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``.
-
-    Each batch's losses are weighted by its size. The model is in eval mode (no dropout, BN
-    running statistics).
-    """
+    """Mean loss parts over every validation item, batches weighted by size, model in eval mode:
+    ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``."""
     model.eval()
     sums: dict[str, float] = {}
     n = 0
@@ -417,10 +115,9 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
         x, y = x.to(device), y.to(device)
         with autocast():
             total, parts = model.compute_loss(x, y)
-        b = len(y)
         for k, v in {**parts, "total": total}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * b
-        n += b
+            sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+        n += len(y)
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
@@ -431,22 +128,15 @@ def _eval_records(path_str: str, hp: HParams) -> tuple[list[dict], Path]:
     return read_manifest(path, FULL_KEYS), path
 
 
-def evaluate_testsets(
-    model: torch.nn.Module,
-    hp: HParams,
-    device: torch.device,
-    *,
-    epoch: int | None = None,
-    names: Sequence[str] | None = None,
-) -> dict[str, dict[str, float]]:
+def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device, *,
+                      epoch: int | None = None,
+                      names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """mAP, MR1, HR1, HR10 (and P@10, counts) for the test sets of ``hp``.
 
     ``names``: which sets (default: those whose ``every_n_epoch_to_test`` divides ``epoch + 1``,
-    or all when ``epoch`` is None). Labels are work ids; a query never ranks its own recording or
-    a tempo copy of it; ``query_in_ref_path`` pairs are excluded as well. Embeddings are the same
-    window embeddings as everywhere else (:func:`chlib.retrieval.embed.embed_tracks`, window
-    ``chunk_frame[0] x mean_size`` raw frames, batch ``eval_batch_size``, chlib's default tail
-    handling: the end of a track is embedded too).
+    or all when ``epoch`` is None). Window embeddings of the run's recipe
+    (:func:`chlib.retrieval.embed.embed_recordings`), scored by
+    :func:`chlib.retrieval.scoring.score_windows` under ``hp.distance_rule``.
     """
     results: dict[str, dict[str, float]] = {}
     for name, ts in hp.testsets.items():
@@ -457,27 +147,18 @@ def evaluate_testsets(
         q_recs, q_path = _eval_records(ts.query_path, hp)
         same = hp.resolve_path(ts.ref_path) == q_path
         r_recs, r_path = (q_recs, q_path) if same else _eval_records(ts.ref_path, hp)
-
-        def embed(recs: list[dict], mpath: Path) -> list[np.ndarray]:
-            return embed_tracks_hp(model, [feature_path(r, mpath) for r in recs], hp,
-                                   device=device, progress=False)
-
-        q_emb = embed(q_recs, q_path)
-        r_emb = q_emb if same else embed(r_recs, r_path)
-        dist = track_distances(q_emb, r_emb)
-        exclude = self_exclusion_mask([r["perf"] for r in q_recs], [r["perf"] for r in r_recs],
-                                      query_sources=[source_perf(r) for r in q_recs],
-                                      ref_sources=[source_perf(r) for r in r_recs])
-        if ts.query_in_ref_path:
-            pairs = read_query_in_ref(hp.resolve_path(ts.query_in_ref_path))
-            exclude |= query_in_ref_mask(pairs, len(q_recs), len(r_recs))
-        results[name] = retrieval_metrics(dist, [int(r["work_id"]) for r in q_recs],
-                                          [int(r["work_id"]) for r in r_recs], exclude=exclude)
+        q_win = embed_recordings(model, q_recs, hp, manifest_path=q_path, device=device,
+                                 progress=False)
+        r_win = q_win if same else embed_recordings(model, r_recs, hp, manifest_path=r_path,
+                                                    device=device, progress=False)
+        qir = hp.resolve_path(ts.query_in_ref_path) if ts.query_in_ref_path else None
+        results[name] = score_windows(q_recs, r_recs, q_win, r_win, rule=rule_of(hp),
+                                      query_in_ref_path=qir)
     return results
 
 
 # --------------------------------------------------------------------------------------------
-# resume state
+# the state of a run, and its checkpoint
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -505,39 +186,55 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 @dataclass
-class _Progress:
-    """Where the run is: what a resume must restore besides weights and optimizer."""
+class TrainState:
+    """Everything a resume restores: model, optimizer, early stopping, sampler positions, the
+    schedule position (``step``, ``epoch``, ``batch_in_epoch``) and, via the checkpoint, the
+    RNG states."""
 
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stopper: EarlyStopping
+    samplers: list[MPerClassBatchSampler]
     epoch: int = 0  # epoch in progress (0-based)
     batch_in_epoch: int = 0  # rounds of this epoch already done
     step: int = 0  # optimizer updates made so far
     bad_steps: int = 0  # consecutive non-finite losses
 
+    def train_state(self, epoch: int, hp: HParams, num_classes: int, device: torch.device, *,
+                    complete: bool) -> dict:
+        """The ``do_`` content: the original's keys plus chlib's resume state under ``"chlib"``."""
+        return {
+            "optim_g": self.optimizer.state_dict(), "steps": self.step, "epoch": epoch,
+            "early_stopping": self.stopper.state_dict(),
+            "chlib": {
+                "version": 1, "epoch_complete": complete,
+                "batch_in_epoch": 0 if complete else self.batch_in_epoch,
+                "lr": lr_at(max(self.step, 1), epoch, hp), "num_classes": num_classes,
+                "rng": _rng_state(device), "samplers": [s.state_dict() for s in self.samplers],
+                "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False),
+            },
+        }
 
-def _train_state(epoch: int, prog: _Progress, optimizer: torch.optim.Optimizer,
-                 stopper: EarlyStopping, samplers: list[MPerClassBatchSampler], hp: HParams,
-                 num_classes: int, device: torch.device, *, complete: bool) -> dict:
-    """The ``do_`` content: the original's keys plus chlib's resume state under ``"chlib"``."""
-    return {
-        "optim_g": optimizer.state_dict(),
-        "steps": prog.step,
-        "epoch": epoch,
-        "early_stopping": stopper.state_dict(),
-        "chlib": {
-            "version": 1,
-            "epoch_complete": complete,
-            "batch_in_epoch": 0 if complete else prog.batch_in_epoch,
-            "lr": lr_at(max(prog.step, 1), epoch, hp),
-            "num_classes": num_classes,
-            "rng": _rng_state(device),
-            "samplers": [s.state_dict() for s in samplers],
-            "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False),
-        },
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# logging
+    def resume(self, ckpt_dir: Path, device: torch.device) -> int | None:
+        """Load the newest checkpoint with both g_ and do_ files; its epoch, or None."""
+        done, gens = list_checkpoints(ckpt_dir, "do_"), list_checkpoints(ckpt_dir, "g_")
+        both = sorted(set(done) & set(gens))
+        if not both:
+            return None
+        epoch = both[-1]
+        state = load_train_state(done[epoch])
+        g_path = ckpt_dir / checkpoint_name(epoch)
+        load_state_into(self.model, load_generator_state(g_path), where=str(g_path))
+        self.optimizer.load_state_dict(state["optim_g"])
+        self.stopper.load_state_dict(state.get("early_stopping", {}))
+        extra = state.get("chlib", {})
+        complete = extra.get("epoch_complete", True)
+        self.step = int(state.get("steps", 0))
+        self.epoch = epoch + 1 if complete else epoch
+        self.batch_in_epoch = 0 if complete else int(extra.get("batch_in_epoch", 0))
+        if "rng" in extra:
+            _set_rng_state(extra["rng"], device)
+        return epoch
 
 
 class _Log:
@@ -554,63 +251,22 @@ class _Log:
             warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=3)
 
     def scalars(self, prefix: str, values: dict[str, float], x: int) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                if v is not None and math.isfinite(v):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, x)
+        for k, v in values.items():
+            if self.tb is not None and v is not None and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, x)
 
     def record(self, kind: str, **fields: Any) -> dict:
         rec = {"kind": kind, **fields, "time": time.time()}
         append_jsonl(self.jsonl, rec)
         return rec
 
-    def flush(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
 
 
-def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """Records of ``<run>/metrics.jsonl`` (all, or those of one ``kind``: train/val/test/epoch)."""
-    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    return [r for r in recs if kind is None or r.get("kind") == kind]
-
-
-def epoch_table(run_dir: str | os.PathLike) -> Any:
-    """One row per epoch (a pandas DataFrame): train/val losses, lr, step, mAP per test set...
-
-    When an epoch was run twice (a resume after a kill), its last record wins.
-    """
-    import pandas as pd
-
-    by_epoch: dict[int, dict] = {}
-    for r in read_metrics(run_dir, "epoch"):
-        by_epoch[int(r["epoch"])] = {k: v for k, v in r.items() if k != "kind"}
-    rows = [by_epoch[e] for e in sorted(by_epoch)]
-    return pd.DataFrame(rows).set_index("epoch") if rows else pd.DataFrame()
-
-
 # --------------------------------------------------------------------------------------------
-# the loop
-
-
-@dataclass
-class TrainResult:
-    """What a :func:`train` call did."""
-
-    run_dir: Path
-    epochs_done: int  # completed epochs of the run (over all calls)
-    steps: int
-    best_epoch: int | None
-    best_value: float | None
-    best_metric: str
-    stopped_early: bool
-    interrupted: bool
-    last_checkpoint: Path | None
-    history: list[dict] = field(default_factory=list)  # epoch records of this call
+# set-up
 
 
 def _optimizer(model: torch.nn.Module, hp: HParams) -> torch.optim.Optimizer:
@@ -621,8 +277,7 @@ def _optimizer(model: torch.nn.Module, hp: HParams) -> torch.optim.Optimizer:
         except ImportError:
             raise ConfigError(
                 f"{hp.source}: optimizer: prodigy needs the 'prodigyopt' package "
-                "(pip install prodigyopt), or set optimizer: adamw"
-            ) from None
+                "(pip install prodigyopt), or set optimizer: adamw") from None
         return Prodigy(params, lr=1.0, betas=(hp.adam_b1, hp.adam_b2), weight_decay=hp.weight_decay,
                        decouple=True, d_coef=hp.prodigy_d_coef,
                        safeguard_warmup=hp.prodigy_safeguard_warmup)
@@ -662,20 +317,225 @@ def _load_hp(run_dir: Path, hp: HParams | None) -> HParams:
     cfg = run_dir / "config" / "hparams.yaml"
     if hp is None:
         if not cfg.is_file():
-            raise ConfigError(
-                f"{cfg}: no training config; write one with chlib.train.loop.make_run_config(...) or "
-                "pass hp="
-            )
+            raise ConfigError(f"{cfg}: no training config; write one with "
+                              "chlib.train.loop.make_run_config(...) or pass hp=")
         return load_hparams(cfg)
     save_hparams(hp, cfg)  # the run folder records what it was trained with
     return hp
 
 
-def _find_resume(ckpt_dir: Path) -> tuple[int, Path] | None:
-    done = list_checkpoints(ckpt_dir, "do_")
-    gens = list_checkpoints(ckpt_dir, "g_")
-    both = sorted(set(done) & set(gens))
-    return (both[-1], done[both[-1]]) if both else None
+@dataclass
+class _Run:
+    """The fixed parts of a training call (what the steps below share besides the state)."""
+
+    run_dir: Path
+    hp: HParams
+    device: torch.device
+    data: TrainingData
+    loaders: list[DataLoader]
+    val_loader: DataLoader | None
+    max_epochs: int
+    progress: bool
+    log: _Log
+    amp: bool
+    loss_fn: Callable
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def save(self, st: TrainState, epoch: int, complete: bool) -> Path:
+        return save_checkpoint(self.ckpt_dir, epoch, model_state=st.model.state_dict(),
+                               train_state=st.train_state(epoch, self.hp, self.data.num_classes,
+                                                          self.device, complete=complete))
+
+
+def _setup(run_dir: Path, hp: HParams, dev: torch.device, max_epochs: int,
+           progress: bool) -> tuple[_Run, TrainState]:
+    """Data, model, optimizer, loaders, early stopping; then resume from the newest checkpoint."""
+    data = prepare_training_data(hp)
+    torch.manual_seed(hp.seed)  # model initialisation and dropout
+    model = CoverHunterNet(hp.model_config(data.num_classes)).to(dev)
+    optimizer = _optimizer(model, hp)
+    loaders, samplers = train_loaders(data, hp, dev)
+    val_loader = make_val_loader(data, hp, dev)
+    metric = hp.early_stop_metric if (hp.early_stop_metric == "mAP" or val_loader) else "train_loss"
+    st = TrainState(model, optimizer, EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
+                                                    alpha=hp.map_smoothing_alpha), samplers)
+    resumed = st.resume(run_dir / "checkpoints", dev)
+    if resumed is not None and progress:
+        print(f"resuming {run_dir} from {checkpoint_name(resumed)} "
+              f"(epoch {st.epoch}, step {st.step})")
+    amp = hp.amp == "bf16" and dev.type == "cuda"
+    if hp.amp == "bf16" and not amp:
+        warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {dev.type}", stacklevel=3)
+    loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
+    run = _Run(run_dir, hp, dev, data, loaders, val_loader, max_epochs, progress,
+               _Log(run_dir, time.strftime("%Y%m%d-%H%M%S")), amp, loss_fn)
+    return run, st
+
+
+# --------------------------------------------------------------------------------------------
+# the steps of an epoch
+
+
+def _train_step(run: _Run, st: TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
+    """One optimizer update; None when the loss or gradient was not finite (no update)."""
+    st.model.train()
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    st.optimizer.zero_grad(set_to_none=True)
+    with run.autocast():
+        total, parts = run.loss_fn(x, y)
+    if not torch.isfinite(total):
+        return None
+    total.backward()
+    if run.hp.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), run.hp.grad_clip)
+        if not torch.isfinite(norm):
+            return None
+    st.optimizer.step()
+    return {**{k: float(v) for k, v in parts.items()}, "total": float(total.detach())}
+
+
+def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
+    """The rounds of epoch ``st.epoch`` from ``st.batch_in_epoch`` on; mean train losses."""
+    hp, epoch, log = run.hp, st.epoch, run.log
+    rounds = st.samplers[0].batches_per_epoch
+    for s in st.samplers:
+        s.set_epoch(epoch, st.batch_in_epoch)
+    order_rng = item_rng(hp.seed, _ORDER_STREAM, epoch)
+    orders = [order_rng.permutation(len(run.loaders)) for _ in range(rounds)]
+    sums: dict[str, float] = {}
+    since: dict[str, float] = {}
+    n_ok = n_since = 0
+    bar = progress_bar(total=(rounds - st.batch_in_epoch) * len(run.loaders), desc=f"epoch {epoch}",
+                       enabled=run.progress, leave=False)
+    iters = [iter(dl) for dl in run.loaders]
+    for r in range(st.batch_in_epoch, rounds):
+        batches = [next(it) for it in iters]
+        for li in orders[r]:
+            lr = lr_at(st.step + 1, epoch, hp)
+            lr_logged = _set_lr(st.optimizer, lr, hp)
+            losses = _train_step(run, st, *batches[li])
+            st.step += 1
+            bar.update(1)
+            if losses is None:
+                st.bad_steps += 1
+                if st.bad_steps >= NAN_PATIENCE:
+                    path = run.save(st, epoch, complete=False)
+                    raise TrainingDivergedError(
+                        f"{run.run_dir}: the loss or gradient was not finite for {NAN_PATIENCE} "
+                        f"steps in a row (step {st.step}, lr {lr:.3g}); state saved to {path}. "
+                        "Lower learning_rate, check the features for NaN/inf, or set grad_clip")
+                continue
+            st.bad_steps = 0
+            n_ok += 1
+            n_since += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+                since[k] = since.get(k, 0.0) + v
+            if st.step == 1 or st.step % hp.log_every_steps == 0:
+                means = {k: v / n_since for k, v in since.items()}
+                log.scalars("csi", {"lr": lr_logged, **means}, st.step)
+                log.record("train", epoch=epoch, step=st.step, lr=lr_logged, **means)
+                bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr_logged:.2g}")
+                since, n_since = {}, 0
+        st.batch_in_epoch = r + 1
+    bar.close()
+    return {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
+
+
+def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dict]:
+    """Validation loss and the test sets due this epoch, logged and added to ``rec``."""
+    hp, log = run.hp, run.log
+    final = epoch + 1 >= run.max_epochs
+    if run.val_loader is not None and ((epoch + 1) % hp.every_n_epoch_to_test == 0 or final):
+        val = validation_loss(st.model, run.val_loader, run.device, run.autocast)
+        log.scalars("csi_val", val, epoch)
+        log.record("val", epoch=epoch, step=st.step, **val)
+        rec.update({f"val_{k}": v for k, v in val.items()})
+        rec["val_loss"] = val["foc_loss"]
+    # the final pass evaluates every test set
+    tests = evaluate_testsets(st.model, hp, run.device, epoch=epoch,
+                              names=list(hp.testsets) if final else None)
+    for name, m in tests.items():
+        if log.tb is not None:
+            log.tb.add_scalar(f"mAP/{name}", m["mAP"], epoch)
+            log.tb.add_scalar(f"hit_rate/{name}", m["HR1"], epoch)
+            log.tb.add_scalar(f"MR1/{name}", m["MR1"], epoch)
+        log.record("test", epoch=epoch, step=st.step, testset=name,
+                   **{k: m[k] for k in ("mAP", "MR1", "HR1", "HR10") if k in m},
+                   n_queries=m.get("n_queries"))
+        rec.update({f"mAP/{name}": m["mAP"], f"MR1/{name}": m["MR1"], f"HR1/{name}": m["HR1"]})
+    return tests
+
+
+def _early_stopping(hp: HParams, st: TrainState, epoch: int, rec: dict, tests: dict) -> bool:
+    """Update the early-stopping state with this epoch's metric; True for a new best epoch."""
+    stopper, is_best = st.stopper, False
+    in_hold = st.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
+    if stopper.metric == "mAP":
+        maps = [tests[n]["mAP"] for n in hp.map_stopping_testsets if n in tests]
+        if len(maps) == len(hp.map_stopping_testsets):
+            is_best = stopper.update(epoch, float(np.mean(maps)), in_hold=in_hold)
+            rec["smoothed_mAP"] = stopper.smoothed_map
+    elif stopper.metric == "val_loss":
+        if "val_loss" in rec:
+            is_best = stopper.update(epoch, rec["val_loss"], in_hold=in_hold)
+    else:
+        is_best = stopper.update(epoch, rec.get("train_foc_loss", math.inf), in_hold=in_hold)
+    rec.update(best_epoch=stopper.best_checkpoint_epoch, is_best=is_best,
+               early_stopping_counter=stopper.counter)
+    return is_best
+
+
+def _end_of_epoch(run: _Run, st: TrainState, train_means: dict, t_epoch: float) -> tuple[dict, Path | None]:
+    """Validation, test sets, early stopping, checkpoint and the epoch record."""
+    hp, epoch = run.hp, st.epoch
+    rec: dict[str, Any] = {"epoch": epoch, "step": st.step, "lr": lr_at(max(st.step, 1), epoch, hp),
+                           "epoch_s": time.time() - t_epoch, **train_means}
+    tests = _evaluate(run, st, epoch, rec)
+    is_best = _early_stopping(hp, st, epoch, rec, tests)
+    st.epoch, st.batch_in_epoch = epoch + 1, 0
+    saved = None
+    if is_best or st.stopper.should_stop or (epoch + 1) % hp.every_n_epoch_to_save == 0 \
+            or st.epoch >= run.max_epochs:
+        saved = run.save(st, epoch, complete=True)
+    if is_best:
+        write_json(run.ckpt_dir / BEST_FILE, {"epoch": epoch, "metric": st.stopper.metric,
+                                              "value": st.stopper.best_checkpoint_value})
+    if run.log.tb is not None:
+        run.log.tb.flush()
+    return run.log.record("epoch", **rec), saved
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did."""
+
+    run_dir: Path
+    epochs_done: int  # completed epochs of the run (over all calls)
+    steps: int
+    best_epoch: int | None
+    best_value: float | None
+    best_metric: str
+    stopped_early: bool
+    interrupted: bool
+    last_checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)  # epoch records of this call
+
+
+def _print_epoch(rec: dict) -> None:
+    shown = {k: v for k, v in rec.items()
+             if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
+    print(f"epoch {rec['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
 
 def train(
@@ -689,336 +549,52 @@ def train(
 ) -> TrainResult:
     """Train (or resume training) the run in ``run_dir``; see the module docstring.
 
-    Args:
-        run_dir: ``runs/<name>/``; its ``config/hparams.yaml`` is read unless ``hp`` is given
-            (then ``hp`` is written there).
-        hp: settings to use instead of the file.
-        device: "auto" (= ``hp.device``, itself "auto" by default: cuda, mps, else cpu), or a
-            device name.
-        max_epochs: stop before epoch index ``max_epochs`` (default ``hp.max_epochs``); a resumed
-            run counts the epochs it already did.
-        progress: show a tqdm bar per epoch.
-        callbacks: functions called after each epoch with that epoch's record (a dict: epoch,
-            step, lr, ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>`` ...).
-
-    Returns:
-        :class:`TrainResult`. Ctrl-C saves and returns with ``interrupted=True``.
+    ``hp``: settings to use instead of ``<run>/config/hparams.yaml`` (then written there).
+    ``device``: "auto" (= ``hp.device``: cuda, mps, else cpu) or a device name. ``max_epochs``:
+    stop before this epoch index (default ``hp.max_epochs``; a resumed run counts its done
+    epochs). ``progress``: a tqdm bar per epoch. ``callbacks``: called after each epoch with its
+    record (epoch, step, lr, ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>`` ...).
+    Ctrl-C saves and returns with ``interrupted=True``.
     """
     run_dir = Path(run_dir)
     hp = _load_hp(run_dir, hp)
     max_epochs = hp.max_epochs if max_epochs is None else int(max_epochs)
     dev = pick_device(hp.device if device in (None, "auto") else device)
-    ckpt_dir = run_dir / "checkpoints"
-    data = prepare_training_data(hp)
-
-    torch.manual_seed(hp.seed)  # model initialisation and dropout
-    model = CoverHunterNet(hp.model_config(data.num_classes)).to(dev)
-    optimizer = _optimizer(model, hp)
-    loaders, samplers = _train_loaders(data, hp, dev)
-    val_loader = _val_loader(data, hp, dev)
-    metric = hp.early_stop_metric if (hp.early_stop_metric == "mAP" or val_loader) else "train_loss"
-    stopper = EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
-                            alpha=hp.map_smoothing_alpha)
-    prog = _Progress()
-    rounds = samplers[0].batches_per_epoch
-
-    resume = _find_resume(ckpt_dir)
-    if resume is not None:
-        r_epoch, do_path = resume
-        state = load_train_state(do_path)
-        load_state_into(model, load_generator_state(ckpt_dir / checkpoint_name(r_epoch)),
-                        where=str(ckpt_dir / checkpoint_name(r_epoch)))
-        optimizer.load_state_dict(state["optim_g"])
-        stopper.load_state_dict(state.get("early_stopping", {}))
-        extra = state.get("chlib", {})
-        complete = extra.get("epoch_complete", True)
-        prog.step = int(state.get("steps", 0))
-        prog.epoch = r_epoch + 1 if complete else r_epoch
-        prog.batch_in_epoch = 0 if complete else int(extra.get("batch_in_epoch", 0))
-        if "rng" in extra:
-            _set_rng_state(extra["rng"], dev)
-        if progress:
-            print(f"resuming {run_dir} from {checkpoint_name(r_epoch)} "
-                  f"(epoch {prog.epoch}, step {prog.step})")
-
-    amp = hp.amp == "bf16" and dev.type == "cuda"
-    if hp.amp == "bf16" and not amp:
-        warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {dev.type}", stacklevel=2)
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-    loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
-    log = _Log(run_dir, time.strftime("%Y%m%d-%H%M%S"))
+    run, st = _setup(run_dir, hp, dev, max_epochs, progress)
     history: list[dict] = []
-    interrupted = stopped = False
-    last_ckpt: Path | None = None
-    t_start = time.time()
-
-    def save(epoch: int, complete: bool) -> Path:
-        return save_checkpoint(ckpt_dir, epoch, model_state=model.state_dict(),
-                               train_state=_train_state(epoch, prog, optimizer, stopper, samplers,
-                                                        hp, data.num_classes, dev, complete=complete))
-
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
-        """One optimizer update; None when the loss or gradient was not finite (no update)."""
-        model.train()
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            total, parts = loss_fn(x, y)
-        if not torch.isfinite(total):
-            return None
-        total.backward()
-        if hp.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
-            if not torch.isfinite(norm):
-                return None
-        optimizer.step()
-        return {**{k: float(v) for k, v in parts.items()}, "total": float(total.detach())}
-
-    stop_reason = ""
+    interrupted, last_ckpt, t_start = False, None, time.time()
+    stopped = st.stopper.should_stop
+    stop_reason = "early stopping had already triggered" if stopped else ""
     with _deterministic(hp.deterministic, dev):
         try:
-            if stopper.should_stop:
-                stopped, stop_reason = True, "early stopping had already triggered"
-            while prog.epoch < max_epochs and not stopped:
-                epoch, t_epoch = prog.epoch, time.time()
-                for s in samplers:
-                    s.set_epoch(epoch, prog.batch_in_epoch)
-                order_rng = item_rng(hp.seed, _ORDER_STREAM, epoch)
-                orders = [order_rng.permutation(len(loaders)) for _ in range(rounds)]
-                sums: dict[str, float] = {}
-                n_ok = 0
-                since: dict[str, float] = {}
-                n_since = 0
-                bar = tqdm(total=(rounds - prog.batch_in_epoch) * len(loaders),
-                           desc=f"epoch {epoch}", disable=not progress, leave=False)
-                iters = [iter(dl) for dl in loaders]
-                for r in range(prog.batch_in_epoch, rounds):
-                    batches = [next(it) for it in iters]
-                    for li in orders[r]:
-                        lr = lr_at(prog.step + 1, epoch, hp)
-                        lr_logged = _set_lr(optimizer, lr, hp)
-                        losses = train_step(*batches[li])
-                        prog.step += 1
-                        bar.update(1)
-                        if losses is None:
-                            prog.bad_steps += 1
-                            if prog.bad_steps >= NAN_PATIENCE:
-                                path = save(epoch, complete=False)
-                                raise TrainingDivergedError(
-                                    f"{run_dir}: the loss or gradient was not finite for "
-                                    f"{NAN_PATIENCE} steps in a row (step {prog.step}, lr {lr:.3g}); "
-                                    f"state saved to {path}. Lower learning_rate, check the "
-                                    "features for NaN/inf, or set grad_clip")
-                            continue
-                        prog.bad_steps = 0
-                        n_ok += 1
-                        n_since += 1
-                        for k, v in losses.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                            since[k] = since.get(k, 0.0) + v
-                        if prog.step == 1 or prog.step % hp.log_every_steps == 0:
-                            means = {k: v / n_since for k, v in since.items()}
-                            log.scalars("csi", {"lr": lr_logged, **means}, prog.step)
-                            log.record("train", epoch=epoch, step=prog.step, lr=lr_logged, **means)
-                            bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr_logged:.2g}")
-                            since, n_since = {}, 0
-                    prog.batch_in_epoch = r + 1
-                bar.close()
-
-                # ---- end of epoch: validation, test sets, early stopping, checkpoint
-                rec: dict[str, Any] = {"epoch": epoch, "step": prog.step,
-                                       "lr": lr_at(max(prog.step, 1), epoch, hp),
-                                       "epoch_s": time.time() - t_epoch}
-                rec.update({f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()})
-                evaluate = (epoch + 1) % hp.every_n_epoch_to_test == 0 or epoch + 1 >= max_epochs
-                if val_loader is not None and evaluate:
-                    val = validation_loss(model, val_loader, dev, autocast)
-                    log.scalars("csi_val", val, epoch)
-                    log.record("val", epoch=epoch, step=prog.step, **val)
-                    rec.update({f"val_{k}": v for k, v in val.items()})
-                    rec["val_loss"] = val["foc_loss"]
-                force_all = epoch + 1 >= max_epochs  # final pass: every test set
-                tests = evaluate_testsets(model, hp, dev, epoch=epoch,
-                                          names=list(hp.testsets) if force_all else None)
-                for name, m in tests.items():
-                    if log.tb is not None:
-                        log.tb.add_scalar(f"mAP/{name}", m["mAP"], epoch)
-                        log.tb.add_scalar(f"hit_rate/{name}", m["HR1"], epoch)
-                        log.tb.add_scalar(f"MR1/{name}", m["MR1"], epoch)
-                    log.record("test", epoch=epoch, step=prog.step, testset=name,
-                               **{k: m[k] for k in ("mAP", "MR1", "HR1", "HR10") if k in m},
-                               n_queries=m.get("n_queries"))
-                    rec[f"mAP/{name}"] = m["mAP"]
-                    rec[f"MR1/{name}"] = m["MR1"]
-                    rec[f"HR1/{name}"] = m["HR1"]
-
-                in_hold = prog.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
-                is_best = False
-                if stopper.metric == "mAP":
-                    maps = [tests[n]["mAP"] for n in hp.map_stopping_testsets if n in tests]
-                    if len(maps) == len(hp.map_stopping_testsets):
-                        is_best = stopper.update(epoch, float(np.mean(maps)), in_hold=in_hold)
-                        rec["smoothed_mAP"] = stopper.smoothed_map
-                elif stopper.metric == "val_loss":
-                    if "val_loss" in rec:
-                        is_best = stopper.update(epoch, rec["val_loss"], in_hold=in_hold)
-                else:
-                    is_best = stopper.update(epoch, rec.get("train_foc_loss", math.inf), in_hold=in_hold)
-                rec.update(best_epoch=stopper.best_checkpoint_epoch, is_best=is_best,
-                           early_stopping_counter=stopper.counter)
-
-                prog.epoch, prog.batch_in_epoch = epoch + 1, 0
-                stopped = stopper.should_stop
-                if is_best or stopped or (epoch + 1) % hp.every_n_epoch_to_save == 0 \
-                        or prog.epoch >= max_epochs:
-                    last_ckpt = save(epoch, complete=True)
-                if is_best:
-                    write_json(ckpt_dir / BEST_FILE, {"epoch": epoch, "metric": stopper.metric,
-                                                      "value": stopper.best_checkpoint_value})
-                log.flush()
-                rec = log.record("epoch", **rec)
+            while st.epoch < max_epochs and not stopped:
+                t_epoch = time.time()
+                train_means = _run_epoch(run, st)
+                rec, saved = _end_of_epoch(run, st, train_means, t_epoch)
+                last_ckpt = saved or last_ckpt
                 history.append(rec)
                 if progress:
-                    shown = {k: v for k, v in rec.items() if k in (
-                        "train_total", "val_loss", "lr") or k.startswith("mAP/")}
-                    print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                    _print_epoch(rec)
                 for cb in callbacks or ():
                     cb(rec)
+                stopped = st.stopper.should_stop
                 if stopped:
-                    stop_reason = (f"early stopping: no improvement of {stopper.metric} for "
-                                   f"{stopper.counter} evaluations (patience {stopper.patience})")
+                    stop_reason = (f"early stopping: no improvement of {st.stopper.metric} for "
+                                   f"{st.stopper.counter} evaluations (patience {st.stopper.patience})")
         except KeyboardInterrupt:
             interrupted = True
-            last_ckpt = save(prog.epoch, complete=False)
-            print(f"\ninterrupted: saved {last_ckpt} (epoch {prog.epoch}, step {prog.step}); "
+            last_ckpt = run.save(st, st.epoch, complete=False)
+            print(f"\ninterrupted: saved {last_ckpt} (epoch {st.epoch}, step {st.step}); "
                   "call train() again to continue")
         finally:
-            log.close()
+            run.log.close()
+    sp = st.stopper
     if progress and stop_reason:
         print(stop_reason)
     if progress and not interrupted:
-        print(f"done in {time.time() - t_start:.0f} s: {prog.epoch} epochs, {prog.step} steps; "
-              f"best epoch {stopper.best_checkpoint_epoch} ({stopper.metric} "
-              f"{stopper.best_checkpoint_value})")
-    return TrainResult(
-        run_dir=run_dir, epochs_done=prog.epoch, steps=prog.step,
-        best_epoch=stopper.best_checkpoint_epoch, best_value=stopper.best_checkpoint_value,
-        best_metric=stopper.metric, stopped_early=stopped, interrupted=interrupted,
-        last_checkpoint=last_ckpt, history=history)
-
-
-# --------------------------------------------------------------------------------------------
-# recipes and run configs
-
-
-def recipe_path(recipe: str | os.PathLike) -> Path:
-    """The YAML of a recipe name ("laptop", "coverhunter") or a path to a YAML file."""
-    p = Path(recipe)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    candidate = RECIPES_DIR / f"{recipe}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(known)} or a .yaml path")
-
-
-def load_recipe(recipe: str | os.PathLike = "laptop") -> dict:
-    """A recipe's YAML mapping (not yet validated; no data paths)."""
-    from chlib.core.config import load_yaml
-
-    return load_yaml(recipe_path(recipe))
-
-
-def _held_out_list(dataset_dir: Path, split: str, out: Path, *, keep_if_all: bool) -> Path | None:
-    """Write the ``<split>.txt`` records of works held out entirely (``<split>-only-work-ids.txt``)
-    to ``out``; None when there are fewer than 2 such works (or, unless ``keep_if_all``, when
-    the split holds nothing else, so that a second list would repeat it)."""
-    ids_file, split_file = dataset_dir / f"{split}-only-work-ids.txt", dataset_dir / f"{split}.txt"
-    if not ids_file.is_file() or not split_file.is_file():
-        return None
-    ids = {int(line) for line in ids_file.read_text(encoding="utf-8").split() if line.strip()}
-    every = read_manifest(split_file, FULL_KEYS)
-    # feature paths re-anchored: the copy lives elsewhere than the split file
-    recs = [{**r, "feat": str(feature_path(r, split_file))} for r in every
-            if int(r["work_id"]) in ids]
-    if len({r["work_id"] for r in recs}) < 2 or (len(recs) == len(every) and not keep_if_all):
-        return None
-    write_manifest(out, recs)
-    return out
-
-
-def make_run_config(
-    run_dir: str | os.PathLike,
-    recipe: str | os.PathLike = "laptop",
-    overrides: dict | None = None,
-    *,
-    dataset_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Write ``<run_dir>/config/hparams.yaml`` from a recipe and a dataset's split files.
-
-    With ``dataset_dir`` (a folder made by the extract and split steps), it sets ``train_path``
-    (train.txt), ``val_path`` (val.txt when it has records), the CQT settings and ``input_dim``
-    from ``features.json``, and test sets: ``test`` (query = ref = test.txt) and, when some works
-    were held out entirely and the test set also holds seen works, ``unseen`` (the held-out
-    works' test recordings only, written to ``<run_dir>/config/test_unseen.txt``); and, when
-    at least two works were held out for validation (``val_unseen``), ``val_unseen`` (their
-    val recordings, ``<run_dir>/config/val_unseen.txt``): the test set a recipe can early-stop
-    on (``early_stop_metric: mAP``, ``map_stopping_testsets: [val_unseen]``) without touching
-    the test works. A recipe asking for mAP stopping on a set the dataset cannot provide falls
-    back to val_loss, with a warning. Paths are written as given (relative paths stay
-    relative to the current directory, as the original expects). ``overrides`` (nested dict, YAML
-    key names) are merged last. The result is validated. Returns the YAML path.
-    """
-    run_dir = Path(run_dir)
-    d = load_recipe(recipe)
-    if dataset_dir is not None:
-        ds = Path(dataset_dir)
-        if not (ds / "train.txt").is_file():
-            raise ConfigError(f"{ds}: no train.txt; run the split step on this dataset first")
-        d["train_path"] = str(ds / "train.txt")
-        val = ds / "val.txt"
-        if val.is_file() and read_manifest(val, FULL_KEYS):
-            d["val_path"] = str(val)
-        else:
-            d.pop("val_path", None)
-        feats = ds / "features.json"
-        if feats.is_file():
-            f = read_json(feats)
-            for yk, fk in (("sample_rate", "sample_rate"), ("hop_length", "hop_length"),
-                           ("fmin", "fmin"), ("n_bins", "n_bins"),
-                           ("bins_per_octave", "bins_per_octave"), ("cqt_flavour", "flavour")):
-                if fk in f:
-                    d[yk] = f[fk]
-            if "n_bins" in f:
-                d["input_dim"] = f["n_bins"]
-        test = ds / "test.txt"
-        if test.is_file() and read_manifest(test, FULL_KEYS):
-            d["test"] = {"query_path": str(test), "ref_path": str(test), "every_n_epoch_to_test": 1}
-            unseen = _held_out_list(ds, "test", run_dir / "config" / "test_unseen.txt",
-                                    keep_if_all=False)
-            if unseen is not None:
-                d["unseen"] = {"query_path": str(unseen), "ref_path": str(unseen),
-                               "every_n_epoch_to_test": 1}
-        val_unseen = _held_out_list(ds, "val", run_dir / "config" / "val_unseen.txt",
-                                    keep_if_all=True)
-        if val_unseen is not None:
-            d["val_unseen"] = {"query_path": str(val_unseen), "ref_path": str(val_unseen),
-                               "every_n_epoch_to_test": 1}
-    if overrides:
-        d = deep_merge(d, overrides)
-    wanted = d.get("map_stopping_testsets") or []
-    if d.get("early_stop_metric") == "mAP" and not all(
-            isinstance(d.get(n), dict) or n in (d.get("testsets") or {}) for n in wanted):
-        warnings.warn(
-            f"recipe {recipe}: early stopping on the mAP of {wanted} is not possible with this "
-            "dataset (no such test set: it needs works held out for validation, val_unseen in "
-            "the data-prep config); using val_loss instead", stacklevel=2)
-        d["early_stop_metric"], d["map_stopping_testsets"] = "val_loss", []
-    hp = HParams.from_dict(d, where=f"recipe {recipe} + overrides")
-    out = run_dir / "config" / "hparams.yaml"
-    save_hparams(hp, out)
-    return out
+        print(f"done in {time.time() - t_start:.0f} s: {st.epoch} epochs, {st.step} steps; "
+              f"best epoch {sp.best_checkpoint_epoch} ({sp.metric} {sp.best_checkpoint_value})")
+    return TrainResult(run_dir=run_dir, epochs_done=st.epoch, steps=st.step,
+                       best_epoch=sp.best_checkpoint_epoch, best_value=sp.best_checkpoint_value,
+                       best_metric=sp.metric, stopped_early=stopped, interrupted=interrupted,
+                       last_checkpoint=last_ckpt, history=history)

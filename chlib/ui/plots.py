@@ -1,10 +1,9 @@
 """Figures for the notebooks: CQTs, training curves, embedding maps and evaluation charts.
 
-Every function takes explicit data (arrays, lists of dicts), never reads files, and returns a
-:class:`matplotlib.figure.Figure`, so the same call serves a notebook cell, a headless run and a
-test. :func:`save_figure` writes a PNG atomically. Figures are built with the object-oriented API
-(``Figure`` + ``FigureCanvasAgg``), not ``pyplot``: nothing is left open in pyplot's registry and
-no GUI backend is needed; Jupyter shows a returned Figure through its ``_repr_png_``.
+Every function takes explicit data, never reads files, and returns a matplotlib ``Figure`` on
+an Agg canvas (no pyplot registry, no GUI backend; Jupyter shows it through a PNG formatter
+registered here). Histograms and bar charts are seaborn's. :func:`save_figure` is chlib's one
+writer of figure files.
 
 Units: CQT arrays are ``[frames, bins]`` in dB (0 = the track's loudest cell), frames at
 ``frames_per_second`` (25 by default: 16 kHz, hop 640), bin ``b`` centred on
@@ -16,74 +15,64 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from chlib.core.errors import ConfigError
+from chlib.core.io import atomic_write_bytes
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-__all__ = [
-    "new_figure",
-    "plot_cqt",
-    "plot_cqts",
-    "training_curves",
-    "plot_training_curves",
-    "project_embeddings",
-    "plot_embedding_projection",
-    "plot_rank_histogram",
-    "plot_confused_pairs",
-    "plot_per_work_ap",
-    "save_figure",
-    "note_name",
-]
+__all__ = ["new_figure", "figure_png", "save_figure", "note_name", "plot_cqt", "plot_cqts",
+           "training_curves", "plot_training_curves", "project_embeddings",
+           "plot_embedding_projection", "plot_rank_histogram", "plot_confused_pairs",
+           "plot_per_work_ap"]
 
 _NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "p")
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (8, 4),
-               **subplot_kw: Any):
+               **subplot_kw: Any) -> tuple[Figure, Any]:
     """A Figure with an Agg canvas and its axes (``squeeze``d like ``plt.subplots``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     _register_notebook_display()
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, **subplot_kw)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
+    _register_notebook_display()  # so that a Figure made elsewhere also shows as a PNG
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"save_figure: {path} should end in .png")
+    atomic_write_bytes(path, figure_png(fig, dpi))
+    return path
+
+
 def _register_notebook_display() -> None:
-    """Inside IPython, show a returned Figure as a PNG (no pyplot or ``%matplotlib`` needed).
-
-    Figures built here are not pyplot-managed, so IPython needs a PNG formatter for them; the
-    inline backend registers one only after pyplot is imported. Idempotent; a no-op elsewhere.
-    """
-    import sys
-
-    if "IPython" not in sys.modules:
-        return
-    from IPython import get_ipython
-    from matplotlib.figure import Figure
-
-    ip = get_ipython()
-    if ip is None:
-        return
-    png = ip.display_formatter.formatters["image/png"]
-    if Figure not in png.type_printers:  # the inline backend may have registered its own
-        png.for_type(Figure, _figure_png)
+    """Inside IPython, show a returned Figure as a PNG, with no pyplot or ``%matplotlib``
+    (the inline backend registers a formatter only once pyplot is imported). Idempotent."""
+    ip = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    png = ip.display_formatter.formatters["image/png"] if ip is not None else None
+    if png is not None and Figure not in png.type_printers:  # the inline backend's wins
+        png.for_type(Figure, figure_png)
 
 
 def note_name(freq_hz: float) -> str:
@@ -94,59 +83,19 @@ def note_name(freq_hz: float) -> str:
     return f"{_NOTE_NAMES[midi % 12]}{midi // 12 - 1}"
 
 
-def _check_cqt(cqt: np.ndarray, what: str = "cqt") -> np.ndarray:
-    a = np.asarray(cqt)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ConfigError(f"{what}: expected a [frames, bins] array, got shape {a.shape}")
-    return a
+# -- CQTs ------------------------------------------------------------------------------------------
 
 
-def _draw_cqt(ax, cqt: np.ndarray, *, frames_per_second: float, fmin: float,
-              bins_per_octave: int, vmin: float | None, vmax: float | None, title: str | None):
+def _draw_cqt(ax: Any, cqt: np.ndarray, *, fps: float, fmin: float, bins_per_octave: int,
+              vmin: float | None, vmax: float | None, title: str | None) -> Any:
     n_frames, n_bins = cqt.shape
-    extent = (0.0, n_frames / frames_per_second, -0.5, n_bins - 0.5)
-    im = ax.imshow(cqt.T, origin="lower", aspect="auto", extent=extent, cmap="magma",
-                   vmin=vmin, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(cqt.T, origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax,
+                   extent=(0.0, n_frames / fps, -0.5, n_bins - 0.5), interpolation="nearest")
     ticks = list(range(0, n_bins, bins_per_octave))
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("CQT bin (note)")
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_yticks(ticks, [note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
+    ax.set(xlabel="time (s)", ylabel="CQT bin (note)")
+    ax.set_title(title or "", fontsize=9)
     return im
-
-
-def _axes_from(features: Any, frames_per_second: float, fmin: float,
-               bins_per_octave: int) -> tuple[float, float, int]:
-    if features is None:
-        return frames_per_second, fmin, bins_per_octave
-    return float(features.frames_per_second), float(features.fmin), int(features.bins_per_octave)
-
-
-def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 32.0,
-             bins_per_octave: int = 12, features: Any = None, title: str | None = None,
-             vmin: float | None = -80.0, vmax: float | None = 0.0,
-             figsize: tuple[float, float] = (8, 3.5)) -> Figure:
-    """One CQT as an image: time (s) across, pitch up, colour = dB.
-
-    Parameters
-    ----------
-    cqt : array [frames, bins], dB (0 = loudest cell of the track).
-    frames_per_second : frames per second of ``cqt`` (25 for 16 kHz audio with hop 640).
-    fmin, bins_per_octave : pitch of bin 0 in Hz and bins per octave (octave ticks are named).
-    features : a :class:`chlib.core.config.FeatureSettings`; when given, its frames per second,
-        fmin and bins per octave replace the three arguments above.
-    vmin, vmax : dB range of the colour scale (None: the data range).
-    """
-    frames_per_second, fmin, bins_per_octave = _axes_from(features, frames_per_second, fmin,
-                                                           bins_per_octave)
-    cqt = _check_cqt(cqt)
-    fig, ax = new_figure(figsize=figsize)
-    im = _draw_cqt(ax, cqt, frames_per_second=frames_per_second, fmin=fmin,
-                   bins_per_octave=bins_per_octave, vmin=vmin, vmax=vmax, title=title)
-    fig.colorbar(im, ax=ax, label="dB")
-    return fig
 
 
 def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
@@ -154,43 +103,58 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
               features: Any = None, ncols: int | None = None, max_seconds: float | None = None,
               vmin: float | None = -80.0, vmax: float | None = 0.0,
               panel_size: tuple[float, float] = (4.0, 3.0)) -> Figure:
-    """Several CQTs side by side (e.g. performances of one work), one panel each.
+    """Several CQTs side by side (e.g. performances of one work): time (s) across, pitch up,
+    colour = dB, one panel each.
 
-    ``max_seconds`` crops every panel to its first seconds so tempo and key can be compared;
-    ``ncols`` defaults to all panels in one row (at most 4 per row). ``features`` (a
-    FeatureSettings) sets the time and pitch axes as in :func:`plot_cqt`.
+    Parameters
+    ----------
+    cqts : arrays [frames, bins], dB (0 = loudest cell of the track).
+    frames_per_second : frames per second of the arrays (25 for 16 kHz audio with hop 640).
+    fmin, bins_per_octave : pitch of bin 0 in Hz and bins per octave (octave ticks are named).
+    features : a :class:`chlib.core.config.FeatureSettings`; when given, its frames per second,
+        fmin and bins per octave replace the three arguments above.
+    ncols : panels per row (default: all in one row, at most 4).
+    max_seconds : crop every panel to its first seconds, so tempo and key can be compared.
+    vmin, vmax : dB range of the colour scale (None: the data range).
     """
-    frames_per_second, fmin, bins_per_octave = _axes_from(features, frames_per_second, fmin,
-                                                           bins_per_octave)
+    if features is not None:
+        frames_per_second, fmin = float(features.frames_per_second), float(features.fmin)
+        bins_per_octave = int(features.bins_per_octave)
     if len(cqts) == 0:
         raise ConfigError("plot_cqts: no CQT arrays given")
     if titles is not None and len(titles) != len(cqts):
         raise ConfigError(f"plot_cqts: {len(titles)} titles for {len(cqts)} CQT arrays")
-    arrays = [_check_cqt(c, f"cqts[{i}]") for i, c in enumerate(cqts)]
+    arrays = [np.asarray(c) for c in cqts]
+    for i, a in enumerate(arrays):
+        if a.ndim != 2 or 0 in a.shape:
+            raise ConfigError(f"cqts[{i}]: expected a [frames, bins] array, got shape {a.shape}")
     if max_seconds is not None:
-        n = max(1, int(round(max_seconds * frames_per_second)))
-        arrays = [a[:n] for a in arrays]
+        arrays = [a[: max(1, int(round(max_seconds * frames_per_second)))] for a in arrays]
     ncols = ncols or min(len(arrays), 4)
     nrows = math.ceil(len(arrays) / ncols)
     fig, axes = new_figure(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
                            squeeze=False)
-    im = None
     for i, ax in enumerate(axes.flat):
-        if i >= len(arrays):
-            ax.set_visible(False)
-            continue
-        im = _draw_cqt(ax, arrays[i], frames_per_second=frames_per_second, fmin=fmin,
-                       bins_per_octave=bins_per_octave, vmin=vmin, vmax=vmax,
-                       title=titles[i] if titles else None)
-        if i % ncols:
-            ax.set_ylabel("")
-    if im is not None:
-        fig.colorbar(im, ax=list(axes.flat), label="dB", shrink=0.8)
+        ax.set_visible(i < len(arrays))
+        if i < len(arrays):
+            im = _draw_cqt(ax, arrays[i], fps=frames_per_second, fmin=fmin, vmin=vmin, vmax=vmax,
+                           bins_per_octave=bins_per_octave, title=titles[i] if titles else None)
+            ax.set_ylabel("" if i % ncols else ax.get_ylabel())
+    fig.colorbar(im, ax=list(axes.flat), label="dB", shrink=0.8 if len(arrays) > 1 else 1.0)
     return fig
 
 
-# --------------------------------------------------------------------------------------------
-# training curves
+def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 32.0,
+             bins_per_octave: int = 12, features: Any = None, title: str | None = None,
+             vmin: float | None = -80.0, vmax: float | None = 0.0,
+             figsize: tuple[float, float] = (8, 3.5)) -> Figure:
+    """One CQT [frames, bins] in dB as an image with a colour bar (arguments: :func:`plot_cqts`)."""
+    return plot_cqts([cqt], None if title is None else [title], panel_size=figsize,
+                     frames_per_second=frames_per_second, fmin=fmin, features=features,
+                     bins_per_octave=bins_per_octave, vmin=vmin, vmax=vmax)
+
+
+# -- training curves -------------------------------------------------------------------------------
 
 _LOSS_KEYS = ("loss", "foc_loss", "total_loss", "total", "tri_loss", "cen_loss")
 
@@ -206,22 +170,16 @@ def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _pick_loss(available: Iterable[str], wanted: str | None) -> str | None:
-    avail = list(available)
-    if wanted is not None:
-        return wanted if wanted in avail else None
-    return next((k for k in _LOSS_KEYS if k in avail), avail[0] if avail else None)
-
-
 def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dict:
     """Per-epoch series from metrics records: ``{"loss_key", "train", "val", "mAP"}``.
 
     ``train`` / ``val`` map epoch -> loss, ``mAP`` maps test set -> {epoch -> mAP}. Sources, in
     order of preference: ``epoch`` records (``train_<loss>``, ``val_<loss>``, ``mAP/<set>``, as
-    :func:`chlib.train.loop.train` writes them and passes to callbacks), then ``train`` records
-    (averaged per epoch), ``val`` records and ``test`` records.
+    :func:`chlib.train.loop.train` writes them), then ``train`` records (averaged per epoch),
+    ``val`` and ``test`` records. ``loss_key`` None picks a loss both curves have: ``loss``,
+    else ``foc_loss`` (the original's val_loss), else ``total``..., else the first one seen.
     """
-    train_steps: dict[int, list[dict]] = {}
+    steps: dict[int, list[dict]] = {}  # epoch -> losses of its train records
     val_rows: dict[int, dict] = {}
     ep_train: dict[int, dict] = {}
     ep_val: dict[int, dict] = {}
@@ -231,114 +189,94 @@ def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dic
             continue
         kind, epoch = r.get("kind"), int(r["epoch"])
         if kind == "train":
-            train_steps.setdefault(epoch, []).append(_losses_of(r))
+            steps.setdefault(epoch, []).append(_losses_of(r))
         elif kind == "val":
             val_rows[epoch] = _losses_of(r)
         elif kind == "test" and isinstance(r.get("mAP"), (int, float)):
             maps.setdefault(str(r.get("testset", "test")), {})[epoch] = float(r["mAP"])
-        elif kind == "epoch" or kind is None:
-            ep_train[epoch] = _losses_of(r, "train_")
-            ep_val[epoch] = _losses_of(r, "val_")
+        elif kind in ("epoch", None):
+            ep_train[epoch], ep_val[epoch] = _losses_of(r, "train_"), _losses_of(r, "val_")
             for k, v in r.items():
                 if k.startswith("mAP/") and isinstance(v, (int, float)):
                     maps.setdefault(k[4:], {})[epoch] = float(v)
-    t_names = {k for d in ep_train.values() for k in d}
-    t_names |= {k for steps in train_steps.values() for d in steps for k in d}
+    t_names = {k for d in [*ep_train.values(), *(d for s in steps.values() for d in s)] for k in d}
     v_names = {k for d in (*ep_val.values(), *val_rows.values()) for k in d}
-    both = t_names & v_names  # prefer a loss that both curves have
-    names = both or t_names or v_names
-    key = _pick_loss(sorted(names, key=lambda k: (k not in _LOSS_KEYS, k)), loss_key)
+    names = sorted(t_names & v_names or t_names or v_names, key=lambda k: (k not in _LOSS_KEYS, k))
+    if loss_key is None:
+        key = next((k for k in _LOSS_KEYS if k in names), names[0] if names else None)
+    else:
+        key = loss_key if loss_key in names else None
     train: dict[int, float] = {}
     val: dict[int, float] = {}
-    if key is not None:
-        for e in sorted(set(ep_train) | set(train_steps)):
-            if key in ep_train.get(e, {}):
-                train[e] = ep_train[e][key]
-            else:
-                vals = [d[key] for d in train_steps.get(e, []) if key in d]
-                if vals:
-                    train[e] = float(np.mean(vals))
-        for e in sorted(set(ep_val) | set(val_rows)):
-            src = ep_val.get(e, {}) if key in ep_val.get(e, {}) else val_rows.get(e, {})
-            if key in src:
-                val[e] = src[key]
+    for e in sorted(set(ep_train) | set(steps)):  # an epoch record wins over its steps' mean
+        vals = [ep_train[e][key]] if key in ep_train.get(e, {}) else [
+            d[key] for d in steps.get(e, []) if key in d]
+        if vals:
+            train[e] = float(np.mean(vals))
+    for e in sorted(set(ep_val) | set(val_rows)):
+        src = ep_val[e] if key in ep_val.get(e, {}) else val_rows.get(e, {})
+        if key in src:
+            val[e] = src[key]
     return {"loss_key": key, "train": train, "val": val, "mAP": maps}
+
+
+def _note(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None,
                          figsize: tuple[float, float] = (11, 3.8)) -> Figure:
-    """Loss per epoch (train and validation) and mAP per test set per epoch.
-
-    Parameters
-    ----------
-    rows : metrics records as in ``runs/<name>/metrics.jsonl`` (see :func:`training_curves`):
-        ``epoch`` records with ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>``; or ``train``
-        / ``val`` records with loss keys (or a ``losses`` mapping) and ``test`` records with
-        ``testset`` and ``mAP``.
-    loss_key : which loss to draw (default: ``loss``, else ``foc_loss`` - the original's
-        val_loss -, else ``total``, else the first one seen).
-
-    Returns a Figure with two axes: left losses, right mAP (a note when there is nothing yet).
-    """
+    """Loss per epoch (train and validation; ``loss_key`` as in :func:`training_curves`) on
+    the left, mAP per test set per epoch on the right, of ``runs/<name>/metrics.jsonl`` records
+    (a note on an axis with nothing to draw yet)."""
     c = training_curves(list(rows), loss_key)
     fig, (ax_loss, ax_map) = new_figure(1, 2, figsize=figsize)
     for series, label, marker in ((c["train"], "train", "o"), (c["val"], "validation", "s")):
         if series:
-            ep = sorted(series)
-            ax_loss.plot(ep, [series[e] for e in ep], marker=marker, label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel(c["loss_key"] or "loss")
-    ax_loss.set_title("loss")
-    if c["train"] or c["val"]:
-        ax_loss.legend()
-    else:
-        ax_loss.text(0.5, 0.5, "no loss records yet", ha="center", va="center",
-                     transform=ax_loss.transAxes)
+            ax_loss.plot(list(series), list(series.values()), marker=marker, label=label)
     for name, series in sorted(c["mAP"].items()):
         ep = sorted(series)
         ax_map.plot(ep, [series[e] for e in ep], marker="o", label=name)
-    ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("mAP")
-    ax_map.set_title("test-set mAP")
+    ax_loss.set(xlabel="epoch", ylabel=c["loss_key"] or "loss", title="loss")
+    ax_map.set(xlabel="epoch", ylabel="mAP", title="test-set mAP")
+    if c["train"] or c["val"]:
+        ax_loss.legend()
+    else:
+        _note(ax_loss, "no loss records yet")
     if c["mAP"]:
         ax_map.set_ylim(0, 1.02)
         ax_map.legend()
     else:
-        ax_map.text(0.5, 0.5, "no test-set records", ha="center", va="center",
-                    transform=ax_map.transAxes)
+        _note(ax_map, "no test-set records")
     return fig
 
 
-# --------------------------------------------------------------------------------------------
-# embeddings
+# -- embeddings ------------------------------------------------------------------------------------
 
 
 def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0,
                        metric: str = "cosine") -> np.ndarray:
-    """2-D coordinates of embeddings for a map: ``"pca"``, ``"tsne"`` or ``"umap"``.
+    """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] (any length) for a map.
 
-    Parameters
-    ----------
-    emb : array [N, D], one vector per recording (need not be unit length).
-    method : "pca" (instant, linear), "tsne" (scikit-learn; local neighbourhoods) or "umap"
-        (umap-learn; the first import compiles with numba, ~20 s once).
-    seed : random state of t-SNE / UMAP (PCA is deterministic).
-    metric : distance for t-SNE and UMAP ("cosine" matches the retrieval distance).
-
-    Returns an array [N, 2]. Neighbourhood sizes shrink for small N (perplexity < N,
-    n_neighbors < N) so that a tiny test set still gets a map; N < 3 falls back to PCA.
+    ``method``: "pca" (instant, linear), "tsne" (scikit-learn) or "umap" (umap-learn; its first
+    import compiles with numba, ~20 s once); ``seed`` seeds t-SNE / UMAP, ``metric`` is their
+    distance ("cosine" matches retrieval). Neighbourhoods shrink for small N (perplexity and
+    n_neighbors < N) so a tiny test set still gets a map; N < 3 falls back to PCA.
     """
     x = np.asarray(emb, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ConfigError(f"project_embeddings: expected [N, D] embeddings, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ConfigError("project_embeddings: embeddings contain NaN or inf values")
-    method = method.lower()
+    method, n = method.lower(), x.shape[0]
     if method not in ("pca", "tsne", "umap"):
         raise ConfigError(f"project_embeddings: method must be pca, tsne or umap, got {method!r}")
-    n = x.shape[0]
     if method == "pca" or n < 3:
-        return _pca_2d(x)
+        xc = x - x.mean(axis=0, keepdims=True)
+        if not np.any(xc):
+            return np.zeros((n, 2))
+        out = xc @ np.linalg.svd(xc, full_matrices=False)[2][:2].T
+        return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
     if method == "tsne":
         from sklearn.manifold import TSNE
 
@@ -352,34 +290,32 @@ def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0,
     return np.asarray(reducer.fit_transform(x), dtype=np.float64)
 
 
-def _pca_2d(x: np.ndarray) -> np.ndarray:
-    xc = x - x.mean(axis=0, keepdims=True)
-    if xc.shape[0] < 2 or not np.any(xc):
-        return np.zeros((x.shape[0], 2))
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    out = xc @ vt[:2].T
-    if out.shape[1] < 2:
-        out = np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
-    return out
-
-
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _label_style(labels: Sequence) -> dict:
-    """A colour and marker per distinct label (20 colours x 8 markers before repeating).
-
-    The 20 colours are tab20's dark shades first, then its light ones, so that up to 10 labels
-    get 10 clearly different hues.
-    """
-    from matplotlib import colormaps
-
+    """A colour and marker per distinct label: tab20's 10 dark shades, then its light ones
+    (so up to 10 labels get clearly different hues), x 8 markers before repeating."""
     cmap = colormaps["tab20"]
     order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    uniq = list(dict.fromkeys(labels))
     return {lab: (cmap(order[i % 20]), _MARKERS[(i // 20) % len(_MARKERS)])
-            for i, lab in enumerate(uniq)}
+            for i, lab in enumerate(dict.fromkeys(labels))}
+
+
+_MARKS = ("never seen in training", "selected", "neighbours")
+
+
+def _mark_selection(ax: Any, xy: np.ndarray, selected: int, neighbours: Sequence[int]) -> None:
+    nb = [int(j) for j in neighbours]
+    for j in nb:
+        ax.plot(xy[[selected, j], 0], xy[[selected, j], 1], color="black", linewidth=0.6,
+                alpha=0.6, zorder=4)
+    if nb:
+        ax.scatter(xy[nb, 0], xy[nb, 1], s=60, facecolors="none", edgecolors="black",
+                   linewidths=1.2, label="neighbours", zorder=5)
+    ax.scatter([xy[selected, 0]], [xy[selected, 1]], s=260, marker="*", color="black",
+               label="selected", zorder=6)
 
 
 def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str | None = "tsne",
@@ -387,220 +323,144 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               highlight: Iterable | None = None,
                               label_names: Mapping | None = None, seed: int = 0,
                               title: str | None = None, annotate: bool | None = None,
-                              selected: int | None = None,
-                              neighbours: Sequence[int] = (),
+                              selected: int | None = None, neighbours: Sequence[int] = (),
                               figsize: tuple[float, float] = (9, 6)) -> Figure:
     """A 2-D map of recordings coloured by work, never-seen works ringed, chosen works bold.
 
-    Parameters
-    ----------
-    emb : array [N, D] embeddings, or [N, 2] coordinates when ``method`` is None.
-    labels : N work labels (ids or names), one per row.
-    method : "tsne", "umap", "pca" (see :func:`project_embeddings`) or None (``emb`` is 2-D).
-    test_only : labels of works never seen in training: their points get a black ring.
-    highlight : labels to emphasise; every other point is drawn faded.
-    label_names : optional label -> display name (legend and annotations).
-    annotate : write the work name beside each highlighted point (default: when highlighting).
-    selected : row of a chosen point, drawn as a large black star ("selected" collection).
-    neighbours : rows of its neighbours, joined to it by thin lines and drawn with black
-        edges ("neighbours" collection).
-
-    Returns the Figure; the scatter points of each label are one collection whose ``label``
-    is the work's display name (test-only rings form one extra collection, "never seen").
+    ``emb`` is [N, D] embeddings projected by ``method`` ("tsne", "umap", "pca"), or [N, 2]
+    coordinates with ``method`` None; ``labels`` holds N work labels. ``test_only`` labels get a
+    black ring ("never seen in training"), ``highlight`` labels are drawn bold (annotated with
+    their names unless ``annotate`` is False) and the others faded; ``label_names`` maps labels
+    to display names. ``selected`` (a row) is a black star joined by thin lines to its
+    ``neighbours`` (rows). Each label's points are one collection named after the work.
     """
     labels = list(labels)
     x = np.asarray(emb)
     if x.ndim != 2 or x.shape[0] != len(labels):
         raise ConfigError(
-            f"plot_embedding_projection: {len(labels)} labels for embeddings of shape {x.shape}"
-        )
-    if method is None:
-        if x.shape[1] != 2:
-            raise ConfigError("plot_embedding_projection: method=None needs [N, 2] coordinates")
-        xy = x.astype(np.float64)
-    else:
-        xy = project_embeddings(x, method, seed=seed)
+            f"plot_embedding_projection: {len(labels)} labels for embeddings of shape {x.shape}")
+    if method is None and x.shape[1] != 2:
+        raise ConfigError("plot_embedding_projection: method=None needs [N, 2] coordinates")
+    xy = x.astype(np.float64) if method is None else project_embeddings(x, method, seed=seed)
     names = dict(label_names or {})
     style = _label_style(labels)
-    hl = set(highlight) if highlight is not None else set()
-    to = set(test_only) if test_only is not None else set()
+    hl = set(highlight or ())
+    to = set(test_only or ())
     annotate = bool(hl) if annotate is None else annotate
     lab_arr = np.array([str(v) for v in labels], dtype=object)
     fig, ax = new_figure(figsize=figsize)
     for lab, (colour, marker) in style.items():
-        m = lab_arr == str(lab)
-        faded = bool(hl) and lab not in hl
-        ax.scatter(xy[m, 0], xy[m, 1], color=colour, marker=marker,
-                   s=70 if lab in hl else 28, alpha=0.2 if faded else 0.9,
-                   edgecolors="black" if lab in hl else "none",
-                   label=_short(str(names.get(lab, lab))), zorder=3 if lab in hl else 2)
-        if annotate and lab in hl:
-            for px, py in xy[m]:
-                ax.annotate(str(names.get(lab, lab)), (px, py), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
+        m, bold = lab_arr == str(lab), lab in hl
+        ax.scatter(xy[m, 0], xy[m, 1], color=colour, marker=marker, s=70 if bold else 28,
+                   alpha=0.2 if hl and not bold else 0.9, zorder=3 if bold else 2,
+                   edgecolors="black" if bold else "none", label=_short(str(names.get(lab, lab))))
+        for px, py in xy[m] if annotate and bold else ():
+            ax.annotate(str(names.get(lab, lab)), (px, py), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
     ring = np.array([lab in to for lab in labels], dtype=bool)
     if ring.any():
         ax.scatter(xy[ring, 0], xy[ring, 1], s=160, facecolors="none", edgecolors="black",
-                   linewidths=1.0, label="never seen in training", zorder=4)
-    nb = [int(j) for j in neighbours]
+                   linewidths=1.0, label=_MARKS[0], zorder=4)
     if selected is not None:
-        for j in nb:
-            ax.plot([xy[selected, 0], xy[j, 0]], [xy[selected, 1], xy[j, 1]], color="black",
-                    linewidth=0.6, alpha=0.6, zorder=4)
-        if nb:
-            ax.scatter(xy[nb, 0], xy[nb, 1], s=60, facecolors="none", edgecolors="black",
-                       linewidths=1.2, label="neighbours", zorder=5)
-        ax.scatter([xy[selected, 0]], [xy[selected, 1]], s=260, marker="*", color="black",
-                   label="selected", zorder=6)
-    n_works = len(style)
-    ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {n_works} works"
-                 + (f" ({len(set(lab for lab in labels if lab in to))} never seen, ringed)"
-                    if ring.any() else ""), fontsize=10)
+        _mark_selection(ax, xy, selected, neighbours)
+    n_unseen = len({lab for lab in labels if lab in to})
+    ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {len(style)} works"
+                 + (f" ({n_unseen} never seen, ringed)" if ring.any() else ""), fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    if n_works <= 20 or hl:
-        marks = ("never seen in training", "selected", "neighbours")
-        handles = [h for h in ax.collections
-                   if not hl or h.get_label() in {_short(str(names.get(x, x))) for x in hl}
-                   or h.get_label() in marks]
+    if len(style) <= 20 or hl:
+        shown = {_short(str(names.get(v, v))) for v in hl} | set(_MARKS)
+        handles = [h for h in ax.collections if not hl or h.get_label() in shown]
         ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   borderaxespad=0.0, ncols=1 if len(handles) <= 24 else 2)
     return fig
 
 
-# --------------------------------------------------------------------------------------------
-# evaluation charts
+# -- evaluation charts -----------------------------------------------------------------------------
 
 
 def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20,
                         figsize: tuple[float, float] = (7, 3.5)) -> Figure:
-    """How far down the ranking the first correct recording sits, per query.
-
-    Parameters
-    ----------
-    ranks : 1-based rank of the first recording of the query's work, per query; 0 (or less)
-        means the query's work has no other recording among the references.
-    max_rank : ranks 1..max_rank get one bar each; larger ranks share a final "> max_rank" bar.
-
-    Returns a Figure with ``max_rank + 1`` bars (the last one the overflow bar).
-    """
-    r = np.asarray(list(ranks), dtype=np.int64)
+    """Histogram of the 1-based rank of each query's first correct recording (0 or less: its
+    work has no other recording among the references, counted in the title only): ranks
+    1..max_rank get a bar each (rank 1 green), larger ones a last grey "> max_rank" bar."""
     if max_rank < 1:
         raise ConfigError(f"plot_rank_histogram: max_rank must be >= 1, got {max_rank}")
-    found = r[r > 0]
-    counts = [int(np.sum(found == k)) for k in range(1, max_rank + 1)]
-    counts.append(int(np.sum(found > max_rank)))
+    r = np.asarray(list(ranks), dtype=np.int64)
+    found = np.minimum(r[r > 0], max_rank + 1)
     fig, ax = new_figure(figsize=figsize)
-    pos = np.arange(1, max_rank + 2)
-    colours = ["tab:green"] + ["tab:blue"] * (max_rank - 1) + ["tab:gray"]
-    ax.bar(pos, counts, color=colours)
-    ax.set_xticks([1, *range(5, max_rank + 1, 5), max_rank + 1])
-    ax.set_xticklabels([str(t) for t in [1, *range(5, max_rank + 1, 5)]] + [f">{max_rank}"])
-    ax.set_xlabel("rank of the first correct recording")
-    ax.set_ylabel("queries")
+    sns.histplot(x=found, bins=np.arange(0.5, max_rank + 2), color="tab:blue", alpha=1.0, ax=ax)
+    ax.patches[0].set_facecolor("tab:green")
+    ax.patches[-1].set_facecolor("tab:gray")
+    ticks = [1, *range(5, max_rank + 1, 5)]
+    ax.set_xticks([*ticks, max_rank + 1], [*map(str, ticks), f">{max_rank}"])
+    ax.set(xlabel="rank of the first correct recording", ylabel="queries")
     n_none = int(np.sum(r <= 0))
-    share = counts[0] / len(r) if len(r) else 0.0
+    share = float(np.mean(r == 1)) if len(r) else 0.0
     ax.set_title(f"{len(r)} queries: {share:.0%} correct at rank 1"
                  + (f"; {n_none} without any other recording of their work" if n_none else ""),
                  fontsize=10)
     return fig
 
 
-def _pair_rows(pairs: Iterable) -> list[tuple[Any, Any, float]]:
-    out = []
-    for p in pairs:
-        if isinstance(p, Mapping):
-            a = p.get("work_a", p.get("a"))
-            b = p.get("work_b", p.get("b"))
-            v = p.get("count", p.get("value", p.get("n", p.get("distance"))))
-        else:
-            a, b, v = p[0], p[1], p[2]
-        out.append((a, b, float(v)))
-    return out
+def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, title: str,
+           empty: str, figsize: tuple[float, float] | None) -> tuple[Figure, Any]:
+    """Horizontal seaborn bars of ``(label, value)`` items, the first at the top."""
+    fig, ax = new_figure(figsize=figsize or (7, 0.35 * max(len(items), 3) + 1.2))
+    if not items:
+        _note(ax, empty)
+        ax.set_axis_off()
+        return fig, ax
+    df = pd.DataFrame({"row": range(len(items)), "value": [v for _, v in items]})
+    sns.barplot(df, x="value", y="row", hue="row", orient="h", palette=list(colours),
+                legend=False, ax=ax)
+    ax.set_yticks(range(len(items)), [label for label, _ in items], fontsize=8)
+    ax.set(xlabel=xlabel, ylabel="")
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
+def _pair_row(p: Any) -> tuple[Any, Any, float]:
+    if not isinstance(p, Mapping):
+        return p[0], p[1], float(p[2])
+    v = p.get("count", p.get("value", p.get("n", p.get("distance"))))
+    return p.get("work_a", p.get("a")), p.get("work_b", p.get("b")), float(v)
 
 
 def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "confusions",
                         label_names: Mapping | None = None,
                         figsize: tuple[float, float] | None = None) -> Figure:
-    """Horizontal bars of the work pairs most often confused, largest at the top.
+    """Horizontal bars of the ``top`` work pairs most often confused, largest at the top.
 
-    Parameters
-    ----------
-    pairs : ``(work_a, work_b, value)`` tuples or dicts with ``work_a``, ``work_b`` and
-        ``count`` (or ``value``), e.g. how often a recording of ``work_a`` ranked a recording of
-        ``work_b`` first.
-    top : keep the ``top`` largest values.
-    """
-    rows = sorted(_pair_rows(pairs), key=lambda t: -t[2])[:top]
+    ``pairs``: ``(work_a, work_b, value)`` tuples or dicts with ``work_a``, ``work_b`` and
+    ``count`` (or ``value``), e.g. how often a recording of ``work_a`` ranked one of ``work_b``
+    first."""
+    rows = sorted(map(_pair_row, pairs), key=lambda t: -t[2])[:top]
     names = dict(label_names or {})
-    fig, ax = new_figure(figsize=figsize or (7, 0.35 * max(len(rows), 3) + 1.2))
-    if not rows:
-        ax.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
-    text = [f"{names.get(a, a)}  ↔  {names.get(b, b)}" for a, b, _ in rows]
-    values = [v for *_, v in rows]
-    ax.barh(range(len(rows)), values, color="tab:red")
-    if all(float(v).is_integer() for v in values):
-        from matplotlib.ticker import MaxNLocator
-
+    items = [(f"{names.get(a, a)}  ↔  {names.get(b, b)}", v) for a, b, v in rows]
+    fig, ax = _hbars(items, ["tab:red"] * len(items), xlabel=value_label,
+                     title="most confused work pairs", empty="no confusions", figsize=figsize)
+    if items and all(v.is_integer() for _, v in items):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(text, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(value_label)
-    ax.set_title("most confused work pairs", fontsize=10)
     return fig
 
 
 def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first: bool = True,
                      label_names: Mapping | None = None,
                      figsize: tuple[float, float] | None = None) -> Figure:
-    """Average precision per work as horizontal bars, worst first (the works to look at).
-
-    Parameters
-    ----------
-    per_work : mapping work -> AP in [0, 1], or ``(work, ap)`` pairs, or dicts with ``work``
-        and ``ap``.
-    top : how many works to show.
-    """
+    """Average precision of ``top`` works as horizontal bars, worst first (the works to look
+    at); ``per_work`` maps work -> AP in [0, 1], or holds ``(work, ap)`` pairs or dicts with
+    ``work`` and ``ap``. Bars under 0.5 are red."""
     if isinstance(per_work, Mapping):
-        items = [(k, float(v)) for k, v in per_work.items()]
-    else:
-        items = []
-        for p in per_work:
-            if isinstance(p, Mapping):
-                items.append((p.get("work", p.get("label")), float(p["ap"])))
-            else:
-                items.append((p[0], float(p[1])))
-    items.sort(key=lambda t: t[1], reverse=not worst_first)
-    items = items[:top]
+        per_work = per_work.items()
+    items = [(p.get("work", p.get("label")), float(p["ap"])) if isinstance(p, Mapping)
+             else (p[0], float(p[1])) for p in per_work]
+    items = sorted(items, key=lambda t: t[1], reverse=not worst_first)[:top]
     names = dict(label_names or {})
-    fig, ax = new_figure(figsize=figsize or (7, 0.3 * max(len(items), 3) + 1.2))
-    if not items:
-        ax.text(0.5, 0.5, "no works", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
-    ax.barh(range(len(items)), [v for _, v in items],
-            color=["tab:red" if v < 0.5 else "tab:blue" for _, v in items])
-    ax.set_yticks(range(len(items)))
-    ax.set_yticklabels([str(names.get(k, k)) for k, _ in items], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("average precision")
-    ax.set_title(f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}", fontsize=10)
+    fig, ax = _hbars([(str(names.get(k, k)), v) for k, v in items],
+                     ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],
+                     xlabel="average precision", empty="no works", figsize=figsize,
+                     title=f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}")
+    if items:
+        ax.set_xlim(0, 1)
     return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
-    from chlib.core.io import atomic_write_bytes
-
-    _register_notebook_display()  # so that a Figure made elsewhere also shows as a PNG
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"save_figure: {path} should end in .png")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
-    return path

@@ -1,17 +1,9 @@
 """Small interactive helpers for the notebooks: forms, tables, audio players, live plots.
 
-Headless runs (papermill, nbconvert, plain Python) never depend on anything here: widget
-callbacks do not fire under papermill, so the notebooks' ``parameters`` cell drives every
-computation and the widgets only *edit* those values when a person is at the keyboard.
-
-* :func:`interactive_session` tells the two situations apart (see its docstring for the rule).
-* :func:`parameter_form` builds a form from a dict of defaults and reads the values back;
-  :func:`edit_parameters` shows one that writes each change into the notebook's namespace.
-* :class:`Table` / :func:`table` is a dependency-free table (text and HTML) for lists of dicts.
-* :func:`audio_player`, :func:`results_table` show results with players for each recording.
-* :class:`TrainingMonitor` redraws loss / mAP curves once per epoch during training.
-
-ipywidgets is imported inside the functions that need it, so ``import chlib.ui.widgets`` is cheap.
+Headless runs (papermill, nbconvert, plain Python) never depend on the widgets: their callbacks
+do not fire under papermill, so the ``parameters`` cell drives every computation and a form
+(:func:`edit_parameters`) only edits those values when a person is at the keyboard
+(:func:`interactive_session`). :func:`table` shows lists of dicts as pandas DataFrames.
 """
 
 from __future__ import annotations
@@ -20,88 +12,64 @@ import ast
 import html
 import io
 import os
-import sys
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ipywidgets as w
 import numpy as np
+import pandas as pd
+import soundfile as sf
+from IPython import get_ipython
+from IPython.display import Audio, Image, display
 
 from chlib.core.errors import AudioError, ChlibError, ConfigError
+from chlib.core.manifest import read_manifest
+from chlib.data.features import feature_path, load_feature
+from chlib.retrieval.identify import find_audio_files, identify
+from chlib.ui.plots import figure_png, plot_cqts, plot_training_curves
+from chlib.ui.report import explorer_map_figure, query_match_figure
 
-__all__ = [
-    "in_papermill",
-    "interactive_session",
-    "use_project_root",
-    "Table",
-    "table",
-    "ParameterForm",
-    "parameter_form",
-    "edit_parameters",
-    "show",
-    "audio_excerpt_wav",
-    "audio_player",
-    "results_table",
-    "TrainingMonitor",
-    "audio",
-    "cqt_examples",
-    "epoch_table",
-    "IdentifyApp",
-    "EmbeddingExplorer",
-]
+__all__ = ["in_papermill", "interactive_session", "use_project_root", "table", "ParameterForm",
+           "parameter_form", "edit_parameters", "show", "audio_excerpt_wav", "audio_player",
+           "results_table", "TrainingMonitor", "audio", "cqt_examples", "epoch_table",
+           "IdentifyApp", "EmbeddingExplorer"]
 
 #: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
 INTERACTIVE_ENV = "CHLIB_INTERACTIVE"
+_STYLE = {"description_width": "initial"}
 
 
-# --------------------------------------------------------------------------------------------
-# where are we running?
+# -- where are we running? -------------------------------------------------------------------------
 
 
-def _kernel():
-    if "IPython" not in sys.modules:
-        return None
-    from IPython import get_ipython
-
-    ip = get_ipython()
-    return getattr(ip, "kernel", None) if ip is not None else None
+def _kernel() -> Any:
+    return getattr(get_ipython(), "kernel", None)
 
 
 def in_papermill() -> bool:
-    """True when this code runs in a kernel driven by papermill / nbclient / nbconvert.
-
-    Those clients execute cells with ``allow_stdin=False`` (nbclient sets it for every cell),
-    whereas JupyterLab, Notebook, VS Code and Colab allow ``input()``. So: True inside an
-    IPython kernel whose current request does not allow stdin.
-    """
+    """True inside a kernel driven by papermill / nbclient / nbconvert: those execute cells
+    with ``allow_stdin=False``, whereas JupyterLab, Notebook, VS Code and Colab allow input()."""
     k = _kernel()
     return k is not None and not bool(getattr(k, "_allow_stdin", False))
 
 
 def interactive_session() -> bool:
-    """True when a person is at a notebook front end and widgets can be used.
-
-    ``CHLIB_INTERACTIVE=1`` / ``0`` in the environment forces the answer. Otherwise: inside an
-    IPython kernel (JupyterLab, Colab, VS Code) and not under papermill. Plain Python, pytest and
-    the IPython terminal are not interactive sessions (no widget front end).
-    """
+    """True when a person is at a notebook front end and widgets can be used: inside an IPython
+    kernel (JupyterLab, Colab, VS Code) and not under papermill; never in plain Python, pytest
+    or the IPython terminal. ``CHLIB_INTERACTIVE=1`` / ``0`` in the environment forces it."""
     forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
-    if forced in ("1", "true", "yes"):
-        return True
-    if forced in ("0", "false", "no"):
-        return False
+    if forced in ("1", "true", "yes", "0", "false", "no"):
+        return forced in ("1", "true", "yes")
     return _kernel() is not None and not in_papermill()
 
 
 def use_project_root() -> Path:
-    """Make the project folder the working directory when a notebook runs from ``notebooks/``.
-
-    JupyterLab starts a notebook's kernel in the notebook's own folder, while headless runs
-    (``python -m chlib run``) start in the project folder; moving up one level when the
-    working directory holds the numbered notebooks makes relative paths such as
-    ``datasets/demo`` mean the same in both. Anywhere else (Colab, a project folder) nothing
-    changes. Returns the working directory.
-    """
+    """Make the project folder the working directory when a notebook runs from ``notebooks/``
+    (JupyterLab starts kernels there, headless runs in the project folder), so that paths such
+    as ``datasets/demo`` mean the same in both. Returns the working directory."""
     cwd = Path.cwd()
     if (cwd / "01_prepare.ipynb").is_file() and cwd.name == "notebooks":
         os.chdir(cwd.parent)
@@ -110,196 +78,85 @@ def use_project_root() -> Path:
 
 def show(*objs: Any) -> None:
     """``IPython.display.display`` inside IPython, ``print`` elsewhere (scripts, tests)."""
-    if "IPython" in sys.modules:
-        from IPython import get_ipython
-
-        if get_ipython() is not None:
-            from IPython.display import display
-
-            display(*objs)
-            return
-    for o in objs:
-        print(o)
+    if get_ipython() is not None:
+        display(*objs)
+    else:
+        print(*objs, sep="\n")
 
 
-# --------------------------------------------------------------------------------------------
-# tables
-
-
-def _cell_text(v: Any, floatfmt: str) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (float, np.floating)):
-        return "nan" if np.isnan(v) else format(float(v), floatfmt)
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_cell_text(x, floatfmt) for x in v)
-    return str(v)
-
-
-class Table:
-    """Rows of dicts shown as a table: plain text in a terminal, HTML in a notebook.
-
-    ``Table(rows).rows`` keeps the data; ``str(table)`` / ``repr`` is an aligned text table and
-    ``_repr_html_`` an HTML one, so ending a notebook cell with a Table displays it, and
-    papermill saves both forms.
-    """
-
-    def __init__(self, rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
-                 floatfmt: str = ".4g", max_rows: int | None = None, title: str | None = None):
-        self.rows = [dict(r) for r in rows]
-        if columns is None:
-            columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        self.columns = list(columns)
-        self.floatfmt = floatfmt
-        self.max_rows = max_rows
-        self.title = title
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _shown(self) -> tuple[list[dict], int]:
-        if self.max_rows is None or len(self.rows) <= self.max_rows:
-            return self.rows, 0
-        return self.rows[: self.max_rows], len(self.rows) - self.max_rows
-
-    def cells(self) -> list[list[str]]:
-        """The displayed cells as strings, header row first."""
-        shown, _ = self._shown()
-        return [list(self.columns)] + [
-            [_cell_text(r.get(c), self.floatfmt) for c in self.columns] for r in shown
-        ]
-
-    def to_text(self) -> str:
-        cells = self.cells()
-        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
-        lines = ["  ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)).rstrip()
-                 for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        _, hidden = self._shown()
-        if hidden:
-            lines.append(f"... {hidden} more rows")
-        if self.title:
-            lines.insert(0, self.title)
-        return "\n".join(lines)
-
-    def to_html(self) -> str:
-        cells = self.cells()
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-            for row in cells[1:]
-        )
-        _, hidden = self._shown()
-        foot = f"<p>... {hidden} more rows</p>" if hidden else ""
-        cap = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
-        return (f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-                + foot)
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __repr__(self) -> str:
-        return self.to_text()
-
-    __str__ = __repr__
-
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write all rows (not only the shown ones) as CSV, atomically."""
-        import csv
-
-        from chlib.core.io import atomic_write_text
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in self.columns})
-        atomic_write_text(path, buf.getvalue())
-        return Path(path)
+# -- tables ----------------------------------------------------------------------------------------
 
 
 def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
-          floatfmt: str = ".4g", max_rows: int | None = 30, title: str | None = None) -> Table:
-    """A :class:`Table` of ``rows`` (a list of dicts), showing at most ``max_rows`` rows."""
-    return Table(rows, columns, floatfmt=floatfmt, max_rows=max_rows, title=title)
+          max_rows: int | None = 30, title: str | None = None) -> pd.DataFrame:
+    """Rows of dicts as a DataFrame for a notebook cell (HTML in Jupyter, text elsewhere).
+
+    ``columns`` picks and orders the keys (default: all). At most ``max_rows`` rows are kept
+    (None: all); the title, plus "first n of N rows" when rows were left out, names the column
+    axis, so it heads the table in both renderings."""
+    rows = [dict(r) for r in rows]
+    df = pd.DataFrame(rows[:max_rows] if max_rows is not None else rows,
+                      columns=list(columns) if columns is not None else None)
+    cut = f"first {len(df)} of {len(rows)} rows" if len(df) < len(rows) else ""
+    df.columns.name = "; ".join(t for t in (title, cut) if t) or None
+    return df
 
 
-# --------------------------------------------------------------------------------------------
-# parameter forms
+# -- parameter forms -------------------------------------------------------------------------------
 
 
 def _parse_literal(text: str, name: str, default: Any) -> Any:
     try:
-        value = ast.literal_eval(text)
+        value = ast.literal_eval(text) if text.strip() or default is not None else None
     except (ValueError, SyntaxError) as e:
         raise ConfigError(
-            f"parameter {name}: {text!r} is not a Python literal like {default!r} ({e})"
-        ) from e
-    if not isinstance(value, type(default)):
-        raise ConfigError(
-            f"parameter {name}: expected a {type(default).__name__} like {default!r}, got {value!r}"
-        )
+            f"parameter {name}: {text!r} is not a Python literal like {default!r} ({e})") from e
+    if default is not None and not isinstance(value, type(default)):
+        raise ConfigError(f"parameter {name}: expected a {type(default).__name__} like "
+                          f"{default!r}, got {value!r}")
     return value
 
 
 class ParameterForm:
-    """A column of labelled inputs, one per parameter; :meth:`values` reads them back.
-
-    Types follow the defaults: bool -> checkbox, int -> integer box, float -> number box,
-    str -> text box (or a dropdown when ``choices`` lists the options), list / dict / None ->
-    a text box holding a Python literal. ``widget`` is the ipywidgets container to display.
-    """
+    """A column of labelled inputs (``widget``), one per parameter; :meth:`values` reads them
+    back. Types follow the defaults: bool -> checkbox, int / float -> number box, str -> text box
+    (a dropdown when ``choices`` lists the options), list / dict / None -> a Python literal."""
 
     def __init__(self, defaults: Mapping[str, Any], *,
                  choices: Mapping[str, Sequence] | None = None,
-                 descriptions: Mapping[str, str] | None = None,
-                 title: str | None = None):
-        import ipywidgets as w
-
+                 descriptions: Mapping[str, str] | None = None, title: str | None = None):
         self.defaults = dict(defaults)
         self.choices = {k: list(v) for k, v in (choices or {}).items()}
         unknown = sorted(set(self.choices) - set(self.defaults))
         if unknown:
             raise ConfigError(f"parameter_form: choices given for unknown parameters {unknown}")
         self.inputs: dict[str, Any] = {}
-        style = {"description_width": "initial"}
-        layout = w.Layout(width="32em")
         for name, default in self.defaults.items():
-            desc = (descriptions or {}).get(name, name)
+            kw = {"description": (descriptions or {}).get(name, name), "style": _STYLE}
             if name in self.choices:
-                opts = self.choices[name]
-                if default not in opts:
-                    raise ConfigError(
-                        f"parameter_form: default {default!r} of {name} is not among {opts}"
-                    )
-                box = w.Dropdown(options=opts, value=default, description=desc, style=style,
-                                 layout=layout)
+                if default not in self.choices[name]:
+                    raise ConfigError(f"parameter_form: default {default!r} of {name} is not "
+                                      f"among {self.choices[name]}")
+                box = w.Dropdown(options=self.choices[name], value=default, **kw)
             elif isinstance(default, bool):
-                box = w.Checkbox(value=default, description=desc, style=style, indent=False)
-            elif isinstance(default, int):
-                box = w.IntText(value=default, description=desc, style=style, layout=layout)
-            elif isinstance(default, float):
-                box = w.FloatText(value=default, description=desc, style=style, layout=layout)
-            elif isinstance(default, str):
-                box = w.Text(value=default, description=desc, style=style, layout=layout)
-            else:
-                box = w.Text(value=repr(default), description=desc, style=style, layout=layout)
+                box = w.Checkbox(value=default, indent=False, **kw)
+            else:  # a number box, or a text box holding the string or a literal's text
+                box = (w.IntText if isinstance(default, int) else w.FloatText
+                       if isinstance(default, float) else w.Text)(
+                    value=default if self._plain(name) else repr(default),
+                    layout=w.Layout(width="32em"), **kw)
             self.inputs[name] = box
-        children = list(self.inputs.values())
-        if title:
-            children.insert(0, w.HTML(f"<b>{html.escape(title)}</b>"))
-        self.widget = w.VBox(children)
+        head = [w.HTML(f"<b>{html.escape(title)}</b>")] if title else []
+        self.widget = w.VBox(head + list(self.inputs.values()))
+
+    def _plain(self, name: str) -> bool:
+        """True when the input holds the value itself, not a literal's text."""
+        return name in self.choices or isinstance(self.defaults[name], (bool, int, float, str))
 
     def value(self, name: str) -> Any:
         """Current value of one parameter, typed like its default."""
-        default = self.defaults[name]
         raw = self.inputs[name].value
-        if name in self.choices or isinstance(default, (bool, int, float, str)):
-            return raw
-        return _parse_literal(raw, name, default) if default is not None else (
-            ast.literal_eval(raw) if raw.strip() else None)
+        return raw if self._plain(name) else _parse_literal(raw, name, self.defaults[name])
 
     def values(self) -> dict[str, Any]:
         """All current values, typed like the defaults (a bad literal raises ConfigError)."""
@@ -310,14 +167,12 @@ class ParameterForm:
         for name, v in values.items():
             if name not in self.inputs:
                 raise ConfigError(f"parameter_form: no parameter named {name!r}")
-            box = self.inputs[name]
-            plain = name in self.choices or isinstance(self.defaults[name], (bool, int, float, str))
-            box.value = v if plain else repr(v)
+            self.inputs[name].value = v if self._plain(name) else repr(v)
 
     def observe(self, callback: Callable[[str, Any], None]) -> None:
         """Call ``callback(name, value)`` after each edit (interactive sessions only)."""
         for name, box in self.inputs.items():
-            def _changed(change, _name=name):
+            def _changed(change: Any, _name: str = name) -> None:
                 try:
                     callback(_name, self.value(_name))
                 except ConfigError:
@@ -325,15 +180,14 @@ class ParameterForm:
 
             box.observe(_changed, names="value")
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
 def parameter_form(defaults: Mapping[str, Any], *, choices: Mapping[str, Sequence] | None = None,
                    descriptions: Mapping[str, str] | None = None,
                    title: str | None = None) -> ParameterForm:
-    """A :class:`ParameterForm` for ``defaults`` (name -> default value); read back with
-    ``form.values()``."""
+    """A :class:`ParameterForm` for ``defaults`` (name -> default); read back with ``values()``."""
     return ParameterForm(defaults, choices=choices, descriptions=descriptions, title=title)
 
 
@@ -341,13 +195,9 @@ def edit_parameters(namespace: dict, names: Sequence[str], *,
                     choices: Mapping[str, Sequence] | None = None,
                     title: str = "Parameters (edit, then run the cells below)",
                     force: bool | None = None) -> ParameterForm | None:
-    """In an interactive session, show a form for ``names`` that writes edits into ``namespace``.
-
-    Use it right after the ``parameters`` cell: ``edit_parameters(globals(), ["n_works", ...])``.
-    Every edit updates ``namespace[name]`` immediately; re-run the cells below to use it.
-    Headless (papermill), or with ``force=False``, nothing is shown and None is returned, so the
-    parameters cell alone drives the run.
-    """
+    """In an interactive session, show a form for ``names`` that writes edits into ``namespace``
+    (``edit_parameters(globals(), ["n_works", ...])`` after the parameters cell; re-run the
+    cells below to use an edit). Headless or with ``force=False``: nothing, None."""
     if not (interactive_session() if force is None else force):
         return None
     missing = [n for n in names if n not in namespace]
@@ -359,19 +209,14 @@ def edit_parameters(namespace: dict, names: Sequence[str], *,
     return form
 
 
-# --------------------------------------------------------------------------------------------
-# audio and result tables
+# -- audio and result tables -----------------------------------------------------------------------
 
 
 def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
                       max_seconds: float = 30.0) -> bytes:
-    """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s``, for players.
-
-    Decodes with soundfile (wav, flac, ogg, mp3); keeps the file's sample rate. Embedding an
-    excerpt keeps notebooks small whatever the file's length and format.
-    """
-    import soundfile as sf
-
+    """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s``, at the file's
+    sample rate, for players (soundfile decodes wav, flac, ogg, mp3); an excerpt keeps
+    notebooks small whatever the file's length."""
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: audio file not found")
@@ -379,26 +224,19 @@ def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
             f.seek(min(int(start_s * sr), max(f.frames - 1, 0)))
-            y = f.read(frames=int(max_seconds * sr), dtype="float32", always_2d=True)
+            y = f.read(frames=int(max_seconds * sr), dtype="float32", always_2d=True).mean(axis=1)
     except (RuntimeError, sf.LibsndfileError) as e:
         raise AudioError(f"{path}: cannot decode audio for playback ({e})") from e
-    y = y.mean(axis=1)
     peak = float(np.max(np.abs(y))) if y.size else 0.0
-    if peak > 1.0:
-        y = y / peak
     buf = io.BytesIO()
-    sf.write(buf, y, sr, format="WAV", subtype="PCM_16")
+    sf.write(buf, y / peak if peak > 1.0 else y, sr, format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 
-def audio_player(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0):
-    """An ipywidgets Audio player (no autoplay, no loop) for an excerpt of ``path``.
-
-    An unreadable file gives a short red HTML note naming it instead of raising, so one bad
-    file does not break a results table.
-    """
-    import ipywidgets as w
-
+def audio_player(path: str | os.PathLike, *, start_s: float = 0.0,
+                 max_seconds: float = 30.0) -> Any:
+    """An ipywidgets Audio player (no autoplay, no loop) for an excerpt of ``path``; an
+    unreadable file gives a red note naming it, so one bad file does not break a table."""
     try:
         data = audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds)
     except AudioError as e:
@@ -409,109 +247,75 @@ def audio_player(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: 
 
 def results_table(rows: Sequence[Mapping], columns: Sequence[str], *,
                   audio_column: str | None = None, max_seconds: float = 30.0,
-                  floatfmt: str = ".3f"):
-    """A grid of result rows with an audio player in the last column.
-
-    Parameters
-    ----------
-    rows : dicts, one per result (e.g. identify's matches).
-    columns : keys shown as text columns, in order.
-    audio_column : key of each row holding an audio path; its player fills the last column
-        (rows without a path get an empty cell).
-
-    Returns an ipywidgets GridBox of ``len(rows) + 1`` rows (header first).
-    """
-    import ipywidgets as w
-
-    ncols = len(columns) + (1 if audio_column else 0)
-    header = [w.HTML(f"<b>{html.escape(c)}</b>") for c in columns]
-    if audio_column:
-        header.append(w.HTML("<b>listen</b>"))
-    cells = list(header)
+                  floatfmt: str = ".3f") -> Any:
+    """An ipywidgets GridBox of result rows (header first, text columns ``columns``), with a
+    player in a last column when ``audio_column`` names the key of each row's audio path."""
+    cells = [w.HTML(f"<b>{html.escape(c)}</b>") for c in columns]
+    cells += [w.HTML("<b>listen</b>")] if audio_column else []
     for r in rows:
-        cells += [w.HTML(html.escape(_cell_text(r.get(c), floatfmt))) for c in columns]
+        text = [r.get(c) for c in columns]
+        cells += [w.HTML(html.escape("" if v is None else format(v, floatfmt)
+                                     if isinstance(v, (float, np.floating)) else str(v)))
+                  for v in text]
         if audio_column:
             p = r.get(audio_column)
             cells.append(audio_player(p, max_seconds=max_seconds) if p else w.HTML(""))
-    return w.GridBox(cells, layout=w.Layout(
-        grid_template_columns=" ".join(["auto"] * ncols), grid_gap="2px 12px"))
+    ncols = len(columns) + (1 if audio_column else 0)
+    return w.GridBox(cells, layout=w.Layout(grid_template_columns=" ".join(["auto"] * ncols),
+                                            grid_gap="2px 12px"))
 
 
-# --------------------------------------------------------------------------------------------
-# live training curves
+# -- live training curves --------------------------------------------------------------------------
 
 
 class TrainingMonitor:
-    """A training callback that redraws loss and mAP curves after every epoch.
-
-    Interactive: one display area updated in place (``IPython.display`` handle). Headless
-    (papermill) or with ``live=False``: draws nothing until :meth:`figure` is called at the end
-    (and prints one line per epoch with ``print_epochs=True``; training prints its own).
-
-    Pass it to ``chlib.train.loop.train(..., callbacks=[monitor])``: it is called with each epoch's
-    record (``kind`` "epoch", ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>`` ...), keeps
-    them and redraws. ``rows`` seeds it with earlier records (a resumed run's metrics.jsonl).
-    """
+    """A ``chlib.train.loop.train(..., callbacks=[monitor])`` callback that redraws loss and
+    mAP curves in place after every epoch. Headless or with ``live=False`` it draws nothing
+    until :meth:`figure` is called (``print_epochs``: one line per epoch). ``rows`` seeds it
+    with earlier records (a resumed run's metrics.jsonl)."""
 
     def __init__(self, *, live: bool | None = None, every: int = 1,
                  rows: Iterable[Mapping] = (), print_epochs: bool = False):
         self.live = interactive_session() if live is None else live
         self.every = max(1, int(every))
-        self.rows: list[dict] = [dict(r) for r in rows]  # e.g. read_metrics() of a resumed run
+        self.rows: list[dict] = [dict(r) for r in rows]
         self.print_epochs = print_epochs
         self._handle = None
 
     def __call__(self, record: Mapping | None = None, **kwargs: Any) -> None:
         rec = dict(record or {}, **kwargs)
-        if not rec:
-            return
-        self.rows.append(rec)
+        if rec:
+            self.rows.append(rec)
         if rec.get("kind") != "epoch":
             return
-        epoch = rec.get("epoch", 0)
-        if self.live and int(epoch or 0) % self.every == 0:
-            self._redraw()
+        if self.live and int(rec.get("epoch") or 0) % self.every == 0:
+            fig = self.figure()
+            if self._handle is None:
+                self._handle = display(fig, display_id=True)
+            else:
+                self._handle.update(fig)
         elif not self.live and self.print_epochs:
             print(self.epoch_line(rec), flush=True)
 
     @staticmethod
     def epoch_line(rec: Mapping) -> str:
         """One line for an epoch record: the epoch and its numeric values."""
-        parts = [f"epoch {rec.get('epoch')}"]
-        for k, v in rec.items():
-            if k in ("kind", "epoch", "time", "timestamp"):
-                continue
-            if isinstance(v, float):
-                parts.append(f"{k} {v:.4g}")
-            elif isinstance(v, int) and not isinstance(v, bool):
-                parts.append(f"{k} {v}")
-        return "  ".join(parts)
+        return "  ".join([f"epoch {rec.get('epoch')}"] + [
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+            if k not in ("kind", "epoch", "time", "timestamp")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)])
 
-    def figure(self):
+    def figure(self) -> Any:
         """The current curves (see :func:`chlib.ui.plots.plot_training_curves`)."""
-        from chlib.ui.plots import plot_training_curves
-
         return plot_training_curves(self.rows)
 
-    def _redraw(self) -> None:
-        from IPython.display import display
 
-        fig = self.figure()
-        if self._handle is None:
-            self._handle = display(fig, display_id=True)
-        else:
-            self._handle.update(fig)
+# -- small views of files on disk ------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# small views of files on disk
-
-
-def audio(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0):
+def audio(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0) -> Audio:
     """An ``IPython.display.Audio`` of an excerpt: plays in JupyterLab, Colab and in saved
     (papermill) notebooks alike, unlike a widget."""
-    from IPython.display import Audio
-
     return Audio(data=audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds),
                  autoplay=False)
 
@@ -521,106 +325,76 @@ def cqt_examples(manifest_path: str | os.PathLike, *, work: str | None = None, n
     """CQT arrays and titles of ``n`` performances of one work from a full.txt-style manifest.
 
     ``work`` None picks the work with the most recordings (ties: the first in the file);
-    tempo copies are skipped. Returns ``(arrays [frames, bins] each, "perf (work)" titles)``.
+    tempo copies are skipped. Returns ``(arrays [frames, bins] each, perf titles)``.
     """
-    from collections import Counter
-
-    from chlib.core.manifest import read_manifest
-    from chlib.data.features import feature_path, load_feature
-
     recs = [r for r in read_manifest(manifest_path, required=("perf", "work", "feat"))
-            if not r.get("source_perf") or r.get("source_perf") == r["perf"]]
+            if r.get("source_perf") in (None, "", r["perf"])]
     if not recs:
         raise ConfigError(f"{manifest_path}: no recordings with features")
-    if work is None:
-        counts = Counter(r["work"] for r in recs)
-        work = max(counts, key=lambda w: (counts[w], -next(i for i, r in enumerate(recs)
-                                                           if r["work"] == w)))
+    work = work if work is not None else Counter(r["work"] for r in recs).most_common(1)[0][0]
     chosen = [r for r in recs if r["work"] == work][: max(1, n)]
     if not chosen:
         raise ConfigError(f"{manifest_path}: no recording of work {work!r}")
     arrays = [np.asarray(load_feature(feature_path(r, manifest_path))) for r in chosen]
-    return arrays, [f"{r['perf']}" for r in chosen]
+    return arrays, [str(r["perf"]) for r in chosen]
 
 
 _EPOCH_COLUMNS = ("epoch", "step", "train_total", "train_foc_loss", "val_loss", "lr", "is_best")
 
 
-def epoch_table(rows: Iterable[Mapping], *, max_rows: int | None = 60) -> Table:
+def epoch_table(rows: Iterable[Mapping], *, max_rows: int | None = 60) -> pd.DataFrame:
     """One row per epoch from training's ``epoch`` records (the last record of an epoch wins),
     with the losses, learning rate, mAP per test set and the best-epoch flag."""
-    by_epoch: dict[int, dict] = {}
-    for r in rows:
-        if r.get("kind", "epoch") == "epoch" and r.get("epoch") is not None:
-            by_epoch[int(r["epoch"])] = dict(r)
+    by_epoch = {int(r["epoch"]): dict(r) for r in rows
+                if r.get("kind", "epoch") == "epoch" and r.get("epoch") is not None}
     recs = [by_epoch[e] for e in sorted(by_epoch)]
     maps = sorted({k for r in recs for k in r if k.startswith("mAP/")})
-    cols = [c for c in _EPOCH_COLUMNS if any(c in r for r in recs)]
-    cols = cols[:-1] + maps + cols[-1:] if cols and cols[-1] == "is_best" else cols + maps
-    return Table(recs, cols, floatfmt=".4g", max_rows=max_rows,
+    cols = [c for c in _EPOCH_COLUMNS[:-1] if any(c in r for r in recs)] + maps
+    cols += ["is_best"] if any("is_best" in r for r in recs) else []
+    return table(recs, cols, max_rows=max_rows,
                  title=f"{len(recs)} epochs" if recs else "no epochs yet")
 
 
-def _fig_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------------------------
-# interactive identification (06_identify)
+# -- interactive identification (06_identify) ------------------------------------------------------
 
 
 class IdentifyApp:
-    """Upload a file or type a path, set top-k and the p threshold, press Identify.
-
-    Shows the matches as a table with an audio player for the query and each match, and the
-    query's CQT beside its best match's. ``widget`` is the ipywidgets box to display; the
-    last :class:`chlib.retrieval.identify.IdentifyReport` is kept in ``report``. Nothing runs until the
-    button is pressed (so nothing runs under papermill).
-    """
+    """Upload a file or type a path, set top-k and the p threshold, press Identify: the matches
+    with a player for the query and each match, and the query's CQT beside its best match's.
+    ``widget`` is the box to display; ``report`` the last IdentifyReport. Nothing runs until
+    the button is pressed (so nothing runs under papermill)."""
 
     def __init__(self, model: Any, hp: Any, index: Any, *, device: str = "auto",
                  top_k: int = 10, threshold_p: float = 0.001, path: str = "",
                  upload_dir: str | os.PathLike | None = None, max_seconds: float = 30.0):
-        import ipywidgets as w
-
         self.model, self.hp, self.index, self.device = model, hp, index, device
-        self.max_seconds = max_seconds
+        self.max_seconds, self.report = max_seconds, None
         self.upload_dir = Path(upload_dir) if upload_dir is not None else None
-        self.report = None
-        style = {"description_width": "initial"}
         self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload audio")
-        self.path = w.Text(value=str(path), description="or a path", style=style,
+        self.path = w.Text(value=str(path), description="or a path", style=_STYLE,
                            placeholder="an audio file or a folder", layout=w.Layout(width="40em"))
-        self.top_k = w.IntSlider(value=int(top_k), min=1, max=50, description="top k",
-                                 style=style)
+        self.top_k = w.IntSlider(value=int(top_k), min=1, max=50, description="top k", style=_STYLE)
         self.threshold = w.FloatLogSlider(value=float(threshold_p), base=10, min=-6, max=-1,
-                                          step=0.25, description="p threshold", style=style,
+                                          step=0.25, description="p threshold", style=_STYLE,
                                           readout_format=".0e")
         self.button = w.Button(description="Identify", button_style="primary", icon="search")
         self.out = w.Output()
         self.button.on_click(lambda _b: self.run())
-        self.widget = w.VBox([w.HBox([self.upload, self.path]), w.HBox([self.top_k, self.threshold]),
-                              self.button, self.out])
+        self.widget = w.VBox([w.HBox([self.upload, self.path]),
+                              w.HBox([self.top_k, self.threshold]), self.button, self.out])
 
     def query_paths(self) -> list[str]:
         """The uploaded file (saved to ``upload_dir`` or a temporary folder), else the path box
         (a file, or every audio file of a folder)."""
-        import tempfile
-
-        from chlib.retrieval.identify import find_audio_files
-
         files = self.upload.value
         if files:
             item = files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
             folder = self.upload_dir or Path(tempfile.mkdtemp(prefix="chlib_upload_"))
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / Path(item["name"]).name
-            target.write_bytes(bytes(item["content"]))
+            (target := folder / Path(item["name"]).name).write_bytes(bytes(item["content"]))
             return [str(target)]
         p = Path(self.path.value.strip())
-        if not str(p) or str(p) == ".":
+        if str(p) in ("", "."):
             raise ConfigError("upload an audio file or type the path of one")
         if p.is_dir():
             return [str(f) for f in find_audio_files(p)]
@@ -630,10 +404,6 @@ class IdentifyApp:
 
     def run(self) -> None:
         """Identify the chosen query and show the results (called by the button)."""
-        from IPython.display import Image, display
-
-        from chlib.retrieval.identify import identify
-
         self.out.clear_output()
         with self.out:
             try:
@@ -648,64 +418,51 @@ class IdentifyApp:
                 display(*self.views(q))
             if self.report.errors:
                 display(table(self.report.errors, title="could not be read"))
-            fig_rows = [r for r in self.report.best() if r["rank"] == 1]
-            if fig_rows:
-                display(Image(_fig_png(self.match_figure(fig_rows[0]))))
+            best = [r for r in self.report.best() if r["rank"] == 1]
+            if best:
+                display(Image(figure_png(self.match_figure(best[0]), 90)))
 
     def views(self, query: str) -> list:
         """The query's player and its results grid with a player per match."""
-        import ipywidgets as w
-
-        rows = [dict(r) for r in self.report.rows if r["query"] == query and r["rank"]]
         by_perf = {r["perf"]: r for r in self.index.records}
-        for r in rows:
-            r["wav"] = (by_perf.get(r["perf"]) or {}).get("wav")
+        rows = [dict(r, wav=(by_perf.get(r["perf"]) or {}).get("wav"))
+                for r in self.report.rows if r["query"] == query and r["rank"]]
         head = w.HBox([w.HTML(f"<b>{html.escape(Path(query).name)}</b>&nbsp;"),
                        audio_player(query, max_seconds=self.max_seconds)])
         grid = results_table(rows, ["rank", "work", "perf", "distance", "p_value", "verdict"],
                              audio_column="wav", max_seconds=self.max_seconds)
         return [head, grid]
 
-    def match_figure(self, best_row: Mapping):
-        """CQT of the query beside its best match (see :func:`chlib.retrieval.evaluate.query_match_figure`)."""
-        from chlib.retrieval.evaluate import query_match_figure
-
+    def match_figure(self, best_row: Mapping) -> Any:
+        """CQT of the query beside its best match's."""
         by_perf = {r["perf"]: r for r in self.index.records}
         return query_match_figure(best_row["query"], by_perf.get(best_row["perf"], {}), self.hp,
                                   max_seconds=self.max_seconds)
 
 
-# --------------------------------------------------------------------------------------------
-# the embedding explorer (07_explore)
+# -- the embedding explorer (07_explore) -----------------------------------------------------------
 
 
 class EmbeddingExplorer:
-    """Projection of reference and query recordings; colour by any column; find a work; pick
-    a recording to list its nearest neighbours, hear it and see its CQT.
-
-    ``data`` is a :class:`chlib.retrieval.evaluate.ExplorerData`. Pure ipywidgets + matplotlib PNGs, so it
-    works in JupyterLab and Colab without extensions. ``widget`` is the box to display.
-    """
+    """Map of an :class:`chlib.retrieval.explore.ExplorerData`'s recordings: colour by any
+    column, find a work, pick a recording to list its neighbours, hear it and see its CQT.
+    Plain ipywidgets + PNGs (JupyterLab and Colab, no extension); ``widget`` is the box."""
 
     def __init__(self, data: Any, *, projection: str = "umap", colour_by: str = "work",
                  highlight_work: str = "", point: str = "", n_neighbours: int = 10,
                  seed: int = 0, features: Any = None, max_seconds: float = 30.0):
-        import ipywidgets as w
-
         self.data, self.seed, self.features, self.max_seconds = data, seed, features, max_seconds
-        style = {"description_width": "initial"}
         self.projection = w.Dropdown(options=["umap", "tsne", "pca"], value=projection,
-                                     description="projection", style=style)
+                                     description="projection", style=_STYLE)
         self.colour = w.Dropdown(options=data.columns(), value=colour_by, description="colour by",
-                                 style=style)
+                                 style=_STYLE)
         self.search = w.Text(value=highlight_work, description="highlight work",
-                             placeholder="part of a work name", style=style)
+                             placeholder="part of a work name", style=_STYLE)
         perfs = [str(r["perf"]) for r in data.records]
-        start = data.index_of(point) if point else 0
-        self.point = w.Dropdown(options=perfs, value=perfs[start], description="recording",
-                                style=style, layout=w.Layout(width="36em"))
-        self.k = w.IntSlider(value=n_neighbours, min=1, max=50, description="neighbours",
-                             style=style)
+        self.point = w.Dropdown(options=perfs, value=perfs[data.index_of(point) if point else 0],
+                                description="recording", style=_STYLE,
+                                layout=w.Layout(width="36em"))
+        self.k = w.IntSlider(value=n_neighbours, min=1, max=50, description="neighbours", style=_STYLE)
         self.map_out, self.detail_out = w.Output(), w.Output()
         for control in (self.projection, self.colour, self.search, self.point, self.k):
             control.observe(lambda _c: self.refresh(), names="value")
@@ -719,23 +476,19 @@ class EmbeddingExplorer:
                 "highlight": self.data.matching_works(self.search.value.strip()),
                 "row": self.data.index_of(self.point.value), "k": self.k.value}
 
-    def map_figure(self):
+    def map_figure(self) -> Any:
         """The projection with the current colouring, highlight, selection and neighbours."""
         s = self.state()
-        return self.data.map_figure(s["projection"], s["colour_by"],
-                                    highlight_work=self.search.value.strip(), row=s["row"],
-                                    n_neighbours=s["k"], seed=self.seed)
+        return explorer_map_figure(self.data, s["projection"], s["colour_by"], row=s["row"],
+                                   highlight_work=self.search.value.strip(),
+                                   n_neighbours=s["k"], seed=self.seed)
 
     def refresh(self) -> None:
         """Redraw the map and the selected recording's details."""
-        from IPython.display import Image, display
-
-        from chlib.ui.plots import plot_cqt
-
         s = self.state()
         self.map_out.clear_output(wait=True)
         with self.map_out:
-            display(Image(_fig_png(self.map_figure())))
+            display(Image(figure_png(self.map_figure(), 90)))
         self.detail_out.clear_output(wait=True)
         with self.detail_out:
             rec = self.data.records[s["row"]]
@@ -745,11 +498,10 @@ class EmbeddingExplorer:
             display(table(self.data.neighbours(s["row"], s["k"]),
                           ["rank", "perf", "work", "role", "distance", "same_work"]))
             if rec.get("feat"):
-                fps = self.features.frames_per_second if self.features is not None else 25.0
-                fig = plot_cqt(self.data.cqt(s["row"])[: int(self.max_seconds * fps)],
-                               features=self.features, title=str(rec["perf"]),
-                               figsize=(6, 2.8))
-                display(Image(_fig_png(fig)))
+                fig = plot_cqts([self.data.cqt(s["row"])], [str(rec["perf"])],
+                                features=self.features, max_seconds=self.max_seconds,
+                                panel_size=(6, 2.8))
+                display(Image(figure_png(fig, 90)))
 
     def show(self) -> None:
         """Display the explorer and draw it once."""

@@ -1,0 +1,139 @@
+"""One worker pool for batch jobs (feature extraction, demo rendering): spawn-started processes,
+one job per worker at a time, so a worker that dies or hangs is charged to its own job only."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+from chlib.core.errors import ChlibError
+
+__all__ = ["JobFailure", "WorkerStartError", "run_jobs"]
+
+
+class WorkerStartError(ChlibError, RuntimeError):
+    """Worker processes die before they can take a job (e.g. an unguarded script under spawn)."""
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    kind: str  # "error" (fn raised; message "Type: text"), "crash" (worker died) or "timeout"
+    message: str
+
+
+def _call(fn: Callable, args: tuple) -> Any:
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a batch job reports and goes on
+        return JobFailure("error", f"{type(e).__name__}: {e}")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)  # the main process died (kill -9, killed kernel): do not linger
+
+
+def _worker(conn, fn: Callable, parent_pid: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)  # the workers already run in parallel
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        conn.send((msg[0], _call(fn, msg[1])))
+
+
+def run_jobs(fn: Callable, jobs: Sequence[tuple], *, num_workers: int,
+             timeout_s: float | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(job index, fn(*job) or JobFailure)`` for every job, in completion order.
+
+    ``fn``: module-level (picklable). ``num_workers <= 0``: run here, no timeout. A worker that
+    dies ("crash") or runs past ``timeout_s`` ("timeout") is replaced; only its job fails. The
+    workers are fed from a thread, so they keep going (up to ``2 x num_workers`` results ahead)
+    while the caller works on a result.
+    """
+    if num_workers <= 0:
+        yield from ((i, _call(fn, args)) for i, args in enumerate(jobs))
+        return
+    results: queue.Queue = queue.Queue(maxsize=2 * num_workers)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in _dispatch(fn, jobs, num_workers, timeout_s, stop):
+                results.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            results.put(e)
+        results.put(None)
+
+    thread = threading.Thread(target=pump, daemon=True, name="chlib-run-jobs")
+    thread.start()
+    try:
+        while (item := results.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the pump, which then kills the workers
+            with contextlib.suppress(queue.Empty):
+                results.get(timeout=0.1)
+
+
+def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: float | None,
+              stop: threading.Event) -> Iterator[tuple[int, Any]]:
+    ctx, todo, slots = mp.get_context("spawn"), deque(enumerate(jobs)), {}
+
+    def start() -> None:  # slot: [process, ready, job index or None, start time]
+        here, there = ctx.Pipe()
+        slots[here] = [ctx.Process(target=_worker, args=(there, fn, os.getpid()), daemon=True),
+                       False, None, 0.0]
+        slots[here][0].start()
+
+    try:
+        for _ in range(min(num_workers, len(todo))):
+            start()
+        while (todo or any(s[2] is not None for s in slots.values())) and not stop.is_set():
+            for conn, s in slots.items():
+                if s[1] and s[2] is None and todo:
+                    s[2], args = todo.popleft()
+                    s[3] = time.monotonic()
+                    conn.send((s[2], args))
+            wait([*slots, *(s[0].sentinel for s in slots.values())], timeout=0.5)
+            for conn, (proc, ready, job, t0) in list(slots.items()):
+                msg, late = None, timeout_s is not None and time.monotonic() - t0 > timeout_s
+                with contextlib.suppress(EOFError, OSError):
+                    msg = conn.recv() if conn.poll() else None
+                if msg is not None:
+                    slots[conn][1:3] = [True, None]
+                    if msg != "ready":
+                        yield msg
+                elif not proc.is_alive() or (late and job is not None):
+                    if not ready:
+                        raise WorkerStartError("worker processes die before doing any work; in "
+                                               "a script, call this under `if __name__ == "
+                                               "'__main__':` (spawn re-imports the script)")
+                    kind = "timeout" if proc.is_alive() else "crash"
+                    proc.kill()
+                    proc.join()
+                    del slots[conn]
+                    if todo:
+                        start()
+                    if job is not None:
+                        yield job, JobFailure(kind, f"worker process {kind}")
+    finally:
+        for proc, *_ in slots.values():
+            proc.kill()
+            proc.join(timeout=5)

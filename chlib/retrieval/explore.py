@@ -1,0 +1,133 @@
+"""The embedding explorer's data (``07_explore``): recordings as points with their metadata.
+
+Reference recordings come from the run's index (:func:`chlib.retrieval.identify.reference_index_for_run`),
+query recordings are embedded through the one embedding path; neighbours are ranked by the
+index's distance rule (:mod:`chlib.retrieval.protocol`). Figures: :mod:`chlib.ui.report`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chlib.core.errors import ConfigError, ManifestError
+from chlib.data.features import load_feature
+from chlib.retrieval.embed import embed_recordings
+from chlib.retrieval.index import is_tempo_copy
+from chlib.retrieval.protocol import cosine_distances, track_distances, track_vector, unit_rows
+
+__all__ = ["ExplorerData", "explorer_data"]
+
+
+@dataclass
+class ExplorerData:
+    """Recordings as points: unit embeddings [N, D] and one metadata record each.
+
+    Records carry ``perf``, ``work``, ``role`` ("reference" / "query"), ``wav``, ``feat`` and
+    any other manifest column (e.g. ``version``, ``dur_s``). ``rule`` is the distance rule of the
+    index the points come from; :meth:`neighbours` ranks by it. 2-D projections are kept in
+    ``projections`` per (method, seed) (:func:`chlib.ui.report.explorer_projection`).
+    """
+
+    embeddings: np.ndarray  # [N, D] float32 unit track vectors
+    records: list[dict]
+    rule: str = "mean"
+    windows: list | None = None  # [n_windows, D] unit window sets per row (rule "min")
+    projections: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def columns(self, max_values: int = 20) -> list[str]:
+        """Metadata columns usable for colouring: ``work``, ``role`` and every other column with
+        at most ``max_values`` distinct values and at most one per two recordings (a column
+        unique per recording colours nothing)."""
+        skip = {"wav", "feat", "perf", "feat_len", "source_perf", "work_id", "work", "role",
+                "n_windows"}
+        cols = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
+        limit = min(max_values, max(2, len(self.records) // 2))
+        few = [c for c in cols if len({str(r.get(c, "")) for r in self.records}) <= limit]
+        return ["work", "role"] + few
+
+    def labels(self, column: str) -> list:
+        if column not in self.columns():
+            raise ConfigError(f"no metadata column {column!r}; choose from {self.columns()}")
+        return [r.get(column, "") for r in self.records]
+
+    def index_of(self, perf: str) -> int:
+        """Row of a perf id (exact), else the first row whose perf contains it."""
+        perfs = [str(r["perf"]) for r in self.records]
+        if perf in perfs:
+            return perfs.index(perf)
+        for i, p in enumerate(perfs):
+            if perf and perf.lower() in p.lower():
+                return i
+        raise ConfigError(f"no recording {perf!r} among {len(perfs)} points")
+
+    def matching_works(self, text: str) -> list[str]:
+        """Works whose name contains ``text`` (case-insensitive); [] for empty text."""
+        if not text:
+            return []
+        return sorted({str(r["work"]) for r in self.records if text.lower() in str(r["work"]).lower()})
+
+    def neighbours(self, i: int, k: int = 10) -> list[dict]:
+        """The ``k`` nearest other recordings of row ``i`` under :attr:`rule`, closest first."""
+        if self.rule == "min" and self.windows is not None:
+            d = track_distances(self.windows[i:i + 1], self.windows, rule="min")[0]
+        else:
+            d = cosine_distances(self.embeddings[i:i + 1], self.embeddings)[0]
+        d = d.astype(np.float64)
+        d[i] = np.inf
+        order = np.argsort(d, kind="stable")[: max(0, min(k, len(self) - 1))]
+        me = self.records[i]
+        return [{"rank": n + 1, "perf": self.records[j]["perf"], "work": self.records[j]["work"],
+                 "role": self.records[j].get("role"), "distance": float(d[j]),
+                 "same_work": self.records[j]["work"] == me["work"], "row": int(j)}
+                for n, j in enumerate(order)]
+
+    def row_of(self, point: str = "") -> int:
+        """Row of ``point`` (a perf id or part of one); "" gives the first query (else row 0)."""
+        if point:
+            return self.index_of(point)
+        return next((i for i, r in enumerate(self.records) if r.get("role") == "query"), 0)
+
+    def cqt(self, i: int) -> np.ndarray:
+        """The stored CQT [frames, bins] of row ``i``."""
+        return np.asarray(load_feature(self.records[i]["feat"]))
+
+
+def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any, *,
+                  run_dir: str | os.PathLike, metadata: Sequence[dict] = (),
+                  device: str = "auto", progress: bool = True) -> ExplorerData:
+    """Reference recordings (from ``index``) plus query recordings (embedded here, cached in
+    ``run_dir/embeddings``) as one :class:`ExplorerData` that ranks by the index's rule. ``metadata`` rows (e.g. full.txt)
+    add their columns to the records with the same perf."""
+    meta = {str(r["perf"]): r for r in metadata}
+    refs = set(index.perfs)
+    qrecs = [r for r in query_records if not is_tempo_copy(r) and str(r["perf"]) not in refs]
+    dev = next(model.parameters()).device if device == "auto" else device
+    failures: list = []
+    wins = embed_recordings(model, qrecs, hp, cache_dir=Path(run_dir) / "embeddings", device=dev,
+                            progress=progress, failures=failures) if qrecs else []
+    records, vecs = [], []
+    sets = list(index.window_sets()) if index.windows is not None else None
+    for r, v in zip(index.records, index.embeddings, strict=True):
+        records.append({**meta.get(r["perf"], {}), **{k: x for k, x in r.items() if x is not None},
+                        "role": "reference"})
+        vecs.append(v)
+    for r, w in zip(qrecs, wins, strict=True):
+        if w is None:
+            continue
+        records.append({**meta.get(str(r["perf"]), {}), **r, "role": "query"})
+        vecs.append(track_vector(w))
+        if sets is not None:
+            sets.append(unit_rows(w))
+    if not records:
+        raise ManifestError("explorer_data: no reference or query recording to show")
+    return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule,
+                        windows=sets)

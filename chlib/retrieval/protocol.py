@@ -1,0 +1,148 @@
+"""The distance rule: window embeddings -> track representation -> track distance.
+
+This module is the one owner of how two recordings are compared; evaluation (training-time and
+``05_evaluate``), the reference index, its calibration and identification all call it, so a
+metric measures exactly what identification does. A recording is a set of window embeddings
+``[n_windows, D]`` (raw model outputs, :func:`chlib.retrieval.embed.embed_windows`); every
+window is L2-normalised and two windows are ``1 - cos`` apart (in [0, 2]).
+
+Rules (:data:`DISTANCE_RULES`):
+
+* ``"min"``: the minimum over all window pairs of the two tracks (the original's evaluation
+  rule: the best-matching passages decide);
+* ``"mean"``: the distance of the tracks' unit mean window vectors (:func:`track_vector`): one
+  vector per recording, fast and FAISS-able.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from chlib.core.errors import ConfigError
+
+__all__ = ["DISTANCE_RULES", "check_rule", "unit_rows", "track_vector", "track_vectors",
+           "cosine_distances", "track_distances", "pair_distances"]
+
+DISTANCE_RULES = ("min", "mean")
+
+
+def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`DISTANCE_RULES`, else ConfigError."""
+    if rule not in DISTANCE_RULES:
+        raise ConfigError(f"distance rule must be one of {DISTANCE_RULES}, got {rule!r}")
+    return rule
+
+
+def unit_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` [N, D] divided by their L2 norm (float32); an all-zero row stays zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def track_vector(windows: np.ndarray) -> np.ndarray:
+    """Unit vector [D] of a track: the mean of its unit windows [n_windows, D], renormalised.
+
+    If the unit windows cancel out (mean norm < 1e-8) the first unit window is returned.
+    """
+    w = unit_rows(np.atleast_2d(np.asarray(windows, dtype=np.float32)))
+    m = w.mean(axis=0)
+    n = float(np.linalg.norm(m))
+    return w[0].copy() if n < 1e-8 else (m / n).astype(np.float32)
+
+
+def track_vectors(tracks: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`track_vector` of each track, stacked: float32 [N, D]."""
+    return np.stack([track_vector(t) for t in tracks]).astype(np.float32)
+
+
+def cosine_distances(q_unit: np.ndarray, r_unit: np.ndarray) -> np.ndarray:
+    """``1 - q . r`` for unit rows [M, D] x [N, D]: float32 [M, N] in [0, 2]."""
+    return (1.0 - np.clip(q_unit @ r_unit.T, -1.0, 1.0)).astype(np.float32)
+
+
+def _stack_windows(tracks: Sequence[np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unit window rows [W, D] and the start row of each track [n_tracks]."""
+    if len(tracks) == 0:
+        raise ConfigError(f"{what}: no tracks given")
+    for i, t in enumerate(tracks):
+        if t is None or np.ndim(t) != 2 or len(t) == 0:
+            raise ConfigError(f"{what}[{i}]: expected a [n_windows >= 1, D] array, got "
+                              f"{None if t is None else np.shape(t)}")
+    rows = unit_rows(np.concatenate([np.asarray(t, dtype=np.float32) for t in tracks]))
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tracks])[:-1]]).astype(np.int64)
+    return rows, offsets
+
+
+def _min_distances(q: np.ndarray, q_off: np.ndarray, r: np.ndarray, r_off: np.ndarray,
+                   block_elements: int) -> np.ndarray:
+    """Min over window pairs, in blocks of whole query tracks under ``block_elements`` cells."""
+    n_q = len(q_off)
+    ends = np.append(q_off[1:], q.shape[0])
+    out = np.empty((n_q, len(r_off)), dtype=np.float32)
+    rows_per_block = max(1, block_elements // max(1, r.shape[0]))
+    t0 = 0
+    while t0 < n_q:
+        t1 = t0 + 1
+        while t1 < n_q and ends[t1] - q_off[t0] <= rows_per_block:
+            t1 += 1
+        a, b = q_off[t0], ends[t1 - 1]
+        dist = 1.0 - np.clip(q[a:b] @ r.T, -1.0, 1.0)  # [block windows, all ref windows]
+        per_q = np.minimum.reduceat(dist, q_off[t0:t1] - a, axis=0)
+        out[t0:t1] = np.minimum.reduceat(per_q, r_off, axis=1)
+        t0 = t1
+    return out
+
+
+def track_distances(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *,
+                    rule: str, block_elements: int = 1 << 25) -> np.ndarray:
+    """Distance of every query track to every reference track under ``rule``.
+
+    Parameters
+    ----------
+    q_windows, r_windows : sequences of [n_windows_i, D] window embeddings (raw or unit).
+    rule : "min" | "mean" (module docstring).
+    block_elements : cap on one window x window similarity block (memory, rule "min").
+
+    Returns
+    -------
+    float32 array [Q, R] of cosine distances in [0, 2].
+    """
+    check_rule(rule)
+    q, q_off = _stack_windows(q_windows, "q_windows")
+    r, r_off = _stack_windows(r_windows, "r_windows")
+    if q.shape[1] != r.shape[1]:
+        raise ConfigError(f"query windows have D={q.shape[1]} but reference windows D={r.shape[1]}")
+    if rule == "mean":
+        return cosine_distances(track_vectors(q_windows), track_vectors(r_windows))
+    return _min_distances(q, q_off, r, r_off, block_elements)
+
+
+def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarray,
+                   j: np.ndarray, *, rule: str, chunk: int = 8192) -> np.ndarray:
+    """Distances of track pairs ``(i[p], j[p])`` under ``rule``: float64 [P].
+
+    ``sets``: unit window sets [n_windows, D] per track (rule "min"); ``vectors``: unit track
+    vectors [N, D] (rule "mean"). Used for the index calibration (unrelated-pair distances).
+    """
+    check_rule(rule)
+    out = np.empty(i.size, np.float64)
+    if rule == "mean":
+        e = np.asarray(vectors, np.float64)
+        for a in range(0, i.size, chunk):
+            dots = np.einsum("pd,pd->p", e[i[a:a + chunk]], e[j[a:a + chunk]])
+            out[a:a + chunk] = 1.0 - np.clip(dots, -1.0, 1.0)
+        return out
+    w_max = max(len(s) for s in sets)
+    pad = np.zeros((len(sets), w_max, sets[0].shape[1]), np.float64)
+    mask = np.zeros((len(sets), w_max), bool)
+    for r, s in enumerate(sets):
+        pad[r, :len(s)] = s
+        mask[r, :len(s)] = True
+    for a in range(0, i.size, chunk):
+        ii, jj = i[a:a + chunk], j[a:a + chunk]
+        sims = np.einsum("pad,pbd->pab", pad[ii], pad[jj])
+        valid = mask[ii][:, :, None] & mask[jj][:, None, :]
+        out[a:a + chunk] = 1.0 - np.clip(np.where(valid, sims, -np.inf).max(axis=(1, 2)), -1, 1)
+    return out

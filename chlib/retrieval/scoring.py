@@ -1,0 +1,98 @@
+"""The one scorer of a retrieval test set, shared by training-time evaluation, ``05_evaluate``,
+k-fold and tuning.
+
+Given query and reference records (manifest rows with ``perf`` and ``work_id`` or ``work``) and
+their window embeddings, :func:`score_inputs` builds the distance matrix under the run's
+distance rule (:mod:`chlib.retrieval.protocol`), the labels and the exclusions:
+
+* a recording is never ranked against itself or a tempo copy of the same source recording
+  (``source_perf``), whether queries and references are one list or two;
+* an original-style ``query_in_ref`` file adds its (query index, ref index) pairs;
+* labels are ``work_id`` ints when every record has one, else work names.
+
+:func:`score_windows` returns the metrics (:func:`chlib.retrieval.metrics.retrieval_metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chlib.core.errors import ManifestError
+from chlib.core.manifest import source_perf
+from chlib.retrieval import metrics
+from chlib.retrieval.protocol import track_distances
+
+__all__ = ["ScoringInputs", "record_labels", "score_inputs", "score_windows", "rule_of"]
+
+
+def rule_of(hp: Any) -> str:
+    """The distance rule of a run config (``hp.distance_rule``; "min" for older configs)."""
+    return str(getattr(hp, "distance_rule", "min"))
+
+
+@dataclass
+class ScoringInputs:
+    """What the metrics are computed from (rows = queries, columns = references)."""
+
+    dist: np.ndarray  # [Q, R] float32 distances under ``rule``
+    exclude: np.ndarray  # [Q, R] bool, True = not ranked
+    q_labels: np.ndarray  # [Q] work labels
+    r_labels: np.ndarray  # [R]
+    work_names: dict  # label -> work name (work_id labels only)
+    q_perfs: list[str]
+    r_perfs: list[str]
+    rule: str
+
+
+def record_labels(records: Sequence[dict], where: Any = "records") -> tuple[np.ndarray, dict]:
+    """Work labels [N] of records (work_id ints when every record has one, else work names) and
+    the label -> work name map."""
+    if all("work_id" in r for r in records):
+        labels = np.array([int(r["work_id"]) for r in records], dtype=np.int64)
+        return labels, {int(r["work_id"]): str(r.get("work", r["work_id"])) for r in records}
+    if not all("work" in r for r in records):
+        raise ManifestError(f"{where}: every line needs a work (or work_id) to score retrieval")
+    return np.array([str(r["work"]) for r in records], dtype=object), {}
+
+
+def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
+                 q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
+                 query_in_ref_path: str | os.PathLike | None = None,
+                 where: str = "test set") -> ScoringInputs:
+    """Distances [Q, R] under ``rule``, labels and exclusions of one test set.
+
+    ``q_windows`` / ``r_windows``: one [n_windows, D] array per record, in record order.
+    """
+    q_labels, q_names = record_labels(q_records, f"{where} queries")
+    r_labels, r_names = record_labels(r_records, f"{where} references")
+    if q_labels.dtype != r_labels.dtype:
+        raise ManifestError(f"{where}: queries and references must both carry work_id "
+                            "(full.txt lines) or both only work names")
+    q_perfs = [str(r["perf"]) for r in q_records]
+    r_perfs = [str(r["perf"]) for r in r_records]
+    exclude = metrics.self_exclusion_mask(q_perfs, r_perfs,
+                                          query_sources=[source_perf(r) for r in q_records],
+                                          ref_sources=[source_perf(r) for r in r_records])
+    if query_in_ref_path:
+        pairs = metrics.read_query_in_ref(query_in_ref_path)
+        exclude |= metrics.query_in_ref_mask(pairs, len(q_perfs), len(r_perfs))
+    dist = track_distances(q_windows, r_windows, rule=rule)
+    return ScoringInputs(dist, exclude, q_labels, r_labels, {**r_names, **q_names}, q_perfs,
+                         r_perfs, rule)
+
+
+def score_windows(q_records: Sequence[dict], r_records: Sequence[dict],
+                  q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
+                  query_in_ref_path: str | os.PathLike | None = None,
+                  no_relevant: str = "count_as_zero") -> dict:
+    """mAP, MR1, HR1, HR10, P@10 and query counts of one test set
+    (:func:`chlib.retrieval.metrics.retrieval_metrics` of :func:`score_inputs`)."""
+    s = score_inputs(q_records, r_records, q_windows, r_windows, rule=rule,
+                     query_in_ref_path=query_in_ref_path)
+    return metrics.retrieval_metrics(s.dist, s.q_labels, s.r_labels, exclude=s.exclude,
+                                     no_relevant=no_relevant)

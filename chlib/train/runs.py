@@ -1,0 +1,145 @@
+"""Run folders: recipes, ``config/hparams.yaml`` from a recipe and a dataset, metrics files."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from chlib.core.config import HParams, deep_merge, load_yaml, save_hparams
+from chlib.core.errors import ConfigError
+from chlib.core.io import read_json, read_jsonl
+from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
+from chlib.data.features import feature_path
+
+__all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "read_metrics",
+           "epoch_table"]
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+_FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), ("fmin", "fmin"),
+                 ("n_bins", "n_bins"), ("bins_per_octave", "bins_per_octave"),
+                 ("cqt_flavour", "flavour"))
+
+
+def recipe_path(recipe: str | os.PathLike) -> Path:
+    """The YAML of a recipe name ("laptop", "coverhunter") or a path to a YAML file."""
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidate = RECIPES_DIR / f"{recipe}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(known)} or a .yaml path")
+
+
+def load_recipe(recipe: str | os.PathLike = "laptop") -> dict:
+    """A recipe's YAML mapping (not yet validated; no data paths)."""
+    return load_yaml(recipe_path(recipe))
+
+
+def _held_out_list(dataset_dir: Path, split: str, out: Path, *, keep_if_all: bool) -> Path | None:
+    """Write the ``<split>.txt`` records of works held out entirely (``<split>-only-work-ids.txt``)
+    to ``out``; None when fewer than 2 such works (or, unless ``keep_if_all``, when the split
+    holds nothing else)."""
+    ids_file, split_file = dataset_dir / f"{split}-only-work-ids.txt", dataset_dir / f"{split}.txt"
+    if not ids_file.is_file() or not split_file.is_file():
+        return None
+    ids = {int(line) for line in ids_file.read_text(encoding="utf-8").split() if line.strip()}
+    every = read_manifest(split_file, FULL_KEYS)
+    # feature paths re-anchored: the copy lives elsewhere than the split file
+    recs = [{**r, "feat": str(feature_path(r, split_file))} for r in every
+            if int(r["work_id"]) in ids]
+    if len({r["work_id"] for r in recs}) < 2 or (len(recs) == len(every) and not keep_if_all):
+        return None
+    write_manifest(out, recs)
+    return out
+
+
+def _testset(path: Path) -> dict:
+    return {"query_path": str(path), "ref_path": str(path), "every_n_epoch_to_test": 1}
+
+
+def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
+    """Set the data paths, CQT settings and test sets of dataset folder ``ds`` in ``d``."""
+    if not (ds / "train.txt").is_file():
+        raise ConfigError(f"{ds}: no train.txt; run the split step on this dataset first")
+    d["train_path"] = str(ds / "train.txt")
+    val = ds / "val.txt"
+    if val.is_file() and read_manifest(val, FULL_KEYS):
+        d["val_path"] = str(val)
+    else:
+        d.pop("val_path", None)
+    if (ds / "features.json").is_file():
+        f = read_json(ds / "features.json")
+        d.update({yk: f[fk] for yk, fk in _FEATURE_KEYS if fk in f})
+        if "n_bins" in f:
+            d["input_dim"] = f["n_bins"]
+    test = ds / "test.txt"
+    if test.is_file() and read_manifest(test, FULL_KEYS):
+        d["test"] = _testset(test)
+        unseen = _held_out_list(ds, "test", run_dir / "config" / "test_unseen.txt",
+                                keep_if_all=False)
+        if unseen is not None:
+            d["unseen"] = _testset(unseen)
+    val_unseen = _held_out_list(ds, "val", run_dir / "config" / "val_unseen.txt", keep_if_all=True)
+    if val_unseen is not None:
+        d["val_unseen"] = _testset(val_unseen)
+
+
+def make_run_config(
+    run_dir: str | os.PathLike,
+    recipe: str | os.PathLike = "laptop",
+    overrides: dict | None = None,
+    *,
+    dataset_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``<run_dir>/config/hparams.yaml`` from a recipe and a dataset's split files.
+
+    With ``dataset_dir`` (made by the extract and split steps) it sets ``train_path``,
+    ``val_path`` (when val.txt has records), the CQT settings and ``input_dim`` from
+    ``features.json``, and the test sets ``test`` (test.txt), ``unseen`` (test recordings of
+    works held out entirely, when test.txt also holds seen works; ``config/test_unseen.txt``)
+    and ``val_unseen`` (val recordings of >= 2 held-out works, ``config/val_unseen.txt``: what
+    ``early_stop_metric: mAP`` can stop on). A recipe asking for mAP stopping on a set the
+    dataset lacks falls back to val_loss with a warning. Paths stay as given (relative to the
+    current directory). ``overrides`` (nested, YAML key names) are merged last; the result is
+    validated. Returns the YAML path.
+    """
+    run_dir = Path(run_dir)
+    d = load_recipe(recipe)
+    if dataset_dir is not None:
+        _dataset_settings(d, Path(dataset_dir), run_dir)
+    if overrides:
+        d = deep_merge(d, overrides)
+    wanted = d.get("map_stopping_testsets") or []
+    if d.get("early_stop_metric") == "mAP" and not all(
+            isinstance(d.get(n), dict) or n in (d.get("testsets") or {}) for n in wanted):
+        warnings.warn(
+            f"recipe {recipe}: early stopping on the mAP of {wanted} is not possible with this "
+            "dataset (no such test set: it needs works held out for validation, val_unseen in "
+            "the data-prep config); using val_loss instead", stacklevel=2)
+        d["early_stop_metric"], d["map_stopping_testsets"] = "val_loss", []
+    hp = HParams.from_dict(d, where=f"recipe {recipe} + overrides")
+    out = run_dir / "config" / "hparams.yaml"
+    save_hparams(hp, out)
+    return out
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """Records of ``<run>/metrics.jsonl`` (all, or those of one ``kind``: train/val/test/epoch)."""
+    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def epoch_table(run_dir: str | os.PathLike) -> Any:
+    """One row per epoch (a DataFrame indexed by epoch): losses, lr, step, mAP per test set...
+    When an epoch was run twice (a resume after a kill), its last record wins."""
+    rows = [{k: v for k, v in r.items() if k != "kind"} for r in read_metrics(run_dir, "epoch")]
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).drop_duplicates("epoch", keep="last").sort_values("epoch") \
+        .set_index("epoch")

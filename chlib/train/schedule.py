@@ -1,0 +1,104 @@
+"""The learning-rate schedule and the early-stopping rules of a training run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from chlib.core.config import HParams
+
+__all__ = ["lr_at", "EarlyStopping"]
+
+
+def lr_at(step: int, epoch: int, hp: HParams) -> float:
+    """Learning rate of optimizer update ``step`` (1-based), made in epoch ``epoch`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (when ``hp.warmup``), ``learning_rate`` for
+    ``hold_steps`` more, then ``max(min_lr, learning_rate x lr_decay ** n)`` with
+    ``n = (step - warmup - hold) // lr_decay_every`` (``lr_decay_unit: steps``; the original:
+    0.9 every 1000 steps) or ``n = epoch // lr_decay_every`` (``epochs``).
+    """
+    if step < 1:
+        raise ValueError(f"step is 1-based, got {step}")
+    base = hp.learning_rate
+    warm = hp.warmup_steps if hp.warmup else 0
+    if warm > 0 and step <= warm:
+        return base * step / warm
+    if step <= warm + hp.hold_steps:
+        return base
+    if hp.lr_decay_unit == "steps":
+        n = (step - warm - hp.hold_steps) // hp.lr_decay_every
+    else:
+        n = max(0, epoch) // hp.lr_decay_every
+    return max(hp.min_lr, base * hp.lr_decay**n)
+
+
+@dataclass
+class EarlyStopping:
+    """Early-stopping bookkeeping (the fork's rules, coverhunter-facts 7.5).
+
+    ``val_loss`` / ``train_loss``: an epoch strictly below the best becomes the best and resets
+    the counter, else the counter grows. ``mAP``: the best *raw* mean mAP names the best epoch;
+    the counter resets when the EMA-smoothed value (``alpha``; first value = raw) beats the best
+    smoothed value, else it grows. The counter does not grow during warm-up/hold (``in_hold``).
+    Stop when ``counter >= patience``.
+    """
+
+    metric: str = "val_loss"
+    patience: int = 20
+    alpha: float = 0.3
+    best_validation_loss: float = math.inf
+    best_raw_map: float = -math.inf
+    best_smoothed_map: float = -math.inf
+    smoothed_map: float | None = None
+    early_stopping_counter: int = 0
+    map_stopping_counter: int = 0
+    best_checkpoint_epoch: int | None = None
+    best_checkpoint_value: float | None = None
+
+    _STATE = ("metric", "best_validation_loss", "best_raw_map", "best_smoothed_map",
+              "smoothed_map", "early_stopping_counter", "map_stopping_counter",
+              "best_checkpoint_epoch", "best_checkpoint_value")
+
+    @property
+    def counter(self) -> int:
+        return self.map_stopping_counter if self.metric == "mAP" else self.early_stopping_counter
+
+    @property
+    def should_stop(self) -> bool:
+        return self.counter >= self.patience
+
+    def update(self, epoch: int, value: float, *, in_hold: bool = False) -> bool:
+        """Record ``value`` (a loss, or the mean mAP) of ``epoch``; True if it is the new best."""
+        is_map = self.metric == "mAP"
+        if not math.isfinite(value):
+            improved = is_best = False
+        elif is_map:
+            self.smoothed_map = value if self.smoothed_map is None else (
+                self.alpha * value + (1.0 - self.alpha) * self.smoothed_map)
+            is_best = value > self.best_raw_map
+            if is_best:
+                self.best_raw_map = value
+            improved = self.smoothed_map > self.best_smoothed_map
+            if improved:
+                self.best_smoothed_map = self.smoothed_map
+        else:
+            is_best = improved = value < self.best_validation_loss
+            if is_best:
+                self.best_validation_loss = value
+        if is_best:
+            self.best_checkpoint_epoch, self.best_checkpoint_value = int(epoch), float(value)
+        name = "map_stopping_counter" if is_map else "early_stopping_counter"
+        if improved:
+            setattr(self, name, 0)
+        elif not in_hold:
+            setattr(self, name, getattr(self, name) + 1)
+        return is_best
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            if k != "metric" and hasattr(self, k):
+                setattr(self, k, v)

@@ -1,0 +1,477 @@
+"""Tuning summaries: per-experiment statistics over seeds, from the runs' metrics files alone.
+
+:func:`summarise` reads ``experiments/<name>/seed_<s>/metrics.jsonl`` (+ ``done.json`` /
+``failed.json`` markers when present), so runs launched elsewhere (papermill on another machine,
+Colab) are summarised the same way once their folders are copied back. Standard deviations are
+sample std (ddof 1), the table says which experiments are within noise of the top one, and
+diverged or failed seeds are listed, never averaged.
+
+Reading guide (mean least-squares slopes over the last ``window`` epochs of the seeds; mAP in
+[0, 1] per epoch, val loss relative to its mean per epoch; eps = :data:`FLAT_MAP_SLOPE` for mAP
+and :data:`FLAT_LOSS_SLOPE` x |mean val loss| for the loss):
+
+====================  =========================================  =================================
+reading               rule (mAP slope m, val-loss slope v)       what to do
+====================  =========================================  =================================
+still improving       m > +eps and v <= +eps, or m flat, v < 0    train longer / raise patience
+converged             m and v flat                                compare experiments as they are
+overfitting           v > +eps and m <= +eps                      stop earlier; more augmentation
+degrading             m < -eps and v flat                         stop earlier, check the test set
+decoupled             m, v both rising or both falling            prefer ``early_stop_metric: mAP``
+too short             fewer than 2 validated epochs               train more epochs
+diverged              no seed finished (NaN guard)                lower learning_rate
+====================  =========================================  =================================
+
+Without a test set the loss alone decides (falling: still improving, flat: converged, rising:
+overfitting). When the seeds' own readings differ the reading gets "(seeds disagree)".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from chlib.core.config import load_hparams
+from chlib.core.errors import ChlibError
+from chlib.core.io import atomic_write_text, read_json, read_jsonl, write_json
+
+__all__ = ["FLAT_MAP_SLOPE", "FLAT_LOSS_SLOPE", "READING_GUIDE", "TuneSummary", "seed_status",
+           "seed_series", "ls_slope", "reading", "summarise", "format_table"]
+
+#: |mAP slope| (mAP units per epoch, mAP in [0, 1]) below which mAP counts as flat.
+FLAT_MAP_SLOPE = 0.002
+#: |val-loss slope| / |mean val loss| (per epoch) below which the val loss counts as flat.
+FLAT_LOSS_SLOPE = 0.005
+
+#: reading -> advice (the reading-guide column, see the module docstring for the rules).
+READING_GUIDE: dict[str, str] = {
+    "still improving": "not finished: train longer or raise early_stopping_patience",
+    "converged": "curves flat: compare experiments as they are",
+    "overfitting": "val loss rising: stop earlier, add augmentation or data, or a smaller model",
+    "degrading": "mAP falling while the loss is flat: stop earlier; check the test set",
+    "decoupled": "val loss and mAP disagree: prefer early_stop_metric: mAP",
+    "too short": "fewer than 2 validated epochs: train more epochs",
+    "diverged": "no seed finished (NaN guard): lower learning_rate or check the data",
+    "no data": "no metrics yet",
+}
+
+def seed_status(seed_dir: str | os.PathLike) -> str:
+    """``ok`` / ``diverged`` (done.json), ``failed`` (failed.json), ``unmarked`` (metrics but no
+    marker: running, killed, or launched elsewhere) or ``pending`` (nothing yet)."""
+    seed_dir = Path(seed_dir)
+    if (seed_dir / "done.json").is_file():
+        try:
+            return str(read_json(seed_dir / "done.json").get("status", "ok"))
+        except ValueError:
+            return "unmarked"
+    if (seed_dir / "failed.json").is_file():
+        return "failed"
+    if (seed_dir / "metrics.jsonl").is_file():
+        return "unmarked"
+    return "pending"
+
+
+
+def _val_loss_of(rec: Mapping) -> float | None:
+    for k in ("val_loss", "foc_loss", "total"):
+        if rec.get(k) is not None:
+            return float(rec[k])
+    return None
+
+
+def seed_series(records: Iterable[Mapping]) -> dict:
+    """Per-epoch series of one run from its metrics records.
+
+    Returns ``{"val_loss": {epoch: value}, "mAP": {testset: {epoch: mAP}}}``. The val loss is
+    the focal loss of ``kind == "val"`` records (the original's ``csi_val/foc_loss``; ``total``
+    if there is no focal part); mAP comes from ``kind == "test"`` records with a ``testset``.
+    When an epoch was logged twice (a run resumed after a kill), the last record wins.
+    """
+    val: dict[int, float] = {}
+    maps: dict[str, dict[int, float]] = {}
+    for rec in records:
+        kind = rec.get("kind")
+        if rec.get("epoch") is None:
+            continue
+        ep = int(rec["epoch"])
+        if kind == "val":
+            v = _val_loss_of(rec)
+            if v is not None:
+                val[ep] = v
+        elif kind == "test" and rec.get("testset") is not None and rec.get("mAP") is not None:
+            maps.setdefault(str(rec["testset"]), {})[ep] = float(rec["mAP"])
+    return {"val_loss": dict(sorted(val.items())),
+            "mAP": {k: dict(sorted(v.items())) for k, v in sorted(maps.items())}}
+
+
+def ls_slope(epochs: Sequence[float], values: Sequence[float], window: int) -> float:
+    """Least-squares slope (value units per epoch) over the last ``window`` points.
+
+    All points if there are fewer; NaN for fewer than 2 points (the original returned 0, which
+    reads as "flat").
+    """
+    x = np.asarray(list(epochs)[-window:], dtype=np.float64)
+    y = np.asarray(list(values)[-window:], dtype=np.float64)
+    if x.size < 2 or np.ptp(x) == 0:
+        return float("nan")
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+
+
+def _sign(slope: float, eps: float) -> int:
+    if slope > eps:
+        return 1
+    if slope < -eps:
+        return -1
+    return 0
+
+
+def reading(map_slope: float | None, val_slope: float | None, *, val_level: float | None = None,
+            flat_map_slope: float = FLAT_MAP_SLOPE,
+            flat_loss_slope: float = FLAT_LOSS_SLOPE) -> str:
+    """The reading-guide label for an mAP slope and a val-loss slope (per epoch).
+
+    ``val_level`` is the typical val loss (the loss slope counts as flat below
+    ``flat_loss_slope x |val_level|``). A None/NaN mAP slope means "no test set": the loss alone
+    decides. Both missing: ``too short``. See the module docstring for the table.
+    """
+    has_m = map_slope is not None and math.isfinite(map_slope)
+    has_v = val_slope is not None and math.isfinite(val_slope)
+    if not has_m and not has_v:
+        return "too short"
+    loss_eps = flat_loss_slope * (abs(val_level) if val_level is not None
+                                  and math.isfinite(val_level) else 1.0)
+    v = _sign(val_slope, loss_eps) if has_v else 0
+    if not has_m:
+        return {-1: "still improving", 0: "converged", 1: "overfitting"}[v]
+    m = _sign(map_slope, flat_map_slope)
+    if not has_v:
+        return {1: "still improving", 0: "converged", -1: "degrading"}[m]
+    if (m == 1 and v == 1) or (m == -1 and v == -1):
+        return "decoupled"
+    if m == 1 or (m == 0 and v == -1):
+        return "still improving"
+    if v == 1:
+        return "overfitting"
+    if m == -1:
+        return "degrading"
+    return "converged"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample std (ddof 1; NaN for one value) and count of the finite values."""
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan"), int(a.size)
+
+
+def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_slope: float,
+                flat_loss_slope: float) -> dict:
+    val = series["val_loss"]
+    maps = series["mAP"].get(test_name, {}) if test_name else {}
+    out: dict[str, Any] = {"last_epoch": max([*val, *maps], default=None)}
+    if val:
+        ep, vv = list(val), list(val.values())
+        i_best = int(np.argmin(vv))
+        out.update(val_final=vv[-1], val_best=vv[i_best], val_best_epoch=ep[i_best],
+                   val_slope=ls_slope(ep, vv, window), val_level=float(np.mean(vv[-window:])))
+    if maps:
+        ep, mm = list(maps), list(maps.values())
+        i_best = int(np.argmax(mm))
+        out.update(map_final=mm[-1], map_best=mm[i_best], map_best_epoch=ep[i_best],
+                   map_slope=ls_slope(ep, mm, window))
+    out["reading"] = reading(out.get("map_slope"), out.get("val_slope"),
+                             val_level=out.get("val_level"), flat_map_slope=flat_map_slope,
+                             flat_loss_slope=flat_loss_slope)
+    if not val and not maps:
+        out["reading"] = "no data"
+    return out
+
+
+@dataclass
+class TuneSummary:
+    """One row per experiment (dicts, see :func:`summarise`), the formatted table, the curves
+    (experiment -> seed -> series) and notes."""
+
+    rows: list[dict]
+    table: str
+    curves: dict[str, dict[int, dict]]
+    test_name: str | None
+    window: int
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.table
+
+
+_ROW_FIELDS = [
+    "rank", "experiment", "seeds_ok", "seeds_total", "seeds_diverged", "seeds_failed",
+    "seeds_unmarked", "val_loss_final_mean", "val_loss_final_std", "val_loss_best_mean",
+    "val_loss_best_std", "val_loss_best_epoch_mean", "val_slope_mean", "mAP_final_mean",
+    "mAP_final_std", "mAP_best_mean", "mAP_best_std", "mAP_best_epoch_mean", "mAP_slope_mean",
+    "last_epoch_mean", "mAP_final_n", "vs_top", "reading", "seeds_disagree", "advice", "aliases", "settings",
+    "problems",
+]
+
+
+def _discover(tune_dir: Path) -> dict[str, dict[int, Path]]:
+    out: dict[str, dict[int, Path]] = {}
+    root = tune_dir / "experiments"
+    if not root.is_dir():
+        return out
+    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        seeds = {}
+        for sd in exp_dir.iterdir():
+            m = re.fullmatch(r"seed_(-?\d+)", sd.name)
+            if m and sd.is_dir():
+                seeds[int(m.group(1))] = sd
+        if seeds:
+            out[exp_dir.name] = dict(sorted(seeds.items()))
+    return out
+
+
+def _window_of(tune_dir: Path, seed_dirs: Iterable[Path]) -> int:
+    if (tune_dir / "plan.json").is_file():
+        w = read_json(tune_dir / "plan.json").get("window")
+        if w:
+            return int(w)
+    for sd in seed_dirs:
+        if (sd / "config" / "hparams.yaml").is_file():
+            try:
+                return load_hparams(sd / "config" / "hparams.yaml").early_stopping_patience
+            except ChlibError:
+                continue
+    return 5
+
+
+def _pick_test_set(test_name: str | None, curves: dict, notes: list[str]) -> str | None:
+    all_sets = {t for seeds in curves.values() for series in seeds.values() for t in series["mAP"]}
+    if test_name is None and all_sets:
+        test_name = sorted(all_sets)[0]
+        if len(all_sets) > 1:
+            notes.append(f"several test sets ({', '.join(sorted(all_sets))}); summarising "
+                         f"{test_name!r} (pass test_name= to choose)")
+    elif test_name is not None and all_sets and test_name not in all_sets:
+        notes.append(f"test set {test_name!r} appears in no metrics file "
+                     f"(found: {', '.join(sorted(all_sets))})")
+    return test_name
+
+
+def _problems(seed_dirs: dict[int, Path], statuses: dict[int, str]) -> str:
+    """"seed <s> diverged: <error>; ..." for the diverged and failed seeds."""
+    out = []
+    for seed, st in sorted(statuses.items()):
+        if st in ("diverged", "failed"):
+            try:
+                err = read_json(seed_dirs[seed] / ("done.json" if st == "diverged"
+                                                   else "failed.json")).get("error", "")
+            except ValueError:
+                err = ""
+            out.append(f"seed {seed} {st}: {err}"[:200])
+    return "; ".join(out)
+
+
+def summarise(
+    tune_dir: str | os.PathLike,
+    *,
+    test_name: str | None = None,
+    window: int | None = None,
+    flat_map_slope: float | None = None,
+    flat_loss_slope: float | None = None,
+    save: bool = True,
+) -> TuneSummary:
+    """Summarise every experiment under ``<tune_dir>/experiments/`` from its metrics files.
+
+    Seeds marked ``ok`` (done.json) or ``unmarked`` (metrics without a marker: still running,
+    killed, or run elsewhere) enter the statistics; ``diverged`` and ``failed`` seeds are
+    counted and named, never averaged. Per experiment: final and best val loss and mAP (of
+    ``test_name``) as mean and sample std over seeds, mean best epochs, mean least-squares
+    slopes over the last ``window`` epochs (default: the plan's ``early_stopping_patience``),
+    the reading guide, and ``vs_top``: ``top`` for the best mean final mAP, ``~top`` when its
+    gap to the top is within 2 standard errors of the difference (noise), ``below`` otherwise,
+    ``?`` with a single seed. Ranked by mean final mAP (by final val loss without test sets):
+    the last epoch is not selected on the test set, so it is not biased upwards the way a
+    best-of-epochs value is.
+
+    Saves ``summary.csv`` and ``summary.json`` in ``tune_dir`` (unless ``save=False``).
+    """
+    tune_dir = Path(tune_dir)
+    found = _discover(tune_dir)
+    plan_info = read_json(tune_dir / "plan.json") if (tune_dir / "plan.json").is_file() else {}
+    window = window or _window_of(tune_dir, [sd for s in found.values() for sd in s.values()])
+    fm = flat_map_slope if flat_map_slope is not None else plan_info.get("flat_map_slope",
+                                                                          FLAT_MAP_SLOPE)
+    fl = flat_loss_slope if flat_loss_slope is not None else plan_info.get("flat_loss_slope",
+                                                                           FLAT_LOSS_SLOPE)
+    notes: list[str] = []
+    curves = {name: {seed: seed_series(read_jsonl(sd / "metrics.jsonl")) for seed, sd in seeds.items()}
+              for name, seeds in found.items()}
+    statuses = {name: {seed: seed_status(sd) for seed, sd in seeds.items()}
+                for name, seeds in found.items()}
+    test_name = _pick_test_set(test_name or plan_info.get("test_name"), curves, notes)
+    planned_seeds = [int(x) for x in plan_info.get("seeds") or []]
+    experiments = plan_info.get("experiments", [])
+    for e in experiments:  # planned runs not begun count as pending
+        for seed in planned_seeds:
+            if e["name"] in statuses and seed not in statuses[e["name"]]:
+                statuses[e["name"]][seed] = "pending"
+    aliases = {e["name"]: e.get("aliases", []) for e in experiments}
+    settings = {e["name"]: e.get("settings", {}) for e in experiments}
+    rows = []
+    for name in found:
+        per_seed = {seed: _seed_stats(curves[name][seed], test_name, window, flat_map_slope=fm,
+                                      flat_loss_slope=fl)
+                    for seed, st in sorted(statuses[name].items()) if st in ("ok", "unmarked")}
+        row = _experiment_row(name, per_seed, statuses[name], fm, fl)
+        row.update(aliases=", ".join(aliases.get(name, [])), settings=settings.get(name, {}),
+                   problems=_problems(found[name], statuses[name]))
+        rows.append(row)
+    _rank(rows)
+    table = format_table(rows, test_name=test_name, window=window)
+    if notes:
+        table += "\n" + "\n".join(f"note: {n}" for n in notes)
+    summary = TuneSummary(rows=rows, table=table, curves=curves, test_name=test_name,
+                          window=window, notes=notes)
+    if save and found:
+        _save_summary(tune_dir, summary)
+    return summary
+
+
+def _experiment_row(name: str, per_seed: dict[int, dict], statuses: dict[int, str],
+                    fm: float, fl: float) -> dict:
+    def col(key: str) -> list[float]:
+        return [s[key] for s in per_seed.values() if s.get(key) is not None]
+
+    row: dict[str, Any] = {"experiment": name, "seeds_total": len(statuses)}
+    for st in ("ok", "diverged", "failed", "unmarked"):
+        row[f"seeds_{st}"] = sum(1 for s in statuses.values() if s == st)
+    for src, dst in (("val_final", "val_loss_final"), ("val_best", "val_loss_best"),
+                     ("map_final", "mAP_final"), ("map_best", "mAP_best")):
+        row[f"{dst}_mean"], row[f"{dst}_std"], row[f"{dst}_n"] = _mean_std(col(src))
+    row["val_loss_best_epoch_mean"] = _mean_std(col("val_best_epoch"))[0]
+    row["mAP_best_epoch_mean"] = _mean_std(col("map_best_epoch"))[0]
+    row["val_slope_mean"] = _mean_std(col("val_slope"))[0]
+    row["mAP_slope_mean"] = _mean_std(col("map_slope"))[0]
+    row["last_epoch_mean"] = _mean_std(col("last_epoch"))[0]
+    seed_readings = {s["reading"] for s in per_seed.values()}
+    if not per_seed:
+        label = "diverged" if row["seeds_diverged"] else "no data"
+        disagree = False
+    else:
+        label = reading(row["mAP_slope_mean"], row["val_slope_mean"],
+                        val_level=_mean_std(col("val_level"))[0],
+                        flat_map_slope=fm, flat_loss_slope=fl)
+        disagree = len(seed_readings) > 1
+    row["reading"] = label + (" (seeds disagree)" if disagree else "")
+    row["seeds_disagree"] = disagree
+    row["advice"] = READING_GUIDE.get(label, "")
+    return row
+
+
+def _rank(rows: list[dict]) -> None:
+    """Sort rows in place (best first) and fill ``rank`` and ``vs_top``."""
+    has_map = any(math.isfinite(r["mAP_final_mean"]) for r in rows)
+    key, sign = ("mAP_final", -1.0) if has_map else ("val_loss_final", 1.0)
+
+    def sort_key(r: dict) -> tuple:
+        v = r[f"{key}_mean"]
+        return (0, sign * v) if math.isfinite(v) else (1, 0.0)
+
+    rows.sort(key=sort_key)
+    top = rows[0] if rows and math.isfinite(rows[0][f"{key}_mean"]) else None
+    for i, r in enumerate(rows, start=1):
+        r["rank"] = i if math.isfinite(r[f"{key}_mean"]) else None
+        if top is None or r["rank"] is None:
+            r["vs_top"] = ""
+        elif r is top:
+            r["vs_top"] = "top"
+        elif r[f"{key}_n"] < 2 or top[f"{key}_n"] < 2:
+            r["vs_top"] = "?"
+        else:
+            se = math.sqrt(top[f"{key}_std"] ** 2 / top[f"{key}_n"]
+                           + r[f"{key}_std"] ** 2 / r[f"{key}_n"])
+            gap = abs(top[f"{key}_mean"] - r[f"{key}_mean"])
+            r["vs_top"] = "~top" if gap <= 2 * se else "below"
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    if not math.isfinite(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def _num(v: float, fmt: str) -> str:
+    return format(v, fmt) if v is not None and math.isfinite(v) else "-"
+
+
+def _seeds_cell(r: dict) -> str:
+    text = f"{r['seeds_ok'] + r['seeds_unmarked']}/{r['seeds_total']}"
+    extra = [f"{r[k]} {k.split('_')[1]}" for k in ("seeds_diverged", "seeds_failed") if r.get(k)]
+    if r.get("seeds_unmarked"):
+        extra.append(f"{r['seeds_unmarked']} unmarked")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def format_table(rows: Sequence[dict], *, test_name: str | None = None,
+                 window: int | None = None) -> str:
+    """The summary rows as a text table (pandas ``to_string``), with a legend and problems."""
+    def best(r: dict) -> str:
+        at = r["mAP_best_epoch_mean"]
+        return _pm(r["mAP_best_mean"], r["mAP_best_std"]) + (f" @{at:.1f}" if math.isfinite(at) else "")
+
+    table = pd.DataFrame({
+        "#": ["" if r["rank"] is None else str(r["rank"]) for r in rows],
+        "experiment": [r["experiment"] + (f" (= {r['aliases']})" if r.get("aliases") else "")
+                       for r in rows],
+        "seeds": [_seeds_cell(r) for r in rows],
+        "val loss (final)": [_pm(r["val_loss_final_mean"], r["val_loss_final_std"]) for r in rows],
+        f"mAP {test_name or ''} (final)": [_pm(r["mAP_final_mean"], r["mAP_final_std"]) for r in rows],
+        "best mAP @epoch": [best(r) for r in rows],
+        "mAP slope": [_num(r["mAP_slope_mean"], "+.4f") for r in rows],
+        "val slope": [_num(r["val_slope_mean"], "+.4f") for r in rows],
+        "vs top": [r["vs_top"] for r in rows],
+        "reading": [r["reading"] for r in rows],
+    })
+    lines = [table.to_string(index=False, justify="left"), "",
+             f"mean±std over seeds (sample std); slopes per epoch over the last {window or '?'} "
+             "epochs; '~top': within 2 standard errors of the top (noise); '?': one seed, "
+             "cannot tell"]
+    lines += [f"{r['experiment']}: {r['problems']}" for r in rows if r.get("problems")]
+    return "\n".join(lines)
+
+
+def _save_summary(tune_dir: Path, summary: TuneSummary) -> None:
+    def cell(v: Any) -> Any:  # as the csv module writes them: None -> "", NaN -> "nan"
+        return "" if v is None else yaml.safe_dump(v, default_flow_style=True).strip() \
+            if isinstance(v, dict) else v
+
+    cells = [{k: cell(r.get(k)) for k in _ROW_FIELDS} for r in summary.rows]
+    csv_text = pd.DataFrame(cells, columns=_ROW_FIELDS).to_csv(
+        index=False, lineterminator="\r\n", na_rep="nan")
+    atomic_write_text(tune_dir / "summary.csv", csv_text)
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    write_json(tune_dir / "summary.json", {
+        "test_name": summary.test_name, "window": summary.window, "notes": summary.notes,
+        "rows": clean(summary.rows), "reading_guide": READING_GUIDE,
+    })

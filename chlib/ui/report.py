@@ -1,0 +1,104 @@
+"""Figures and tables of retrieval results: ``05_evaluate``, ``06_identify``, ``07_explore``.
+
+Functions take the result objects of :mod:`chlib.retrieval` (which never import the UI) and
+return matplotlib figures (or a DataFrame for the metrics table).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chlib.core.errors import ConfigError
+from chlib.core.manifest import resolve_path
+from chlib.data.features import load_feature
+from chlib.retrieval.evaluate import FIGURE_KINDS, Evaluation, TestSetResult
+from chlib.retrieval.explore import ExplorerData
+from chlib.retrieval.identify import query_features
+from chlib.ui import plots
+
+__all__ = ["metrics_table", "projection_figure", "testset_figure", "query_match_figure",
+           "explorer_projection", "explorer_map_figure"]
+
+
+def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
+    """The metrics with 95 % CIs and baselines, one row per (test set, metric); the title (the
+    column axis name) names the checkpoint, the model and the distance rule."""
+    df = pd.DataFrame(evaluation.rows(), columns=evaluation.columns())
+    df.columns.name = evaluation.title()
+    return df
+
+
+def projection_figure(result: TestSetResult, method: str = "tsne", *, seed: int = 0) -> Any:
+    """t-SNE / UMAP / PCA map of a test set's recordings coloured by work, unseen works ringed."""
+    labels = [x.item() if isinstance(x, np.generic) else x for x in result.point_labels]
+    return plots.plot_embedding_projection(
+        result.points, labels, method=method, test_only=result.test_only,
+        label_names=result.work_names, seed=seed,
+        title=f"{result.name}: {method.upper()} of {len(labels)} recordings "
+              f"({len(set(labels))} works; ringed = never seen in training)")
+
+
+def testset_figure(result: TestSetResult, kind: str, *, save_dir: str | os.PathLike | None = None,
+                   top: int = 20, seed: int = 0) -> Any:
+    """One chart of a test set; saved as ``<save_dir>/<testset>_<kind>.png`` if given.
+
+    ``kind``: "tsne", "umap", "pca" (maps), "ranks" (rank histogram), "confused" (work pairs
+    confused at rank 1), "per_work" (per-work AP, worst first).
+    """
+    if kind in ("tsne", "umap", "pca"):
+        fig = projection_figure(result, kind, seed=seed)
+    elif kind == "ranks":
+        fig = plots.plot_rank_histogram(result.ranks, max_rank=top)
+    elif kind == "confused":
+        fig = plots.plot_confused_pairs(
+            [(r["work_a"], r["work_b"], r["count"]) for r in result.confusions], top=top,
+            value_label="queries whose nearest recording is the other work",
+            label_names=result.work_names)
+    elif kind == "per_work":
+        fig = plots.plot_per_work_ap([(r["work"], r["ap"]) for r in result.per_work], top=top,
+                                     label_names=result.work_names)
+    else:
+        raise ConfigError(f"figure kind must be one of {FIGURE_KINDS}, got {kind!r}")
+    if save_dir is not None:
+        plots.save_figure(fig, Path(save_dir) / f"{result.name}_{kind}.png")
+    return fig
+
+
+def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
+                       max_seconds: float = 30.0, device: str = "cpu") -> Any:
+    """CQT of a query file (computed as identification does) beside the stored CQT of its best
+    match (an index record with ``feat``)."""
+    arrays = [query_features(query, hp, device)]
+    titles = [f"query: {Path(query).name}"]
+    if match.get("feat"):
+        arrays.append(np.asarray(load_feature(resolve_path(match["feat"]))))
+        titles.append(f"best match: {match.get('perf')} ({match.get('work')})")
+    return plots.plot_cqts(arrays, titles, features=hp.features, max_seconds=max_seconds)
+
+
+def explorer_projection(data: ExplorerData, method: str, seed: int = 0) -> np.ndarray:
+    """2-D coordinates [N, 2] of the explorer's points (kept in ``data.projections``)."""
+    key = (method, seed)
+    if key not in data.projections:
+        data.projections[key] = plots.project_embeddings(data.embeddings, method, seed=seed)
+    return data.projections[key]
+
+
+def explorer_map_figure(data: ExplorerData, projection: str = "umap", colour_by: str = "work", *,
+                        highlight_work: str = "", row: int | None = None, n_neighbours: int = 10,
+                        seed: int = 0) -> Any:
+    """The projection coloured by ``colour_by``; works matching ``highlight_work`` stand out
+    (when colouring by work); ``row`` is starred and joined to its ``n_neighbours`` (ranked by
+    the index's distance rule)."""
+    highlight = data.matching_works(highlight_work) if colour_by == "work" else []
+    nb = [n["row"] for n in data.neighbours(row, n_neighbours)] if row is not None else []
+    return plots.plot_embedding_projection(
+        explorer_projection(data, projection, seed), data.labels(colour_by), method=None,
+        highlight=highlight or None, selected=row, neighbours=nb,
+        title=f"{projection} of {len(data)} recordings, colour: {colour_by}")
