@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from helpers import tone, write_tone
 
 __all__ = [
     "tone",
@@ -35,44 +36,6 @@ __all__ = [
     "MALFORMED_MANIFEST_LINES",
     "fake_decode_job",
 ]
-
-
-def tone(
-    seconds: float,
-    *,
-    sample_rate: int = 16000,
-    freqs: tuple[float, ...] = (220.0, 330.0),
-    channels: int = 1,
-    amplitude: float = 0.4,
-    seed: int = 0,
-) -> np.ndarray:
-    """A sum of sines plus a little noise: float32 [samples] or [samples, channels]."""
-    n = int(round(seconds * sample_rate))
-    t = np.arange(n) / sample_rate
-    y = sum(np.sin(2 * np.pi * f * t) for f in freqs) / max(1, len(freqs))
-    y = y + 0.01 * np.random.default_rng(seed).standard_normal(n)
-    y = (amplitude * y).astype(np.float32)
-    if channels > 1:
-        y = np.stack([y * (1.0 - 0.1 * c) for c in range(channels)], axis=1)
-    return y
-
-
-def write_tone(
-    path: str | Path,
-    seconds: float = 2.0,
-    *,
-    sample_rate: int = 16000,
-    freqs: tuple[float, ...] = (220.0, 330.0),
-    channels: int = 1,
-    subtype: str | None = None,
-    seed: int = 0,
-) -> Path:
-    """Write a tone file; the format follows the suffix (.wav, .flac, .ogg, .mp3)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    y = tone(seconds, sample_rate=sample_rate, freqs=freqs, channels=channels, seed=seed)
-    sf.write(path, y, sample_rate, subtype=subtype)
-    return path
 
 
 def missing_file(folder: str | Path, name: str = "missing.wav") -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import sine as _tone
 
 from chlib.core.errors import AudioError
 from chlib.signal.audio import (
@@ -17,11 +18,6 @@ from chlib.signal.audio import (
     peak_normalise,
     try_load_audio,
 )
-
-
-def _tone(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def _dominant_hz(y: np.ndarray, sr: int) -> float:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import write_toy_dataset
 from torch.utils.data import DataLoader
-from toy_features import write_toy_dataset
 
 from chlib.core.config import RandomEraseConfig, SpecAugConfig
 from chlib.core.errors import FeatureError

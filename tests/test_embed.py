@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers import StandIn
 
 from chlib.core.config import HParams
 from chlib.core.errors import CheckpointError, ConfigError, FeatureError
@@ -19,21 +19,6 @@ from chlib.retrieval.embed import (
     window_starts,
 )
 from chlib.retrieval.protocol import track_distances, track_vector
-
-
-class StandIn(nn.Module):
-    """Tiny deterministic stand-in for CoverHunterNet: [B, T, F] -> [B, D]."""
-
-    def __init__(self, n_bins: int = 12, dim: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.proj = nn.Parameter(torch.randn(2 * n_bins, dim, generator=g))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        stats = torch.cat([x.mean(dim=1), x.std(dim=1)], dim=1) / 50.0  # [B, 2F]
-        return stats @ self.proj
 
 
 def feats(rng, n_frames, n_bins=12):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 
 from chlib.core.config import HParams, save_hparams
 from chlib.core.errors import CheckpointError, ConfigError, ManifestError
@@ -27,12 +28,8 @@ WORKS = ["reel", "jig", "hornpipe", "polka"]
 
 
 def _tiny_hp(**extra) -> HParams:
-    return HParams.from_dict({
-        "n_bins": N_BINS, "fmin": 32.0, "chunk_frame": [15], "mean_size": 3, "m_per_class": 2,
-        "batch_size": 4, "embed_dim": 16,
-        "encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 32},
-        "foc": {"output_dims": len(WORKS)}, **extra,
-    })
+    return HParams.from_dict(tiny_config(fmin=32.0, chunk_frame=[15], mean_size=3, batch_size=4,
+                                         foc={"output_dims": len(WORKS)}, **extra))
 
 
 def _write_dataset(root, rng, *, works=WORKS, perfs=3, name="test"):

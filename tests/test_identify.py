@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from torch import nn
+from helpers import StandIn as _StandIn
 
 from chlib.core.config import HParams
 from chlib.core.errors import IndexMismatchError
@@ -26,19 +26,7 @@ from chlib.signal.audio import load_audio, peak_normalise
 from chlib.signal.cqt import compute_cqt_db
 
 SR = 16000
-
-
-class StandIn(nn.Module):
-    """Tiny deterministic stand-in for CoverHunterNet: [B, T, F] -> [B, D]."""
-
-    def __init__(self, n_bins: int = 96, dim: int = 16, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.proj = nn.Parameter(torch.randn(2 * n_bins, dim, generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x - x.mean(dim=(1, 2), keepdim=True)
-        return torch.cat([z.mean(dim=1), z.std(dim=1)], dim=1) @ self.proj
+StandIn = partial(_StandIn, n_bins=96, dim=16, centre=True, scale=1.0)  # CQT input
 
 
 def tune(seed: int, seconds: float) -> np.ndarray:

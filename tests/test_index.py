@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from helpers import StandIn
 
 from chlib.core.config import FeatureSettings, HParams
 from chlib.core.errors import IndexMismatchError
@@ -25,18 +24,6 @@ from chlib.retrieval.protocol import track_distances
 
 FP = "0123456789abcdef"
 WSET = window_settings(30, 3)
-
-
-class StandIn(nn.Module):
-    """Tiny deterministic stand-in for CoverHunterNet: [B, T, F] -> [B, D]."""
-
-    def __init__(self, n_bins: int = 12, dim: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.proj = nn.Parameter(torch.randn(2 * n_bins, dim, generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=1), x.std(dim=1)], dim=1) @ self.proj / 50.0
 
 
 def synthetic(n_works=12, per_work=3, dim=16, seed=0, max_windows=3, noise=0.3):

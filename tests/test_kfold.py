@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from tiny_tune_data import make_tiny_dataset, tiny_config  # noqa: E402
+from helpers import make_tiny_dataset, tiny_config  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # learning-rate plan

@@ -7,17 +7,13 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import sine as _tone
 
 import chlib.signal.tempo as tempo
 from chlib.core.errors import AudioError, ConfigError
 from chlib.signal.tempo import available_backends, resolve_backend, time_stretch
 
 SR = 16000
-
-
-def _tone(freq: float, seconds: float = 2.0) -> np.ndarray:
-    t = np.arange(int(seconds * SR)) / SR
-    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def _dominant_hz(y: np.ndarray) -> float:
@@ -71,8 +67,8 @@ def test_unknown_backend_is_a_config_error():
 
 def test_missing_backends_are_config_errors_that_say_how_to_install(monkeypatch):
     monkeypatch.setattr(tempo.shutil, "which", lambda name: None)
-    real = tempo._has_module
-    monkeypatch.setattr(tempo, "_has_module", lambda name: name != "pedalboard" and real(name))
+    real = tempo._installed
+    monkeypatch.setattr(tempo, "_installed", lambda name: name != "pedalboard" and real(name))
     with pytest.raises(ConfigError, match="'sox' was asked for but is not available.*apt-get"):
         time_stretch(_tone(440), 1.1, sample_rate=SR, backend="sox")
     with pytest.raises(ConfigError, match="pip install pedalboard"):
@@ -103,7 +99,8 @@ def test_sox_backend_runs_sox_without_a_shell(monkeypatch):
         sf.write(cmd[-3], short.astype(np.float32), sr, subtype="FLOAT")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(tempo, "_has_sox", lambda: True)
+    real = tempo._installed
+    monkeypatch.setattr(tempo, "_installed", lambda name: name == "sox" or real(name))
     monkeypatch.setattr(tempo.subprocess, "run", fake_run)
     out = time_stretch(_tone(440), 1.25, sample_rate=SR, backend="sox")
     (cmd, kwargs), = calls
@@ -113,7 +110,8 @@ def test_sox_backend_runs_sox_without_a_shell(monkeypatch):
 
 
 def test_sox_failure_is_an_audio_error(monkeypatch):
-    monkeypatch.setattr(tempo, "_has_sox", lambda: True)
+    real = tempo._installed
+    monkeypatch.setattr(tempo, "_installed", lambda name: name == "sox" or real(name))
     monkeypatch.setattr(tempo.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", "sox FAIL boom"))
     with pytest.raises(AudioError, match="sox tempo 1.2 failed.*boom"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_features import write_toy_dataset
+from helpers import write_toy_dataset
 
 import chlib.train.loop as T
 from chlib.core.config import HParams, save_hparams

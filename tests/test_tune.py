@@ -296,7 +296,7 @@ def test_tune_figures_are_written(tmp_path):
 
 def _base_yaml(tmp_path: Path) -> Path:
     sys.path.insert(0, str(TESTS))
-    from tiny_tune_data import make_tiny_dataset, tiny_config
+    from helpers import make_tiny_dataset, tiny_config
 
     ds = make_tiny_dataset(tmp_path)
     path = tmp_path / "base.yaml"

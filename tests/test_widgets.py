@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import write_tone
 
 from chlib.core.errors import AudioError, ConfigError
 from chlib.ui import widgets
@@ -102,9 +103,7 @@ def test_edit_parameters_writes_edits_into_the_namespace():
 
 
 def _tone(path, seconds=2.0, sr=8000):
-    t = np.arange(int(seconds * sr)) / sr
-    sf.write(path, 0.5 * np.sin(2 * np.pi * 440 * t), sr)
-    return path
+    return write_tone(path, seconds, sample_rate=sr, freqs=(440.0,), amplitude=0.5, noise=0.0)
 
 
 def test_audio_excerpt_is_a_short_mono_wav(tmp_path):

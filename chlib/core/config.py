@@ -1,34 +1,25 @@
 """Typed, validated settings read once from YAML, in the original CoverHunter(MPS) key names.
 
-* ``datasets/<name>/hparams.yaml`` -> :class:`PrepConfig` (extraction, augmentation, splits),
-  with the CQT settings in :class:`FeatureSettings`;
-* ``runs/<name>/config/hparams.yaml`` -> :class:`HParams` (model, losses, training, test sets).
-
-Each setting is declared once, as a dataclass field made by :func:`opt`: type, default, YAML
-key (dotted in a nested block, e.g. ``encoder.num_blocks``) and allowed values or range. One
-generic loader coerces and checks every section from that declaration and one dumper writes it
-back. Unknown keys and impossible values raise :class:`~chlib.core.errors.ConfigError` naming
-the file, the key, the value and the remedy. Derived values (frames per second, chunk seconds)
-are properties. The original's keys without effect (``data_type``, ``num_gpus``, ``pool_type``,
-``cqt.hop_size``, ``chunk_s``) are accepted and checked for consistency.
+``datasets/<name>/hparams.yaml`` -> :class:`PrepConfig`, ``runs/<name>/config/hparams.yaml`` ->
+:class:`HParams`. Each setting is declared once by :func:`~chlib.core.schema.opt` (type,
+default, YAML key, allowed values); :mod:`chlib.core.schema` loads, checks and dumps it, with a
+ConfigError naming the file, key, value and remedy. The original's keys without effect
+(``data_type``, ``num_gpus``, ``pool_type``, ``cqt.hop_size``, ``chunk_s``) are accepted and
+checked for consistency.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import functools
 import os
-import typing
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from chlib.core.errors import ConfigError
+from chlib.core import schema
 from chlib.core.io import atomic_write_text
+from chlib.core.schema import check, deep_merge, load_yaml, opt
 
 __all__ = [
     "FeatureSettings", "PrepConfig", "ModelConfig", "RandomEraseConfig", "RollPitchConfig",
@@ -36,202 +27,8 @@ __all__ = [
     "save_hparams", "deep_merge",
 ]
 
-_NAME = object()  # opt(key=...) default: the YAML key is the field name
-
-
-def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
-        choices: tuple | None = None, rng: str | None = None, nonempty: bool = False,
-        hint: str = "") -> Any:
-    """A config field: ``default`` plus its YAML ``key`` and checks, declared once.
-
-    ``key``: the YAML key (default: the field name; dotted for a nested block; ``""`` for a
-    section whose keys sit at the top level; None for a field that is not in the YAML).
-    ``choices``: the allowed values. ``rng``: an interval such as ``"[0, 1)"`` or ``"(0, inf)"``
-    (for a list, every entry). ``nonempty``: a list must have entries. ``hint``: the remedy
-    appended to an error. A class as ``default`` makes a nested section of that class; no
-    ``default``, a required field.
-    """
-    meta = {"key": key, "choices": choices, "rng": rng, "nonempty": nonempty, "hint": hint}
-    if isinstance(default, type):
-        return dataclasses.field(default_factory=default, metadata=meta)
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
 # ranges used below (a list field's range applies to each entry)
 _POSITIVE, _AT_LEAST_1, _FRACTION, _PROB = "(0, inf)", "[1, inf)", "[0, 1)", "[0, 1]"
-
-
-# --------------------------------------------------------------------------------------------
-# the generic loader, checker and dumper
-
-
-_hints = functools.cache(typing.get_type_hints)  # class -> {field name: type}
-
-
-def _walk(cls: type, prefix: str = ""):
-    """(field, dotted YAML key, type, prefix of its children) of each YAML field of ``cls``."""
-    for f in fields(cls):
-        key = f.metadata.get("key", _NAME)
-        if key is None:
-            continue
-        key = prefix + (f.name if key is _NAME else key)
-        yield f, key, _hints(cls)[f.name], (key + "." if key else "")
-
-
-def _keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted YAML key of ``cls`` (nested sections expanded)."""
-    out: list[str] = []
-    for _f, key, typ, sub in _walk(cls, prefix):
-        out += _keys(typ, sub) if is_dataclass(typ) else [key]
-    return out
-
-
-def _as(value: Any, typ: Any, where: str, key: str, hint: str = "") -> Any:
-    """Coerce a YAML value to ``typ`` (int -> float allowed, lists per entry), else ConfigError."""
-
-    def bad(what: str) -> ConfigError:
-        remedy = f" ({hint})" if hint else ""
-        return ConfigError(f"{where}: {key} must be {what}, got {value!r}{remedy}")
-
-    args = typing.get_args(typ)
-    if type(None) in args:  # X | None
-        typ = next(a for a in args if a is not type(None))
-        return None if value is None else _as(value, typ, where, key, hint)
-    origin = typing.get_origin(typ)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad("a list")
-        if origin is tuple and len(value) != len(args):
-            raise bad(f"a list of {len(args)} values")
-        return origin(_as(v, args[0], where, key, hint) for v in value)
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
-        return value
-    raise bad(typ.__name__)
-
-
-def _in(value: float, rng: str) -> bool:
-    lo, hi = (float(x) for x in rng[1:-1].split(","))
-    return (lo <= value if rng[0] == "[" else lo < value) and (
-        value <= hi if rng[-1] == "]" else value < hi)
-
-
-def _rule(m: dict, empty: bool) -> str:
-    """The declared rule of a field, in words: "one of a, b", "in [0, 1)", ">= 1"."""
-    if empty:
-        return "a non-empty list"
-    if m["choices"]:
-        return f"one of {', '.join(map(str, m['choices']))}"
-    lo, hi = m["rng"][1:-1].split(", ")
-    return f"{'>=' if m['rng'][0] == '[' else '>'} {lo}" if hi == "inf" else f"in {m['rng']}"
-
-
-def _flatten(d: dict, where: str, allowed: list[str], prefix: str = "") -> dict:
-    """Nested YAML sections (prefixes of ``allowed`` keys) -> ``{dotted key: value}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if not any(a.startswith(key + ".") for a in allowed):
-            out[key] = v
-        elif v is not None:
-            if not isinstance(v, dict):
-                raise ConfigError(f"{where}: {key} must be a mapping of key: value, got {v!r}")
-            out.update(_flatten(v, where, allowed, key + "."))
-    return out
-
-
-def _reject_unknown(flat: dict, allowed: list[str], where: str, extra: str = "") -> None:
-    for key in flat:
-        if key in allowed:
-            continue
-        section = key.rpartition(".")[0]
-        pre = section + "." if section else ""
-        near = sorted({a[len(pre):].split(".")[0] for a in allowed if a.startswith(pre)})
-        close = difflib.get_close_matches(key, allowed, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"{where}: unknown key {key!r}.{hint} Allowed keys"
-                          f"{' in ' + section if section else ''}: {', '.join(near)}"
-                          f"{'' if section else extra}.")
-
-
-def _build(cls: type, flat: dict, where: str, prefix: str = "", **given: Any) -> Any:
-    """An instance of config dataclass ``cls`` from the keys of ``flat`` it declares.
-
-    A missing or None key keeps the field's default; nested sections are built recursively.
-    """
-    kw = dict(given)
-    for f, key, typ, sub in _walk(cls, prefix):
-        if is_dataclass(typ):
-            kw[f.name] = _build(typ, flat, where, sub)
-        elif flat.get(key) is not None:
-            kw[f.name] = _as(flat[key], typ, where, key, f.metadata["hint"])
-    return cls(**kw)
-
-
-def _check_fields(obj: Any, where: str, prefix: str = "") -> None:
-    """Check every field of ``obj`` against its declared choices, range and non-emptiness."""
-    for f, key, _typ, sub in _walk(type(obj), prefix):
-        value, m = getattr(obj, f.name), f.metadata
-        if is_dataclass(value):
-            _check_fields(value, where, sub)
-            continue
-        entries = value if isinstance(value, (list, tuple)) else [value]
-        empty = m["nonempty"] and not entries
-        if empty or any((m["choices"] and v not in m["choices"])
-                        or (m["rng"] and not _in(v, m["rng"])) for v in entries if v is not None):
-            raise ConfigError(f"{where}: {key} must be {_rule(m, empty)}, got {value!r}"
-                              + (f" ({m['hint']})" if m["hint"] else ""))
-
-
-def _dump(obj: Any, out: dict, prefix: str = "") -> dict:
-    """Write the YAML fields of ``obj`` into the nested mapping ``out`` (None and [] left out)."""
-    for f, key, _typ, sub in _walk(type(obj), prefix):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            _dump(value, out, sub)
-        elif value is not None and value != []:
-            *parents, last = key.split(".")
-            node = out
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = list(value) if isinstance(value, (list, tuple)) else value
-    return out
-
-
-def _check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {msg}")
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError."""
-    path = Path(path)
-    _check(path.exists(), str(path), "config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
-    return data
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Recursively merge ``over`` into a copy of ``base`` (mappings merge, the rest replaces)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +62,8 @@ class FeatureSettings:
         return asdict(self)
 
     def validate(self, where: str = "features") -> FeatureSettings:
-        _check_fields(self, where)
-        _check(self.fmax < self.sample_rate / 2, where,
+        schema.check_fields(self, where)
+        check(self.fmax < self.sample_rate / 2, where,
                f"top CQT bin {self.fmax:.0f} Hz is above Nyquist ({self.sample_rate / 2:.0f} Hz): "
                "lower n_bins or fmin, or raise sample_rate")
         return self
@@ -290,28 +87,26 @@ class PrepConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "prep config") -> PrepConfig:
-        _check("add_noise" not in d, where, "add_noise is not supported (the original's noise "
+        check("add_noise" not in d, where, "add_noise is not supported (the original's noise "
                "list was never shipped and its stage replaced the clean data); remove the key")
-        allowed = _keys(cls)
-        flat = _flatten(d, where, allowed)
-        _reject_unknown(flat, allowed, where)
-        return _build(cls, flat, where).validate(where)
+        flat = schema.flatten(d, where, allowed := schema.keys(cls))
+        schema.reject_unknown(flat, allowed, where)
+        return schema.build(cls, flat, where).validate(where)
 
     def validate(self, where: str = "prep config") -> PrepConfig:
-        _check_fields(self, where)
+        schema.check_fields(self, where)
         self.features.validate(where)
-        _check(self.val_data_split + self.test_data_split < 1.0, where,
+        check(self.val_data_split + self.test_data_split < 1.0, where,
                "val_data_split + test_data_split must be < 1")
         return self
 
     def to_dict(self) -> dict:
-        return _dump(self, {})
+        return schema.dump(self, {})
 
 
 def load_prep_config(path: str | os.PathLike) -> PrepConfig:
     """Load ``datasets/<name>/hparams.yaml``; a missing file gives the defaults."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return PrepConfig()
     return PrepConfig.from_dict(load_yaml(path), where=str(path))
 
@@ -340,8 +135,8 @@ class ModelConfig:
     center_weight: float = opt(0.0, key="center.weight")
 
     def validate(self, where: str = "model") -> ModelConfig:
-        _check_fields(self, where)
-        _check(self.output_dims % self.num_heads == 0, where,
+        schema.check_fields(self, where)
+        check(self.output_dims % self.num_heads == 0, where,
                f"encoder.output_dims ({self.output_dims}) must be divisible by {self.num_heads} heads")
         return self
 
@@ -384,14 +179,13 @@ class TestSetConfig:
     @classmethod
     def from_dict(cls, name: str, d: dict, where: str) -> TestSetConfig:
         where = f"{where} test set {name!r}"
-        _check(isinstance(d, dict), where, "must be a mapping with query_path and ref_path")
+        check(isinstance(d, dict), where, "must be a mapping with query_path and ref_path")
         d = dict(d)
-        if "every_n_epoch_to_dev" in d:  # the original's name
-            d.setdefault("every_n_epoch_to_test", d.pop("every_n_epoch_to_dev"))
-        _reject_unknown(d, _keys(cls) + ["every_n_epoch_to_dev"], where)
-        _check("query_path" in d, where, "needs query_path")
+        schema.rename(d, "every_n_epoch_to_dev", "every_n_epoch_to_test", where)
+        schema.reject_unknown(d, schema.keys(cls), where)
+        check("query_path" in d, where, "needs query_path")
         d.setdefault("ref_path", d["query_path"])
-        return _build(cls, d, where, name=name)
+        return schema.build(cls, d, where, name=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,11 +199,9 @@ _CHECKED_KEYS = ("chunk_s", "cqt.hop_size", "data_type", "num_gpus", "pool_type"
 class HParams:
     """A training run's settings (``runs/<name>/config/hparams.yaml``), validated.
 
-    Attribute names follow the YAML keys (flat training keys, as in the original). ``model``
-    holds the architecture and loss blocks (encoder, foc, triplet, center), ``features`` the CQT
-    settings, ``spec_augmentation`` the augmentation block and ``testsets`` every top-level
-    mapping with ``query_path``/``ref_path`` (or the entries of a ``testsets:`` block).
-    Defaults are the original code's unless marked chlib.
+    Attribute names follow the YAML keys; ``testsets`` holds every top-level mapping with
+    ``query_path``/``ref_path`` (or the entries of a ``testsets:`` block). Defaults are the
+    original code's unless marked chlib.
     """
 
     train_path: str | None = opt(None)
@@ -484,7 +276,7 @@ class HParams:
     @property
     def chunk_s(self) -> float:
         """Seconds of audio in the first (evaluation) chunk: chunk_frame[0] x mean_size / fps."""
-        return self.chunk_frame[0] * self.mean_size / self.frames_per_second
+        return self.chunk_seconds[0]
 
     @property
     def chunk_seconds(self) -> list[float]:
@@ -499,85 +291,76 @@ class HParams:
         """The model block, with ``foc.output_dims: auto`` resolved to ``num_works``."""
         if not self.num_classes_auto:
             return self.model
-        _check(num_works is not None, self.source, "foc.output_dims is 'auto'; the number of "
+        check(num_works is not None, self.source, "foc.output_dims is 'auto'; the number of "
                "training works is needed to size the focal head")
         return replace(self.model, num_classes=int(num_works))
 
-    def resolve_path(self, p: str | None, root: str | os.PathLike | None = None) -> Path | None:
-        """Paths in the YAML are relative to ``root`` (default: current directory)."""
-        if p is None:
-            return None
-        pp = Path(p)
-        return pp if pp.is_absolute() or root is None else Path(root) / pp
+    def resolve_path(self, p: str | None) -> Path | None:
+        """A path from the YAML (relative to the current directory), or None."""
+        return None if p is None else Path(p)
 
     # ---- loading and saving
     @classmethod
     def from_dict(cls, d: dict, where: str = "<dict>") -> HParams:
         d = copy.deepcopy(d)
-        if "ce" in d:  # the original's name of the focal-loss block
-            _check("foc" not in d, where, "both 'ce' (original) and 'foc' (fork) given; keep one")
-            d["foc"] = d.pop("ce")
-        allowed = _keys(cls) + ["every_n_epoch_to_dev", *_CHECKED_KEYS]
+        schema.rename(d, "ce", "foc", where)  # the original's name of the focal-loss block
+        allowed = schema.keys(cls) + ["every_n_epoch_to_dev", *_CHECKED_KEYS]
         tests = d.pop("testsets", None) or {}
-        _check(isinstance(tests, dict), where, "testsets must map names to {query_path, ref_path}")
-        flat = _flatten(d, where, allowed)
+        check(isinstance(tests, dict), where, "testsets must map names to {query_path, ref_path}")
+        flat = schema.flatten(d, where, allowed)
         tests.update({k: flat.pop(k) for k, v in list(flat.items())  # the original's test sets
                       if k not in allowed and "." not in k and isinstance(v, dict)
                       and ("query_path" in v or "ref_path" in v)})
-        _reject_unknown(flat, allowed, where, ", <test set name>: {query_path, ref_path}")
-        if "every_n_epoch_to_dev" in flat:  # the original's name
-            flat.setdefault("every_n_epoch_to_test", flat.pop("every_n_epoch_to_dev"))
-        auto = flat.get("foc.output_dims") == "auto"
-        if auto:
+        schema.reject_unknown(flat, allowed, where, ", <test set name>: {query_path, ref_path}")
+        schema.rename(flat, "every_n_epoch_to_dev", "every_n_epoch_to_test", where)
+        if auto := flat.get("foc.output_dims") == "auto":
             del flat["foc.output_dims"]
         if isinstance(flat.get("chunk_frame"), int):
             flat["chunk_frame"] = [flat["chunk_frame"]]
-        if "input_dim" not in flat:
-            flat["input_dim"] = flat.get("n_bins")  # None keeps the default
-        hp = _build(cls, flat, where, source=where, num_classes_auto=auto,
+        flat.setdefault("input_dim", flat.get("n_bins"))  # None keeps the default
+        hp = schema.build(cls, flat, where, source=where, num_classes_auto=auto,
                     testsets={n: TestSetConfig.from_dict(n, v, where) for n, v in tests.items()})
         return hp.validate()._check_original_keys(flat, where)
 
     def _check_original_keys(self, flat: dict, where: str) -> HParams:
         """The original's hand-kept ``cqt.hop_size`` (s), ``chunk_s`` and ``data_type``."""
-        data_type = flat.get("data_type")
-        _check(data_type in (None, "cqt"), where, f"data_type must be 'cqt', got {data_type!r}")
+        check(flat.get("data_type") in (None, "cqt"), where,
+               f"data_type must be 'cqt', got {flat.get('data_type')!r}")
         hop_s = self.features.hop_length / self.features.sample_rate
         for key, derived, rule in (("cqt.hop_size", hop_s, "hop_length / sample_rate"), (
                 "chunk_s", self.chunk_s, "chunk_frame[0] x mean_size / frames_per_second")):
             if flat.get(key) is not None:
-                given = _as(flat[key], float, where, key)
-                _check(abs(given - derived) < 1e-6, where, f"{key} {given:g} s disagrees with "
+                given = schema.coerce(flat[key], float, where, key)
+                check(abs(given - derived) < 1e-6, where, f"{key} {given:g} s disagrees with "
                        f"{rule} = {derived:g} s; it is derived, remove {key}")
         return self
 
     def validate(self) -> HParams:
         w = self.source
-        _check_fields(self, w)
+        schema.check_fields(self, w)
         self.features.validate(w)
         self.model.validate(w)
-        _check(self.model.input_dim == self.features.n_bins, w,
+        check(self.model.input_dim == self.features.n_bins, w,
                f"input_dim ({self.model.input_dim}) must equal n_bins ({self.features.n_bins})")
-        _check(self.batch_size % self.m_per_class == 0, w,
+        check(self.batch_size % self.m_per_class == 0, w,
                f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
         for name in self.map_stopping_testsets:
-            _check(name in self.testsets, w,
+            check(name in self.testsets, w,
                    f"map_stopping_testsets names {name!r}, which is not a configured test set "
                    f"({', '.join(self.testsets) or 'none configured'})")
-        if self.early_stop_metric == "mAP":
-            _check(bool(self.map_stopping_testsets), w,
-                   "early_stop_metric: mAP needs map_stopping_testsets naming configured test sets")
+        check(self.early_stop_metric != "mAP" or bool(self.map_stopping_testsets), w,
+               "early_stop_metric: mAP needs map_stopping_testsets naming configured test sets")
         for ts in self.testsets.values():
-            _check_fields(ts, f"{w} test set {ts.name!r}")
+            schema.check_fields(ts, f"{w} test set {ts.name!r}")
         return self
 
     def to_dict(self) -> dict:
         """The YAML mapping (original key names) that reloads to an equal object."""
-        d = _dump(self, {})
+        d = schema.dump(self, {})
         if self.num_classes_auto:
             d["foc"]["output_dims"] = "auto"
         for name, ts in self.testsets.items():
-            d[name] = _dump(ts, {})
+            d[name] = schema.dump(ts, {})
         return d
 
     def updated(self, overrides: dict) -> HParams:

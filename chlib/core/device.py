@@ -6,32 +6,24 @@ import torch
 
 from chlib.core.errors import ConfigError
 
-__all__ = ["pick_device", "device_dtype_ok", "synchronize", "empty_cache"]
+__all__ = ["pick_device", "device_dtype_ok", "synchronize"]
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Return the torch device for ``name``.
-
-    ``"auto"`` (or None) picks CUDA if available, else Apple MPS, else CPU. An explicit
-    ``"cuda"``/``"mps"`` that is not available is a :class:`ConfigError` saying so.
-    """
+    """The torch device for ``name``: ``"auto"`` (or None) picks CUDA, else Apple MPS, else CPU;
+    an explicit ``"cuda"``/``"mps"`` that is not available is a :class:`ConfigError`."""
     if isinstance(name, torch.device):
         return name
     name = (name or "auto").lower()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
-        raise ConfigError("device 'mps' was asked for but MPS is not available; use 'auto' or 'cpu'")
-    if not (name == "cpu" or name == "mps" or name.startswith("cuda")):
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    kind = "cuda" if name.startswith("cuda") else name
+    if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[kind]:
+        raise ConfigError(f"device {name!r} was asked for but {kind.upper()} is not available; "
+                          "use 'auto' or 'cpu'")
     return torch.device(name)
 
 
@@ -46,11 +38,3 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def empty_cache(device: torch.device) -> None:
-    """Release cached accelerator memory."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()

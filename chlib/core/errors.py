@@ -6,15 +6,8 @@ so that a user can fix their own data without reading the source.
 
 from __future__ import annotations
 
-__all__ = [
-    "ChlibError",
-    "ConfigError",
-    "ManifestError",
-    "AudioError",
-    "FeatureError",
-    "CheckpointError",
-    "IndexMismatchError",
-]
+__all__ = ["ChlibError", "ConfigError", "ManifestError", "AudioError", "FeatureError",
+           "CheckpointError", "IndexMismatchError"]
 
 
 class ChlibError(Exception):

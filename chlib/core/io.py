@@ -1,46 +1,28 @@
 """Atomic file writes, content hashes and small JSON helpers.
 
-Every file chlib writes goes through here: the bytes go to a temporary file in the same folder,
-which is then renamed over the target (atomic on POSIX and Windows), so a killed job never
-leaves a half-written file behind.
+Every file chlib writes goes to a temporary file in the same folder, then is renamed over the
+target (atomic on POSIX and Windows), so a killed job never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = [
-    "atomic_open",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_save_npy",
-    "atomic_torch_save",
-    "write_json",
-    "read_json",
-    "append_jsonl",
-    "read_jsonl",
-    "file_sha256",
-    "stable_hash",
-]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_save_npy",
+           "atomic_torch_save", "write_json", "read_json", "append_jsonl", "read_jsonl",
+           "file_sha256", "stable_hash"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``.
 
@@ -54,19 +36,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path) as f:
         f.write(data)
 
 
@@ -77,18 +59,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path) as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` to ``path`` atomically."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
@@ -98,38 +78,28 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a line (used for logs such as metrics.jsonl).
-
-    A single ``write`` of one short line is atomic enough for append-only logs; readers skip a
-    torn last line (see :func:`read_jsonl`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append one JSON record as a line (logs such as metrics.jsonl); one short ``write`` is
+    atomic enough for an append-only log, and :func:`read_jsonl` skips a torn last line."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines log; a torn (unparseable) last line from a killed writer is skipped."""
-    out: list[dict] = []
-    if not Path(path).exists():
-        return out
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """Read a JSON-lines log ([] if missing); a torn last line from a killed writer is skipped."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n") if Path(path).exists() else []
+    lines = [line for line in lines if line.strip()]
+    out = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
+            if i < len(lines) - 1:
+                raise
     return out
 
 

@@ -1,22 +1,16 @@
 """Reading and writing manifests: dataset.txt, full.txt, split files and query/ref lists.
 
-One record per line, in either of the two formats CoverHunter(MPS) reads: a JSON object (e.g.
-``{"perf": "cover80_00000000_0_0", "wav": "data/a.wav", "dur_s": 231.4, "work": "A_Song"}``) or
-the legacy TAB-separated ``key:value`` pairs (the value is everything after the first colon;
-the original kept every legacy value a string except ``len``, chlib also casts the numeric keys
-it knows so that both formats give the same records). Blank lines are skipped; the original's
-key names are mapped on read (``utt`` -> ``perf``, ``song`` -> ``work``, ``song_id`` ->
-``work_id``). Every line is validated and all problems of a file are reported together with
-file name and line number, or, with ``strict=False``, returned beside the good records.
-
-Writers emit one JSON object per line (UTF-8, non-ASCII kept), atomically. Unlike the original,
-an empty list is a valid, empty manifest (e.g. ``val.txt`` when ``val_data_split`` is 0).
-Paths inside manifests (``wav``, ``feat``) are stored as written; :func:`resolve_path` finds
-the file they name.
+One record per line, in either format CoverHunter(MPS) reads: a JSON object or the legacy
+TAB-separated ``key:value`` pairs (chlib casts the numeric keys it knows, so both formats give
+the same records). The original's key names are mapped on read (``utt`` -> ``perf``, ``song``
+-> ``work``, ``song_id`` -> ``work_id``). All bad lines of a file are reported together (file,
+line, reason), or with ``strict=False`` returned beside the good records. Writers emit JSON
+lines atomically; an empty list is a valid, empty manifest (the original raised).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,21 +25,9 @@ from chlib.core.errors import ManifestError
 from chlib.core.io import atomic_write_text
 
 __all__ = [
-    "DATASET_KEYS",
-    "FULL_KEYS",
-    "KEY_RENAMES",
-    "MAX_LISTED_PROBLEMS",
-    "ManifestProblem",
-    "parse_line",
-    "read_manifest",
-    "write_manifest",
-    "read_work_id_map",
-    "write_work_id_map",
-    "assign_work_ids",
-    "read_query_in_ref",
-    "write_query_in_ref",
-    "resolve_path",
-    "source_perf",
+    "DATASET_KEYS", "FULL_KEYS", "KEY_RENAMES", "MAX_LISTED_PROBLEMS", "ManifestProblem",
+    "parse_line", "read_manifest", "write_manifest", "read_work_id_map", "write_work_id_map",
+    "assign_work_ids", "read_query_in_ref", "write_query_in_ref", "resolve_path", "source_perf",
 ]
 
 #: Required keys of a dataset.txt line.
@@ -57,11 +39,13 @@ KEY_RENAMES: dict[str, str] = {"utt": "perf", "song": "work", "song_id": "work_i
 #: At most this many problems are spelled out in one ManifestError.
 MAX_LISTED_PROBLEMS = 20
 
-# Keys with a known type. Strings must be non-empty.
-_STR_KEYS = ("perf", "wav", "work", "feat", "source_perf")
-_INT_KEYS = ("feat_len", "work_id", "len", "start", "version_id")
-_FLOAT_KEYS = ("dur_s", "start_s", "tempo")
-_NON_NEGATIVE = ("feat_len", "work_id", "len", "start", "version_id", "dur_s", "start_s")
+# keys with a known type; strings must be non-empty, numbers >= 0 (tempo > 0)
+_TYPES: dict[str, type] = {
+    **dict.fromkeys(("perf", "wav", "work", "feat", "source_perf"), str),
+    **dict.fromkeys(("feat_len", "work_id", "len", "start", "version_id"), int),
+    **dict.fromkeys(("dur_s", "start_s", "tempo"), float),
+}
+_WORDS = {str: "a non-empty string", int: "an integer", float: "a finite number"}
 
 
 @dataclass(frozen=True)
@@ -80,68 +64,53 @@ class ManifestProblem:
 # parsing one line
 
 
-def _cast_legacy(key: str, value: str) -> Any:
-    """Legacy ``key:value`` values are strings; cast the keys whose type chlib knows."""
-    cast = int if key in _INT_KEYS else float if key in _FLOAT_KEYS else str
-    try:
-        return cast(value)
-    except ValueError:
-        return value  # left as a string; the type check reports it
+def _typed(value: Any, typ: type) -> Any:
+    """``value`` as a ``typ`` (a whole float -> int), or None when it is not one."""
+    if typ is str:
+        return value if isinstance(value, str) and value.strip() else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if typ is int:
+        return int(value) if isinstance(value, int) or value.is_integer() else None
+    return float(value) if math.isfinite(value) else None
 
 
 def _parse_legacy(line: str) -> dict:
+    """TAB-separated ``key:value`` pairs; the value is everything after the first colon."""
     rec: dict[str, Any] = {}
-    for part in line.split("\t"):
-        part = part.strip()
-        if not part:
-            continue
-        if ":" not in part:
+    for part in filter(None, (p.strip() for p in line.split("\t"))):
+        key, sep, value = part.partition(":")
+        if not sep:
             raise ValueError(
                 f"field {part[:40]!r} has no ':'; a non-JSON line must be TAB-separated "
-                "key:value pairs (or write the line as a JSON object starting with '{')"
-            )
-        key, value = part.split(":", 1)
-        rec[key.strip()] = _cast_legacy(key.strip(), value)
+                "key:value pairs (or write the line as a JSON object starting with '{')")
+        key = key.strip()
+        with contextlib.suppress(ValueError):  # left as text; the type check reports it
+            value = _TYPES.get(key, str)(value)
+        rec[key] = value
     return rec
 
 
 def _check_types(rec: dict) -> list[str]:
-    """Type problems of a parsed record (empty list if fine)."""
+    """Type problems of a parsed record (empty list if fine); known values are cast in place."""
     out = []
-    for k in _STR_KEYS:
-        if k in rec and (not isinstance(rec[k], str) or not rec[k].strip()):
-            out.append(f"{k} must be a non-empty string, got {rec[k]!r}")
-    for k in _INT_KEYS:
-        if k in rec:
-            v = rec[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
-                isinstance(v, float) and not v.is_integer()
-            ):
-                out.append(f"{k} must be an integer, got {v!r}")
-            else:
-                rec[k] = int(v)
-    for k in _FLOAT_KEYS:
-        if k in rec:
-            v = rec[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                out.append(f"{k} must be a finite number, got {v!r}")
-            else:
-                rec[k] = float(v)
-    for k in _NON_NEGATIVE:
-        if k in rec and isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool):
-            if rec[k] < 0:
-                out.append(f"{k} must be >= 0, got {rec[k]!r}")
-    if "tempo" in rec and isinstance(rec["tempo"], float) and rec["tempo"] <= 0:
-        out.append(f"tempo must be > 0, got {rec['tempo']!r}")
+    for key, typ in ((k, t) for k, t in _TYPES.items() if k in rec):
+        value = _typed(rec[key], typ)
+        if value is None:
+            out.append(f"{key} must be {_WORDS[typ]}, got {rec[key]!r}")
+            continue
+        if typ is not str and (value <= 0 if key == "tempo" else value < 0):
+            out.append(f"{key} must be {'>' if key == 'tempo' else '>='} 0, got {value!r}")
+        rec[key] = value
     return out
 
 
 def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
     """Parse one manifest line (JSON object or legacy TAB ``key:value``) into a record.
 
-    Renames the original's keys (``utt``/``song``/``song_id``), checks the types of known keys
-    and that every key in ``required`` is present. Raises ``ValueError`` with a short message
-    (no file name: :func:`read_manifest` adds file and line).
+    Renames the original's keys, checks the types of known keys and that every key in
+    ``required`` is present; a ``ValueError`` says what is wrong (:func:`read_manifest` adds
+    file and line).
     """
     line = line.strip()
     if line.startswith("{"):
@@ -159,8 +128,7 @@ def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
                 raise ValueError(f"both {old!r} and {new!r} are given, with different values")
             rec[new] = rec.pop(old)
     problems = _check_types(rec)
-    missing = [k for k in required if k not in rec]
-    if missing:
+    if missing := [k for k in required if k not in rec]:
         problems.insert(0, f"missing required key(s) {', '.join(map(repr, missing))}")
     if problems:
         raise ValueError("; ".join(problems))
@@ -171,109 +139,79 @@ def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
 # reading and writing whole files
 
 
-def _format_problems(path: Path, problems: list[ManifestProblem], what: str) -> str:
-    shown = problems[:MAX_LISTED_PROBLEMS]
+def _raise_problems(path: Path, problems: list[ManifestProblem], what: str) -> None:
+    """One ManifestError listing ``problems`` (at most MAX_LISTED_PROBLEMS), if there are any."""
+    if not problems:
+        return
     lines = [f"{path}: {len(problems)} bad line(s) in {what}:"]
-    lines += [f"  line {p.line}: {p.message}" for p in shown]
-    if len(problems) > len(shown):
-        lines.append(f"  ... and {len(problems) - len(shown)} more")
-    lines.append(
-        "Fix these lines (each line must be a JSON object with the keys listed), or read with "
-        "strict=False to skip them."
-    )
-    return "\n".join(lines)
+    lines += [f"  line {p.line}: {p.message}" for p in problems[:MAX_LISTED_PROBLEMS]]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+    lines.append("Fix these lines (each line must be a JSON object with the keys listed), or "
+                 "read with strict=False to skip them.")
+    raise ManifestError("\n".join(lines))
 
 
-@overload
-def read_manifest(
-    path: str | os.PathLike,
-    required: Sequence[str] = ...,
-    *,
-    strict: Literal[True] = ...,
-    unique_key: str | None = ...,
-) -> list[dict]: ...
-
-
-@overload
-def read_manifest(
-    path: str | os.PathLike,
-    required: Sequence[str] = ...,
-    *,
-    strict: Literal[False],
-    unique_key: str | None = ...,
-) -> tuple[list[dict], list[ManifestProblem]]: ...
-
-
-def read_manifest(
-    path: str | os.PathLike,
-    required: Sequence[str] = DATASET_KEYS,
-    *,
-    strict: bool = True,
-    unique_key: str | None = "perf",
-) -> list[dict] | tuple[list[dict], list[ManifestProblem]]:
-    """Read a manifest (dataset.txt, full.txt, train/val/test.txt, query/ref list).
-
-    Parameters
-    ----------
-    path : the file; JSON lines or legacy TAB ``key:value`` lines, blank lines skipped.
-    required : keys every record must have (default ``("perf", "wav", "work")``; use
-        :data:`FULL_KEYS` for full.txt and split files, ``()`` for anything).
-    strict : True (default): any bad line raises one :class:`ManifestError` listing every
-        problem (file, line number, reason; at most 20 spelled out). False: return
-        ``(good_records, problems)`` instead, so a batch job can skip bad lines.
-    unique_key : a key whose values must be unique (default ``"perf"``; None to allow
-        duplicates, e.g. when the caller de-duplicates itself). A repeated value is a problem on
-        the later line; the first occurrence is kept.
-
-    Returns
-    -------
-    list of dicts in file order (strict), or ``(records, problems)``.
-    """
-    path = Path(path)
+def _lines(path: Path, what: str) -> Iterable[tuple[int, str]]:
+    """(1-based line number, line) of the non-blank lines of a UTF-8 text file."""
     if not path.exists():
-        raise ManifestError(f"{path}: manifest file not found")
+        raise ManifestError(f"{path}: {what} not found")
     if path.is_dir():
-        raise ManifestError(f"{path}: is a folder; give the manifest file (e.g. dataset.txt)")
+        raise ManifestError(f"{path}: is a folder, not a {what} file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ManifestError(
-            f"{path}: not UTF-8 text (byte {e.start}); save the manifest as UTF-8"
-        ) from None
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+@overload
+def read_manifest(path: str | os.PathLike, required: Sequence[str] = ..., *,
+                  strict: Literal[True] = ..., unique_key: str | None = ...) -> list[dict]: ...
+
+
+@overload
+def read_manifest(path: str | os.PathLike, required: Sequence[str] = ..., *,
+                  strict: Literal[False], unique_key: str | None = ...
+                  ) -> tuple[list[dict], list[ManifestProblem]]: ...
+
+
+def read_manifest(path: str | os.PathLike, required: Sequence[str] = DATASET_KEYS, *,
+                  strict: bool = True, unique_key: str | None = "perf"
+                  ) -> list[dict] | tuple[list[dict], list[ManifestProblem]]:
+    """Read a manifest (dataset.txt, full.txt, train/val/test.txt, query/ref list).
+
+    ``required``: keys every record must have (:data:`FULL_KEYS` for full.txt and split files,
+    ``()`` for anything). ``strict`` True: any bad line raises one :class:`ManifestError`
+    listing every problem; False: return ``(good_records, problems)``. ``unique_key``: values
+    must be unique (None: duplicates allowed); a repeat is a problem, the first is kept.
+    Returns the records in file order.
+    """
+    path = Path(path)
     records: list[dict] = []
     problems: list[ManifestProblem] = []
     seen: dict[Any, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in _lines(path, "manifest"):
         try:
             rec = parse_line(line, required=required)
         except ValueError as e:
             problems.append(ManifestProblem(str(path), lineno, str(e)))
             continue
-        if unique_key is not None and unique_key in rec:
-            value = rec[unique_key]
-            if value in seen:
-                problems.append(ManifestProblem(
-                    str(path), lineno,
-                    f"duplicate {unique_key} {value!r} (first on line {seen[value]})",
-                ))
+        if unique_key in rec:
+            if (value := rec[unique_key]) in seen:
+                problems.append(ManifestProblem(str(path), lineno, f"duplicate {unique_key} "
+                                                f"{value!r} (first on line {seen[value]})"))
                 continue
             seen[value] = lineno
         records.append(rec)
     if not strict:
         return records, problems
-    if problems:
-        raise ManifestError(_format_problems(path, problems, "manifest"))
+    _raise_problems(path, problems, "manifest")
     return records
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
@@ -281,71 +219,55 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write records as JSON lines (one object per line, UTF-8, trailing newline), atomically.
-
-    NumPy scalars and paths are converted to plain JSON values. An empty ``records`` writes an
-    empty file (allowed in chlib; the original raised).
-    """
+    """Write records as JSON lines (UTF-8, one object per line), atomically; NumPy values and
+    paths become plain JSON values."""
     lines = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise ManifestError(f"{path}: record {i} is a {type(rec).__name__}, not a dict")
         try:
-            lines.append(json.dumps(rec, ensure_ascii=False, default=_json_default))
+            lines.append(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
         except (TypeError, ValueError) as e:
             raise ManifestError(f"{path}: record {i} cannot be written as JSON: {e}") from None
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
-# work ids
+# work ids and query-in-ref files
 
 
 def read_work_id_map(path: str | os.PathLike) -> dict[str, int]:
-    """Read ``work_id.map`` (``"<work_id> <work>"`` per line, the fork's order) -> {work: id}.
-
-    The work string is everything after the first space (it may contain spaces).
-    """
+    """Read ``work_id.map`` (``"<work_id> <work>"`` per line, the work may contain spaces) ->
+    ``{work: id}``."""
     path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"{path}: work_id.map not found")
     out: dict[str, int] = {}
     ids: dict[int, int] = {}
     problems = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        head, sep, work = line.strip().partition(" ")
-        try:
+    for lineno, line in _lines(path, "work_id.map"):
+        head, _, work = line.strip().partition(" ")
+        wid = None
+        with contextlib.suppress(ValueError):
             wid = int(head)
-        except ValueError:
-            wid = None
-        if not sep or wid is None or not work:
-            problems.append(ManifestProblem(
-                str(path), lineno, f"expected '<work_id> <work>', got {line.strip()[:60]!r}"))
+        if wid is None or not work:
+            msg = f"expected '<work_id> <work>', got {line.strip()[:60]!r}"
+        elif work in out:
+            msg = f"work {work!r} listed twice"
+        elif wid in ids:
+            msg = f"work_id {wid} also used on line {ids[wid]}"
+        else:
+            out[work], ids[wid] = wid, lineno
             continue
-        if work in out:
-            problems.append(ManifestProblem(str(path), lineno, f"work {work!r} listed twice"))
-            continue
-        if wid in ids:
-            problems.append(ManifestProblem(
-                str(path), lineno, f"work_id {wid} also used on line {ids[wid]}"))
-            continue
-        out[work] = wid
-        ids[wid] = lineno
-    if problems:
-        raise ManifestError(_format_problems(path, problems, "work_id map"))
+        problems.append(ManifestProblem(str(path), lineno, msg))
+    _raise_problems(path, problems, "work_id map")
     return out
 
 
 def write_work_id_map(path: str | os.PathLike, mapping: dict[str, int]) -> None:
     """Write ``work_id.map``: ``"<work_id> <work>"`` per line in id order, atomically."""
-    ids = list(mapping.values())
-    if len(set(ids)) != len(ids):
+    if len(set(mapping.values())) != len(mapping):
         raise ManifestError(f"{path}: two works share one work_id; ids must be unique")
-    for w in mapping:
-        if "\n" in w or not w.strip():
-            raise ManifestError(f"{path}: work name {w!r} is empty or contains a newline")
+    if bad := [w for w in mapping if "\n" in w or not w.strip()]:
+        raise ManifestError(f"{path}: work name {bad[0]!r} is empty or contains a newline")
     lines = [f"{wid} {work}\n" for work, wid in sorted(mapping.items(), key=lambda kv: kv[1])]
     atomic_write_text(path, "".join(lines))
 
@@ -360,29 +282,20 @@ def source_perf(record: dict) -> str:
     return record.get("source_perf") or record["perf"]
 
 
-# --------------------------------------------------------------------------------------------
-# query-in-ref files
-
-
 def read_query_in_ref(path: str | os.PathLike) -> list[tuple[int, int]]:
     """Read a query_in_ref file: first line ``{"query_in_ref": [[qi, ri], ...]}``."""
     path = Path(path)
-    if not path.exists():
-        raise ManifestError(f"{path}: query_in_ref file not found")
-    first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
+    first = next((line for _, line in _lines(path, "query_in_ref file")), "")
     try:
         obj = json.loads(first) if first else {}
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}:1: malformed JSON ({e.msg})") from None
     pairs = obj.get("query_in_ref") if isinstance(obj, dict) else None
     if not isinstance(pairs, list) or not all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)
-        for p in pairs
-    ):
-        raise ManifestError(
-            f"{path}:1: expected {{\"query_in_ref\": [[query_index, ref_index], ...]}} with "
-            "non-negative integer indices"
-        )
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)
+            for p in pairs):
+        raise ManifestError(f"{path}:1: expected {{\"query_in_ref\": [[query_index, ref_index],"
+                            " ...]}} with non-negative integer indices")
     return [(int(a), int(b)) for a, b in pairs]
 
 
@@ -392,23 +305,12 @@ def write_query_in_ref(path: str | os.PathLike, pairs: Iterable[tuple[int, int]]
     atomic_write_text(path, json.dumps(body, ensure_ascii=False) + "\n")
 
 
-# --------------------------------------------------------------------------------------------
-# paths
-
-
 def resolve_path(value: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> Path:
-    """The file a manifest path names.
-
-    Absolute paths are returned as they are. A relative path is tried first relative to the
-    folder holding the manifest (chlib writes ``feat`` paths relative to the dataset folder, so
-    a dataset folder can be moved or zipped), then as given, i.e. relative to the current
-    directory (the original's convention: paths relative to the repository root). If neither
-    exists the as-given path is returned (the caller reports it as missing).
-    """
+    """The file a manifest path names: an absolute path as it is; a relative one beside the
+    manifest if it exists there (chlib's ``feat`` paths, so a dataset folder can be moved),
+    else as given, relative to the current directory (the original's convention)."""
     p = Path(value)
     if p.is_absolute() or manifest_path is None:
         return p
     beside = Path(manifest_path).parent / p
-    if beside.exists():
-        return beside
-    return p
+    return beside if beside.exists() else p

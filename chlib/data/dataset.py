@@ -1,16 +1,9 @@
 """Training and validation chunks cut from memory-mapped CQT features.
 
 :class:`ChunkDataset` item = ``(feat [chunk_len // mean_size, bins] float32 tensor, work_id)``,
-the original AudioFeatDataset's item (coverhunter-facts 4.1): a start frame (``"random"``:
-uniform over ``[0, n_frames - crop]`` with the array's true row count, never a file-size guess,
-bug 13.1.6; ``"defined"``: the record's ``start``), the rows read from the memory map, padded
-with -100 dB and frame-averaged by :func:`chlib.data.features.prepare_window` (what every
-embedding uses); optional tempo jitter j (crop ``round(chunk_len x f)``, f uniform in
-[1 - j, 1 + j], resampled to the chunk length) and spectral augmentation.
-
-An index ``(int, item_seed)`` (from :class:`chlib.data.sampler.MPerClassBatchSampler`) seeds the
-crop and augmentation; a plain int seeds from ``(dataset seed, index)``: the same crop every
-time, which gives validation a stable loss.
+the original's (coverhunter-facts 4.1; start drawn from the true row count, bug 13.1.6). An
+index ``(int, item_seed)`` (from the sampler) seeds crop and augmentation; a plain int seeds
+from ``(dataset seed, index)``: the same crop every time (a stable validation loss).
 """
 
 from __future__ import annotations
@@ -31,68 +24,38 @@ from chlib.signal.specaug import spec_augment, tempo_resample
 __all__ = ["ChunkDataset", "find_missing_features", "feature_lengths", "worker_init"]
 
 
-def find_missing_features(
-    records: Sequence[dict], manifest_path: str | os.PathLike | None = None
-) -> list[str]:
+def find_missing_features(records: Sequence[dict],
+                          manifest_path: str | os.PathLike | None = None) -> list[str]:
     """Feature paths of ``records`` that do not exist (as written in the records)."""
     return [str(r.get("feat")) for r in records
             if "feat" not in r or not feature_path(r, manifest_path).is_file()]
 
 
 def feature_lengths(records: Sequence[dict], manifest_path: str | os.PathLike | None = None) -> np.ndarray:
-    """Frames per record: ``feat_len`` when present, else read from the ``.npy`` header.
-
-    Used for checks and planning only; crops always use the array's own row count.
-    """
-    out = np.empty(len(records), dtype=np.int64)
-    for i, r in enumerate(records):
-        if r.get("feat_len") is not None:
-            out[i] = int(r["feat_len"])
-        else:
-            out[i] = load_feature(feature_path(r, manifest_path)).shape[0]
-    return out
+    """Frames per record (planning only): ``feat_len``, else the ``.npy`` header's row count."""
+    return np.array([int(r["feat_len"]) if r.get("feat_len") is not None
+                     else load_feature(feature_path(r, manifest_path)).shape[0] for r in records],
+                    dtype=np.int64)
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed NumPy's legacy global RNG from the worker's torch seed.
-
-    chlib's own randomness never uses global state (items carry their seeds); this only makes
-    third-party code that does deterministic per worker. torch seeds each worker from the
-    loader's ``generator`` and the worker id.
-    """
+    """DataLoader ``worker_init_fn``: seed NumPy's global RNG from the worker's torch seed (for
+    third-party code; chlib's items carry their own seeds)."""
     np.random.seed(torch.initial_seed() % 2**32)
 
 
 class ChunkDataset(Dataset):
-    """Fixed-length chunks of the tracks in ``records`` (full.txt / split-file records).
+    """Fixed-length chunks of the tracks in full.txt-style ``records`` (``feat``, ``work_id``).
 
-    Args:
-        records: dicts with ``feat`` (path of a [frames, bins] float ``.npy``) and ``work_id``.
-        chunk_len: crop length in raw CQT frames (``chunk_frame[i] x mean_size``).
-        mean_size: frames averaged into one model frame; the item has
-            ``chunk_len // mean_size`` rows.
-        mode: "random" (start drawn per item) or "defined" (record's ``start``).
-        spec_aug: augmentation settings, or None for none (validation).
-        tempo_jitter: j >= 0; crops are time-resampled by a factor uniform in [1 - j, 1 + j]
-            (0 = off).
-        seed: seed for plain-int indices (fixed crops).
-        manifest_path: the manifest the records came from (to resolve relative ``feat`` paths).
-
-    ``__getitem__(i | (i, item_seed)) -> (Tensor [chunk_len // mean_size, bins] float32, int)``.
+    ``chunk_len``: raw CQT frames per crop; ``mode``: "random" start or "defined" (the record's
+    ``start``); ``spec_aug`` None for validation; ``tempo_jitter`` j: crops of
+    ``round(chunk_len x f)``, f uniform in [1 - j, 1 + j], resampled to the chunk length.
     """
 
-    def __init__(
-        self,
-        records: Sequence[dict],
-        *,
-        chunk_len: int,
-        mean_size: int = 1,
-        mode: str = "random",
-        spec_aug: SpecAugConfig | None = None,
-        tempo_jitter: float = 0.0,
-        seed: int = 0,
-        manifest_path: str | os.PathLike | None = None,
-    ):
+    def __init__(self, records: Sequence[dict], *, chunk_len: int, mean_size: int = 1,
+                 mode: str = "random", spec_aug: SpecAugConfig | None = None,
+                 tempo_jitter: float = 0.0, seed: int = 0,
+                 manifest_path: str | os.PathLike | None = None) -> None:
         if mode not in ("random", "defined"):
             raise ConfigError(f"mode must be 'random' or 'defined', got {mode!r}")
         if mean_size < 1 or chunk_len < mean_size:
@@ -100,9 +63,8 @@ class ChunkDataset(Dataset):
         if not 0.0 <= tempo_jitter < 1.0:
             raise ConfigError(f"tempo_jitter must be in [0, 1), got {tempo_jitter}")
         self.records = list(records)
-        for r in self.records:
-            if "work_id" not in r:
-                raise ConfigError(f"record {r.get('perf')!r} has no work_id; use full.txt-style records")
+        if bad := [r.get("perf") for r in self.records if "work_id" not in r]:
+            raise ConfigError(f"record {bad[0]!r} has no work_id; use full.txt-style records")
         self.labels = [int(r["work_id"]) for r in self.records]
         self.paths = [feature_path(r, manifest_path) for r in self.records]
         self.chunk_len = int(chunk_len)
@@ -122,15 +84,12 @@ class ChunkDataset(Dataset):
 
     def _rng(self, key: int | tuple[int, int]) -> tuple[int, np.random.Generator]:
         if isinstance(key, (tuple, list)):
-            idx, item_seed = int(key[0]), int(key[1])
-            return idx, np.random.default_rng(item_seed)
-        idx = int(key)
-        return idx, item_rng(self.seed, idx)
+            return int(key[0]), np.random.default_rng(int(key[1]))
+        return int(key), item_rng(self.seed, int(key))
 
     def crop(self, idx: int, rng: np.random.Generator) -> np.ndarray:
         """The (unaugmented) chunk of item ``idx``: [chunk_len // mean_size, bins] float32."""
         feat = load_feature(self.paths[idx])
-        n_frames = feat.shape[0]
         factor = 1.0
         if self.tempo_jitter > 0:
             factor = float(rng.uniform(1.0 - self.tempo_jitter, 1.0 + self.tempo_jitter))
@@ -138,10 +97,8 @@ class ChunkDataset(Dataset):
         if self.mode == "defined":
             start = int(self.records[idx].get("start", 0))
         else:
-            start = int(rng.integers(0, n_frames - span + 1)) if n_frames > span else 0
-        # copy only the needed rows out of the memory map, then pad and average
-        rows = np.asarray(feat[start : start + span], dtype=np.float32)
-        chunk = prepare_window(rows, 0, span, self.mean_size)  # [span // mean_size, bins]
+            start = int(rng.integers(0, len(feat) - span + 1)) if len(feat) > span else 0
+        chunk = prepare_window(feat, start, span, self.mean_size)  # [span // mean_size, bins]
         if span != self.chunk_len:
             chunk = tempo_resample(chunk, self.n_out)
         return np.ascontiguousarray(chunk, dtype=np.float32)

@@ -1,42 +1,28 @@
-"""Looking at datasets: overlap / leakage between two manifests, works histogram, query_in_ref.
-
-* :func:`compare_datasets` — shared works, shared perf ids and identical audio (by content hash
-  of the wav files) between two manifests, e.g. a training set and a test set.
-* :func:`works_histogram` — how many performances each work has (a matplotlib Figure; nothing
-  is shown or saved by it: :func:`chlib.ui.plots.save_figure` writes it).
-* :func:`make_query_in_ref` — the ``query_in_ref`` file for evaluating with a query list whose
-  perfs also appear in the reference list (the original tool crashed whenever a perf matched,
-  fact sheet 13.4.5).
-"""
+"""Looking at datasets: overlap / leakage between two manifests (:func:`compare_datasets`),
+recordings per work (:func:`works_histogram`) and the ``query_in_ref`` file."""
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from chlib.core.errors import ManifestError
 from chlib.core.io import file_sha256
 from chlib.core.manifest import read_manifest, resolve_path, source_perf, write_query_in_ref
-
-if TYPE_CHECKING:  # matplotlib is imported only when a figure is made
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 __all__ = ["DatasetOverlap", "compare_datasets", "works_histogram", "make_query_in_ref"]
 
 
 @dataclass
 class DatasetOverlap:
-    """Overlap between manifests A and B.
+    """Overlap between manifests A and B; tempo copies count as their source recording.
 
-    ``same_audio`` lists audio content found in both sets: ``{"sha256", "perfs_a", "perfs_b"}``
-    (the perf ids may differ: the same recording imported twice under different names).
-    ``duplicates_a`` / ``duplicates_b`` list identical audio under several perf ids inside one
-    set. Tempo copies (``source_perf``) count as their source recording.
+    ``same_audio``: ``{"sha256", "perfs_a", "perfs_b"}`` of audio in both sets (perf ids may
+    differ); ``duplicates_a`` / ``_b``: ``{"sha256", "perfs"}`` of audio under several ids in one.
     """
 
     path_a: str
@@ -69,11 +55,10 @@ class DatasetOverlap:
             more = " ..." if len(names) > 10 else ""
             return f"{what}: {len(names)}" + (f" ({', '.join(names[:10])}{more})" if names else "")
 
-        lines = [
-            f"A: {self.path_a}: {self.n_perfs_a} perfs, {self.n_works_a} works",
-            f"B: {self.path_b}: {self.n_perfs_b} perfs, {self.n_works_b} works",
-            listed("shared works", self.shared_works), listed("shared perf ids", self.shared_perfs),
-        ]
+        lines = [f"A: {self.path_a}: {self.n_perfs_a} perfs, {self.n_works_a} works",
+                 f"B: {self.path_b}: {self.n_perfs_b} perfs, {self.n_works_b} works",
+                 listed("shared works", self.shared_works),
+                 listed("shared perf ids", self.shared_perfs)]
         if self.hashed:
             renamed = self.same_audio_different_ids
             lines.append(f"identical audio in both sets: {len(self.same_audio)} recording(s), "
@@ -94,15 +79,12 @@ class DatasetOverlap:
     __str__ = summary
 
 
-def _hash_recordings(
-    records: list[dict], manifest: Path, cache: dict[Path, str | None]
-) -> tuple[dict[str, list[str]], int]:
+def _hash_recordings(records: list[dict], manifest: Path,
+                     cache: dict[Path, str | None]) -> tuple[dict[str, list[str]], int]:
     """sha256 -> source perf ids of the recordings whose wav exists; and the missing count."""
     by_hash: dict[str, list[str]] = {}
-    wav_of: dict[str, str] = {}
-    for r in records:
-        if "wav" in r:
-            wav_of.setdefault(source_perf(r), r["wav"])
+    # the first record of each recording wins (later ones are overwritten first)
+    wav_of = {source_perf(r): r["wav"] for r in reversed(records) if "wav" in r}
     missing = 0
     for perf, wav in sorted(wav_of.items()):
         p = resolve_path(wav, manifest)
@@ -116,28 +98,17 @@ def _hash_recordings(
     return by_hash, missing
 
 
-def compare_datasets(
-    a_path: str | os.PathLike, b_path: str | os.PathLike, *, hash_audio: bool = True
-) -> DatasetOverlap:
-    """Overlap and leakage between two manifests (dataset.txt, full.txt, split files).
-
-    Compares works (by name), perf ids, and, with ``hash_audio`` (default), the SHA-256 of the
-    audio files named by ``wav`` (relative paths resolved as in
-    :func:`chlib.core.manifest.resolve_path`), which finds the same recording under two perf ids.
-    Returns a :class:`DatasetOverlap`; ``print()`` it for a report.
-    """
+def compare_datasets(a_path: str | os.PathLike, b_path: str | os.PathLike, *,
+                     hash_audio: bool = True) -> DatasetOverlap:
+    """Overlap and leakage between two manifests: works, perf ids and, with ``hash_audio``, the
+    SHA-256 of the ``wav`` files (the same recording under two ids). ``print()`` the result."""
     a_path, b_path = Path(a_path), Path(b_path)
-    a = read_manifest(a_path, required=("perf", "work"))
-    b = read_manifest(b_path, required=("perf", "work"))
+    a, b = (read_manifest(p, required=("perf", "work")) for p in (a_path, b_path))
     works_a, works_b = {r["work"] for r in a}, {r["work"] for r in b}
     perfs_a, perfs_b = {r["perf"] for r in a}, {r["perf"] for r in b}
-    out = DatasetOverlap(
-        path_a=str(a_path), path_b=str(b_path),
-        n_perfs_a=len(perfs_a), n_perfs_b=len(perfs_b),
-        n_works_a=len(works_a), n_works_b=len(works_b),
-        shared_works=sorted(works_a & works_b), shared_perfs=sorted(perfs_a & perfs_b),
-        hashed=hash_audio,
-    )
+    out = DatasetOverlap(str(a_path), str(b_path), len(perfs_a), len(perfs_b), len(works_a),
+                         len(works_b), shared_works=sorted(works_a & works_b),
+                         shared_perfs=sorted(perfs_a & perfs_b), hashed=hash_audio)
     if not hash_audio:
         return out
     cache: dict[Path, str | None] = {}
@@ -150,52 +121,30 @@ def compare_datasets(
     return out
 
 
-def works_histogram(
-    records: Sequence[dict] | str | os.PathLike,
-    *,
-    name: str = "Dataset",
-    ax: Axes | None = None,
-) -> Figure:
-    """Histogram of performances per work: x = recordings of a work, y = number of works.
+def works_histogram(records: Sequence[dict] | str | os.PathLike) -> pd.Series:
+    """Number of works (values) with each number of recordings (index, ascending).
 
-    ``records`` are manifest dicts with ``perf`` and ``work`` (or a manifest path). Tempo copies
-    count as their source recording. Draws on ``ax`` if given, else on a new Figure (not
-    registered with pyplot, so nothing is shown twice in a notebook). Saves nothing: use
-    :func:`save_figure`. Returns the Figure.
+    ``records``: manifest dicts with ``perf`` and ``work``, or a manifest path; tempo copies
+    count as their source recording. Drawing is :mod:`chlib.ui`'s business.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     if isinstance(records, (str, os.PathLike)):
         records = read_manifest(records, required=("perf", "work"))
     if not records:
-        raise ManifestError(f"works_histogram: {name!r} has no records to plot")
-    per_work: dict[str, set[str]] = {}
-    for r in records:
-        per_work.setdefault(r["work"], set()).add(source_perf(r))
-    counts = Counter(len(v) for v in per_work.values())
-    fig = ax.figure if ax is not None else Figure(figsize=(6, 3.5), layout="constrained")
-    ax = ax if ax is not None else fig.add_subplot()
-    xs = sorted(counts)
-    ax.bar(xs, [counts[x] for x in xs], width=0.8, color="tab:blue")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    n_recs = sum(len(v) for v in per_work.values())
-    ax.set_xlabel("performances (recordings) per work")
-    ax.set_ylabel("number of works")
-    ax.set_title(f"{name}: {len(per_work)} works, {n_recs} recordings")
-    return fig
+        raise ManifestError("works_histogram: no records to count")
+    recs = pd.DataFrame({"work": [r["work"] for r in records],
+                         "recording": [source_perf(r) for r in records]})
+    per_work = recs.groupby("work")["recording"].nunique()
+    counts = per_work.value_counts().sort_index()
+    counts.index.name, counts.name = "recordings per work", "works"
+    return counts
 
 
 def make_query_in_ref(
     query_path: str | os.PathLike, ref_path: str | os.PathLike, out_path: str | os.PathLike
 ) -> list[tuple[int, int]]:
-    """Write the query_in_ref file for a query list whose perfs also appear in the ref list.
-
-    Pairs ``[query_index, ref_index]`` (0-based positions in file order) for every perf present
-    in both files; evaluation excludes those cells from the ranking. Written as one line
-    ``{"query_in_ref": [[qi, ri], ...]}`` to ``out_path``. Returns the pairs.
-    """
+    """Write (and return) the ``query_in_ref`` pairs ``[query_index, ref_index]`` (0-based, file
+    order) of every perf in both lists, which evaluation excludes from the ranking (the
+    original crashed whenever a perf matched, fact sheet 13.4.5)."""
     query = read_manifest(query_path, required=("perf",))
     ref = read_manifest(ref_path, required=("perf",))
     ref_index = {r["perf"]: i for i, r in enumerate(ref)}

@@ -1,26 +1,14 @@
 """dataset.txt -> CQT features -> full.txt, work_id.map and splits: resumable and cached by key.
 
-:func:`extract_dataset` prepares one dataset folder::
+:func:`extract_dataset` reads ``dataset.txt`` ({perf, wav, dur_s, work, version?} per line)
+and the optional ``hparams.yaml`` (PrepConfig) of one folder and writes there
+``cqt_feat/<perf>.cqt.npy`` ([frames, bins] float32 dB, max 0) with its cache sidecar
+``.cqt.json``, full.txt (+ feat, feat_len, work_id), work_id.map (ids over sorted work names),
+features.json, the split files and extract_report.json (every skipped item with its reason).
 
-    datasets/<name>/hparams.yaml   PrepConfig (optional; defaults otherwise)
-    datasets/<name>/dataset.txt    input: {perf, wav, dur_s, work, version?} per line
-    -> cqt_feat/<perf>.cqt.npy     [frames, bins] float32 dB (max 0), one per item
-       cqt_feat/<perf>.cqt.json    cache sidecar: the key the array was computed with
-       full.txt                    dataset keys + feat, feat_len, work_id (+ source_perf, tempo)
-       work_id.map                 "<work_id> <work>", ids over sorted work names
-       features.json               the FeatureSettings of cqt_feat
-       train.txt val.txt test.txt test-only-work-ids.txt val-only-work-ids.txt
-       extract_report.json         counts, timings and every skipped item with its reason
-
-Steps (each a function below): read dataset.txt and expand each record over ``aug_speed_mode``
-(factor F != 1.0: perf ``sp_<F>-<perf>``, ``source_perf``, ``tempo`` = F, ``dur_s`` / F, stretched
-in memory); hash the audio and look each item up in the cache (key = audio SHA-256 + feature
-settings + tempo factor and backend; a re-run recomputes nothing, a changed setting or file
-recomputes what changed, a killed run resumes: array then sidecar are written atomically);
-decode in spawn workers (:mod:`chlib.core.parallel`: a crashing or hanging file fails alone) and
-CQT in batches here; write full.txt (``feat`` relative to the folder unless ``feat_paths=
-"absolute"``; ``feat_len`` from the array's shape, bug 13.1.6), work ids over sorted work names
-(13.1.3), splits and the report. Bad items are skipped with a reason. One run per folder.
+Cache key: audio SHA-256 + feature settings + tempo factor and backend, so a re-run recomputes
+only what changed and a killed run resumes. Decoding runs in spawn workers (a crashing or
+hanging file fails alone), the CQT in batches here. One run per folder.
 """
 
 from __future__ import annotations
@@ -53,8 +41,7 @@ from chlib.signal.audio import load_audio, peak_normalise
 from chlib.signal.cqt import compute_cqt_db_batch, min_samples
 from chlib.signal.tempo import resolve_backend, time_stretch
 
-__all__ = ["CACHE_VERSION", "ExtractReport", "extract_dataset", "tempo_perf_id", "expand_tempo",
-           "load_cached_feature"]
+__all__ = ["CACHE_VERSION", "ExtractReport", "extract_dataset", "expand_tempo"]
 
 #: Bumped whenever the decoding/CQT pipeline changes in a way that changes the arrays.
 CACHE_VERSION = 1
@@ -85,18 +72,15 @@ class ExtractReport:
         self.skipped.append({"perf": perf, "wav": wav, "reason": reason})
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "dataset_dir": str(self.dataset_dir),
-                "n_skipped": len(self.skipped),
+        return {**asdict(self), "dataset_dir": str(self.dataset_dir), "n_skipped": len(self.skipped),
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
                 "paths": {k: str(v) for k, v in self.paths.items()}}
 
     def summary(self, max_skipped: int = 20) -> str:
-        lines = [
-            f"extracted {self.dataset_dir}: {self.n_ok} of {self.n_items} items ok "
-            f"({self.n_computed} computed, {self.n_cached} from cache), "
-            f"{len(self.skipped)} skipped, from {self.n_records} recordings",
-            "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings_s.items()),
-        ]
+        lines = [f"extracted {self.dataset_dir}: {self.n_ok} of {self.n_items} items ok "
+                 f"({self.n_computed} computed, {self.n_cached} from cache), "
+                 f"{len(self.skipped)} skipped, from {self.n_records} recordings",
+                 "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings_s.items())]
         if self.split_sizes:
             lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in self.split_sizes.items()))
         lines += [f"  skipped {s.get('perf')}: {s['reason']}" for s in self.skipped[:max_skipped]]
@@ -106,10 +90,6 @@ class ExtractReport:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
     __str__ = summary
-
-
-# --------------------------------------------------------------------------------------------
-# items
 
 
 @dataclass
@@ -124,22 +104,14 @@ class _Item:
     sha256: str = ""
 
 
-def tempo_perf_id(perf: str, factor: float) -> str:
-    """The original's id of a tempo copy: ``sp_<factor>-<perf>`` (Python float formatting)."""
-    return f"sp_{factor}-{perf}"
-
-
 def _is_one(factor: float) -> bool:
     return abs(factor - 1.0) <= TEMPO_ONE_TOLERANCE
 
 
 def expand_tempo(record: dict, factors: Sequence[float]) -> list[tuple[dict, float]]:
-    """One ``(record, factor)`` per tempo factor, in the order of ``factors``.
-
-    Factor ~1.0 keeps the record as it is; another factor F gives a copy with perf
-    ``sp_<F>-<perf>``, ``source_perf`` = the original perf, ``tempo`` = F and
-    ``dur_s`` = round(dur_s / F, 2). Repeated factors are dropped.
-    """
+    """One ``(record, factor)`` per distinct tempo factor, in order: factor ~1.0 keeps the
+    record; F gives the original's copy ``sp_<F>-<perf>`` with ``source_perf``, ``tempo`` = F
+    and ``dur_s`` / F."""
     out: list[tuple[dict, float]] = []
     seen: set[str] = set()
     for f in map(float, factors):
@@ -147,7 +119,7 @@ def expand_tempo(record: dict, factors: Sequence[float]) -> list[tuple[dict, flo
         if _is_one(f):
             f = 1.0
         else:
-            rec.update(perf=tempo_perf_id(record["perf"], f), source_perf=record["perf"], tempo=f)
+            rec.update(perf=f"sp_{f}-{record['perf']}", source_perf=record["perf"], tempo=f)
             if isinstance(rec.get("dur_s"), (int, float)):
                 rec["dur_s"] = round(float(rec["dur_s"]) / f, 2)
         if rec["perf"] not in seen:
@@ -176,10 +148,8 @@ def _read_items(dataset_txt: Path, factors: Sequence[float], feat_dir: Path,
         report.skip(None, None, str(p))
     kept: dict[str, dict] = {}
     for r in sorted(records, key=lambda r: r["perf"]):
-        bad = _bad_perf_reason(r["perf"])
-        if r["perf"] in kept:
-            bad = (f"{dataset_txt}: duplicate perf {r['perf']!r}; the first line (in perf order) "
-                   "was kept")
+        bad = (f"{dataset_txt}: duplicate perf {r['perf']!r}; the first line (in perf order) was "
+               "kept" if r["perf"] in kept else _bad_perf_reason(r["perf"]))
         if bad:
             report.skip(r["perf"], r["wav"], bad)
         else:
@@ -200,29 +170,16 @@ def _read_items(dataset_txt: Path, factors: Sequence[float], feat_dir: Path,
     return items
 
 
-# --------------------------------------------------------------------------------------------
-# cache
-
-
 def _cache_key(sha256: str, settings: FeatureSettings, factor: float, backend: str) -> str:
-    return stable_hash({
-        "cache_version": CACHE_VERSION,
-        "audio_sha256": sha256,
-        "features": settings.key(),
-        "tempo": None if _is_one(factor) else round(factor, 6),
-        "tempo_backend": None if _is_one(factor) else backend,
-    }, n_chars=32)
-
-
-def load_cached_feature(npy: Path, meta: Path, key: str, n_bins: int) -> int | None:
-    """Frames of the cached array if its sidecar holds ``key`` and it opens as float32
-    [frames >= 1, n_bins] with the sidecar's shape, else None."""
-    found = _cache_lookup(npy, meta, key, n_bins)
-    return found if isinstance(found, int) else None
+    same = _is_one(factor)
+    return stable_hash({"cache_version": CACHE_VERSION, "audio_sha256": sha256,
+                        "features": settings.key(), "tempo": None if same else round(factor, 6),
+                        "tempo_backend": None if same else backend}, n_chars=32)
 
 
 def _cache_lookup(npy: Path, meta: Path, key: str, n_bins: int) -> int | str | None:
-    """Frames of a valid cached array, or the remembered reason a file failed, or None."""
+    """Frames of a valid cached array (float32, the sidecar's shape), or the remembered reason a
+    file failed, or None."""
     try:
         info = read_json(meta) if meta.is_file() else None
     except (OSError, ValueError):
@@ -240,14 +197,6 @@ def _cache_lookup(npy: Path, meta: Path, key: str, n_bins: int) -> int | str | N
     return int(arr.shape[0]) if ok else None
 
 
-def _stat_key(p: Path) -> tuple[str, int, int] | None:
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    return (str(p.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def _hash_memo_from_sidecars(metas: Sequence[Path]) -> dict[tuple[str, int, int], str]:
     """(path, size, mtime_ns) -> sha256 remembered in existing sidecars (saves re-hashing)."""
     memo: dict[tuple[str, int, int], str] = {}
@@ -262,9 +211,8 @@ def _hash_memo_from_sidecars(metas: Sequence[Path]) -> dict[tuple[str, int, int]
 
 def _remove_stale_temp_files(dataset_dir: Path, feat_dir: Path) -> int:
     """Delete temporary files (``.<name>.<random>.tmp``) that a killed run left behind."""
-    stale = [p for p in feat_dir.glob(".*.tmp") if ".cqt." in p.name]
-    stale += [p for p in dataset_dir.glob(".*.tmp")
-              if any(p.name.startswith(f".{n}.") for n in _OUTPUT_NAMES)]
+    stale = [*feat_dir.glob(".*.cqt.*.tmp"), *(p for p in dataset_dir.glob(".*.tmp") if any(
+        p.name.startswith(f".{n}.") for n in _OUTPUT_NAMES))]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -277,9 +225,10 @@ def _hash_audio(items: Sequence[_Item], report: ExtractReport,
     stats: dict[Path, tuple[str, int, int]] = {}
     for wav in progress_bar(sorted({it.wav for it in items}, key=str), desc="hashing audio",
                             unit="file", enabled=progress):
-        if wav.is_file() and (st := _stat_key(wav)) is not None:
-            stats[wav] = st
-            memo[st] = memo.get(st) or file_sha256(wav)
+        if wav.is_file():
+            st = wav.stat()
+            stats[wav] = key = (str(wav.resolve()), st.st_size, st.st_mtime_ns)
+            memo[key] = memo.get(key) or file_sha256(wav)
     ok = []
     for it in items:
         if it.wav not in stats:
@@ -315,10 +264,6 @@ def _plan(items: Sequence[_Item], settings: FeatureSettings, backend: str,
     return todo, frames, failed
 
 
-# --------------------------------------------------------------------------------------------
-# decoding (in worker processes) and CQT (here)
-
-
 @dataclass
 class _Failure:
     reason: str
@@ -327,10 +272,8 @@ class _Failure:
 
 def _decode_job(wav: str, factor: float, sample_rate: int, backend: str,
                 min_samples: int) -> tuple[np.ndarray | _Failure, float]:
-    """Decode, resample to mono ``sample_rate``, tempo-stretch and peak-normalise one file.
-
-    Returns ``(signal float32 [samples], seconds)`` or ``(_Failure(reason), seconds)``.
-    """
+    """``(signal float32 [samples] or _Failure, seconds)``: decode, resample to mono, stretch
+    and peak-normalise one file."""
     t0 = time.perf_counter()
     try:
         y = load_audio(wav, sample_rate=sample_rate)
@@ -344,43 +287,34 @@ def _decode_job(wav: str, factor: float, sample_rate: int, backend: str,
             raise AudioError(
                 f"{wav}: {what} is {y.shape[0] / sample_rate:.2f} s long; the CQT needs at least "
                 f"{min_samples / sample_rate:.2f} s ({min_samples} samples at {sample_rate} Hz)")
-        return np.asarray(peak_normalise(y), dtype=np.float32), time.perf_counter() - t0
-    except AudioError as e:  # the file itself is bad: remembered until it changes
-        failure = _Failure(str(e), True)
-    except ConfigError as e:  # e.g. a tempo backend problem: retried next run
-        failure = _Failure(f"{wav}: {e}")
-    except ChlibError as e:
-        failure = _Failure(f"{wav}: {e}", True)
+        return peak_normalise(y), time.perf_counter() - t0
+    except ChlibError as e:  # remembered until the file changes, but a ConfigError (e.g. a
+        # tempo backend problem) is retried next run
+        failure = _Failure(str(e) if isinstance(e, AudioError) else f"{wav}: {e}",
+                           not isinstance(e, ConfigError))
     except Exception as e:  # decoder libraries raise anything; the batch must go on
         failure = _Failure(f"{wav}: {type(e).__name__}: {e}")
     return failure, time.perf_counter() - t0
 
 
-def _decode_all(
-    items: Sequence[_Item], *, num_workers: int, timeout_s: float, sample_rate: int,
-    backend: str, min_samples: int, job: Callable | None = None,
-) -> Iterator[tuple[_Item, np.ndarray | _Failure, float]]:
-    """Yield ``(item, signal or failure, seconds)`` for every item, in completion order.
-
-    ``num_workers == 0`` decodes here (no timeout); otherwise :func:`chlib.core.parallel.run_jobs`
-    isolates a file whose worker crashes or runs past ``timeout_s``. ``job`` (module-level,
-    default :func:`_decode_job`) is replaceable for tests.
-    """
+def _decode_all(items: Sequence[_Item], *, num_workers: int, timeout_s: float, sample_rate: int,
+                backend: str, min_samples: int, job: Callable | None = None,
+                ) -> Iterator[tuple[_Item, np.ndarray | _Failure, float]]:
+    """Yield ``(item, signal or failure, seconds)`` for every item, in completion order
+    (``num_workers == 0``: here, no timeout; ``job`` is replaceable for tests)."""
     jobs = [(str(it.wav), it.factor, sample_rate, backend, min_samples) for it in items]
+    why = {"timeout": f"decoding took longer than {timeout_s:.0f} s (per-file limit); the file "
+                      "may be damaged or very long",
+           "crash": "the decoder crashed (worker process died); the file is probably corrupt"}
     try:
         for i, out in run_jobs(job or _decode_job, jobs, num_workers=num_workers,
                                timeout_s=timeout_s):
             it = items[i]
             if not isinstance(out, JobFailure):
                 yield it, *out
-            elif out.kind == "timeout":
-                yield it, _Failure(f"{it.wav}: decoding took longer than {timeout_s:.0f} s (per-"
-                                   "file limit); the file may be damaged or very long"), timeout_s
-            elif out.kind == "crash":
-                yield it, _Failure(f"{it.wav}: the decoder crashed (worker process died); the "
-                                   "file is probably corrupt"), 0.0
             else:
-                yield it, _Failure(f"{it.wav}: {out.message}"), 0.0
+                yield (it, _Failure(f"{it.wav}: {why.get(out.kind, out.message)}"),
+                       timeout_s if out.kind == "timeout" else 0.0)
     except WorkerStartError as e:
         raise FeatureError(f"the decoding {e}; or pass num_workers=0 to decode in this "
                            "process") from None
@@ -395,18 +329,6 @@ def _cqt_batch(signals: list[np.ndarray], settings: FeatureSettings, device,
         if len(signals) == 1:
             return [f"CQT failed: {type(e).__name__}: {e}"]
     return [f for y in signals for f in _cqt_batch([y], settings, device, batch_size)]
-
-
-def _check_feature(feat: np.ndarray, n_bins: int) -> str | None:
-    if feat.ndim != 2 or feat.shape[1] != n_bins or feat.shape[0] < 1:
-        return f"CQT has shape {feat.shape}, expected [frames >= 1, {n_bins}]"
-    if not np.isfinite(feat).all():
-        return "CQT contains NaN or inf"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# step 3: decode + CQT + write
 
 
 @dataclass
@@ -448,13 +370,10 @@ class _Writer:
         feats = _cqt_batch([y for _, y in self.batch], self.settings, self.device, self.batch_size)
         t1 = time.perf_counter()
         for (it, _), feat in zip(self.batch, feats, strict=True):
-            if not isinstance(feat, str):
-                feat = np.ascontiguousarray(feat, dtype=np.float32)
-            bad = feat if isinstance(feat, str) else _check_feature(feat, self.settings.n_bins)
-            if bad:
-                self.failed[it.index] = f"{it.wav}: {bad}"
+            if isinstance(feat, str):
+                self.failed[it.index] = f"{it.wav}: {feat}"
                 continue
-            atomic_save_npy(it.npy, feat)
+            atomic_save_npy(it.npy, np.ascontiguousarray(feat, dtype=np.float32))
             self._sidecar(it, shape=list(feat.shape), dtype="float32", wav=str(it.wav),
                           tempo=it.factor, tempo_backend=None if _is_one(it.factor)
                           else self.backend, features=self.settings.key())
@@ -464,28 +383,20 @@ class _Writer:
         n, self.batch = len(self.batch), []
         return n
 
-
-def _compute(todo: Sequence[_Item], writer: _Writer, *, num_workers: int, timeout_s: float,
-             progress: bool) -> None:
-    """Decode ``todo`` in the pool, CQT in batches, write arrays; outcomes go to ``writer``."""
-    settings = writer.settings
-    bar = progress_bar(total=len(todo), desc="extracting CQT", unit="item",
-                       enabled=progress and bool(todo))
-    try:
-        for it, res, sec in _decode_all(
-            todo, num_workers=num_workers, timeout_s=timeout_s,
-            sample_rate=settings.sample_rate, backend=writer.backend,
-            min_samples=min_samples(settings),
-        ):
-            writer.timings["decode_workers_sum"] += sec
-            bar.update(writer.fail(it, res) if isinstance(res, _Failure) else writer.add(it, res))
-        bar.update(writer.flush())
-    finally:
-        bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# step 4: full.txt, work ids, features.json, splits, report
+    def run(self, todo: Sequence[_Item], *, num_workers: int, timeout_s: float,
+            progress: bool) -> None:
+        """Decode ``todo`` in the pool, CQT in batches, write arrays and sidecars."""
+        bar = progress_bar(total=len(todo), desc="extracting CQT", unit="item",
+                           enabled=progress and bool(todo))
+        try:
+            for it, res, sec in _decode_all(
+                    todo, num_workers=num_workers, timeout_s=timeout_s, backend=self.backend,
+                    sample_rate=self.settings.sample_rate, min_samples=min_samples(self.settings)):
+                self.timings["decode_workers_sum"] += sec
+                bar.update(self.fail(it, res) if isinstance(res, _Failure) else self.add(it, res))
+            bar.update(self.flush())
+        finally:
+            bar.close()
 
 
 def _write_outputs(dataset_dir: Path, items: Sequence[_Item], frames: dict[int, int],
@@ -507,43 +418,25 @@ def _write_outputs(dataset_dir: Path, items: Sequence[_Item], frames: dict[int, 
     write_manifest(paths["full"], full)
     write_work_id_map(paths["work_id_map"], work_ids)
     write_json(paths["features"], config.features.key())
-    splits = split_by_work(
-        full, val_data_split=config.val_data_split, val_unseen=config.val_unseen,
-        test_data_split=config.test_data_split, test_data_unseen=config.test_data_unseen,
-        seed=config.seed,
-    )
+    splits = split_by_work(full, val_data_split=config.val_data_split,
+                           val_unseen=config.val_unseen, test_data_split=config.test_data_split,
+                           test_data_unseen=config.test_data_unseen, seed=config.seed)
     paths.update(write_splits(dataset_dir, splits))
-    report.split_sizes = {"train": len(splits.train), "val": len(splits.val),
-                          "test": len(splits.test)}
+    report.split_sizes = {k: len(getattr(splits, k)) for k in ("train", "val", "test")}
     report.notes += splits.notes
 
 
-def extract_dataset(
-    dataset_dir: str | os.PathLike,
-    *,
-    config: PrepConfig | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    num_workers: int | None = None,
-    file_timeout_s: float = 300.0,
-    feat_paths: str = "relative",
-) -> ExtractReport:
+def extract_dataset(dataset_dir: str | os.PathLike, *, config: PrepConfig | None = None,
+                    device: str | None = None, progress: bool = True,
+                    num_workers: int | None = None, file_timeout_s: float = 300.0,
+                    feat_paths: str = "relative") -> ExtractReport:
     """Extract CQT features for ``dataset_dir/dataset.txt`` and write full.txt, maps and splits.
 
-    Parameters
-    ----------
-    dataset_dir : folder holding ``dataset.txt`` (and optionally ``hparams.yaml``).
-    config : data-prep settings; default: ``dataset_dir/hparams.yaml`` (or the defaults).
-    device : device for the CQT (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``); default: the
-        config's ``device``.
-    progress : show progress bars.
-    num_workers : decoding processes (0 = decode in this process); default: the config's.
-    file_timeout_s : seconds one file may take to decode and stretch before it is skipped.
-    feat_paths : ``"relative"`` (``cqt_feat/<perf>.cqt.npy``) or ``"absolute"``.
-
-    Returns the :class:`ExtractReport` (also written to ``extract_report.json``). Raises
-    ManifestError if dataset.txt is missing, FeatureError if no item could be extracted (after
-    writing the report).
+    ``config`` defaults to ``dataset_dir/hparams.yaml``; ``device`` and ``num_workers``
+    (decoding processes, 0 = here) to the config's; ``file_timeout_s``: per file to decode and
+    stretch; ``feat_paths``: ``"relative"`` or ``"absolute"``. Returns the report (also in
+    ``extract_report.json``); ManifestError without dataset.txt, FeatureError (after writing the
+    report) if no item could be extracted.
     """
     t_start = time.perf_counter()
     dataset_dir = Path(dataset_dir)
@@ -574,8 +467,8 @@ def extract_dataset(
     timings.update(decode_workers_sum=0.0, cqt=0.0, save=0.0)
     writer = _Writer(config.features, pick_device(device if device is not None else config.device),
                      config.batch_size, backend, stats, frames, failed, timings)
-    _compute(todo, writer, num_workers=config.num_workers if num_workers is None else num_workers,
-             timeout_s=file_timeout_s, progress=progress)
+    writer.run(todo, num_workers=config.num_workers if num_workers is None else num_workers,
+               timeout_s=file_timeout_s, progress=progress)
     report.n_computed = len(frames) - report.n_cached
     timings["extract_wall"] = time.perf_counter() - t0
     _write_outputs(dataset_dir, items, frames, failed, config, feat_paths, report)

@@ -1,9 +1,6 @@
-"""Feature arrays on disk: the one loader of ``cqt_feat/<perf>.cqt.npy`` and the model-input window.
-
-Every layer that reads features (training chunks, window embeddings, the index, the explorer)
-goes through :func:`load_feature`, and every model input is cut by :func:`prepare_window`, so
-training and retrieval see the same frames.
-"""
+"""Feature arrays on disk: the one loader of ``cqt_feat/<perf>.cqt.npy`` (:func:`load_feature`)
+and the one model-input window (:func:`prepare_window`), so training and retrieval see the same
+frames."""
 
 from __future__ import annotations
 
@@ -18,54 +15,32 @@ from chlib.signal.specaug import PAD_DB
 
 __all__ = ["PAD_DB", "load_feature", "prepare_window", "feature_path"]
 
+
 def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -> Path:
-    """Path of a record's ``feat`` file (as given, i.e. relative to the current directory as in
-    the original, else relative to the manifest's folder)."""
+    """Path of a record's ``feat`` file (as given, else relative to the manifest's folder)."""
     if "feat" not in record:
         raise FeatureError(f"record {record.get('perf', record)!r} has no 'feat' key (use full.txt)")
     return resolve_path(record["feat"], manifest_path)
 
 
 def prepare_window(feat: np.ndarray, start: int, window: int, mean_size: int) -> np.ndarray:
-    """One model input: rows ``[start, start + window)`` of ``feat``, padded, frame-averaged.
-
-    Parameters
-    ----------
-    feat : array [frames, bins]
-        CQT in dB (a memory-mapped array is fine: only the window's rows are read).
-    start : int >= 0
-        First raw frame.
-    window : int >= mean_size
-        Raw frames in the window; rows past the end of ``feat`` are filled with -100 dB.
-    mean_size : int >= 1
-        Average each group of ``mean_size`` consecutive frames (leftover frames dropped).
-
-    Returns
-    -------
-    float32 array [window // mean_size, bins]
-    """
+    """One model input, float32 ``[window // mean_size, bins]``: rows ``[start, start + window)``
+    of ``feat`` (only those are read from a memory map), padded with -100 dB past the end, each
+    ``mean_size`` consecutive frames averaged (leftover frames dropped)."""
     if feat.ndim != 2:
         raise FeatureError(f"features must be [frames, bins], got shape {feat.shape}")
-    if mean_size < 1 or window < mean_size:
-        raise ConfigError(f"need window >= mean_size >= 1, got window {window}, mean_size {mean_size}")
-    if start < 0:
-        raise ConfigError(f"window start must be >= 0, got {start}")
-    n_bins = feat.shape[1]
+    if mean_size < 1 or window < mean_size or start < 0:
+        raise ConfigError(f"need window >= mean_size >= 1 and start >= 0, got window {window}, "
+                          f"mean_size {mean_size}, start {start}")
     rows = np.asarray(feat[start:start + window], dtype=np.float32)
-    if rows.shape[0] < window:
-        pad = np.full((window - rows.shape[0], n_bins), PAD_DB, dtype=np.float32)
-        rows = np.concatenate([rows, pad], axis=0)
+    rows = np.pad(rows, ((0, window - len(rows)), (0, 0)), constant_values=PAD_DB)
     n_out = window // mean_size
-    rows = rows[: n_out * mean_size].reshape(n_out, mean_size, n_bins)
-    return rows.mean(axis=1, dtype=np.float32)
+    return rows[: n_out * mean_size].reshape(n_out, mean_size, -1).mean(axis=1, dtype=np.float32)
 
 
 def load_feature(source: np.ndarray | str | os.PathLike) -> np.ndarray:
-    """A [frames, bins] feature array: arrays pass through, paths are memory-mapped read-only.
-
-    Raises FeatureError naming the file when it is missing, not a plain ``.npy`` (pickles are
-    refused), not 2-D or empty.
-    """
+    """A [frames, bins] feature array: arrays pass through, paths are memory-mapped read-only
+    (FeatureError when missing, not a plain ``.npy`` (no pickles), not 2-D or empty)."""
     if isinstance(source, np.ndarray):
         arr, name = source, "feature array"
     else:

@@ -1,13 +1,8 @@
 """Batch samplers: m recordings of each of batch_size/m works per training batch.
 
 :class:`MPerClassBatchSampler` replaces the original's MPerClassSampler (coverhunter-facts 4.3,
-bug 13.2.3). One epoch: the works are shuffled and cut into groups of ``k = batch_size // m``;
-one batch per group, so every work is in exactly one batch (a short last group is completed
-with other works drawn at random, repeating works only when the set has fewer than k). Each
-work gives m recordings, without replacement when it has m, else all plus random repeats: a
-batch always holds ``batch_size`` real items. Each item carries its own 63-bit seed for its crop
-and augmentation (independent of DataLoader workers). Everything is a pure function of ``(seed,
-stream, epoch)``; resuming mid-epoch only needs ``start_batch``.
+bug 13.2.3): every work is in exactly one batch per epoch, every batch holds ``batch_size`` real
+items, each with its own 63-bit seed; a pure function of ``(seed, stream, epoch)``.
 """
 
 from __future__ import annotations
@@ -30,16 +25,8 @@ def item_rng(seed: int, *keys: int) -> np.random.Generator:
 class MPerClassBatchSampler:
     """Yield batches of ``(item_index, item_seed)``: ``batch_size // m`` works x ``m`` items.
 
-    Args:
-        labels: the work id of every item of the dataset, in dataset order.
-        m: recordings per work in a batch (``m_per_class``).
-        batch_size: items per batch; a multiple of m.
-        seed: the run seed.
-        stream: a number that keeps several samplers of one run independent (the trainer uses
-            the index of the chunk length).
-
-    Use :meth:`set_epoch` before iterating; ``len()`` is the number of batches left in that epoch.
-    Pass it to ``DataLoader(batch_sampler=...)``.
+    ``labels``: work id per dataset item; ``stream`` keeps several samplers of one run
+    independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left.
     """
 
     def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0):
@@ -56,13 +43,10 @@ class MPerClassBatchSampler:
         for i, lab in enumerate(labels):
             by_work.setdefault(int(lab), []).append(i)
         self.works = sorted(by_work)  # fixed order before shuffling: reproducible
+        self.n_works = len(self.works)
         self.items = [np.asarray(by_work[w], dtype=np.int64) for w in self.works]
         self.epoch = 0
         self.start_batch = 0
-
-    @property
-    def n_works(self) -> int:
-        return len(self.works)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -77,7 +61,8 @@ class MPerClassBatchSampler:
         self.start_batch = int(start_batch)
 
     def _work_groups(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """Positions (into self.works) of the k works of each batch of one epoch."""
+        """Positions (into self.works) of the k works of each batch of one epoch: shuffled, a
+        short last group completed with other works (repeats only when there are too few)."""
         order = rng.permutation(self.n_works)
         groups = []
         for b in range(self.batches_per_epoch):
@@ -94,6 +79,7 @@ class MPerClassBatchSampler:
         return groups
 
     def _draw_items(self, pos: int, rng: np.random.Generator) -> np.ndarray:
+        """m items of a work: without replacement if it has m, else all plus random repeats."""
         items = self.items[pos]
         if len(items) >= self.m:
             return rng.choice(items, size=self.m, replace=False)
@@ -124,19 +110,14 @@ class MPerClassBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "stream", "m", "batch_size"):
             if int(state[key]) != getattr(self, key):
-                raise ConfigError(
-                    f"sampler state was saved with {key}={state[key]}, this run has "
-                    f"{getattr(self, key)}; resume with the same settings or start a new run"
-                )
+                raise ConfigError(f"sampler state was saved with {key}={state[key]}, this run has "
+                                  f"{getattr(self, key)}; resume with the same settings or anew")
         self.set_epoch(int(state["epoch"]), int(state["start_batch"]))
 
 
 def grouped_batches(labels: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Deterministic evaluation batches: every item once, items sorted by work (stable).
-
-    Grouping by work puts several recordings of a work in one batch where possible, so batch
-    losses that need positives (triplet) are meaningful on validation data too.
-    """
+    """Evaluation batches: every item once, sorted by work (stable), so that batch losses that
+    need positives (triplet) are meaningful on validation data too."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(labels)), key=lambda i: (int(labels[i]), i))

@@ -1,13 +1,8 @@
 """Train / val / test splits and k folds, by work and by original recording, reproducibly.
 
-Unlike the original (splits over full.txt lines with unseeded ``random``: tempo copies of one
-recording leaked across splits, 13.1.1, and nothing was reproducible, 13.1.2), every record sits
-with its recording (``source_perf``, else ``perf``) in one split or fold, and everything is drawn
-from a ``numpy.random.Generator`` seeded by ``seed`` (independent of the records' file order).
-``test_data_unseen`` / ``val_unseen`` hold out that fraction of *all* works (at least one when
-> 0, never every work). ``val_data_split`` / ``test_data_split`` give about that fraction of the
-seen recordings to val / test: per work ``n x fraction`` rounded down, the leftover to the works
-with the largest remainders (random ties). One recording of every seen work stays in train.
+Unlike the original (unseeded splits of full.txt lines that leaked tempo copies across splits,
+13.1.1-2), every record sits with its recording (``source_perf``, else ``perf``) in one split or
+fold, drawn from a ``numpy.random.Generator`` seeded by ``seed``.
 """
 
 from __future__ import annotations
@@ -30,8 +25,7 @@ from chlib.core.manifest import (
     write_manifest,
 )
 
-__all__ = ["Splits", "split_by_work", "write_splits", "read_split", "kfold_groups",
-           "group_recordings"]
+__all__ = ["Splits", "split_by_work", "write_splits", "read_split", "kfold_groups"]
 
 
 @dataclass
@@ -46,27 +40,19 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # adjustments made (e.g. fewer unseen works)
 
     def summary(self) -> str:
-        def works(recs: list[dict]) -> int:
-            return len({r["work"] for r in recs})
-
-        lines = [
-            f"train: {len(self.train)} records, {works(self.train)} works",
-            f"val:   {len(self.val)} records, {works(self.val)} works "
-            f"({len(self.val_only_work_ids)} val-only)",
-            f"test:  {len(self.test)} records, {works(self.test)} works "
-            f"({len(self.test_only_work_ids)} test-only)",
-        ]
+        held = {"val": f" ({len(self.val_only_work_ids)} val-only)",
+                "test": f" ({len(self.test_only_work_ids)} test-only)"}
+        lines = [f"{name + ':':6} {len(recs)} records, {len({r['work'] for r in recs})} works"
+                 f"{held.get(name, '')}"
+                 for name, recs in (("train", self.train), ("val", self.val), ("test", self.test))]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
     __str__ = summary
 
 
-def group_recordings(records: Sequence[dict]) -> dict[str, list[int]]:
-    """Map each original recording (``source_perf`` or ``perf``) to the indices of its records.
-
-    Raises :class:`ManifestError` if a record lacks ``perf``/``work`` or if the copies of one
-    recording claim different works.
-    """
+def _group_recordings(records: Sequence[dict]) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """``(recording -> indices of its records, work -> its sorted recordings)``; a recording is
+    ``source_perf`` or ``perf``."""
     groups: dict[str, list[int]] = {}
     work_of: dict[str, str] = {}
     for i, rec in enumerate(records):
@@ -74,13 +60,14 @@ def group_recordings(records: Sequence[dict]) -> dict[str, list[int]]:
             raise ManifestError(f"record {i} ({rec.get('perf', '?')!r}) has no 'perf' or 'work'")
         src = source_perf(rec)
         if src in work_of and work_of[src] != rec["work"]:
-            raise ManifestError(
-                f"records of recording {src!r} name two works ({work_of[src]!r} and "
-                f"{rec['work']!r}); a tempo copy must keep its source's work"
-            )
+            raise ManifestError(f"records of recording {src!r} name two works ({work_of[src]!r} "
+                                f"and {rec['work']!r}); a tempo copy must keep its source's work")
         work_of[src] = rec["work"]
         groups.setdefault(src, []).append(i)
-    return groups
+    work_recs: dict[str, list[str]] = {}
+    for src in sorted(groups):
+        work_recs.setdefault(work_of[src], []).append(src)
+    return groups, work_recs
 
 
 def _work_ids(records: Sequence[dict]) -> dict[str, int]:
@@ -89,21 +76,16 @@ def _work_ids(records: Sequence[dict]) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in records:
             if out.setdefault(r["work"], int(r["work_id"])) != int(r["work_id"]):
-                raise ManifestError(
-                    f"work {r['work']!r} has two work_ids ({out[r['work']]} and {r['work_id']})"
-                )
+                raise ManifestError(f"work {r['work']!r} has two work_ids ({out[r['work']]} "
+                                    f"and {r['work_id']})")
         return out
     return assign_work_ids(r["work"] for r in records)
 
 
-def _largest_remainder(
-    sizes: list[int], capacity: list[int], fraction: float, rng: np.random.Generator
-) -> list[int]:
-    """Per-work counts summing to about ``fraction`` x sum(sizes), each <= its capacity.
-
-    Floor of each work's quota first; the remaining count goes, one each, to the works with the
-    largest fractional remainders (random order among equal remainders).
-    """
+def _largest_remainder(sizes: list[int], capacity: list[int], fraction: float,
+                       rng: np.random.Generator) -> list[int]:
+    """Per-work counts summing to about ``fraction`` x sum(sizes), each <= its capacity: floors
+    first, the rest one each to the largest remainders (random ties)."""
     if fraction <= 0 or not sizes:
         return [0] * len(sizes)
     quotas = [n * fraction for n in sizes]
@@ -113,22 +95,9 @@ def _largest_remainder(
         return counts
     tie = rng.random(len(sizes))
     order = sorted(range(len(sizes)), key=lambda j: (-(quotas[j] - math.floor(quotas[j])), tie[j]))
-    for j in order:
-        if missing == 0:
-            break
-        if counts[j] < capacity[j]:
-            counts[j] += 1
-            missing -= 1
+    for j in [j for j in order if counts[j] < capacity[j]][:missing]:
+        counts[j] += 1
     return counts
-
-
-def _recordings_by_work(records: Sequence[dict], groups: dict[str, list[int]]
-                        ) -> dict[str, list[str]]:
-    """work -> its original recordings (sorted source perf ids)."""
-    work_recs: dict[str, list[str]] = {}
-    for src in sorted(groups):
-        work_recs.setdefault(records[groups[src][0]]["work"], []).append(src)
-    return work_recs
 
 
 def _hold_out(works: list[str], n_works: int, fraction: float, what: str,
@@ -143,31 +112,15 @@ def _hold_out(works: list[str], n_works: int, fraction: float, what: str,
     return sorted(rng.choice(works, size=n, replace=False).tolist()) if n else []
 
 
-def split_by_work(
-    records: Sequence[dict],
-    *,
-    val_data_split: float = 0.0,
-    val_unseen: float = 0.0,
-    test_data_split: float = 0.0,
-    test_data_unseen: float = 0.0,
-    seed: int = 1234,
-) -> Splits:
-    """Split full.txt records into train / val / test by work and by original recording.
+def split_by_work(records: Sequence[dict], *, val_data_split: float = 0.0,
+                  val_unseen: float = 0.0, test_data_split: float = 0.0,
+                  test_data_unseen: float = 0.0, seed: int = 1234) -> Splits:
+    """Split full.txt records (``perf``, ``work``, optional ``work_id``) into train / val / test.
 
-    Parameters
-    ----------
-    records : full.txt-style dicts with ``perf`` and ``work`` (``work_id`` if present is used
-        for the held-out id lists; otherwise ids come from sorted work names). Tempo copies are
-        recognised by ``source_perf``.
-    val_data_split, test_data_split : fraction in [0, 1) of the seen works' *recordings* for
-        val and test (overall, see the module docstring for the per-work rule).
-    val_unseen, test_data_unseen : fraction in [0, 1) of all works held out entirely for
-        val / test (at least 1 work when > 0; at least one work always stays in train).
-    seed : seeds a ``numpy.random.Generator``; same records + same seed -> same splits.
-
-    Returns
-    -------
-    :class:`Splits`, each list in the input's record order.
+    ``test_data_unseen`` / ``val_unseen``: fraction of *all* works held out (at least one when
+    > 0, never every work). ``val_data_split`` / ``test_data_split``: about that fraction of the
+    seen recordings (per work rounded down, the rest by largest remainder); one recording of
+    every seen work stays in train. Each list keeps the input's record order.
     """
     for name, v in (("val_data_split", val_data_split), ("val_unseen", val_unseen),
                     ("test_data_split", test_data_split), ("test_data_unseen", test_data_unseen)):
@@ -177,9 +130,8 @@ def split_by_work(
         raise ConfigError("split: val_data_split + test_data_split must be < 1")
 
     rng = np.random.default_rng(seed)
-    groups = group_recordings(records)
+    groups, work_recs = _group_recordings(records)
     ids = _work_ids(records)
-    work_recs = _recordings_by_work(records, groups)
     works = sorted(work_recs)
     notes: list[str] = []
     test_only = _hold_out(works, len(works), test_data_unseen, "test_data_unseen", rng, notes)
@@ -201,39 +153,33 @@ def split_by_work(
             where[src] = "val" if k < nv else "test" if k < nv + nt else "train"
 
     split_of = {i: where[src] for src, idxs in groups.items() for i in idxs}
-    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for i, rec in enumerate(records):
-        out[split_of[i]].append(rec)
+    out = {name: [r for i, r in enumerate(records) if split_of[i] == name]
+           for name in ("train", "val", "test")}
     return Splits(train=out["train"], val=out["val"], test=out["test"],
                   test_only_work_ids=sorted(ids[w] for w in test_only),
                   val_only_work_ids=sorted(ids[w] for w in val_only), notes=notes)
 
 
 def write_splits(dataset_dir: str | os.PathLike, splits: Splits) -> dict[str, Path]:
-    """Write train.txt, val.txt, test.txt, test-only-work-ids.txt and val-only-work-ids.txt.
-
-    Every file is written, even when empty (so no stale file from an earlier run survives).
-    The id files hold one bare integer work_id per line. Returns name -> path.
-    """
+    """Write train, val, test and the {test,val}-only-work-ids ``.txt`` files (one bare work_id
+    a line), even when empty, so no stale file survives. Returns name -> path."""
     d = Path(dataset_dir)
     paths = {name: d / f"{name}.txt" for name in ("train", "val", "test")}
     for name, p in paths.items():
         write_manifest(p, getattr(splits, name))
     for name, ids in (("test-only-work-ids", splits.test_only_work_ids),
                       ("val-only-work-ids", splits.val_only_work_ids)):
-        p = d / f"{name}.txt"
-        atomic_write_text(p, "".join(f"{int(i)}\n" for i in ids))
-        paths[name] = p
+        paths[name] = d / f"{name}.txt"
+        atomic_write_text(paths[name], "".join(f"{int(i)}\n" for i in ids))
     return paths
 
 
 def read_split(path_or_dataset_dir: str | os.PathLike, split: str | None = None, *,
                required: Sequence[str] = ("perf", "work")) -> list[dict]:
-    """Records of a split file with absolute ``wav`` / ``feat`` paths (resolved like chlib does).
+    """Records of a split file with absolute ``wav`` / ``feat`` paths.
 
-    ``read_split(dataset_dir, "test")`` reads ``dataset_dir/test.txt`` (train, val, test, full)
-    and gives [] when that file is absent; ``read_split(manifest_path)`` reads that manifest and
-    raises ManifestError when it is absent. ``required``: keys every line must have.
+    ``read_split(dataset_dir, "test")``: ``dataset_dir/test.txt``, [] when absent;
+    ``read_split(manifest_path)``: that file, ManifestError when absent.
     """
     path = Path(path_or_dataset_dir)
     if split is not None:
@@ -242,35 +188,24 @@ def read_split(path_or_dataset_dir: str | os.PathLike, split: str | None = None,
             return []
     elif not path.is_file():
         raise ManifestError(f"{path}: split file not found; check the path or run the split step")
-    out = []
-    for rec in read_manifest(path, required=tuple(required)):
-        for k in ("wav", "feat"):
-            if rec.get(k):
-                rec[k] = str(resolve_path(rec[k], path).resolve())
-        out.append(rec)
-    return out
+    records = read_manifest(path, required=tuple(required))
+    for rec in records:
+        rec.update({k: str(resolve_path(rec[k], path).resolve()) for k in ("wav", "feat")
+                    if rec.get(k)})
+    return records
 
 
 def kfold_groups(records: Sequence[dict], k: int, seed: int = 1234) -> list[list[int]]:
-    """K folds of record indices, stratified by work and grouped by original recording.
-
-    Each work's recordings are shuffled and dealt round-robin over the folds, continuing from
-    where the previous work stopped, so every fold gets about 1/k of each work (for works with
-    at least k recordings) and about 1/k of all recordings. All records of one recording (its
-    tempo copies) are in the same fold. Fold ``i`` is the validation part of round ``i``; its
-    training part is every other index.
-
-    Returns ``k`` sorted lists of indices into ``records`` (together a partition).
-    """
+    """``k`` sorted lists of record indices (a partition), stratified by work and grouped by
+    recording: each work's shuffled recordings are dealt round-robin over the folds, continuing
+    where the previous work stopped."""
     if not isinstance(k, int) or k < 2:
         raise ConfigError(f"kfold: k must be an integer >= 2, got {k!r}")
-    groups = group_recordings(records)
-    work_recs = _recordings_by_work(records, groups)
+    groups, work_recs = _group_recordings(records)
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     pointer = int(rng.integers(k))
-    for w in sorted(work_recs):
-        recs = work_recs[w]
+    for _, recs in sorted(work_recs.items()):
         for j in rng.permutation(len(recs)):
             folds[pointer % k].extend(groups[recs[j]])
             pointer += 1

@@ -1,9 +1,6 @@
-"""The offline demo dataset: folk tunes from music21 rendered as synthetic performances.
-
-:mod:`~chlib.demo.tunes` (the works), :mod:`~chlib.demo.perform` (how versions differ),
-:mod:`~chlib.demo.synth` (the synthesiser) and :mod:`~chlib.demo.generate` (the dataset).
-Units: pitches MIDI, note times in beats (quarter notes), tempi in bpm, audio times in seconds.
-"""
+"""The offline demo dataset: folk tunes from music21 (``tunes``) rendered as synthetic
+performances (``perform``: how versions differ, ``synth``) into a dataset (``generate``).
+Units: pitches MIDI, note times in beats (quarter notes), tempi in bpm, audio times in seconds."""
 
 from chlib.demo.generate import DEMO_PREP_CONFIG, make_demo_dataset
 from chlib.demo.perform import (

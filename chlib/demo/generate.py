@@ -1,9 +1,5 @@
-"""The demo dataset on disk: :func:`make_demo_dataset` and its render loop. Building blocks::
-
-    tunes = demo_tunes(3, seed=0)                          # list[Tune]
-    params = draw_performance_params(tunes[0], 4, seed=0)  # list[DemoPerformanceParams]
-    y = render_performance(tunes[0], params[0], 16000)     # float32 [samples], peak <= 0.9
-"""
+"""The demo dataset on disk: :func:`make_demo_dataset` (demo_tunes -> draw_performance_params
+-> render_performance per file) and its resumable render loop."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import os
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from chlib.core.io import (
     append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
+    file_sha256,
     read_jsonl,
     stable_hash,
 )
@@ -42,14 +40,19 @@ _RENDER_VERSION = 1  # bump when the synthesiser changes (re-renders files via t
 _AUDIO_FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
 
 DEMO_PREP_CONFIG: dict[str, Any] = {
-    # No tempo augmentation: the versions already span +-25 % of each work's base tempo, and
-    # three factors would triple extraction time and disk. Set [0.9, 1.0, 1.1] to try it.
     "aug_speed_mode": [1.0],
-    # 40 works x 6 versions: 4 works test-only and 2 val-only (unseen works), and one version
-    # of every other work in val and one in test (seen works).
     "val_data_split": 0.1, "val_unseen": 0.05, "test_data_split": 0.1, "test_data_unseen": 0.1,
 }
-"""Data-prep settings written to the demo's ``hparams.yaml`` (merged over PrepConfig defaults)."""
+"""Data-prep settings written to the demo's ``hparams.yaml`` (merged over PrepConfig defaults);
+why these values: the file's header, below."""
+
+_HPARAMS_HEADER = """\
+# Data-prep settings for the chlib demo dataset (chlib.demo.generate.make_demo_dataset).
+# aug_speed_mode [1.0]: the versions already span +-25 % tempo; [0.9, 1.0, 1.1] turns
+# on tempo augmentation (three times the extraction time and disk).
+# Splits: 10 % of works test-only, 5 % val-only, one val and one test version per
+# remaining work.
+"""
 
 
 @dataclass
@@ -60,7 +63,6 @@ class _Job:
     params: DemoPerformanceParams
     path: Path
     key: str  # hash of everything the file's content depends on
-    version: str
 
 
 def _slug(text: str, max_len: int = 40) -> str:
@@ -71,11 +73,8 @@ def _slug(text: str, max_len: int = 40) -> str:
 
 def _manifest_path(path: Path) -> str:
     """``path`` relative to the current directory when it lies under it, else absolute."""
-    path = path.resolve()
-    try:
-        return path.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    path, cwd = path.resolve(), Path.cwd().resolve()
+    return (path.relative_to(cwd) if path.is_relative_to(cwd) else path).as_posix()
 
 
 def _render_to_file(tune: Tune, params: DemoPerformanceParams, sample_rate: int, path: str,
@@ -100,18 +99,16 @@ def _read_render_manifest(path: Path) -> dict[str, dict]:
 
 def _is_current(job: _Job, rec: dict | None) -> bool:
     """True when ``job.path`` holds exactly what the manifest says was rendered for ``job.key``."""
-    if rec is None or rec.get("key") != job.key or not job.path.exists():
-        return False
     try:
-        return hashlib.sha256(job.path.read_bytes()).hexdigest() == rec.get("sha256")
+        return (rec is not None and rec.get("key") == job.key and job.path.exists()
+                and file_sha256(job.path) == rec.get("sha256"))
     except OSError:
         return False
 
 
-def _plan_jobs(tunes: list[Tune], out_dir: Path, perfs_per_work: int, min_seconds: float,
-               max_seconds: float, sample_rate: int, seed: int,
-               audio_format: str) -> tuple[list[_Job], list[dict]]:
-    """Every performance to render (in dataset order) and each work's info for demo_info.json."""
+def _plan_jobs(tunes: list[Tune], out_dir: Path, args: dict) -> tuple[list[_Job], list[dict]]:
+    """Every performance to render (in dataset order) and each work's info for demo_info.json;
+    ``args``: make_demo_dataset's, as recorded in demo_info.json."""
     jobs, works_info = [], []
     for wi, tune in enumerate(tunes):
         work = f"w{wi:03d}_{_slug(tune.title)}"
@@ -119,45 +116,44 @@ def _plan_jobs(tunes: list[Tune], out_dir: Path, perfs_per_work: int, min_second
                            "rhythm": tune.rhythm, "meter": tune.meter,
                            "key": f"{PC_NAMES[tune.tonic]} {tune.mode}",
                            "base_bpm": round(tune.base_bpm, 1)})
-        rng = np.random.default_rng([seed, wi])
-        plist = draw_performance_params(tune, perfs_per_work, rng, min_seconds=min_seconds,
-                                        max_seconds=max_seconds)
+        plist = draw_performance_params(tune, args["perfs_per_work"],
+                                        np.random.default_rng([args["seed"], wi]),
+                                        min_seconds=args["min_seconds"],
+                                        max_seconds=args["max_seconds"])
         for pj, params in enumerate(plist):
-            perf = f"{work}_v{pj:02d}"
+            perf, fmt = f"{work}_v{pj:02d}", args["audio_format"]
             key = stable_hash({"render_version": _RENDER_VERSION, "tune": tune.to_json(),
-                               "params": params.to_json(), "sample_rate": sample_rate,
-                               "format": audio_format}, n_chars=20)
-            jobs.append(_Job(perf, work, tune, params,
-                             out_dir / "audio" / work / f"{perf}.{audio_format}", key,
-                             describe_performance(params, tune)))
+                               "params": params.to_json(), "sample_rate": args["sample_rate"],
+                               "format": fmt}, n_chars=20)
+            jobs.append(_Job(perf, work, tune, params, out_dir / "audio" / work / f"{perf}.{fmt}",
+                             key))
     return jobs, works_info
 
 
 def _render_jobs(todo: list[_Job], workers: int, sample_rate: int, audio_format: str,
-                 on_done, failures: list[dict], show: bool) -> None:
-    """Render ``todo`` with :func:`run_jobs`, calling ``on_done(job, sha, samples)`` per file
-    and listing failures. When worker processes cannot start (an unguarded script under spawn),
-    warn and render in this process."""
+                 on_done: Callable[[_Job, str, int], None], failures: list[dict],
+                 show: bool) -> None:
+    """Render ``todo``, calling ``on_done(job, sha, samples)`` per file and listing failures;
+    when worker processes cannot start (an unguarded script under spawn), warn and render the
+    rest in this process."""
     args = [(j.tune, j.params, sample_rate, str(j.path), audio_format) for j in todo]
     finished: set[int] = set()
-    bar = progress_bar(total=len(todo), desc="rendering demo performances", unit="file",
-                       enabled=show and bool(todo))
-    try:
-        for i, result in run_jobs(_render_to_file, args, num_workers=workers):
-            if isinstance(result, JobFailure):
-                failures.append({"perf": todo[i].perf, "reason": result.message})
-            else:
-                on_done(todo[i], *result)
-            finished.add(i)
-            bar.update(1)
-    except WorkerStartError as e:
-        warnings.warn(f"make_demo_dataset: {e}; rendering in this process (num_workers=0 skips "
-                      "the pool)", stacklevel=3)
-        bar.close()
+    with progress_bar(total=len(todo), desc="rendering demo performances", unit="file",
+                      enabled=show and bool(todo)) as bar:
+        try:
+            for i, result in run_jobs(_render_to_file, args, num_workers=workers):
+                if isinstance(result, JobFailure):
+                    failures.append({"perf": todo[i].perf, "reason": result.message})
+                else:
+                    on_done(todo[i], *result)
+                finished.add(i)
+                bar.update(1)
+        except WorkerStartError as e:
+            warnings.warn(f"make_demo_dataset: {e}; rendering in this process (num_workers=0 "
+                          "skips the pool)", stacklevel=3)
+    if len(finished) < len(todo):
         rest = [j for i, j in enumerate(todo) if i not in finished]
         _render_jobs(rest, 0, sample_rate, audio_format, on_done, failures, show)
-    finally:
-        bar.close()
 
 
 def _check_args(n_works: Any, perfs_per_work: Any, min_seconds: float, max_seconds: float,
@@ -180,41 +176,30 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
                       num_workers: int | None = None) -> Path:
     """Write a synthetic cover-song dataset of real fiddle tunes; return its ``dataset.txt``.
 
-    Layout under ``out_dir``::
-
-        audio/<work>/<perf>.flac   one performance, mono, 16-bit
-        dataset.txt                JSON lines {perf, wav, dur_s, work, version}
-        hparams.yaml               PrepConfig for the demo (DEMO_PREP_CONFIG; only if absent)
-        demo_info.json             the arguments, each work's title/source/key and failures
-        render_manifest.jsonl      per file: render-parameter hash and content hash
-
-    Ids: ``work`` = ``w<index>_<slug of the title>``, ``perf`` = ``<work>_v<index>``;
-    ``version`` describes the rendering ("tempo 104 bpm, key +3, fiddle, reel, AABB, ...");
-    ``wav`` is relative to the current directory when ``out_dir`` lies under it, else absolute.
-    Deterministic and resumable: a file whose hashes match the manifest is not rendered again,
-    writes are atomic, ``dataset.txt`` comes last; a failed performance is left out and listed.
-
-    n_works, perfs_per_work : int >= 1 (perfs_per_work >= 2 for a cover-song task).
-    min_seconds, max_seconds : duration range of a performance, seconds. sample_rate : Hz.
-    seed : chooses the tunes and every performance parameter. audio_format : "flac" or "wav".
-    progress : show a progress bar. cache_dir : parsed-tune cache (None: the default).
-    num_workers : render processes; None = up to 8 when there are 8+ files, 0 or 1 = here.
-
-    Cost: ~0.09 CPU-s per 32 s file: the default 240 files (2.2 h of audio, ~175 MB) take ~11 s
-    on 2 cores, plus ~5 s to parse the 40 tunes the first time.
+    Writes ``audio/<work>/<perf>.flac`` (mono, 16-bit), ``dataset.txt`` (JSON lines {perf, wav,
+    dur_s, work, version}), ``hparams.yaml`` (DEMO_PREP_CONFIG, only if absent),
+    ``demo_info.json`` (arguments, works, failures) and ``render_manifest.jsonl`` (per file:
+    render-parameter and content hashes). ``work`` = ``w<index>_<title slug>``, ``perf`` =
+    ``<work>_v<index>``, ``version`` describes the rendering; ``wav`` is relative to the current
+    directory when ``out_dir`` lies under it. Deterministic (``seed`` chooses the tunes and every
+    parameter) and resumable: files matching the manifest are kept, writes are atomic,
+    ``dataset.txt`` comes last; failed performances are left out and listed. ``cache_dir``:
+    parsed tunes (None: the default); ``num_workers``: None = up to 8 for 8+ files, 0 or 1 = here.
+    Cost: the default 240 files take ~11 s on 2 cores, plus ~5 s to parse the tunes once.
     """
     _check_args(n_works, perfs_per_work, min_seconds, max_seconds, audio_format)
+    args = {"n_works": int(n_works), "perfs_per_work": int(perfs_per_work),
+            "min_seconds": min_seconds, "max_seconds": max_seconds, "sample_rate": sample_rate,
+            "seed": int(seed), "audio_format": audio_format}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tunes = demo_tunes(int(n_works), int(seed), cache_dir=cache_dir,
+    tunes = demo_tunes(args["n_works"], args["seed"], cache_dir=cache_dir,
                        fallback_dir=out_dir / ".cache" / "demo_tunes")
-    jobs, works_info = _plan_jobs(tunes, out_dir, int(perfs_per_work), min_seconds, max_seconds,
-                                  sample_rate, int(seed), audio_format)
+    jobs, works_info = _plan_jobs(tunes, out_dir, args)
     manifest_file = out_dir / "render_manifest.jsonl"
     manifest = _read_render_manifest(manifest_file)
-    todo = [j for j in jobs if not _is_current(j, manifest.get(j.perf))]
-    todo_ids = {j.perf for j in todo}
-    done = {j.perf: manifest[j.perf] for j in jobs if j.perf not in todo_ids}
+    done = {j.perf: manifest[j.perf] for j in jobs if _is_current(j, manifest.get(j.perf))}
+    todo = [j for j in jobs if j.perf not in done]
     failures: list[dict] = []
 
     def record(job: _Job, sha: str, samples: int) -> None:
@@ -227,19 +212,16 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
         num_workers = 0 if len(todo) < 8 else min(os.cpu_count() or 1, 8, len(todo) // 4)
     _render_jobs(todo, int(num_workers) if num_workers > 1 else 0, sample_rate, audio_format,
                  record, failures, progress)
-
     kept = {**manifest, **done}  # other settings' entries are kept: their files stay reusable
     atomic_write_text(manifest_file, "".join(json.dumps(kept[k], ensure_ascii=False) + "\n"
                                              for k in sorted(kept)))
-    args = {"n_works": int(n_works), "perfs_per_work": int(perfs_per_work),
-            "min_seconds": min_seconds, "max_seconds": max_seconds, "sample_rate": sample_rate,
-            "seed": int(seed), "audio_format": audio_format}
     _write_info(out_dir, args, works_info, failures)
     dataset = out_dir / "dataset.txt"
     atomic_write_text(dataset, "".join(json.dumps(
         {"perf": j.perf, "wav": _manifest_path(j.path),
          "dur_s": round(done[j.perf]["samples"] / sample_rate, 3), "work": j.work,
-         "version": j.version}, ensure_ascii=False) + "\n" for j in jobs if j.perf in done))
+         "version": describe_performance(j.params, j.tune)}, ensure_ascii=False) + "\n"
+        for j in jobs if j.perf in done))
     if failures:
         warnings.warn(f"make_demo_dataset: {len(failures)} of {len(jobs)} performances failed to "
                       f"render and were left out of {dataset}; see {out_dir / 'demo_info.json'}",
@@ -258,12 +240,3 @@ def _write_info(out_dir: Path, args: dict, works_info: list[dict], failures: lis
         "render_version": _RENDER_VERSION,
         "corpus": "music21 ryansMammoth (Ryan's Mammoth Collection, 1883)",
         "works": works_info, "failed": failures}, indent=2, ensure_ascii=False))
-
-
-_HPARAMS_HEADER = """\
-# Data-prep settings for the chlib demo dataset (chlib.demo.generate.make_demo_dataset).
-# aug_speed_mode [1.0]: the versions already span +-25 % tempo; [0.9, 1.0, 1.1] turns
-# on tempo augmentation (three times the extraction time and disk).
-# Splits: 10 % of works test-only, 5 % val-only, one val and one test version per
-# remaining work.
-"""

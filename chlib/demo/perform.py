@@ -1,14 +1,11 @@
-"""How performances of a tune differ, and the timed note events one of them plays.
-
-Versions of a work share the melody but differ in tempo, key, timbre, ornaments, swing, form,
-accompaniment, tuning, room, noise and loudness. Tempi in bpm (quarter notes per minute), event
-times in seconds."""
+"""How performances of a tune differ (tempo, key, timbre, ornaments, swing, form, accompaniment,
+tuning, room, noise, loudness), and the timed note events one of them plays. Tempi in bpm
+(quarter notes per minute), event times in seconds."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -65,20 +62,17 @@ class DemoPerformanceParams:
 
     def validate(self, where: str = "DemoPerformanceParams") -> DemoPerformanceParams:
         """Raise :class:`ConfigError` naming the first impossible value; return self."""
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{where}: {name} must be one of {allowed}, "
-                                  f"got {getattr(self, name)!r}")
-        for name, (lo, hi) in _RANGES.items():
-            if not (lo <= getattr(self, name) <= hi):
-                raise ConfigError(f"{where}: {name} must be in [{lo}, {hi}], "
-                                  f"got {getattr(self, name)}")
-        if not (0.0 <= self.lead_in_s < self.duration_s):
-            raise ConfigError(f"{where}: lead_in_s must be in [0, duration_s), got "
-                              f"{self.lead_in_s}")
+        bad = [f"{k} must be one of {allowed}, got {getattr(self, k)!r}"
+               for k, allowed in _CHOICES.items() if getattr(self, k) not in allowed]
+        bad += [f"{k} must be in [{lo}, {hi}], got {getattr(self, k)}"
+                for k, (lo, hi) in _RANGES.items() if not lo <= getattr(self, k) <= hi]
+        if not 0.0 <= self.lead_in_s < self.duration_s:
+            bad.append(f"lead_in_s must be in [0, duration_s), got {self.lead_in_s}")
         if abs(self.transpose + 12 * self.octave) > 36:
-            raise ConfigError(f"{where}: transpose + 12*octave must be within +-36 semitones, "
-                              f"got {self.transpose}, {self.octave}")
+            bad.append("transpose + 12*octave must be within +-36 semitones, got "
+                       f"{self.transpose}, {self.octave}")
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]}")
         return self
 
     def to_json(self) -> dict:
@@ -111,26 +105,18 @@ def tune_form(tune: Tune, form_name: str, rng: np.random.Generator) -> tuple[int
 
 
 def _spread(base: int, stream: int, k: int, n: int) -> np.ndarray:
-    """``n`` values from range(k), each used before any repeats (concatenated permutations from
-    the generator seeded by ``[base, stream]``: the first values do not depend on ``n``)."""
+    """``n`` values from range(k), each used before any repeats; the first do not depend on ``n``."""
     g = np.random.default_rng([base, stream])
     return np.concatenate([g.permutation(k) for _ in range(-(-n // k))])[:n]
-
-
-def _uniform(rng: np.random.Generator, lo: float, hi: float, digits: int) -> float:
-    return round(float(rng.uniform(lo, hi)), digits)
 
 
 def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator = 0, *,
                             min_seconds: float = 25.0,
                             max_seconds: float = 40.0) -> list[DemoPerformanceParams]:
-    """Draw ``n`` distinct, validated performance settings for ``tune``.
-
-    Instruments, transpositions and forms are spread over the versions (without replacement
-    where possible), tempi over +-25 % of ``tune.base_bpm`` (a golden-ratio sequence); the rest
-    is drawn per version, durations uniform in [min_seconds, max_seconds] seconds. The first
-    ``k`` versions do not depend on ``n``.
-    """
+    """Draw ``n`` distinct, validated performance settings for ``tune``: instruments,
+    transpositions and forms spread over the versions (without replacement where possible),
+    tempi over +-25 % of ``tune.base_bpm`` (a golden-ratio sequence), the rest drawn per version,
+    durations uniform in [min_seconds, max_seconds]. The first ``k`` do not depend on ``n``."""
     if n < 1:
         raise ConfigError(f"draw_performance_params: n must be >= 1, got {n}")
     if not (0.5 <= min_seconds <= max_seconds):
@@ -149,12 +135,15 @@ def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator 
     out = []
     for j, inst in enumerate(instruments):
         rng = np.random.default_rng([base, 100 + j])
+
+        def draw(lo: float, hi: float, digits: int, rng=rng) -> float:
+            return round(float(rng.uniform(lo, hi)), digits)
+
         octave = round((_INSTRUMENT_CENTRE[inst] - mean_pitch - transposes[j]) / 12.0)
         accomp = str(rng.choice(["none", "none", "drone", "chords"]))
         accomp_inst = "drone" if accomp == "drone" else (
             "plucked" if inst in ("piano", "accordion") else str(rng.choice(["piano", "accordion"])))
         form_rng = np.random.default_rng(rng.integers(2**63))
-        draw = partial(_uniform, rng)
         out.append(DemoPerformanceParams(
             tempo_bpm=round(float(tune.base_bpm * tempo_factors[j]), 1),
             transpose=transposes[j], octave=int(np.clip(octave, -1, 1)),
@@ -199,6 +188,11 @@ class Events(NamedTuple):
     amp: np.ndarray
 
 
+def _columns(rows: list[tuple], n: int) -> list[np.ndarray]:
+    """The ``n`` columns (float arrays) of a list of ``n``-tuples, empty arrays for no rows."""
+    return list(np.array(rows, dtype=float).reshape(-1, n).T)
+
+
 def _scale_neighbour(pitch: int, scale: list[int], up: bool) -> int:
     """The next scale pitch above (or below) ``pitch``; ``scale`` holds pitch classes."""
     step = 1 if up else -1
@@ -207,10 +201,8 @@ def _scale_neighbour(pitch: int, scale: list[int], up: bool) -> int:
 
 
 def _laid_out_melody(tune: Tune, params: DemoPerformanceParams, max_beats: float):
-    """Melody and bars along the performance's form, looped to ``max_beats``.
-
-    Returns (pitch [n] int, onset [n], dur [n], bar_starts [m], bar_lengths [m]), all in beats.
-    """
+    """Melody and bars along the performance's form, looped to ``max_beats``: (pitch [n] int,
+    onset [n], dur [n], bar_starts [m], bar_lengths [m]), in beats."""
     passes = tune.part_passes()
     form = params.form or tuple(range(len(passes)))
     if any(not (0 <= i < len(passes)) for i in form):
@@ -219,16 +211,15 @@ def _laid_out_melody(tune: Tune, params: DemoPerformanceParams, max_beats: float
                           "draw_performance_params(tune, ...)")
     if not tune.notes:
         raise ConfigError(f"tune {tune.title!r} has no notes")
-    if all(passes[i].end <= passes[i].start for i in form):
+    played = [passes[i] for i in form if passes[i].end > passes[i].start]
+    if not played:
         raise ConfigError(f"tune {tune.title!r}: its passes have no length")
     notes = np.array([[n.pitch, n.onset, n.duration] for n in tune.notes], dtype=float)
     bars = np.array(tune.bar_list(), dtype=float)
     pieces: list[tuple[np.ndarray, ...]] = []
     cursor = 0.0
     while cursor < max_beats:
-        for p in (passes[i] for i in form):
-            if p.end <= p.start:
-                continue
+        for p in played:
             sel = (notes[:, 1] >= p.start - 1e-9) & (notes[:, 1] < p.end - 1e-9)
             bsel = (bars[:, 0] >= p.start - 1e-9) & (bars[:, 0] < p.end - 1e-9)
             pieces.append((notes[sel, 0], notes[sel, 1] - p.start + cursor,
@@ -266,7 +257,7 @@ def _ornament(pitch, onset, dur, tune: Tune, rate: float, rng: np.random.Generat
         else:  # grace note from above, stealing time from the start of the note
             g = min(grace, 0.3 * d)
             out += [(_scale_neighbour(p, scale, True), o, g, 0.6), (p, o + g, d - g, 1.0)]
-    p_, o_, d_, w_ = (np.array(x, dtype=float) for x in (list(zip(*out, strict=True)) or [()] * 4))
+    p_, o_, d_, w_ = _columns(out, 4)
     return p_.astype(int), o_, d_, w_
 
 
@@ -330,7 +321,7 @@ def performance_events(tune: Tune, params: DemoPerformanceParams,
 def _accompaniment(tune: Tune, params: DemoPerformanceParams, written: tuple, to_s) -> Events:
     """A held tonic-and-fifth drone, or one strummed triad per bar, or nothing."""
     if params.accompaniment == "none":
-        return Events(*(np.zeros(0) for _ in range(4)))
+        return Events(*_columns([], 4))
     low = 36 + (tune.tonic + params.transpose) % 12  # accompaniment root, MIDI 36..47
     cents = params.tuning_cents / 100.0
     if params.accompaniment == "drone":
@@ -349,4 +340,4 @@ def _accompaniment(tune: Tune, params: DemoPerformanceParams, written: tuple, to
         for k, v in enumerate([0, (triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12]):
             rows.append((t_s + 0.012 * k, max(t_e - t_s - 0.05, 0.1), root + v + cents,
                          0.8 if k else 1.0))
-    return Events(*(np.array(c, dtype=float) for c in (list(zip(*rows, strict=True)) or [()] * 4)))
+    return Events(*_columns(rows, 4))

@@ -29,7 +29,7 @@ class _Timbre(NamedTuple):
     articulation: float  # held fraction of the written duration
 
 
-_TIMBRES = {  # attack decay release ring vib_cents vib_hz bright_decay detune articulation
+_TIMBRES = {
     "fiddle": _Timbre(0.05, 0.0, 0.06, 0.0, 18.0, 5.6, 0.0, 0.0, 0.97),
     "flute": _Timbre(0.04, 0.0, 0.05, 0.0, 10.0, 5.0, 0.0, 0.0, 0.9),
     "piano": _Timbre(0.004, 0.7, 0.12, 0.05, 0.0, 0.0, 0.25, 0.0, 1.0),
@@ -42,24 +42,18 @@ _TIMBRES = {  # attack decay release ring vib_cents vib_hz bright_decay detune a
 def _profile(kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Harmonic amplitudes [_N_HARM] of a timbre at the attack (bright) and later (dull)."""
     h = np.arange(1, _N_HARM + 1, dtype=float)
-    if kind == "fiddle":  # body resonances near harmonics 4 and 9
-        body = 1.0 + 0.6 * np.exp(-0.5 * ((h - 4) / 1.5) ** 2) + 0.4 * np.exp(-0.5 * ((h - 9) / 2) ** 2)
-        return body / h ** 0.95, body / h ** 0.95
-    if kind == "flute":
-        bright = np.where(h == 1, 1.0, np.where(h == 2, 0.4, 0.35 / h ** 1.6))
-        return bright, bright
-    if kind == "piano":
-        return 1.0 / h ** 1.2, 1.0 / h ** 2.6
-    if kind == "accordion":
-        bright = np.where(h <= 12, 1.0 / h ** 0.6, 1.0 / h ** 1.4) * (1.0 + 0.3 * (h % 2))
-        return bright, bright
-    if kind == "plucked":
-        pluck = np.abs(np.sin(np.pi * h * 0.18)) + 0.05
-        return pluck / h ** 0.9, pluck / h ** 2.4
-    if kind == "drone":
-        bright = np.where(h % 2 == 1, 1.0 / h, 0.35 / h)
-        return bright, bright
-    raise ConfigError(f"unknown timbre {kind!r}")
+    body = 1.0 + 0.6 * np.exp(-0.5 * ((h - 4) / 1.5) ** 2) + 0.4 * np.exp(-0.5 * ((h - 9) / 2) ** 2)
+    reeds = np.where(h <= 12, 1.0 / h ** 0.6, 1.0 / h ** 1.4)
+    pluck = np.abs(np.sin(np.pi * h * 0.18)) + 0.05
+    bright, dull = {  # (bright, dull or None: the same)
+        "fiddle": (body / h ** 0.95, None),  # body resonances near harmonics 4 and 9
+        "flute": (np.where(h == 1, 1.0, np.where(h == 2, 0.4, 0.35 / h ** 1.6)), None),
+        "piano": (1.0 / h ** 1.2, 1.0 / h ** 2.6),
+        "accordion": (reeds * (1.0 + 0.3 * (h % 2)), None),
+        "plucked": (pluck / h ** 0.9, pluck / h ** 2.4),
+        "drone": (np.where(h % 2 == 1, 1.0 / h, 0.35 / h), None),
+    }[kind]
+    return bright, bright if dull is None else dull
 
 
 @lru_cache(maxsize=1024)
@@ -97,8 +91,7 @@ def _render_voice(out: np.ndarray, ev: Events, kind: str, sample_rate: int,
         if length <= 2:
             continue
         t = np.arange(length) / sample_rate
-        # envelope: linear attack, sustained or decaying body, exponential release
-        env = np.minimum(1.0, t / tb.attack_s)
+        env = np.minimum(1.0, t / tb.attack_s)  # linear attack, held or decaying, then release
         if tb.decay_s > 0:
             env *= np.exp(-t / (tb.decay_s * (1.0 + 60.0 / max(f0, 50.0))))
         env[t > held] *= np.exp(-(t[t > held] - held) / (tb.release_s / 4.0))
@@ -143,7 +136,7 @@ def _noise(n: int, colour: str, rng: np.random.Generator) -> np.ndarray:
         n_fft = next_fast_len(n, real=True)
         spec = np.fft.rfft(x, n_fft)
         x = np.fft.irfft(spec / np.sqrt(np.maximum(np.arange(len(spec)), 1.0)), n_fft)[:n]
-    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+    return x / (_rms(x) + 1e-12)
 
 
 def _rms(y: np.ndarray) -> float:
@@ -152,15 +145,8 @@ def _rms(y: np.ndarray) -> float:
 
 def render_performance(tune: Tune, params: DemoPerformanceParams,
                        sample_rate: int = 16000) -> np.ndarray:
-    """Render one performance of ``tune`` (``params.form`` indexes ``tune.part_passes()``).
-
-    The output is a pure function of (tune, params, sample_rate), ``params.seed`` included:
-    bit-identical across calls on one platform. ``sample_rate``: int Hz in [4000, 192000];
-    harmonics stay below 0.92 x Nyquist.
-
-    Returns float32 [round(params.duration_s * sample_rate)] in [-0.9, 0.9], finite, with a
-    10 ms fade-in and a 50 ms fade-out.
-    """
+    """Render one performance of ``tune`` (bit-identical for equal arguments): float32
+    [round(params.duration_s * sample_rate)] in [-0.9, 0.9]; ``sample_rate``: Hz, 4000..192000."""
     params.validate()
     if not isinstance(sample_rate, (int, np.integer)) or not (4000 <= sample_rate <= 192000):
         raise ConfigError(f"sample_rate must be an integer in [4000, 192000] Hz, got {sample_rate}")

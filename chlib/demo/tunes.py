@@ -25,13 +25,11 @@ _MIN_NOTES = 32  # a usable tune has this many notes (repeats expanded),
 _MIN_RANGE = 7  # ... a pitch range of at least this many semitones
 _MIN_PITCH_CLASSES = 5  # ... and this many distinct pitch classes
 _NOTES_PER_SECOND = 6.0  # base tempo: the tune's running notes move at this rate
-_MODE_SCALES = {
-    "major": (0, 2, 4, 5, 7, 9, 11), "ionian": (0, 2, 4, 5, 7, 9, 11),
-    "minor": (0, 2, 3, 5, 7, 8, 10), "aeolian": (0, 2, 3, 5, 7, 8, 10),
-    "dorian": (0, 2, 3, 5, 7, 9, 10), "mixolydian": (0, 2, 4, 5, 7, 9, 10),
-    "phrygian": (0, 1, 3, 5, 7, 8, 10), "lydian": (0, 2, 4, 6, 7, 9, 11),
-    "locrian": (0, 1, 3, 5, 6, 8, 10),
-}
+_MAJOR = (0, 2, 4, 5, 7, 9, 11)
+_MODES = ("ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian")
+_MODE_SCALES = {mode: tuple((s - _MAJOR[k]) % 12 for s in _MAJOR[k:] + _MAJOR[:k])
+                for k, mode in enumerate(_MODES)}  # the church modes: rotations of the major
+_MODE_SCALES.update(major=_MODE_SCALES["ionian"], minor=_MODE_SCALES["aeolian"])
 PC_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
 
@@ -44,8 +42,7 @@ class Note(NamedTuple):
 
 
 class Pass(NamedTuple):
-    """One pass through a part as written: ``label`` ("A", "B" ...), ``start``/``end`` in beats
-    on the tune's (repeats expanded) time line."""
+    """One pass through a part as written: ``label`` ("A", "B" ...), ``start``/``end`` beats."""
 
     label: str
     start: float
@@ -54,13 +51,10 @@ class Pass(NamedTuple):
 
 @dataclass(frozen=True)
 class Tune:
-    """A melody with enough structure to perform it.
-
-    ``notes``: the melody with repeats expanded, in time order (beats). ``passes`` split that
-    time line into passes through the parts (AABB: four passes A, A, B, B); ``bars`` are
-    (start, length) in beats. Both may be empty for a hand-made tune (one pass, 4-beat bars).
-    ``tonic`` is a pitch class (0 = C), ``mode`` a key of ``_MODE_SCALES``.
-    """
+    """A melody with enough structure to perform it: ``notes`` with repeats expanded, in time
+    order; ``passes`` tile that time line (AABB: four passes); ``bars`` are (start, length) in
+    beats. Both may be empty for a hand-made tune (one pass, 4-beat bars). ``tonic`` is a pitch
+    class (0 = C), ``mode`` a key of ``_MODE_SCALES``."""
 
     title: str
     notes: tuple[Note, ...]
@@ -102,9 +96,7 @@ class Tune:
     def to_json(self) -> dict:
         """A JSON-ready dict (the tune cache format); inverse of :meth:`from_json`."""
         d = asdict(self)
-        for key in ("notes", "passes", "bars"):
-            d[key] = [list(x) for x in d[key]]
-        return d
+        return {**d, **{k: [list(x) for x in d[k]] for k in ("notes", "passes", "bars")}}
 
     @classmethod
     def from_json(cls, d: dict) -> Tune:
@@ -117,7 +109,7 @@ class Tune:
 
 def scale_pcs(tune: Tune) -> list[int]:
     """Pitch classes of the tune's scale, from the tonic up (7 values)."""
-    return [(tune.tonic + s) % 12 for s in _MODE_SCALES.get(tune.mode, _MODE_SCALES["major"])]
+    return [(tune.tonic + s) % 12 for s in _MODE_SCALES.get(tune.mode, _MAJOR)]
 
 
 def default_tune_cache_dir() -> Path:
@@ -125,29 +117,25 @@ def default_tune_cache_dir() -> Path:
     ``~/.cache/chlib/demo_tunes``. Nothing is created here."""
     if os.environ.get("CHLIB_CACHE_DIR"):
         return Path(os.environ["CHLIB_CACHE_DIR"]).expanduser() / "demo_tunes"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "chlib" / "demo_tunes"
-    return Path.home() / ".cache" / "chlib" / "demo_tunes"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "chlib/demo_tunes"
 
 
 def _writable_dir(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / f".probe-{os.getpid()}").write_bytes(b"")
-        (path / f".probe-{os.getpid()}").unlink()
+        tempfile.TemporaryFile(dir=path).close()
         return True
     except OSError:
         return False
 
 
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None, fallback: Path) -> Path:
-    """The versioned tune cache: ``cache_dir`` if given (must be writable), else the default,
-    else ``fallback`` (read-only home directories on some CI and clusters)."""
+    """``cache_dir`` (must be writable), else the default, else ``fallback`` (read-only homes)."""
     base = default_tune_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-    if cache_dir is not None and not _writable_dir(base):
-        raise ConfigError(f"tune cache folder {base} cannot be created or written: pass a "
-                          "writable cache_dir, or None for the default")
     if not _writable_dir(base):
+        if cache_dir is not None:
+            raise ConfigError(f"tune cache folder {base} cannot be created or written: pass a "
+                              "writable cache_dir, or None for the default")
         base = fallback
         base.mkdir(parents=True, exist_ok=True)
     return base / f"v{_PARSE_VERSION}"
@@ -173,10 +161,8 @@ def _abc_field(text: str, key: str) -> str:
 
 
 def _parse_abc_tune(path: Path) -> dict:
-    """Parse one ABC file into the tune-cache dict, or ``{"ok": False, "reason": ...}``.
-
-    The first part is used, repeats expanded (as written when music21 cannot expand them).
-    """
+    """Parse one ABC file into the tune-cache dict, or ``{"ok": False, "reason": ...}``: the
+    first part, repeats expanded (as written when music21 cannot expand them)."""
     from music21 import converter
 
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -246,12 +232,9 @@ def _section_starts(measures: list, part: Any) -> set[int]:
 
 def _collect_notes(expanded: Any, ex_measures: list, section_starts: set[int]):
     """Notes [[midi, onset, dur]], bars [[start, length]] and passes [[label, start, end]]
-    (beats) of a repeats-expanded part.
-
-    A pass begins where bar numbers jump back (a repeat) or a section starts. Chords keep their
-    top note, ties are merged, grace notes (zero length) dropped (the renderer adds its own),
-    and of notes starting together only the highest is kept.
-    """
+    (beats) of a repeats-expanded part. A pass begins where bar numbers jump back (a repeat) or
+    a section starts. Chords keep their top note, ties are merged, grace notes (zero length)
+    dropped (the renderer adds its own), and of notes starting together the highest is kept."""
     notes: list[list] = []
     bars: list[list[float]] = []
     passes: list[list] = []  # [section index, start beat, end beat]
@@ -319,13 +302,11 @@ def _usable(d: dict) -> str | None:
     pitches = [n[0] for n in d["notes"]]
     if len(pitches) < _MIN_NOTES:
         return f"only {len(pitches)} notes (need {_MIN_NOTES})"
-    if max(pitches) - min(pitches) < _MIN_RANGE:
-        return f"pitch range {max(pitches) - min(pitches)} semitones (need {_MIN_RANGE})"
-    if len({p % 12 for p in pitches}) < _MIN_PITCH_CLASSES:
-        return "too few pitch classes"
-    if min(pitches) < 36 or max(pitches) > 100:
-        return f"pitches {min(pitches)}..{max(pitches)} outside 36..100"
-    return None
+    lo, hi = min(pitches), max(pitches)
+    problems = [(hi - lo < _MIN_RANGE, f"pitch range {hi - lo} semitones (need {_MIN_RANGE})"),
+                (len({p % 12 for p in pitches}) < _MIN_PITCH_CLASSES, "too few pitch classes"),
+                (lo < 36 or hi > 100, f"pitches {lo}..{hi} outside 36..100")]
+    return next((why for bad, why in problems if bad), None)
 
 
 def _load_or_parse(path: Path, cache: Path) -> dict:
@@ -347,22 +328,14 @@ def _load_or_parse(path: Path, cache: Path) -> dict:
 
 def _melody_signature(notes: Sequence[Sequence[float]], n: int = 24) -> tuple[int, ...]:
     """Interval sequence of the first ``n`` notes: equal for a tune filed under two names."""
-    p = [int(x[0]) for x in notes[: n + 1]]
-    return tuple(b - a for a, b in zip(p, p[1:], strict=False))
+    return tuple(np.diff([int(x[0]) for x in notes[: n + 1]]).tolist())
 
 
 def demo_tunes(n: int, seed: int = 0, *, cache_dir: str | os.PathLike | None = None,
                fallback_dir: str | os.PathLike | None = None) -> list[Tune]:
-    """``n`` distinct tunes from Ryan's Mammoth Collection, chosen deterministically by ``seed``.
-
-    The files are shuffled with ``seed`` and taken in that order, skipping tunes music21 cannot
-    parse, with under 32 notes, a range under 7 semitones or under 5 pitch classes, and tunes
-    whose opening melody repeats one already chosen. The first ``k`` tunes for a seed do not
-    depend on ``n``. Parses are cached as JSON under ``cache_dir`` (default
-    :func:`default_tune_cache_dir`, else ``fallback_dir``, else a temporary folder).
-
-    Returns list[Tune] of length ``n``; notes in beats, pitches in MIDI.
-    """
+    """``n`` distinct usable tunes, in ``seed``'s shuffled file order (so the first ``k`` do not
+    depend on ``n``), parses cached under ``cache_dir`` (None: :func:`default_tune_cache_dir`,
+    else ``fallback_dir``, else a temporary folder)."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"demo_tunes: n must be a positive integer, got {n!r}")
     cache = _resolve_cache_dir(cache_dir, Path(fallback_dir or Path(tempfile.gettempdir())

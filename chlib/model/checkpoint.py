@@ -33,30 +33,14 @@ from chlib.core.errors import CheckpointError
 from chlib.core.io import atomic_torch_save, read_json
 from chlib.model.network import CoverHunterNet
 
-__all__ = [
-    "CHECKPOINT_DIR_NAMES",
-    "KEY_RENAMES",
-    "checkpoint_name",
-    "list_checkpoints",
-    "latest_epoch",
-    "find_checkpoint_dir",
-    "save_checkpoint",
-    "load_generator_state",
-    "load_train_state",
-    "load_state_into",
-    "model_fingerprint",
-    "read_best_epoch",
-    "resolve_epoch",
-    "load_model",
-]
+__all__ = ["CHECKPOINT_DIR_NAMES", "checkpoint_name", "list_checkpoints", "latest_epoch",
+           "find_checkpoint_dir", "save_checkpoint", "load_generator_state", "load_train_state",
+           "load_state_into", "model_fingerprint", "read_best_epoch", "resolve_epoch", "load_model"]
 
-# Sub-folders that hold g_/do_ files, in the order they are searched:
-# ours and CoverHunterMPS's training, CoverHunterMPS's production training, original CoverHunter.
+# Sub-folders holding g_/do_ files, searched in this order: chlib's and CoverHunterMPS's
+# training, CoverHunterMPS's production training, the original CoverHunter. chlib's module
+# names are the original's (and the fork's), so checkpoint keys load without renaming.
 CHECKPOINT_DIR_NAMES = ("checkpoints", "prod_checkpoints", "pt_model")
-
-# Checkpoint key -> our key. Empty: chlib's module names are the original's, so no key is
-# renamed (orig and fork share the names too; only their yaml differs, ce: vs foc:).
-KEY_RENAMES: dict[str, str] = {}
 
 BEST_FILE = "best.json"
 EPOCH_DIGITS = 8
@@ -70,10 +54,9 @@ def checkpoint_name(epoch: int, prefix: str = "g_") -> str:
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> dict[int, Path]:
-    """``{epoch: path}`` of every ``<prefix><digits>`` file in ``ckpt_dir``, sorted by epoch.
+    """``{epoch: path}`` of every ``<prefix><digits>`` file in ``ckpt_dir`` (epoch 0 too), sorted.
 
-    Epoch 0 is included. A missing folder gives ``{}``. Temporary files of interrupted writes
-    (``.g_00000003.xxx.tmp``) do not match.
+    A missing folder gives ``{}``; temporary files (``.g_00000003.xxx.tmp``) do not match.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -94,12 +77,8 @@ def latest_epoch(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> int | None:
 
 
 def find_checkpoint_dir(run_or_model_dir: str | os.PathLike) -> Path:
-    """The folder holding the ``g_`` files of a run or model folder.
-
-    Accepts a folder that holds ``g_`` files itself, or one with a ``checkpoints/`` (chlib,
-    CoverHunterMPS), ``prod_checkpoints/`` (CoverHunterMPS production) or ``pt_model/``
-    (original CoverHunter) sub-folder holding them. Several such sub-folders with checkpoints
-    are ambiguous and raise :class:`CheckpointError`: pass the wanted one directly.
+    """The folder holding the ``g_`` files: the folder itself or one of its
+    :data:`CHECKPOINT_DIR_NAMES` sub-folders (several with checkpoints: :class:`CheckpointError`).
     """
     root = Path(run_or_model_dir)
     if not root.is_dir():
@@ -131,9 +110,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``g_<epoch>`` = ``{"generator": model_state}`` (and ``do_<epoch>`` = train_state).
 
-    Both writes are atomic; ``do_`` is written first, so a ``g_`` file whose run saved train
-    state always has its ``do_`` partner. Tensors are copied to the CPU first, so the files
-    load on any device. Returns the ``g_`` path.
+    Atomic writes, ``do_`` first (so a ``g_`` file always has its ``do_`` partner); tensors are
+    copied to the CPU. Returns the ``g_`` path.
     """
     ckpt_dir = Path(ckpt_dir)
     if train_state is not None:
@@ -157,10 +135,7 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
 
 
 def load_generator_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The model ``state_dict`` in a ``g_`` file (on the CPU), read with ``weights_only=True``.
-
-    A bare state_dict (no ``"generator"`` wrapper) is accepted too.
-    """
+    """The model ``state_dict`` in a ``g_`` file (CPU, ``weights_only=True``; a bare one too)."""
     path = Path(path)
     obj = _torch_load(path, weights_only=True)
     if isinstance(obj, dict) and "generator" in obj:
@@ -174,18 +149,13 @@ def load_generator_state(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_train_state(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
-    """The training state in a ``do_`` file.
-
-    Read with ``weights_only=True`` unless ``trusted`` (the original's do_ files load that way;
-    other content, e.g. numpy RNG state, needs ``trusted=True`` and must come from a source you
-    trust, since unpickling can run code).
+    """The training state in a ``do_`` file, read with ``weights_only=True`` unless ``trusted``
+    (needed for e.g. numpy RNG state; unpickling can run code, so only for files you trust).
     """
     path = Path(path)
     obj = _torch_load(path, weights_only=not trusted)
     if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{path}: expected a dict of training state, found {type(obj).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected a dict of training state, found {type(obj).__name__}")
     return obj
 
 
@@ -230,20 +200,13 @@ def _mismatch_hints(ckpt: Mapping[str, Tensor], model_state: Mapping[str, Tensor
     return hints
 
 
-def _apply_renames(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {KEY_RENAMES.get(k, k): v for k, v in state_dict.items()}
-
-
 def load_state_into(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, where: str = "checkpoint"
 ) -> None:
-    """Load ``state_dict`` into ``model`` strictly (after the :data:`KEY_RENAMES` mapping).
-
-    On any mismatch nothing is loaded and :class:`CheckpointError` lists every missing key,
-    unexpected key and shape mismatch, with hints naming the config value that differs.
-    ``where`` names the source in the message (e.g. the file path).
+    """Load ``state_dict`` into ``model`` strictly; on any mismatch nothing is loaded and the
+    :class:`CheckpointError` (naming ``where``) lists every key and shape problem, with hints.
     """
-    ckpt = _apply_renames(state_dict)
+    ckpt = dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in ckpt]
     unexpected = [k for k in ckpt if k not in own]
@@ -274,9 +237,8 @@ def load_state_into(
 def model_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
     """First 16 hex characters of a SHA-256 over the weights (fact sheet 9.1).
 
-    For each key in sorted order: the key (UTF-8), the shape tuple's string (``"(96,)"``), the
-    dtype's string (``"torch.float32"``) and the tensor's raw bytes (CPU, contiguous). Any
-    change of a value, shape, dtype or name changes the fingerprint; the device does not.
+    Per key, sorted: the key, ``str(tuple(shape))``, ``str(dtype)`` and the raw CPU bytes, so
+    any change of value, shape, dtype or name changes it; the device does not.
     """
     h = hashlib.sha256()
     for key in sorted(state_dict):
@@ -335,12 +297,10 @@ def load_model(
 ) -> tuple[nn.Module, HParams, int]:
     """Build a :class:`~chlib.model.CoverHunterNet` from a run folder and load a checkpoint.
 
-    ``model_dir`` is a run folder (``config/hparams.yaml`` plus ``checkpoints/``,
-    ``prod_checkpoints/`` or the original's ``pt_model/``), or the checkpoint folder itself
-    (then the config is read from its parent's ``config/``). The yaml may use the original's
-    ``ce:`` or the fork's ``foc:``; ``foc.output_dims: auto`` takes the class count from the
-    checkpoint. ``epoch``: "latest", "best" (needs ``best.json``) or an epoch number. Returns
-    ``(model in eval mode on the device, hp, epoch)``.
+    ``model_dir``: a run folder (``config/hparams.yaml`` + a checkpoint sub-folder) or the
+    checkpoint folder (config from its parent). ``foc.output_dims: auto`` takes the class count
+    from the checkpoint. ``epoch``: "latest", "best" or a number. Returns ``(model in eval mode
+    on the device, hp, epoch)``.
     """
     model_dir = Path(model_dir)
     ckpt_dir = find_checkpoint_dir(model_dir)
@@ -349,7 +309,7 @@ def load_model(
         hp = load_hparams(run_dir / "config" / "hparams.yaml")
     chosen = resolve_epoch(ckpt_dir, epoch)
     path = ckpt_dir / checkpoint_name(chosen)
-    state = _apply_renames(load_generator_state(path))
+    state = load_generator_state(path)
     num_works = None
     if hp.num_classes_auto:
         if "_ce_layer.weight" not in state:

@@ -1,8 +1,5 @@
-"""The Conformer encoder of CoverHunter, written out top to bottom.
-
-CoverHunter took its encoder from the WeNet/ESPnet speech toolkits. This module rebuilds the
-parts it uses, with the same attribute names so that a CoverHunter(MPS) ``state_dict`` loads
-with ``strict=True``:
+"""The Conformer encoder of CoverHunter (from WeNet/ESPnet), with the original's attribute
+names so that a CoverHunter(MPS) ``state_dict`` loads with ``strict=True``:
 
     x [B, T, F]
       -> Conv2dSubsampling4 ("embed")          [B, T', D]   T' = ((T - 1) // 2 - 1) // 2
@@ -10,17 +7,11 @@ with ``strict=True``:
       -> num_blocks x ConformerBlock            [B, T', D]
       -> after_norm (LayerNorm)                 [B, T', D]
 
-with D = ``encoder.output_dims``. Padding masks are not implemented: the original always passes
-the full length of every item (no padding, no chunk masks), so every frame is valid.
-
-Compatibility notes (behaviour kept on purpose, see fact sheet 5.1 and 13.2.11):
-
-* The "relative-position" attention is the WeNet one **with the Transformer-XL relative shift
-  disabled**, so its second score term is content x *absolute* key position. We reproduce that
-  exactly, otherwise trained checkpoints would compute different embeddings.
-* The positional table is not part of the ``state_dict`` (a non-persistent buffer here). The
-  original stops at 5000 subsampled frames (~40 minutes of audio at the default frame rates);
-  here the table grows on demand, so longer inputs work and the first 5000 rows stay identical.
+with D = ``encoder.output_dims``. No padding masks: the original always passes full items.
+Kept on purpose (fact sheet 5.1, 13.2.11): the attention's Transformer-XL relative shift is
+disabled, as in the original (its second score term is content x *absolute* key position), or
+trained checkpoints would compute other embeddings. The positional table (not in the
+``state_dict``) grows on demand past the original's 5000 rows; those rows stay identical.
 """
 
 from __future__ import annotations
@@ -33,17 +24,9 @@ from torch import Tensor, nn
 
 from chlib.core.errors import ConfigError, FeatureError
 
-__all__ = [
-    "subsampled_length",
-    "sinusoid_table",
-    "Conv2dSubsampling4",
-    "RelPositionalEncoding",
-    "RelPositionMultiHeadAttention",
-    "FeedForward",
-    "ConvModule",
-    "ConformerBlock",
-    "ConformerEncoder",
-]
+__all__ = ["subsampled_length", "sinusoid_table", "Conv2dSubsampling4", "RelPositionalEncoding",
+           "RelPositionMultiHeadAttention", "FeedForward", "ConvModule", "ConformerBlock",
+           "ConformerEncoder"]
 
 LAYER_NORM_EPS = 1e-5  # every LayerNorm of the original encoder
 POS_TABLE_ROWS = 5000  # initial size of the positional table (the original's hard limit)
@@ -51,20 +34,13 @@ MIN_FRAMES = 7  # shortest input the two stride-2 3x3 convolutions accept
 
 
 def subsampled_length(n_frames: int) -> int:
-    """Frames left after the 4x conv subsampling: ``((n_frames - 1) // 2 - 1) // 2``.
-
-    ``n_frames`` counts model frames (CQT frames after ``mean_size`` averaging); e.g.
-    1125 -> 280, 900 -> 224, 675 -> 168, 375 -> 92.
-    """
+    """Frames left after the 4x conv subsampling of ``n_frames`` model frames (1125 -> 280)."""
     return ((n_frames - 1) // 2 - 1) // 2
 
 
 def sinusoid_table(n_positions: int, dim: int) -> Tensor:
-    """Standard sinusoidal position table, float32 [n_positions, dim].
-
-    Row p holds sin(p / 10000^(2i/dim)) in even columns 2i and cos(...) in odd columns 2i+1,
-    computed in float32 the same way as the original so that rows agree bit for bit on CPU.
-    """
+    """Sinusoidal position table, float32 [n_positions, dim]: sin in even, cos in odd columns,
+    computed as the original does so that rows agree bit for bit on CPU."""
     position = torch.arange(0, n_positions, dtype=torch.float32).unsqueeze(1)  # [P, 1]
     div_term = torch.exp(
         torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim)
@@ -78,9 +54,8 @@ def sinusoid_table(n_positions: int, dim: int) -> Tensor:
 class Conv2dSubsampling4(nn.Module):
     """Two 3x3 stride-2 convolutions with ReLU, then a linear projection: time / 4.
 
-    ``forward(x [B, T, F]) -> [B, T', width]`` with T' = :func:`subsampled_length` (T) and the
-    frequency axis reduced the same way (96 bins -> 23) and folded into the projection.
-    State keys: ``conv.0``, ``conv.2`` (Conv2d), ``out.0`` (Linear).
+    ``[B, T, F] -> [B, T', width]``, T' = :func:`subsampled_length` (T); the frequency axis
+    (96 bins -> 23) is folded into the projection.
     """
 
     def __init__(self, input_dim: int, width: int) -> None:
@@ -103,12 +78,8 @@ class Conv2dSubsampling4(nn.Module):
 
 
 class RelPositionalEncoding(nn.Module):
-    """Scale by sqrt(dim) and hand out the sinusoidal table rows for the attention.
-
-    ``forward(x [B, T', D]) -> (dropout(x * sqrt(D)) [B, T', D], dropout(pos_emb) [1, T', D])``.
-    The two dropouts draw separate masks (as in the original). The table is a non-persistent
-    buffer (absent from the ``state_dict``) and is rebuilt larger when a longer input arrives.
-    """
+    """``x [B, T', D] -> (dropout(x * sqrt(D)), dropout(pos_emb [1, T', D]))``, two masks as in
+    the original; the table is a non-persistent buffer, rebuilt larger for longer inputs."""
 
     def __init__(self, dim: int, dropout: float, max_len: int = POS_TABLE_ROWS) -> None:
         super().__init__()
@@ -133,14 +104,9 @@ class RelPositionalEncoding(nn.Module):
 class RelPositionMultiHeadAttention(nn.Module):
     """Multi-head self-attention with learned content and position biases (WeNet "rel_selfattn").
 
-    For each head (d_k = dim / n_heads), with q, k, v the projected inputs and
-    p = linear_pos(pos_emb):
-
-        scores = ((q + pos_bias_u) k^T + (q + pos_bias_v) p^T) / sqrt(d_k)     [B, H, T', T']
-
-    **No relative shift** is applied to the second term (the original comments it out), so it
-    scores each query against *absolute* key positions 0..T'-1. Kept for checkpoint
-    compatibility. Softmax over keys, no attention dropout, then ``linear_out``.
+    Per head, with p = linear_pos(pos_emb): ``scores = ((q + pos_bias_u) k^T + (q + pos_bias_v)
+    p^T) / sqrt(d_k)``, **no relative shift** (see the module docstring); softmax over keys, no
+    attention dropout, then ``linear_out``.
     """
 
     def __init__(self, dim: int, n_heads: int) -> None:
@@ -185,10 +151,7 @@ class RelPositionMultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: Linear(dim -> hidden), SiLU, dropout, Linear(hidden -> dim).
-
-    ``hidden`` is the original's ``encoder.attention_dim`` (despite its name).
-    """
+    """Linear(dim -> hidden), SiLU, dropout, Linear(hidden -> dim); hidden = ``attention_dim``."""
 
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -201,23 +164,16 @@ class FeedForward(nn.Module):
 
 
 class ConvModule(nn.Module):
-    """Conformer convolution module (non-causal).
-
-    pointwise Conv1d(dim -> 2 dim) -> GLU over channels -> depthwise Conv1d(kernel, 'same'
-    padding) -> BatchNorm1d -> SiLU -> pointwise Conv1d(dim -> dim). ``[B, T', D] -> [B, T', D]``.
-    """
+    """Pointwise conv (dim -> 2 dim), GLU, depthwise conv ('same'), BatchNorm, SiLU, pointwise
+    conv: ``[B, T', D] -> [B, T', D]``."""
 
     def __init__(self, dim: int, kernel_size: int) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(
-                f"encoder.conv_kernel must be an odd number >= 1 (same-length padding), "
-                f"got {kernel_size}"
-            )
+            raise ConfigError(f"encoder.conv_kernel must be an odd number >= 1, got {kernel_size}")
         self.pointwise_conv1 = nn.Conv1d(dim, 2 * dim, kernel_size=1)
-        self.depthwise_conv = nn.Conv1d(
-            dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim
-        )
+        self.depthwise_conv = nn.Conv1d(dim, dim, kernel_size, padding=(kernel_size - 1) // 2,
+                                        groups=dim)
         self.norm = nn.BatchNorm1d(dim)
         self.pointwise_conv2 = nn.Conv1d(dim, dim, kernel_size=1)
 
@@ -239,9 +195,8 @@ class ConformerBlock(nn.Module):
         x = LN_final(x)
     """
 
-    def __init__(
-        self, dim: int, n_heads: int, ffn_hidden: int, conv_kernel: int, dropout: float
-    ) -> None:
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, conv_kernel: int,
+                 dropout: float) -> None:
         super().__init__()
         # Attribute order = the original's state_dict order.
         self.self_attn = RelPositionMultiHeadAttention(dim, n_heads)
@@ -266,20 +221,11 @@ class ConformerBlock(nn.Module):
 class ConformerEncoder(nn.Module):
     """Subsampling, positional encoding, ``num_blocks`` Conformer blocks, final LayerNorm.
 
-    ``forward(x [B, T, input_dim]) -> [B, T', width]`` with T' = :func:`subsampled_length` (T);
-    T must be at least 7 frames. State keys: ``embed.*``, ``after_norm.*``, ``encoders.{i}.*``.
+    ``[B, T >= 7, input_dim] -> [B, T', width]`` with T' = :func:`subsampled_length` (T).
     """
 
-    def __init__(
-        self,
-        input_dim: int,
-        width: int,
-        num_blocks: int,
-        n_heads: int,
-        ffn_hidden: int,
-        conv_kernel: int,
-        dropout: float,
-    ) -> None:
+    def __init__(self, input_dim: int, width: int, num_blocks: int, n_heads: int,
+                 ffn_hidden: int, conv_kernel: int, dropout: float) -> None:
         super().__init__()
         self.embed = Conv2dSubsampling4(input_dim, width)
         self.pos_enc = RelPositionalEncoding(width, dropout)  # holds no state_dict entries
@@ -291,10 +237,8 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] < MIN_FRAMES:
-            raise FeatureError(
-                f"input has {x.shape[1]} frames; the encoder needs at least {MIN_FRAMES} "
-                "(after mean_size averaging): pass a longer excerpt"
-            )
+            raise FeatureError(f"input has {x.shape[1]} frames; the encoder needs at least "
+                               f"{MIN_FRAMES} (after mean_size averaging): pass a longer excerpt")
         x = self.embed(x)  # [B, T', D]
         x, pos_emb = self.pos_enc(x)  # [B, T', D], [1, T', D]
         for block in self.encoders:

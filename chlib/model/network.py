@@ -14,9 +14,8 @@ Data path (default sizes in brackets)::
       _ce_layer               Linear(embed_dim -> num_classes, no bias) -> logits -> focal loss
       triplet loss, center loss (``_center_loss.centers``) on f_t itself
 
-All sizes come from :class:`chlib.core.config.ModelConfig`. Loss weighting is in
-:meth:`CoverHunterNet.loss_from_embedding`. Weights are initialised from torch's global RNG:
-seed it (``torch.manual_seed``) before building the model for a reproducible start.
+Sizes come from :class:`chlib.core.config.ModelConfig`. Weights are initialised from torch's
+global RNG: ``torch.manual_seed`` before building for a reproducible start.
 """
 
 from __future__ import annotations
@@ -51,15 +50,9 @@ class CoverHunterNet(nn.Module):
         self.cfg = cfg
         # Attribute order = the original's state_dict order.
         self._global_cmvn = nn.BatchNorm1d(cfg.input_dim)
-        self._encoder = ConformerEncoder(
-            input_dim=cfg.input_dim,
-            width=cfg.output_dims,
-            num_blocks=cfg.num_blocks,
-            n_heads=cfg.num_heads,
-            ffn_hidden=cfg.attention_dim,
-            conv_kernel=cfg.conv_kernel,
-            dropout=cfg.dropout,
-        )
+        self._encoder = ConformerEncoder(cfg.input_dim, cfg.output_dims, cfg.num_blocks,
+                                         cfg.num_heads, cfg.attention_dim, cfg.conv_kernel,
+                                         cfg.dropout)
         self._embed_lo: nn.Linear | None = None
         if cfg.output_dims != cfg.embed_dim:
             self._embed_lo = nn.Linear(cfg.output_dims, cfg.embed_dim)
@@ -76,10 +69,8 @@ class CoverHunterNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Pooled embedding f_t [B, embed_dim] of features ``x`` [B, T, input_dim]."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.input_dim:
-            raise FeatureError(
-                f"model input must be [batch, frames, {self.cfg.input_dim} bins], got "
-                f"{list(x.shape)}: check that the features were made with n_bins = input_dim"
-            )
+            raise FeatureError(f"model input must be [batch, frames, {self.cfg.input_dim} bins], "
+                               f"got {list(x.shape)}: were the features made with n_bins = input_dim?")
         h = self._global_cmvn(x.transpose(1, 2)).transpose(1, 2)  # [B, T, F], per-bin BN
         h = self._encoder(h)  # [B, T', output_dims]
         if self._embed_lo is not None:
@@ -89,45 +80,32 @@ class CoverHunterNet(nn.Module):
     # ---- classification head and losses ----------------------------------------------------
 
     def classify(self, f_t: Tensor, *, use_bottleneck: bool = True) -> Tensor:
-        """Focal-head logits [B, num_classes] for embeddings ``f_t`` [B, embed_dim].
-
-        ``use_bottleneck=True`` is the training path (logits of BN(f_t)); ``False`` applies the
-        head directly to f_t, as the original's ``inference()`` does.
-        """
+        """Focal-head logits [B, num_classes] of BN(f_t) (training), or of f_t itself with
+        ``use_bottleneck=False`` (the original's ``inference()``)."""
         return self._ce_layer(self._bottleneck(f_t) if use_bottleneck else f_t)
 
     def loss_from_embedding(self, f_t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted training loss for embeddings ``f_t`` [B, embed_dim] and ``labels`` [B].
-
-        total = foc_weight x focal + triplet_weight x triplet (if triplet_weight > 0)
-        + center_weight x center (if center_weight > 0).
-
-        Difference from the original: it added the triplet term only for weights **> 0.01**
-        (a weight of exactly 0.01 silently disabled it); here any positive weight counts.
-        The parts are detached (for logging); back-propagate ``total``.
-        """
+        """``(total, detached parts)`` for ``f_t`` [B, embed_dim] and ``labels`` [B]: the focal,
+        triplet and center losses by their weights (the original skipped triplet weights <= 0.01;
+        here any positive weight counts)."""
         labels = labels.long()
         n_classes = self.cfg.num_classes
         if labels.dim() != 1 or len(labels) != len(f_t):
             raise ConfigError(f"labels must be [batch={len(f_t)}], got {list(labels.shape)}")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_classes:
-            raise ConfigError(
-                f"label {hi if hi >= n_classes else lo} is outside the focal head's "
-                f"[0, {n_classes}) classes: raise foc.output_dims (or set it to auto)"
-            )
+            raise ConfigError(f"label {hi if hi >= n_classes else lo} is outside the focal head's "
+                              f"[0, {n_classes}) classes: raise foc.output_dims (or set it to auto)")
         cfg = self.cfg
         foc = self._foc_loss(self.classify(f_t), labels)
         total = cfg.foc_weight * foc
         parts = {"foc_loss": foc.detach()}
-        if cfg.triplet_weight > 0:
-            tri = self._triplet_loss(f_t, labels)
-            total = total + cfg.triplet_weight * tri
-            parts["tri_loss"] = tri.detach()
-        if cfg.center_weight > 0:
-            cen = self._center_loss(f_t, labels)
-            total = total + cfg.center_weight * cen
-            parts["cen_loss"] = cen.detach()
+        for name, weight, loss in (("tri_loss", cfg.triplet_weight, self._triplet_loss),
+                                   ("cen_loss", cfg.center_weight, self._center_loss)):
+            if weight > 0:
+                value = loss(f_t, labels)
+                total = total + weight * value
+                parts[name] = value.detach()
         return total, parts
 
     def compute_loss(self, x: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -136,20 +114,16 @@ class CoverHunterNet(nn.Module):
 
     # ---- parameter groups ------------------------------------------------------------------
 
+    def _parameters_where(self, head: bool) -> Iterator[nn.Parameter]:
+        return (p for name, p in self.named_parameters() if name.startswith(HEAD_PREFIXES) == head)
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters sized by the number of classes: ``_ce_layer.weight``, center-loss centers."""
-        for name, p in self.named_parameters():
-            if name.startswith(HEAD_PREFIXES):
-                yield p
+        return self._parameters_where(True)
 
     def embedding_parameters(self) -> Iterator[nn.Parameter]:
-        """All other parameters: the embedding path plus the bottleneck BN (256 at default).
-
-        This is the fact sheet's "2.23 M without head and centers" split.
-        """
-        for name, p in self.named_parameters():
-            if not name.startswith(HEAD_PREFIXES):
-                yield p
+        """All others: embedding path + bottleneck BN (the fact sheet's "2.23 M without head")."""
+        return self._parameters_where(False)
 
     def parameter_counts(self) -> dict[str, int]:
         """``{"embedding": n, "head": n, "total": n, "trainable": n}`` (numbers of values)."""

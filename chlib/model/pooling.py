@@ -1,6 +1,4 @@
-"""Attentive statistics pooling (channel-wise, ECAPA-TDNN style), as CoverHunter uses it.
-
-Turns a sequence of frame vectors [B, T', C] into one vector per item [B, C_out]:
+"""Attentive statistics pooling (channel-wise, ECAPA-TDNN style): [B, T', C] -> [B, C_out].
 
 1. global mean m and std s of each channel over time (uniform weights);
 2. per frame, the attention input [h_t, m, s] (3C) -> Linear(3C -> C) -> tanh
@@ -32,28 +30,12 @@ def weighted_mean_std(x: Tensor, weights: Tensor, eps: float = STD_EPS) -> tuple
     return mean, torch.sqrt(var.clamp(min=eps))
 
 
-class _XavierLinear(nn.Module):
-    """nn.Linear with Xavier-uniform weights, stored under ``linear_layer`` (original key)."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.linear_layer = nn.Linear(n_in, n_out)
-        nn.init.xavier_uniform_(self.linear_layer.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_layer(x)
-
-
-class _XavierConv1d(nn.Module):
-    """nn.Conv1d (k=1) with Xavier-uniform weights, stored under ``conv`` (original key)."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(n_in, n_out, kernel_size=1)
-        nn.init.xavier_uniform_(self.conv.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+def _xavier_in_box(name: str, layer: nn.Linear | nn.Conv1d) -> nn.Module:
+    """``layer`` with Xavier-uniform weights, held as ``<box>.<name>`` (the original's keys)."""
+    nn.init.xavier_uniform_(layer.weight)
+    box = nn.Module()
+    box.add_module(name, layer)
+    return box
 
 
 class AttentiveStatisticsPooling(nn.Module):
@@ -61,8 +43,8 @@ class AttentiveStatisticsPooling(nn.Module):
 
     def __init__(self, channels: int, out_dim: int) -> None:
         super().__init__()
-        self._linear = _XavierLinear(3 * channels, channels)
-        self._conv = _XavierConv1d(channels, channels)
+        self._linear = _xavier_in_box("linear_layer", nn.Linear(3 * channels, channels))
+        self._conv = _xavier_in_box("conv", nn.Conv1d(channels, channels, kernel_size=1))
         self._final_layer = nn.Linear(2 * channels, out_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,8 +55,8 @@ class AttentiveStatisticsPooling(nn.Module):
         context = torch.cat(
             [h, mean.unsqueeze(2).expand(b, c, t), std.unsqueeze(2).expand(b, c, t)], dim=1
         )  # [B, 3C, T']
-        hidden = torch.tanh(self._linear(context.transpose(1, 2)))  # [B, T', C]
-        logits = self._conv(hidden.transpose(1, 2))  # [B, C, T'] per channel and frame
+        hidden = torch.tanh(self._linear.linear_layer(context.transpose(1, 2)))  # [B, T', C]
+        logits = self._conv.conv(hidden.transpose(1, 2))  # [B, C, T'] per channel and frame
         attn = torch.softmax(logits, dim=2)  # [B, C, T'] sums to 1 over time
         mean, std = weighted_mean_std(h, attn)  # [B, C] each
         return self._final_layer(torch.cat([mean, std], dim=1))  # [B, 2C] -> [B, out_dim]

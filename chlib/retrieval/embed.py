@@ -1,31 +1,18 @@
-"""Whole-track window embeddings: the one embedding path of chlib.
+"""Whole-track window embeddings: the one embedding path of chlib (evaluation, index, identify).
 
-Training-time evaluation, ``05_evaluate``, the reference index and ``identify`` all embed
-recordings here and compare them with :mod:`chlib.retrieval.protocol`.
-
-* :func:`embed_windows` (low level): feature arrays or ``.npy`` paths -> window embeddings;
-* :func:`embed_recordings` (run level): manifest records or paths embedded with the run's recipe
-  (``hp``), optionally cached on disk.
-
-A track's CQT features ``[frames, bins]`` (dB, 25 frames/s by default) are cut into windows of
-``window`` raw frames (``hp.chunk_len[0]``, 3375 frames = 135 s by default), each padded with
--100 dB past the end, averaged over groups of ``mean_size`` frames (:func:`prepare_window`) and
-embedded by the model (``[B, window // mean_size, bins] -> [B, D]``). Windows
-(:func:`window_starts`) cover the **true feature length** (rows of the array):
-
-* ``tail="shift"`` (default): non-overlapping windows from frame 0, plus one window aligned to
-  the end when the leftover tail is longer than ``min_tail`` of a window;
-* ``tail="drop"``: the original: starts 0, hop, 2 hop, ... while ``start + window < n_frames``
-  (strictly), at least the start-0 window;
-* ``tail="pad"``: like "shift" but the extra window starts where the previous one ended.
-
-A track shorter than one window gives one window at 0, padded with -100 dB.
+A CQT ``[frames, bins]`` is cut into windows of ``window`` raw frames (``hp.chunk_len[0]``),
+padded with -100 dB and averaged over ``mean_size`` frames (:func:`prepare_window`), and
+embedded (``[B, window // mean_size, bins] -> [B, D]``). :func:`window_starts` covers the true
+feature length: ``tail="shift"`` (default) non-overlapping windows from 0 plus one aligned to the
+end when the leftover is longer than ``min_tail`` of a window; ``"drop"`` the original (starts
+0, hop, ... while ``start + window < n_frames``); ``"pad"`` like "shift" but the extra window starts
+where the previous one ended. A track shorter than one window gives one padded window at 0.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +37,8 @@ EMBED_CACHE_VERSION = 1  # bump when the embedding recipe changes: old caches ar
 
 def window_starts(n_frames: int, window: int, *, hop: int | None = None, tail: str = "shift",
                   min_tail: float = DEFAULT_MIN_TAIL) -> list[int]:
-    """Start frames of the embedding windows of a track of ``n_frames`` raw CQT frames.
-
-    ``window``: raw frames per window (3375 = 135 s at 25 frames/s); ``hop``: raw frames between
-    starts (default ``window``); ``tail``: "shift" | "drop" | "pad" (module docstring);
-    ``min_tail`` in [0, 1]: "shift" / "pad" add a tail window only past ``min_tail x window``.
-    Returns increasing starts, at least ``[0]``.
-    """
+    """Increasing start frames (at least ``[0]``) of the windows of a track of ``n_frames``
+    raw frames; ``hop`` default ``window``; ``tail``, ``min_tail`` in [0, 1]: module docstring."""
     if window < 1:
         raise ConfigError(f"window must be >= 1 raw frame, got {window}")
     hop = window if hop is None else int(hop)
@@ -102,23 +84,6 @@ def _track_windows(src: Any, settings: dict, n_bins: int | None) -> list[np.ndar
     return wins
 
 
-def _iter_windows(features: Sequence[Any], settings: dict, n_bins: int | None,
-                  failures: list | None) -> Iterator[tuple[int, np.ndarray | None]]:
-    """Yield ``(track index, window or None)``; a failed track (recorded in ``failures``, or
-    raised when that is None) yields a single ``(i, None)``."""
-    for i, src in enumerate(features):
-        try:
-            wins = _track_windows(src, settings, n_bins)
-        except FeatureError as e:
-            if failures is None:
-                raise
-            failures.append({"index": i, "feat": _name(src), "reason": str(e)})
-            yield i, None
-            continue
-        for w in wins:
-            yield i, w
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -130,24 +95,12 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
                   min_tail: float = DEFAULT_MIN_TAIL, n_bins: int | None = None,
                   progress: bool = True, failures: list | None = None
                   ) -> list[np.ndarray | None]:
-    """Embed every window of every track.
+    """Raw window embeddings, float32 [n_windows, D] per track of ``features`` ([frames, bins]
+    arrays or ``.npy`` paths), the model in eval mode on ``device`` (None = where it is).
 
-    Parameters
-    ----------
-    model : nn.Module float32 [B, window // mean_size, bins] -> [B, D]; put in eval mode for
-        the call (its mode is restored afterwards).
-    features : [frames, bins] arrays or ``.npy`` paths (memory-mapped).
-    window, mean_size, hop, tail, min_tail : the window recipe (:func:`window_starts`).
-    device : None = where the model's parameters are; else "auto", "cpu", "cuda", "mps" or a
-        torch.device (the model is moved there).
-    batch_size : windows per forward pass (windows of different tracks share batches).
-    n_bins : if given, every track must have this many CQT bins.
-    failures : None -> the first unusable feature file raises FeatureError; a list -> bad
-        tracks are appended as ``{"index", "feat", "reason"}`` and their result is None.
-
-    Returns
-    -------
-    one float32 CPU array [n_windows, D] per track (raw model outputs), None for a failed one.
+    ``batch_size`` windows (across tracks) per forward pass; ``n_bins``: CQT bins every track
+    must have. ``failures``: None = an unusable feature file raises FeatureError; a list = it
+    gets ``{"index", "feat", "reason"}`` and the track's result is None.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -172,20 +125,22 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
     bar = progress_bar(total=len(features), desc="embedding", unit="track", enabled=progress,
                        leave=False)
     try:
-        last = -1
-        for i, w in _iter_windows(features, settings, n_bins, failures):
-            bar.update(i - last)  # 0 while the windows of one track arrive
-            last = i
-            if w is None:
-                out[i] = None
-                continue
-            batch.append(w)
-            owners.append(i)
-            if len(batch) >= batch_size:
-                flush()
+        for i, src in enumerate(features):
+            try:
+                wins = _track_windows(src, settings, n_bins)
+            except FeatureError as e:
+                if failures is None:
+                    raise
+                failures.append({"index": i, "feat": _name(src), "reason": str(e)})
+                out[i], wins = None, []
+            for w in wins:
+                batch.append(w)
+                owners.append(i)
+                if len(batch) >= batch_size:
+                    flush()
+            bar.update(1)
         if batch:
             flush()
-        bar.update(len(features) - 1 - last)
     finally:
         bar.close()
         model.train(was_training)
@@ -193,22 +148,16 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
             for rows in out]
 
 
-# --------------------------------------------------------------------------------------------
-# the run-level path (hp recipe, optional cache)
-
-
-def _feature_key(src: str | os.PathLike, key_by: str) -> dict:
+def _feature_key(src: str | os.PathLike, key_by: str) -> dict | None:
+    """What a cached track is keyed by; None for a missing file (embedding then reports it)."""
     p = Path(src).resolve()
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise FeatureError(f"{src}: feature file not found; re-run feature extraction") from None
-    key: dict[str, Any] = {"path": str(p), "size": st.st_size}
+        return None
     if key_by == "content":
-        key["sha256"] = file_sha256(p)
-    else:
-        key["mtime_ns"] = st.st_mtime_ns
-    return key
+        return {"path": str(p), "size": st.st_size, "sha256": file_sha256(p)}
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _cache_folder(model: torch.nn.Module, fingerprint: str | None, settings: dict, hp: Any,
@@ -226,37 +175,22 @@ def _cache_folder(model: torch.nn.Module, fingerprint: str | None, settings: dic
     return folder
 
 
-def embed_recordings(
-    model: torch.nn.Module,
-    records: Sequence[dict | np.ndarray | str | os.PathLike],
-    hp: Any,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    fingerprint: str | None = None,
-    manifest_path: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    hop: int | None = None,
-    tail: str = "shift",
-    min_tail: float = DEFAULT_MIN_TAIL,
-    key_by: str = "stat",
-    progress: bool = True,
-    failures: list | None = None,
-) -> list[np.ndarray | None]:
-    """:func:`embed_windows` with the run's recipe, optionally cached. Returns what it returns.
+def embed_recordings(model: torch.nn.Module,
+                     records: Sequence[dict | np.ndarray | str | os.PathLike], hp: Any, *,
+                     cache_dir: str | os.PathLike | None = None, fingerprint: str | None = None,
+                     manifest_path: str | os.PathLike | None = None,
+                     device: str | torch.device | None = None, batch_size: int | None = None,
+                     hop: int | None = None, tail: str = "shift",
+                     min_tail: float = DEFAULT_MIN_TAIL, key_by: str = "stat",
+                     progress: bool = True, failures: list | None = None
+                     ) -> list[np.ndarray | None]:
+    """:func:`embed_windows` with the run's recipe (``hp.chunk_len[0]``, ``hp.mean_size``,
+    ``hp.eval_batch_size`` unless given, ``hp.features.n_bins``), optionally cached.
 
-    ``records``: manifest records (their ``feat``, resolved beside ``manifest_path``), ``.npy``
-    paths or feature arrays. The recipe is ``window = hp.chunk_len[0]``, ``mean_size =
-    hp.mean_size``, ``batch_size = hp.eval_batch_size`` (unless given), ``n_bins =
-    hp.features.n_bins``.
-
-    With ``cache_dir`` (**this function then caches**; arrays are never cached) each track is
-    one ``.npy`` [n_windows, D] under ``cache_dir/<model fingerprint>/<settings hash>/<track
-    hash>.npy``: the model fingerprint comes from ``model.state_dict()`` (a disagreeing
-    ``fingerprint`` is a CheckpointError), the settings hash covers the window recipe,
-    ``hp.features`` and the cache version (spelled out in ``settings.json``), the track hash the
-    feature file's absolute path and size plus its mtime (``key_by="stat"``) or SHA-256
-    (``key_by="content"``). Writes are atomic; nothing is pickled.
+    ``records``: manifest records (``feat`` resolved beside ``manifest_path``), ``.npy`` paths
+    or arrays. With ``cache_dir`` **this function caches** files (never arrays) as
+    ``<model fingerprint>/<hash of recipe, hp.features, version>/<track hash>.npy``, the track
+    hash over the file's path and size plus mtime (``key_by="stat"``) or SHA-256 ("content").
     """
     if key_by not in ("stat", "content"):
         raise ConfigError(f"key_by must be 'stat' or 'content', got {key_by!r}")
@@ -274,31 +208,23 @@ def embed_recordings(
     if cache_dir is None:
         return run(srcs, failures)
     folder = _cache_folder(model, fingerprint, settings, hp, cache_dir)
+    keys = {i: _feature_key(p, key_by) for i, p in enumerate(srcs)
+            if not isinstance(p, np.ndarray)}
+    files = {i: folder / f"{stable_hash(k, 24)}.npy" for i, k in keys.items() if k is not None}
     result: list[np.ndarray | None] = [None] * len(srcs)
-    todo: list[int] = []
-    files: dict[int, Path] = {}
-    for i, p in enumerate(srcs):
-        if isinstance(p, np.ndarray):
-            todo.append(i)
-            continue
+    for i, f in files.items():
         try:
-            files[i] = folder / f"{stable_hash(_feature_key(p, key_by), 24)}.npy"
-        except FeatureError as e:
-            if failures is None:
-                raise
-            failures.append({"index": i, "feat": str(p), "reason": str(e)})
-            continue
-        try:
-            result[i] = np.load(files[i], allow_pickle=False)
+            result[i] = np.load(f, allow_pickle=False)
         except (ValueError, OSError, EOFError):  # absent or unreadable: (re)compute it
-            todo.append(i)
-    if todo:
-        local: list | None = [] if failures is not None else None
-        for j, emb in zip(todo, run([srcs[i] for i in todo], local), strict=True):
-            if emb is not None and j in files:
-                atomic_save_npy(files[j], emb)
-            result[j] = emb
-        for fl in local or []:
-            failures.append({**fl, "index": todo[fl["index"]]})
+            pass
+    todo = [i for i, r in enumerate(result) if r is None]
+    if not todo:
+        return result
+    local: list | None = [] if failures is not None else None
+    for j, emb in zip(todo, run([srcs[i] for i in todo], local), strict=True):
+        if emb is not None and j in files:
+            atomic_save_npy(files[j], emb)
+        result[j] = emb
+    if failures is not None:
+        failures += [{**f, "index": todo[f["index"]]} for f in local]
     return result
-

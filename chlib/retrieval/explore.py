@@ -1,8 +1,5 @@
-"""The embedding explorer's data (``07_explore``): recordings as points with their metadata.
-
-Reference recordings come from the run's index (:func:`chlib.retrieval.identify.reference_index_for_run`),
-query recordings are embedded through the one embedding path; neighbours are ranked by the
-index's distance rule (:mod:`chlib.retrieval.protocol`). Figures: :mod:`chlib.ui.report`.
+"""The embedding explorer's data (``07_explore``): the run index's reference recordings and
+embedded query recordings as points with their metadata, neighbours ranked by the index's rule.
 """
 
 from __future__ import annotations
@@ -26,13 +23,9 @@ __all__ = ["ExplorerData", "explorer_data"]
 
 @dataclass
 class ExplorerData:
-    """Recordings as points: unit embeddings [N, D] and one metadata record each.
-
-    Records carry ``perf``, ``work``, ``role`` ("reference" / "query"), ``wav``, ``feat`` and
-    any other manifest column (e.g. ``version``, ``dur_s``). ``rule`` is the distance rule of the
-    index the points come from; :meth:`neighbours` ranks by it. 2-D projections are kept in
-    ``projections`` per (method, seed) (:func:`chlib.ui.report.explorer_projection`).
-    """
+    """Recordings as points: unit embeddings [N, D] and one metadata record each (``perf``,
+    ``work``, ``role`` "reference" / "query", ``wav``, ``feat``, other manifest columns).
+    ``projections``: 2-D maps per (method, seed), kept by :mod:`chlib.ui.report`."""
 
     embeddings: np.ndarray  # [N, D] float32 unit track vectors
     records: list[dict]
@@ -64,16 +57,15 @@ class ExplorerData:
         perfs = [str(r["perf"]) for r in self.records]
         if perf in perfs:
             return perfs.index(perf)
-        for i, p in enumerate(perfs):
-            if perf and perf.lower() in p.lower():
-                return i
-        raise ConfigError(f"no recording {perf!r} among {len(perfs)} points")
+        found = (i for i, p in enumerate(perfs) if perf and perf.lower() in p.lower())
+        if (i := next(found, None)) is None:
+            raise ConfigError(f"no recording {perf!r} among {len(perfs)} points")
+        return i
 
     def matching_works(self, text: str) -> list[str]:
         """Works whose name contains ``text`` (case-insensitive); [] for empty text."""
-        if not text:
-            return []
-        return sorted({str(r["work"]) for r in self.records if text.lower() in str(r["work"]).lower()})
+        works = {str(r["work"]) for r in self.records}
+        return sorted(w for w in works if text and text.lower() in w.lower())
 
     def neighbours(self, i: int, k: int = 10) -> list[dict]:
         """The ``k`` nearest other recordings of row ``i`` under :attr:`rule`, closest first."""
@@ -105,8 +97,8 @@ def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any
                   run_dir: str | os.PathLike, metadata: Sequence[dict] = (),
                   device: str = "auto", progress: bool = True) -> ExplorerData:
     """Reference recordings (from ``index``) plus query recordings (embedded here, cached in
-    ``run_dir/embeddings``) as one :class:`ExplorerData` that ranks by the index's rule. ``metadata`` rows (e.g. full.txt)
-    add their columns to the records with the same perf."""
+    ``run_dir/embeddings``) as one :class:`ExplorerData` that ranks by the index's rule;
+    ``metadata`` rows (e.g. full.txt) add their columns to the records with the same perf."""
     meta = {str(r["perf"]): r for r in metadata}
     refs = set(index.perfs)
     qrecs = [r for r in query_records if not is_tempo_copy(r) and str(r["perf"]) not in refs]
@@ -114,19 +106,16 @@ def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any
     failures: list = []
     wins = embed_recordings(model, qrecs, hp, cache_dir=Path(run_dir) / "embeddings", device=dev,
                             progress=progress, failures=failures) if qrecs else []
-    records, vecs = [], []
+    records = [{**meta.get(r["perf"], {}), **{k: x for k, x in r.items() if x is not None},
+                "role": "reference"} for r in index.records]
+    vecs = list(index.embeddings)
     sets = list(index.window_sets()) if index.windows is not None else None
-    for r, v in zip(index.records, index.embeddings, strict=True):
-        records.append({**meta.get(r["perf"], {}), **{k: x for k, x in r.items() if x is not None},
-                        "role": "reference"})
-        vecs.append(v)
     for r, w in zip(qrecs, wins, strict=True):
-        if w is None:
-            continue
-        records.append({**meta.get(str(r["perf"]), {}), **r, "role": "query"})
-        vecs.append(track_vector(w))
-        if sets is not None:
-            sets.append(unit_rows(w))
+        if w is not None:
+            records.append({**meta.get(str(r["perf"]), {}), **r, "role": "query"})
+            vecs.append(track_vector(w))
+            if sets is not None:
+                sets.append(unit_rows(w))
     if not records:
         raise ManifestError("explorer_data: no reference or query recording to show")
     return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule,

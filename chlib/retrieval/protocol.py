@@ -1,17 +1,11 @@
 """The distance rule: window embeddings -> track representation -> track distance.
 
-This module is the one owner of how two recordings are compared; evaluation (training-time and
-``05_evaluate``), the reference index, its calibration and identification all call it, so a
-metric measures exactly what identification does. A recording is a set of window embeddings
-``[n_windows, D]`` (raw model outputs, :func:`chlib.retrieval.embed.embed_windows`); every
-window is L2-normalised and two windows are ``1 - cos`` apart (in [0, 2]).
-
-Rules (:data:`DISTANCE_RULES`):
-
-* ``"min"``: the minimum over all window pairs of the two tracks (the original's evaluation
-  rule: the best-matching passages decide);
-* ``"mean"``: the distance of the tracks' unit mean window vectors (:func:`track_vector`): one
-  vector per recording, fast and FAISS-able.
+The one owner of how two recordings are compared (evaluation, the index, its calibration and
+identification), so a metric measures exactly what identification does. A recording is a set
+of window embeddings ``[n_windows, D]``; windows are L2-normalised and ``1 - cos`` apart, in
+[0, 2]. Rules (:data:`DISTANCE_RULES`): ``"min"`` = the minimum over all window pairs (the
+original's evaluation rule: the best-matching passages decide); ``"mean"`` = the distance of
+the tracks' unit mean window vectors (:func:`track_vector`): one vector per recording, FAISS-able.
 """
 
 from __future__ import annotations
@@ -42,10 +36,8 @@ def unit_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def track_vector(windows: np.ndarray) -> np.ndarray:
-    """Unit vector [D] of a track: the mean of its unit windows [n_windows, D], renormalised.
-
-    If the unit windows cancel out (mean norm < 1e-8) the first unit window is returned.
-    """
+    """Unit vector [D] of a track: the mean of its unit windows [n_windows, D], renormalised
+    (the first unit window if they cancel out)."""
     w = unit_rows(np.atleast_2d(np.asarray(windows, dtype=np.float32)))
     m = w.mean(axis=0)
     n = float(np.linalg.norm(m))
@@ -83,10 +75,8 @@ def _min_distances(q: np.ndarray, q_off: np.ndarray, r: np.ndarray, r_off: np.nd
     out = np.empty((n_q, len(r_off)), dtype=np.float32)
     rows_per_block = max(1, block_elements // max(1, r.shape[0]))
     t0 = 0
-    while t0 < n_q:
-        t1 = t0 + 1
-        while t1 < n_q and ends[t1] - q_off[t0] <= rows_per_block:
-            t1 += 1
+    while t0 < n_q:  # tracks t0..t1-1 hold at most rows_per_block windows (at least one track)
+        t1 = max(t0 + 1, int(np.searchsorted(ends, q_off[t0] + rows_per_block, side="right")))
         a, b = q_off[t0], ends[t1 - 1]
         dist = 1.0 - np.clip(q[a:b] @ r.T, -1.0, 1.0)  # [block windows, all ref windows]
         per_q = np.minimum.reduceat(dist, q_off[t0:t1] - a, axis=0)
@@ -97,17 +87,10 @@ def _min_distances(q: np.ndarray, q_off: np.ndarray, r: np.ndarray, r_off: np.nd
 
 def track_distances(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *,
                     rule: str, block_elements: int = 1 << 25) -> np.ndarray:
-    """Distance of every query track to every reference track under ``rule``.
+    """Distances float32 [Q, R] in [0, 2] of every query track to every reference track.
 
-    Parameters
-    ----------
-    q_windows, r_windows : sequences of [n_windows_i, D] window embeddings (raw or unit).
-    rule : "min" | "mean" (module docstring).
-    block_elements : cap on one window x window similarity block (memory, rule "min").
-
-    Returns
-    -------
-    float32 array [Q, R] of cosine distances in [0, 2].
+    ``q_windows``, ``r_windows``: [n_windows_i, D] window embeddings (raw or unit) per track;
+    ``block_elements``: cap on one window x window similarity block (memory, rule "min").
     """
     check_rule(rule)
     q, q_off = _stack_windows(q_windows, "q_windows")
@@ -121,11 +104,8 @@ def track_distances(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndar
 
 def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarray,
                    j: np.ndarray, *, rule: str, chunk: int = 8192) -> np.ndarray:
-    """Distances of track pairs ``(i[p], j[p])`` under ``rule``: float64 [P].
-
-    ``sets``: unit window sets [n_windows, D] per track (rule "min"); ``vectors``: unit track
-    vectors [N, D] (rule "mean"). Used for the index calibration (unrelated-pair distances).
-    """
+    """Distances float64 [P] of track pairs ``(i[p], j[p])`` from unit window ``sets`` (rule
+    "min") or unit track ``vectors`` [N, D] (rule "mean"), for the index calibration."""
     check_rule(rule)
     out = np.empty(i.size, np.float64)
     if rule == "mean":

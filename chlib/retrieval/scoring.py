@@ -1,16 +1,8 @@
-"""The one scorer of a retrieval test set, shared by training-time evaluation, ``05_evaluate``,
-k-fold and tuning.
-
-Given query and reference records (manifest rows with ``perf`` and ``work_id`` or ``work``) and
-their window embeddings, :func:`score_inputs` builds the distance matrix under the run's
-distance rule (:mod:`chlib.retrieval.protocol`), the labels and the exclusions:
-
-* a recording is never ranked against itself or a tempo copy of the same source recording
-  (``source_perf``), whether queries and references are one list or two;
-* an original-style ``query_in_ref`` file adds its (query index, ref index) pairs;
-* labels are ``work_id`` ints when every record has one, else work names.
-
-:func:`score_windows` returns the metrics (:func:`chlib.retrieval.metrics.retrieval_metrics`).
+"""The one scorer of a retrieval test set (training-time evaluation, ``05_evaluate``, k-fold,
+tuning): distances under the run's rule (:mod:`chlib.retrieval.protocol`), labels (``work_id``
+ints when every record has one, else work names) and exclusions: a recording is never ranked
+against itself or a tempo copy of the same source (``source_perf``), and an original-style
+``query_in_ref`` file adds its (query index, ref index) pairs.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Audio in: decode, mix to mono, resample, validate, peak-normalise.
 
 Every recording enters through :func:`load_audio`: a float32 mono signal at the feature sample
-rate (16 kHz by default), or an :class:`~chlib.core.errors.AudioError` naming the file, what is
-wrong and what to do. Decoding: ``soundfile`` (libsndfile >= 1.1: WAV, FLAC, OGG, Opus, MP3),
-then ``torchaudio.load`` as a fallback. :func:`resample` reproduces
-``torchaudio.functional.resample`` (default windowed sinc) on the CPU without the zero taps.
-Checks, in order: exists, not empty, decodes, >= 1 sample, all finite, not silent (mono peak >=
-``SILENCE_PEAK`` = 1e-4, -80 dBFS), at least ``min_seconds`` long (:data:`MIN_SECONDS`).
-:func:`try_load_audio` returns ``(signal, None)`` or ``(None, reason)``; :func:`iter_load_audio`
-decodes many files in a few threads (libsndfile releases the GIL), in input order.
+rate, or an :class:`~chlib.core.errors.AudioError` naming the file, what is wrong and what to
+do. Decoding: ``soundfile`` (WAV, FLAC, OGG, Opus, MP3), else ``torchaudio``.
 """
 
 from __future__ import annotations
@@ -27,17 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from chlib.core.errors import AudioError
-from chlib.signal.cqt import group_runs
+from chlib.signal.cqt import group_runs, nonzero_runs
 
 __all__ = ["MIN_SECONDS", "SILENCE_PEAK", "load_audio", "try_load_audio", "iter_load_audio",
            "decode_audio", "to_mono", "resample", "peak_normalise", "audio_info"]
 
-#: Shortest accepted recording, in seconds: 16384 samples at 16 kHz, one lowest-bin CQT kernel
-#: of the default features (above nnAudio's 8193-sample minimum; 25 frames).
+#: Shortest accepted recording, in seconds: one lowest-bin CQT kernel of the default features.
 MIN_SECONDS: float = 16384 / 16000
 
-#: Peak amplitude (of the mono mix, full scale = 1.0) below which a recording counts as silent:
-#: 1e-4 = -80 dBFS, under the noise floor of 16-bit audio with dither.
+#: Mono peak (full scale 1.0) below which a recording is silent: -80 dBFS, under 16-bit dither.
 SILENCE_PEAK: float = 1e-4
 
 
@@ -74,10 +66,7 @@ def _torchaudio():
 
 
 def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode a file as stored: ``(samples [n_samples, channels] float32, sample rate in Hz)``.
-
-    Raises :class:`AudioError` for a missing, empty or undecodable file.
-    """
+    """Decode a file as stored: ``(samples [n_samples, channels] float32, sample rate in Hz)``."""
     path = Path(path)
 
     def with_soundfile() -> tuple[np.ndarray, int]:
@@ -111,10 +100,9 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list] | None:
     """torchaudio's own resampling kernel, split into groups of phases without the zero taps.
 
-    Each of the ``new`` output phases has ``2 * width + orig`` taps, only ~``12 * orig / new``
-    non-zero (44.1 -> 16 kHz: ~34 of 475); groups of neighbouring phases keep only their non-zero
-    tap range, applied as a matrix product on a strided view: same sums, ~8x fewer
-    multiplications. None when torchaudio's private kernel builder is unavailable.
+    Only ~``12 * orig / new`` of each phase's taps are non-zero (44.1 -> 16 kHz: ~34 of 475), so
+    each group of phases multiplies only its tap range: same sums, ~8x fewer multiplications.
+    None when torchaudio's private kernel builder is unavailable.
     """
     try:
         from torchaudio.functional.functional import _get_sinc_resample_kernel
@@ -128,9 +116,7 @@ def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list]
     taps = kernel[:, 0, :].to(torch.float32)
     if taps.shape[0] != new:
         return None
-    nonzero = taps.abs() > taps.abs().max() * 1e-12
-    runs = [(int(idx[0]), int(idx[-1]) + 1)
-            for idx in (torch.nonzero(nonzero[i]).flatten() for i in range(new))]
+    runs = nonzero_runs((taps.abs() > taps.abs().max() * 1e-12).numpy())
     groups = [(start, end, lo, hi, taps[start:end, lo:hi].t().contiguous())
               for start, end, lo, hi in group_runs(runs, call_cost=700.0)]
     return orig, new, int(width), int(taps.shape[1]), groups
@@ -153,13 +139,8 @@ def _resample_grouped(y: torch.Tensor, plan: tuple, rows_per_chunk: int = 16384)
 
 
 def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
-    """Resample a mono float32 signal ``[n_samples]`` from ``orig_sr`` to ``new_sr`` Hz (CPU).
-
-    Numerically ``torchaudio.functional.resample`` with default settings (windowed sinc, 6 zero
-    crossings, rolloff 0.99; agreement ~1e-7), computed without the kernel's zero taps (see
-    :func:`_resample_plan`; 44.1 -> 16 kHz runs several times faster). Returns the input
-    unchanged when the rates agree.
-    """
+    """Resample mono float32 ``[n_samples]`` from ``orig_sr`` to ``new_sr`` Hz on the CPU:
+    ``torchaudio.functional.resample``'s defaults (agreement ~1e-7), several times faster."""
     y = np.ascontiguousarray(y, dtype=np.float32)
     if orig_sr == new_sr:
         return y
@@ -174,35 +155,20 @@ def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
         return _resample_grouped(torch.from_numpy(y), plan).numpy()
 
 
-def load_audio(
-    path: str | os.PathLike,
-    *,
-    sample_rate: int = 16000,
-    min_seconds: float = MIN_SECONDS,
-    silence_peak: float = SILENCE_PEAK,
-) -> np.ndarray:
+def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
+               min_seconds: float = MIN_SECONDS, silence_peak: float = SILENCE_PEAK) -> np.ndarray:
     """Decode ``path`` to a finite float32 mono signal ``[n_samples]`` at ``sample_rate`` Hz.
 
-    Stereo and multichannel files are averaged to mono. Not peak-normalised (see
-    :func:`peak_normalise`). Raises :class:`AudioError` naming the file when it is missing,
-    empty, undecodable, holds NaN/inf samples, is silent (peak < ``silence_peak``) or is shorter
-    than ``min_seconds`` seconds.
+    Channels are averaged; not peak-normalised. :class:`AudioError` when the file is missing,
+    empty, undecodable, not finite, silent (peak < ``silence_peak``) or under ``min_seconds``.
     """
     path = Path(path)
-    data, sr = decode_audio(path)
-    return _check_and_convert(path, data, sr, sample_rate=sample_rate, min_seconds=min_seconds,
-                              silence_peak=silence_peak)
+    return _check_and_convert(path, *decode_audio(path), sample_rate=sample_rate,
+                              min_seconds=min_seconds, silence_peak=silence_peak)
 
 
-def _check_and_convert(
-    path: Path,
-    data: np.ndarray,
-    sr: int,
-    *,
-    sample_rate: int,
-    min_seconds: float,
-    silence_peak: float,
-) -> np.ndarray:
+def _check_and_convert(path: Path, data: np.ndarray, sr: int, *, sample_rate: int,
+                       min_seconds: float, silence_peak: float = SILENCE_PEAK) -> np.ndarray:
     """Checks of :func:`load_audio` on decoded ``data [n, channels]``, then mono + resample."""
     if data.shape[0] == 0:
         raise AudioError(f"{path}: decodes to 0 samples; the file holds no audio: "
@@ -230,62 +196,54 @@ def _check_and_convert(
     return resample(y, sr, sample_rate)
 
 
-def try_load_audio(
-    path: str | os.PathLike,
-    *,
-    sample_rate: int = 16000,
-    min_seconds: float = MIN_SECONDS,
-    normalise: bool = False,
-) -> tuple[np.ndarray | None, str | None]:
-    """:func:`load_audio` that reports instead of raising: ``(signal, None)`` or ``(None, reason)``.
-
-    A pure, top-level function (safe in a worker thread or process). ``normalise`` applies
-    :func:`peak_normalise`. Only :class:`AudioError` is turned into a reason; programming
-    errors still raise.
-    """
+def _try_decode(path: Path) -> tuple[np.ndarray, int] | str:
+    """``decode_audio(path)``, or the reason it failed."""
     try:
-        y = load_audio(path, sample_rate=sample_rate, min_seconds=min_seconds)
+        return decode_audio(path)
+    except AudioError as e:
+        return str(e)
+
+
+def _try_convert(path: Path, decoded: tuple[np.ndarray, int] | str, *, sample_rate: int,
+                 min_seconds: float, normalise: bool) -> tuple[np.ndarray | None, str | None]:
+    """``(signal, None)`` from a decoded file, or ``(None, reason)``."""
+    if isinstance(decoded, str):
+        return None, decoded
+    try:
+        y = _check_and_convert(path, *decoded, sample_rate=sample_rate, min_seconds=min_seconds)
     except AudioError as e:
         return None, str(e)
     return (peak_normalise(y) if normalise else y), None
 
 
-def iter_load_audio(
-    paths: Iterable[str | os.PathLike],
-    *,
-    sample_rate: int = 16000,
-    min_seconds: float = MIN_SECONDS,
-    normalise: bool = False,
-    num_workers: int = 2,
-    read_ahead: int | None = None,
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+def try_load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
+                   min_seconds: float = MIN_SECONDS,
+                   normalise: bool = False) -> tuple[np.ndarray | None, str | None]:
+    """:func:`load_audio` that reports instead of raising: ``(signal, None)`` or ``(None, reason)``.
+
+    Only :class:`AudioError` becomes a reason; ``normalise`` applies :func:`peak_normalise`.
+    """
+    path = Path(path)
+    return _try_convert(path, _try_decode(path), sample_rate=sample_rate,
+                        min_seconds=min_seconds, normalise=normalise)
+
+
+def iter_load_audio(paths: Iterable[str | os.PathLike], *, sample_rate: int = 16000,
+                    min_seconds: float = MIN_SECONDS, normalise: bool = False,
+                    num_workers: int = 2, read_ahead: int | None = None,
+                    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """Decode many files in a thread pool; yield ``(index, signal or None, reason or None)``.
 
-    Results come in input order. At most ``read_ahead`` (default ``2 * num_workers``) decoded
-    files wait in memory at a time. ``num_workers <= 1`` does everything in the calling thread.
-    Only the decoding (libsndfile, outside the GIL) runs in the worker threads; the checks,
-    mono mix and resampling run in the calling thread, so that torch's OpenMP thread team is
-    never started from several threads at once (oversubscribed OpenMP teams slow every stage
-    several-fold on a 2-core machine).
+    In input order, at most ``read_ahead`` (default ``2 * num_workers``) decoded files waiting;
+    ``num_workers <= 1``: all in this thread. Only decoding (libsndfile, outside the GIL) runs in
+    the threads; checks and resampling run here, so torch's OpenMP team is never started from
+    several threads at once (which slows every stage several-fold on 2 cores).
     """
     kw = dict(sample_rate=sample_rate, min_seconds=min_seconds, normalise=normalise)
     if num_workers <= 1:
         for i, p in enumerate(paths):
-            y, err = try_load_audio(p, **kw)
-            yield i, y, err
+            yield i, *try_load_audio(p, **kw)
         return
-
-    def finish(path: Path, job: Future) -> tuple[np.ndarray | None, str | None]:
-        decoded, err = job.result()
-        if err is not None:
-            return None, err
-        try:
-            y = _check_and_convert(path, decoded[0], decoded[1], sample_rate=sample_rate,
-                                   min_seconds=min_seconds, silence_peak=SILENCE_PEAK)
-        except AudioError as e:
-            return None, str(e)
-        return (peak_normalise(y) if normalise else y), None
-
     ahead = max(1, read_ahead or 2 * num_workers)
     pending: deque[tuple[int, Path, Future]] = deque()
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="chlib-audio") as pool:
@@ -293,35 +251,21 @@ def iter_load_audio(
             pending.append((i, Path(p), pool.submit(_try_decode, Path(p))))
             if len(pending) >= ahead:
                 j, path, job = pending.popleft()
-                yield (j, *finish(path, job))
+                yield j, *_try_convert(path, job.result(), **kw)
         while pending:
             j, path, job = pending.popleft()
-            yield (j, *finish(path, job))
-
-
-def _try_decode(path: Path) -> tuple[tuple[np.ndarray, int] | None, str | None]:
-    try:
-        return decode_audio(path), None
-    except AudioError as e:
-        return None, str(e)
+            yield j, *_try_convert(path, job.result(), **kw)
 
 
 def peak_normalise(y: np.ndarray) -> np.ndarray:
-    """``y / max(0.001, max|y|) * 0.999`` (the original's rule), float32 ``[n_samples]``.
-
-    Signals quieter than 0.001 peak are amplified by at most 999x (not to full scale).
-    """
+    """``y / max(0.001, max|y|) * 0.999`` (the original's rule), float32 ``[n_samples]``."""
     y = np.asarray(y, dtype=np.float32)
     peak = float(np.max(np.abs(y))) if y.size else 0.0
     return (y / np.float32(max(0.001, peak)) * np.float32(0.999)).astype(np.float32, copy=False)
 
 
 def audio_info(path: str | os.PathLike) -> tuple[float, int, int]:
-    """``(duration in seconds, sample rate in Hz, channels)`` from the header, without decoding.
-
-    ``soundfile.info`` (MP3 may be scanned, still much faster than decoding), else
-    ``torchaudio.info``. Raises :class:`AudioError` naming a missing, empty or unreadable file.
-    """
+    """``(duration in seconds, sample rate in Hz, channels)`` from the header, without decoding."""
     path = Path(path)
 
     def with_soundfile() -> tuple[float, int, int]:

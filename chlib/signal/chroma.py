@@ -20,18 +20,8 @@ _HOP = 512  # nominal hop handed to librosa's beat tracker; only frames per seco
 
 
 def chroma_from_cqt(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.ndarray:
-    """Fold a CQT into 12 pitch classes.
-
-    Parameters
-    ----------
-    feat_db : float array [frames, n_bins], dB (chlib features: 0 dB = the track's loudest cell)
-    bins_per_octave : int, a multiple of 12
-
-    Returns
-    -------
-    float32 array [frames, 12]: summed linear magnitude per pitch class, each frame scaled to max 1
-    (the first pitch class is the CQT's lowest bin's, C at chlib's fmin of 32 Hz).
-    """
+    """Fold a dB CQT ``[frames, n_bins]`` (``bins_per_octave`` a multiple of 12) into float32
+    ``[frames, 12]``: linear magnitude per pitch class (first: the lowest bin's), frame max 1."""
     feat_db = np.asarray(feat_db, dtype=np.float32)
     if feat_db.ndim != 2 or bins_per_octave % 12 or feat_db.shape[1] < bins_per_octave:
         raise FeatureError(f"need [frames, >= {bins_per_octave} bins] CQT features with a multiple "
@@ -59,15 +49,10 @@ def beat_synchronous(chroma: np.ndarray, feat_db: np.ndarray, *, fps: float) -> 
 
 def ftm2d(feat_db: np.ndarray, *, fps: float = 25.0, bins_per_octave: int = 12,
           patch_beats: int = 75, power: float = 1.96) -> np.ndarray:
-    """The 2D-FTM vector of one recording.
+    """The 2D-FTM vector of one recording: float32 ``[12 * patch_beats]``, unit norm (cosine).
 
-    Beat-synchronous chroma raised to ``power`` (contrast), cut into every ``patch_beats``-beat
-    patch (hop 1 beat; a shorter track is zero-padded to one patch), |2D DFT| of each [12,
-    patch_beats] patch, median over patches, log(1 + x), L2-normalised.
-
-    Returns
-    -------
-    float32 array [12 * patch_beats] (900 by default), unit norm; compare with cosine distance.
+    Beat-synchronous chroma ** ``power``, every ``patch_beats``-beat patch (zero-padded to one),
+    |2D DFT| per patch, median over patches, log(1 + x), L2-normalised.
     """
     chroma = chroma_from_cqt(feat_db, bins_per_octave=bins_per_octave)
     beats = beat_synchronous(chroma, np.asarray(feat_db, dtype=np.float32), fps=fps) ** power

@@ -1,29 +1,18 @@
 """Constant-Q transform in two flavours behind one interface: ``nnaudio`` and ``coverhunter``.
 
-Both give a magnitude CQT ``[frames, bins]`` (bin k at ``fmin * 2**(k / bpo)`` Hz) that
-:func:`amplitude_to_db` turns into dB below the track's loudest cell (``20 * log10(mag + 1e-9)``
-minus its maximum; no floor). Defaults (16 kHz, hop 640, fmin 32 Hz, 96 bins, 12 per octave):
-25 frames per second over 32 Hz .. 7.7 kHz. A model trained on one flavour degrades on the other.
+Both give a magnitude CQT ``[frames, bins]`` (bin k at ``fmin * 2**(k / bpo)`` Hz);
+:func:`amplitude_to_db` gives dB below the track's loudest cell. Defaults: 25 frames per second
+over 32 Hz .. 7.7 kHz. A model trained on one flavour degrades on the other.
 
-``nnaudio`` -- CoverHunterMPS's features: nnAudio's ``CQT1992v2`` (Hann, L1 norm, reflect
-    padding of half a 16384-sample kernel), ``n_frames = floor(n_samples / hop) + 1``, on every
-    device (the fork's CUDA ``CQT2010v2`` is slower on CPU and differs by up to 39 dB on single
-    cells). Padding is per track, so a track in a zero-padded batch gets the frames it gets alone.
+``nnaudio``: CoverHunterMPS's nnAudio ``CQT1992v2`` on every device (the fork's CUDA
+``CQT2010v2`` differs by up to 39 dB on single cells), reflect-padded per track, so a track in
+a zero-padded batch gets the frames it gets alone.
 
-``coverhunter`` -- the original's "PyCqt", in torch: bin k's kernel is a Hamming-windowed complex
-    exponential of ``L_k = 2 * round(Q * sr / f_k / 2) + 1`` samples centred in ``n_fft`` = 16384
-    (next power of two >= ``Q * sr / fmin``); its FFT, entries < 0.01 zeroed, conjugated and
-    divided by ``n_fft`` is the spectral kernel. The signal is zero-padded by ``(n_fft - hop) / 2``
-    (ceil before, floor after), ``n_frames = floor(n_samples / hop)``, magnitude
-    ``|kernel @ FFT(frame)|``. Fast and exact: each bin's kernel is non-zero on one run of FFT
-    bins, so a real FFT per frame (two top bins folded back by conjugate symmetry) is multiplied,
-    per group of neighbouring bins, only over the run that group needs (groups chosen once per
-    settings). Float32 agrees with the float64 original within 0.001 dB above -60 dB
-    (``tests/test_cqt.py``); ``dtype=torch.float64`` on CPU / CUDA for bit-level checks. About
-    3.5-4 s per audio-hour on one torch thread (``bench/bench_extract.py``); under CPU
-    contention use one thread.
-
-Extractors are cached per (settings, device, dtype) by :func:`get_extractor`.
+``coverhunter``: the original's "PyCqt" in torch (Hamming-windowed kernels in ``n_fft`` = 16384,
+spectral entries < 0.01 zeroed). Each bin's kernel is non-zero on one run of FFT bins, so the
+real FFT of each frame is multiplied, per group of neighbouring bins, only over the run that
+group needs. Float32 agrees with the float64 original within 0.001 dB above -60 dB; about 4 s
+per audio-hour on one torch thread (``bench/bench_extract.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +31,7 @@ from chlib.core.errors import AudioError, ConfigError
 
 __all__ = ["DB_EPS", "CQTExtractor", "amplitude_to_db", "compute_cqt_db", "compute_cqt_db_batch",
            "n_frames", "min_samples", "kernel_length", "coverhunter_spectral_kernel",
-           "get_extractor", "group_runs"]
+           "get_extractor", "group_runs", "nonzero_runs"]
 
 #: Added to magnitudes before the logarithm (the original's constant).
 DB_EPS: float = 1e-9
@@ -51,55 +40,34 @@ DB_EPS: float = 1e-9
 _KERNEL_THRESHOLD: float = 0.01
 
 
-# --------------------------------------------------------------------------------------------
-# sizes
-
-
 def _quality(settings: FeatureSettings) -> float:
     return 1.0 / (2.0 ** (1.0 / settings.bins_per_octave) - 1.0)
 
 
 def kernel_length(settings: FeatureSettings) -> int:
-    """Samples spanned by the lowest-bin kernel: next power of two >= ``Q * sr / fmin``.
-
-    16384 with the defaults, for both flavours (nnAudio's kernel width and the original's FFT
-    length use the same rule).
-    """
+    """Samples spanned by the lowest-bin kernel, both flavours: next power of two >= ``Q * sr / fmin``."""
     return int(2 ** math.ceil(math.log2(_quality(settings) * settings.sample_rate / settings.fmin)))
 
 
 def n_frames(n_samples: int, settings: FeatureSettings) -> int:
-    """Number of CQT frames for ``n_samples`` samples at ``settings.sample_rate``.
-
-    ``nnaudio``: ``floor(n_samples / hop) + 1`` (centred frames); ``coverhunter``:
-    ``floor(n_samples / hop)``.
-    """
+    """CQT frames of ``n_samples``: ``n // hop``, plus one for ``nnaudio`` (centred frames)."""
     base = int(n_samples) // settings.hop_length
     return base + 1 if settings.flavour == "nnaudio" else base
 
 
 def min_samples(settings: FeatureSettings) -> int:
-    """Fewest samples the transform accepts.
-
-    ``nnaudio``: ``kernel_length // 2 + 1`` (8193 with the defaults; reflect padding by half a
-    kernel needs a longer input). ``coverhunter``: ``hop_length`` (one frame).
-    """
+    """Fewest samples accepted: one hop (``coverhunter``), half a kernel + 1 (``nnaudio``'s
+    reflect padding; 8193 by default)."""
     if settings.flavour == "nnaudio":
         return kernel_length(settings) // 2 + 1
     return settings.hop_length
 
 
-# --------------------------------------------------------------------------------------------
-# dB
-
-
 def amplitude_to_db(mag: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """``20 * log10(mag + 1e-9)`` minus its maximum over the last two axes ([frames, bins]).
 
-    Input ``[frames, bins]`` or ``[B, frames, bins]`` magnitudes (tensor or array; each track is
-    referenced to its own maximum, which becomes 0 dB). Returns the same type and shape. For a
-    zero-padded batch, crop each track to its own frames first (padding frames would otherwise
-    take part in the maximum).
+    ``[frames, bins]`` or ``[B, frames, bins]``, tensor or array (same type back); crop padded
+    tracks first, or padding frames take part in the maximum.
     """
     if isinstance(mag, torch.Tensor):
         db = 20.0 * torch.log10(mag + DB_EPS)
@@ -109,16 +77,9 @@ def amplitude_to_db(mag: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray
     return db - db.max(axis=(-2, -1), keepdims=True)
 
 
-# --------------------------------------------------------------------------------------------
-# the original's kernel
-
-
 def coverhunter_spectral_kernel(settings: FeatureSettings) -> np.ndarray:
-    """The original's sparse spectral kernel as a dense array ``[n_bins, n_fft]`` complex128.
-
-    Thresholded at 0.01, complex-conjugated and divided by ``n_fft``, so that
-    ``abs(kernel @ np.fft.fft(frame))`` is one CQT frame (``frame`` has ``n_fft`` samples).
-    """
+    """The original's spectral kernel, dense ``[n_bins, n_fft]`` complex128, such that
+    ``abs(kernel @ np.fft.fft(frame))`` is one CQT frame of ``n_fft`` samples."""
     sr = settings.sample_rate
     q = _quality(settings)
     n_fft = kernel_length(settings)
@@ -160,11 +121,14 @@ def _bin_runs(w: np.ndarray) -> list[tuple[int, int]]:
     """For each bin, the half-open run ``[lo, hi)`` of real-FFT bins where its kernel is non-zero."""
     n_bins = w.shape[1] // 2
     nonzero = (np.abs(w[0::2]) + np.abs(w[1::2])).reshape(w.shape[0] // 2, n_bins, 2).sum(-1) > 0
-    runs = []
-    for k in range(n_bins):
-        idx = np.flatnonzero(nonzero[:, k])
-        runs.append((int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 1))
-    return runs
+    return nonzero_runs(nonzero.T)
+
+
+def nonzero_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Per row of a boolean ``mask [rows, n]``, ``[first, last + 1)`` of its True entries
+    (``(0, 1)`` for a row without any): the input of :func:`group_runs`."""
+    return [(int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 1)
+            for idx in map(np.flatnonzero, mask)]
 
 
 def group_runs(runs: list[tuple[int, int]],
@@ -193,10 +157,6 @@ def group_runs(runs: list[tuple[int, int]],
     return groups[::-1]
 
 
-# --------------------------------------------------------------------------------------------
-# flavour modules: pad one track, transform a padded batch
-
-
 class _CoverHunterCQT(nn.Module):
     """The original's CQT on torch. ``transform([B, padded]) -> magnitude [B, frames, bins]``."""
 
@@ -218,16 +178,14 @@ class _CoverHunterCQT(nn.Module):
         """Zero-pad one track ``[n]`` -> ``[n + n_fft - hop]`` (the original's padding)."""
         return F.pad(y, (self.pad_left, self.pad_right))
 
-    def transform(self, padded: torch.Tensor, rows_per_chunk: int | None = None) -> torch.Tensor:
+    def transform(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded [B, P]`` -> magnitude ``[B, (P - n_fft) // hop + 1, n_bins]``."""
         bsz, total = padded.shape
         frames = (total - self.n_fft) // self.hop + 1
         weights = [getattr(self, f"w{i}") for i in range(len(self.groups))]
         dtype = weights[0].dtype
         padded = padded.to(dtype)
-        if rows_per_chunk is None:
-            rows_per_chunk = 128 if padded.device.type == "cpu" else 4096
-        step = max(1, rows_per_chunk // bsz)
+        step = max(1, (128 if padded.device.type == "cpu" else 4096) // bsz)  # frames per matmul
         view = padded.unfold(-1, self.n_fft, self.hop)  # [B, frames, n_fft], no copy
         out = torch.empty(bsz, frames, 2 * self.n_bins, dtype=dtype, device=padded.device)
         for t0 in range(0, frames, step):
@@ -251,15 +209,10 @@ class _NnAudioCQT(nn.Module):
         super().__init__()
         from nnAudio.features.cqt import CQT1992v2
 
-        self.cqt = CQT1992v2(
-            sr=settings.sample_rate,
-            hop_length=settings.hop_length,
-            fmin=settings.fmin,
-            n_bins=settings.n_bins,
-            bins_per_octave=settings.bins_per_octave,
-            center=False,  # we pad each track ourselves (see pad_one)
-            verbose=False,
-        )
+        self.cqt = CQT1992v2(sr=settings.sample_rate, hop_length=settings.hop_length,
+                             fmin=settings.fmin, n_bins=settings.n_bins,
+                             bins_per_octave=settings.bins_per_octave,
+                             center=False, verbose=False)  # center: pad_one pads each track
         self.half = int(self.cqt.kernel_width) // 2
 
     def pad_one(self, y: torch.Tensor) -> torch.Tensor:
@@ -271,26 +224,16 @@ class _NnAudioCQT(nn.Module):
         return self.cqt(padded.to(torch.float32)).transpose(1, 2).contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# public module
-
-
 class CQTExtractor(nn.Module):
     """Magnitude CQT of a batch of equal-length signals, for the flavour in ``settings``.
 
-    ``CQTExtractor(settings, device=None, dtype=None)``; kernels are buffers, so ``.to(device)``
-    moves them. ``forward(batch [B, samples] or [samples]) -> magnitude [B, frames, bins]`` on
-    the extractor's device (input is moved there). ``device`` None picks cuda, then mps, then
-    cpu. ``dtype`` (``coverhunter`` only): compute precision, float32 by default; float64 is
-    refused on MPS. Signals of different lengths: use :func:`compute_cqt_db_batch`.
+    Kernels are buffers (``.to(device)`` moves them); ``device`` None picks cuda, mps, cpu.
+    ``dtype`` (``coverhunter`` only): float32 (default) or float64 (not on MPS). Signals of
+    different lengths: :func:`compute_cqt_db_batch`.
     """
 
-    def __init__(
-        self,
-        settings: FeatureSettings,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, settings: FeatureSettings, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         settings.validate()
         self.settings = settings
@@ -313,14 +256,6 @@ class CQTExtractor(nn.Module):
     def device(self) -> torch.device:
         """Device the kernels live on."""
         return next(iter(self.buffers())).device
-
-    def pad_one(self, y: torch.Tensor) -> torch.Tensor:
-        """Pad one track ``[n]`` as the flavour requires (zeros or reflect)."""
-        return self.impl.pad_one(y)
-
-    def transform_padded(self, padded: torch.Tensor) -> torch.Tensor:
-        """Magnitudes of already padded tracks ``[B, P]`` -> ``[B, frames, bins]``."""
-        return self.impl.transform(padded)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch [B, samples]`` (or ``[samples]``) -> magnitude ``[B, frames, bins]``."""
@@ -350,36 +285,21 @@ def _cached_extractor(settings: FeatureSettings, device: str, dtype: torch.dtype
     return CQTExtractor(settings, device=device, dtype=dtype)
 
 
-def get_extractor(
-    settings: FeatureSettings,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> CQTExtractor:
-    """The cached :class:`CQTExtractor` for ``(settings, device, dtype)`` (built on first use).
-
-    ``dtype`` None means float32. Up to 8 extractors are kept per process.
-    """
+def get_extractor(settings: FeatureSettings, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> CQTExtractor:
+    """The cached :class:`CQTExtractor` for ``(settings, device, dtype)`` (8 kept per process)."""
     return _cached_extractor(settings, str(pick_device(device)), dtype or torch.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# numpy in, dB out
-
-
-def compute_cqt_db_batch(
-    signals: list[np.ndarray],
-    settings: FeatureSettings,
-    device: str | torch.device | None = None,
-    batch_size: int = 16,
-    dtype: torch.dtype | None = None,
-) -> list[np.ndarray]:
+def compute_cqt_db_batch(signals: list[np.ndarray], settings: FeatureSettings,
+                         device: str | torch.device | None = None, batch_size: int = 16,
+                         dtype: torch.dtype | None = None) -> list[np.ndarray]:
     """CQT in dB of many mono signals ``[n_samples]`` (at ``settings.sample_rate``).
 
-    Returns, in input order, float32 arrays ``[n_frames(len), bins]`` in dB relative to each
-    track's own maximum (0 dB). Signals are sorted by length, padded (per flavour) and
-    zero-padded to the longest of their batch of ``batch_size``; each result is cropped to its
-    own frame count, so batched output equals per-track output. Raises :class:`AudioError` for a
-    signal that is not 1-D, holds NaN/inf or is shorter than :func:`min_samples`.
+    Returns, in input order, float32 ``[n_frames(len), bins]``, 0 dB = each track's maximum.
+    Batches of similar lengths are zero-padded and each result cropped to its own frames, so
+    batched output equals per-track output. :class:`AudioError` for a signal that is not 1-D,
+    not finite or shorter than :func:`min_samples`.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -399,22 +319,19 @@ def compute_cqt_db_batch(
     with torch.no_grad():
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
-            padded = [extractor.pad_one(torch.as_tensor(np.asarray(signals[i], dtype=np.float32),
-                                                         device=dev)) for i in idx]
+            padded = [extractor.impl.pad_one(torch.as_tensor(
+                np.asarray(signals[i], dtype=np.float32), device=dev)) for i in idx]
             width = max(p.shape[0] for p in padded)
             batch = torch.stack([F.pad(p, (0, width - p.shape[0])) for p in padded])
-            mag = extractor.transform_padded(batch)
+            mag = extractor.impl.transform(batch)
             for row, i in enumerate(idx):
                 crop = mag[row, : n_frames(len(signals[i]), settings)]
                 results[i] = amplitude_to_db(crop).to(torch.float32).cpu().numpy()
     return results  # type: ignore[return-value]
 
 
-def compute_cqt_db(
-    y: np.ndarray,
-    settings: FeatureSettings,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> np.ndarray:
+def compute_cqt_db(y: np.ndarray, settings: FeatureSettings,
+                   device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> np.ndarray:
     """CQT in dB of one mono signal ``[n_samples]``: float32 ``[n_frames, bins]``, max 0 dB."""
     return compute_cqt_db_batch([y], settings, device=device, batch_size=1, dtype=dtype)[0]

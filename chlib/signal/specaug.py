@@ -1,15 +1,10 @@
 """Spectral augmentation of training chunks (the original's SpecAug, with its bugs fixed).
 
-Every function takes a chunk ``feat [frames, bins]`` (after mean_size averaging; dB <= 0, -100 dB
-end padding) and an explicit ``numpy.random.Generator``, never touches global random state and
-returns a new array of the same shape and dtype. :func:`spec_augment` runs ``roll_pitch`` then
-``random_erase``, as the original. Fixes (coverhunter-facts 4.2, 13.2.1-2): each erase box's
-corner is drawn so the whole box lies inside the array (the original's centre draw gave empty
-slices and never reached the last half-box); the erase fill defaults to the chunk's own minimum
-(not a uniform draw in [-128, 0) dB, which could be louder than its surroundings). ``roll_pitch``
-``"default"`` keeps the original (shift in {-n, 0, +n}, circular roll); ``"low_melody"`` and
-``"flex_melody"`` follow the fork; ``"random"`` (chlib) shifts by any whole number of bins in
-[-shift_num, shift_num] without wrapping: a key change, for transposition invariance.
+Every function takes a chunk ``feat [frames, bins]`` (dB <= 0, -100 dB end padding) and an
+explicit ``numpy.random.Generator`` and returns a new array of the same shape and dtype.
+Fixes (coverhunter-facts 4.2, 13.2.1-2): erase boxes lie wholly inside the array (the
+original's centre draw gave empty slices) and are filled with the chunk's minimum (not a
+uniform draw in [-128, 0) dB, which could be louder than its surroundings).
 """
 
 from __future__ import annotations
@@ -32,27 +27,12 @@ def _check_2d(feat: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: expected a non-empty [frames, bins] array, got shape {feat.shape}")
 
 
-# --------------------------------------------------------------------------------------------
-# random erase
+def erase_boxes(n_frames: int, n_bins: int, *, rng: np.random.Generator, erase_num: int = 4,
+                region_size: tuple[float, float] = (0.25, 0.1)) -> list[tuple[int, int, int, int]]:
+    """``erase_num`` half-open boxes ``(t0, t1, f0, f1)`` wholly inside ``[n_frames, n_bins]``.
 
-
-def erase_boxes(
-    n_frames: int,
-    n_bins: int,
-    *,
-    rng: np.random.Generator,
-    erase_num: int = 4,
-    region_size: tuple[float, float] = (0.25, 0.1),
-) -> list[tuple[int, int, int, int]]:
-    """Draw ``erase_num`` boxes that lie wholly inside a ``[n_frames, n_bins]`` array.
-
-    Box size is ``max(1, int(n_frames * region_size[0]))`` frames by
-    ``max(1, int(n_bins * region_size[1]))`` bins (the original's sizes, but never empty);
-    the top-left corner is uniform over every position that keeps the box inside.
-
-    Returns:
-        list of ``(t0, t1, f0, f1)`` half-open index ranges, ``0 <= t0 < t1 <= n_frames`` and
-        ``0 <= f0 < f1 <= n_bins``.
+    Sizes are the original's fractions ``region_size`` (time, frequency), at least 1; the
+    corner is uniform over every position that keeps the box inside.
     """
     rt, rf = region_size
     if not (0 < rt <= 1 and 0 < rf <= 1):
@@ -67,26 +47,11 @@ def erase_boxes(
     return boxes
 
 
-def random_erase(
-    feat: np.ndarray,
-    *,
-    rng: np.random.Generator,
-    erase_num: int = 4,
-    region_size: tuple[float, float] = (0.25, 0.1),
-    fill: float | None = None,
-) -> np.ndarray:
-    """Set ``erase_num`` time-frequency boxes of ``feat`` [frames, bins] to one fill value.
-
-    Args:
-        feat: [frames, bins] dB chunk.
-        rng: the random generator (box positions).
-        erase_num: number of boxes (they may overlap).
-        region_size: (time fraction, frequency fraction) of each box, as the original.
-        fill: dB value written into the boxes; None (default) = the chunk's minimum value.
-
-    Returns:
-        a new [frames, bins] array.
-    """
+def random_erase(feat: np.ndarray, *, rng: np.random.Generator, erase_num: int = 4,
+                 region_size: tuple[float, float] = (0.25, 0.1),
+                 fill: float | None = None) -> np.ndarray:
+    """Set ``erase_num`` (possibly overlapping) :func:`erase_boxes` of ``feat`` to ``fill`` dB
+    (None: the chunk's minimum)."""
     _check_2d(feat, "random_erase")
     out = np.array(feat, copy=True)
     value = float(out.min()) if fill is None else float(fill)
@@ -96,28 +61,16 @@ def random_erase(
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# pitch roll
-
-
 def roll_pitch_default(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
-    """The original's pitch roll: shift s uniform in {-shift_num, 0, +shift_num} bins, circular.
-
-    Content pushed past the top bin re-enters at the bottom (and vice versa): with 96 bins and
-    12 bins per octave the top octave lands below the lowest one. Kept for fidelity; prefer
-    ``low_melody`` for a shift that does not wrap.
-
-    Returns:
-        a new [frames, bins] array.
-    """
+    """The original's pitch roll: shift s uniform in {-shift_num, 0, +shift_num} bins, circular
+    (the top octave may land below the lowest one; kept for fidelity)."""
     _check_2d(feat, "roll_pitch")
     s = int(rng.choice([-shift_num, 0, shift_num]))
     return np.roll(feat, s, axis=1)
 
 
-def roll_pitch_low_melody(
-    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12
-) -> np.ndarray:
+def roll_pitch_low_melody(feat: np.ndarray, *, rng: np.random.Generator,
+                          shift_num: int = 12) -> np.ndarray:
     """The fork's ``low_melody`` roll: move everything up by s in [1, shift_num] bins, no wrap.
 
     The top s bins are discarded; the s vacated bottom bins are filled with noise shaped like
@@ -134,7 +87,7 @@ def roll_pitch_low_melody(
        boundary, mirror weight rising linearly from 0.1 to 0.6 towards the boundary;
     5. padding rows get -100 dB in the vacated bins.
 
-    If s >= bins nothing happens. Returns a new [frames, bins] array.
+    If s >= bins nothing happens.
     """
     _check_2d(feat, "roll_pitch")
     n_frames, n_bins = feat.shape
@@ -170,15 +123,13 @@ def roll_pitch_low_melody(
     return out.astype(feat.dtype)
 
 
-def roll_pitch_flex_melody(
-    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12
-) -> np.ndarray:
+def roll_pitch_flex_melody(feat: np.ndarray, *, rng: np.random.Generator,
+                           shift_num: int = 12) -> np.ndarray:
     """The fork's ``flex_melody`` roll (its author marks it "not recommended").
 
     The tonal centre c is the integer mean bin index of all cells above the chunk's 90th
     percentile (bins // 2 if none). The shift s is uniform in
-    [-min(shift_num, c), +min(shift_num, bins - c)]; the shift does not wrap and vacated bins are
-    set to -128 dB. Returns a new [frames, bins] array.
+    [-min(shift_num, c), +min(shift_num, bins - c)], without wrapping; vacated bins get -128 dB.
     """
     _check_2d(feat, "roll_pitch")
     n_bins = feat.shape[1]
@@ -190,13 +141,8 @@ def roll_pitch_flex_melody(
 
 
 def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12) -> np.ndarray:
-    """chlib's pitch shift: s uniform over the integers in [-shift_num, +shift_num], no wrap.
-
-    Content moves up (s > 0) or down (s < 0) by |s| bins; what leaves the array is dropped and
-    the vacated bins of each frame get that frame's minimum (so -100 dB padding rows stay
-    -100 dB and quiet frames stay quiet). With 12 bins per octave and shift_num 6-12 this
-    imitates the key changes between versions of a work. Returns a new [frames, bins] array.
-    """
+    """chlib's key change: shift by s uniform in [-shift_num, +shift_num] bins, no wrap; vacated
+    bins get their frame's minimum (padding rows stay -100 dB)."""
     _check_2d(feat, "roll_pitch")
     n_bins = feat.shape[1]
     s = int(rng.integers(-shift_num, shift_num + 1))
@@ -217,34 +163,21 @@ def _shift_bins(feat: np.ndarray, s: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-_ROLLS = {
-    "default": roll_pitch_default,
-    "low_melody": roll_pitch_low_melody,
-    "flex_melody": roll_pitch_flex_melody,
-    "random": roll_pitch_random,
-}
+_ROLLS = {"default": roll_pitch_default, "low_melody": roll_pitch_low_melody,
+          "flex_melody": roll_pitch_flex_melody, "random": roll_pitch_random}
 
 
-def roll_pitch(
-    feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12, method: str = "default"
-) -> np.ndarray:
+def roll_pitch(feat: np.ndarray, *, rng: np.random.Generator, shift_num: int = 12,
+               method: str = "default") -> np.ndarray:
     """Pitch roll by ``method`` ("default", "low_melody", "flex_melody" or "random"); see above."""
     if method not in _ROLLS:
         raise ConfigError(f"roll_pitch.method must be one of {sorted(_ROLLS)}, got {method!r}")
     return _ROLLS[method](feat, rng=rng, shift_num=shift_num)
 
 
-# --------------------------------------------------------------------------------------------
-# tempo jitter in the feature domain
-
-
 def tempo_resample(feat: np.ndarray, n_out: int) -> np.ndarray:
-    """Resample ``feat`` [frames, bins] along time to ``n_out`` frames by linear interpolation.
-
-    Used for feature-domain tempo jitter: a crop of ``round(n * factor)`` frames squeezed or
-    stretched to ``n`` frames plays ``factor`` times faster or slower. Pitch (bins) is untouched.
-    Returns a new float32 array [n_out, bins].
-    """
+    """Linear interpolation of ``feat`` [frames, bins] to float32 ``[n_out, bins]`` along time
+    (feature-domain tempo jitter; pitch untouched)."""
     _check_2d(feat, "tempo_resample")
     n_in = feat.shape[0]
     if n_in == n_out:
@@ -258,16 +191,8 @@ def tempo_resample(feat: np.ndarray, n_out: int) -> np.ndarray:
     return (x[i0] * (1.0 - frac) + x[i1] * frac).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# the whole chain
-
-
 def spec_augment(feat: np.ndarray, cfg: SpecAugConfig, *, rng: np.random.Generator) -> np.ndarray:
-    """Apply the configured augmentation to ``feat`` [frames, bins]: roll_pitch, then random_erase.
-
-    Each step happens with its own probability (``cfg.roll_pitch.prob``,
-    ``cfg.random_erase.prob``). Returns a new array (the input is not modified).
-    """
+    """roll_pitch, then random_erase, each with its own ``prob``; a new array, as the original."""
     rp: RollPitchConfig = cfg.roll_pitch
     re: RandomEraseConfig = cfg.random_erase
     out = feat

@@ -1,13 +1,8 @@
 """Pitch-preserving tempo change of a mono signal (the original's "speed" augmentation).
 
-The original makes tempo copies of every training recording with SoX's ``tempo`` effect
-(factor > 1 = faster, shorter) and extracts features from each. :func:`time_stretch` backends:
-``sox`` (the binary, without a shell, through temporary files; WSOLA as the original),
-``pedalboard`` (Rubber Band) and ``librosa`` (phase vocoder, always installed); ``auto`` picks
-the first available in that order (:func:`available_backends`). They differ in artefacts, not in
-pitch or length: augment a dataset with one backend throughout (``tempo_backend``). Stretching
-the audio keeps every CQT bin exact and gives the copy its own frame grid; the cheap
-feature-domain alternative is :func:`chlib.signal.specaug.tempo_resample` (training jitter).
+Backends: ``sox`` (the binary, WSOLA as the original), ``pedalboard`` (Rubber Band) and
+``librosa`` (phase vocoder); ``auto`` picks the first available. They differ in artefacts, not
+in pitch or length: augment a dataset with one backend throughout (``tempo_backend``).
 """
 
 from __future__ import annotations
@@ -35,31 +30,20 @@ IDENTITY_TOLERANCE: float = 0.01
 _SOX_TIMEOUT_S: float = 600.0
 
 
-def _has_sox() -> bool:
-    return shutil.which("sox") is not None
-
-
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+def _installed(backend: str) -> bool:
+    if backend == "sox":
+        return shutil.which("sox") is not None
+    return importlib.util.find_spec(backend) is not None
 
 
 def available_backends() -> list[str]:
     """The backends usable on this machine, in ``auto``'s order of preference."""
-    found = []
-    if _has_sox():
-        found.append("sox")
-    if _has_module("pedalboard"):
-        found.append("pedalboard")
-    if _has_module("librosa"):
-        found.append("librosa")
-    return found
+    return [b for b in BACKENDS if _installed(b)]
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """The concrete backend for ``backend`` (``auto`` -> the first available one).
-
-    Raises :class:`ConfigError` for an unknown name or a backend that is not installed here.
-    """
+    """The concrete backend for ``backend`` (``auto``: the first available); ConfigError if
+    unknown or not installed."""
     name = str(backend).lower()
     if name != "auto" and name not in BACKENDS:
         raise ConfigError(f"tempo backend {backend!r} is unknown: use 'auto', "
@@ -71,12 +55,8 @@ def resolve_backend(backend: str = "auto") -> str:
                               "sox / `pip install pedalboard`)")
         return have[0]
     if name not in have:
-        how = {
-            "sox": "install the sox program (`apt-get install sox`, `brew install sox`, "
-                   "`conda install -c conda-forge sox`) so that `sox` is on PATH",
-            "pedalboard": "`pip install pedalboard`",
-            "librosa": "`pip install librosa`",
-        }[name]
+        how = (f"`pip install {name}`" if name != "sox" else "install the sox program (`apt-get "
+               "install sox`, `brew install sox`, `conda install -c conda-forge sox`)")
         raise ConfigError(f"tempo backend {name!r} was asked for but is not available on this "
                           f"machine: {how}, or use backend='auto' (available here: "
                           f"{', '.join(have) or 'none'})")
@@ -118,20 +98,13 @@ def _stretch_librosa(y: np.ndarray, factor: float, sample_rate: int) -> np.ndarr
 _IMPL = {"sox": _stretch_sox, "pedalboard": _stretch_pedalboard, "librosa": _stretch_librosa}
 
 
-def time_stretch(
-    y: np.ndarray,
-    factor: float,
-    *,
-    sample_rate: int,
-    backend: str = "auto",
-) -> np.ndarray:
+def time_stretch(y: np.ndarray, factor: float, *, sample_rate: int,
+                 backend: str = "auto") -> np.ndarray:
     """Change the tempo of mono ``y [n_samples]`` by ``factor``, keeping the pitch.
 
-    ``factor`` > 1 is faster: the result has about ``n_samples / factor`` samples (float32, at
-    the same ``sample_rate`` in Hz). ``|factor - 1| <= 0.01`` returns ``y`` itself, unchanged.
-    ``backend``: ``"auto"``, ``"sox"``, ``"pedalboard"`` or ``"librosa"`` (see the module
-    docstring). Raises :class:`ConfigError` for a bad factor or an unknown / missing backend
-    and :class:`AudioError` when the backend fails on this signal.
+    ``factor`` > 1 is faster (about ``n_samples / factor`` float32 samples back);
+    ``|factor - 1| <= 0.01`` returns ``y`` itself. :class:`ConfigError` for a bad factor or
+    backend, :class:`AudioError` when the backend fails on this signal.
     """
     factor = float(factor)
     if not np.isfinite(factor) or factor <= 0:

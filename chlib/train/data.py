@@ -23,7 +23,6 @@ __all__ = ["TrainingData", "prepare_training_data", "seen_work_records", "train_
            "make_val_loader"]
 
 
-
 @dataclass
 class TrainingData:
     """The records of a run's splits, checked, and the size of the focal head."""
@@ -82,13 +81,9 @@ def _check_chunks(lengths: np.ndarray, hp: HParams, notes: list[str]) -> None:
 
 
 def prepare_training_data(hp: HParams) -> TrainingData:
-    """Read and check the training and validation splits named in ``hp``.
-
-    Raises :class:`ConfigError` / :class:`FeatureError` with the remedy for: no or missing
-    ``train_path``, an empty training set, missing features, bins != ``input_dim``, a chunk
-    longer than every training track, work ids that do not fit the focal head. Warns (and lists
-    in ``.warnings``) when a chunk is longer than most tracks or a batch needs more works.
-    """
+    """Read and check the training and validation splits named in ``hp``: a ConfigError or
+    FeatureError with the remedy for each problem, warnings (also in ``.warnings``) for a chunk
+    longer than most tracks or fewer works than a batch takes."""
     if not hp.train_path:
         raise ConfigError(
             f"{hp.source}: train_path is not set; point it at the training split, e.g. "

@@ -1,36 +1,18 @@
 """Production training: k folds over the whole dataset, then a final full-data run.
 
-CoverHunterMPS's ``train_prod`` (fact sheet 10.2), resumable and without its bugs. Files::
+CoverHunterMPS's ``train_prod`` (fact sheet 10.2), resumable and without its bugs. Folder:
+``config/hparams.yaml``, ``state.json`` (progress, written atomically after each step),
+``data/`` (``folds.json`` + per-fold manifests), ``fold_<k>/`` and ``final/`` (ordinary run
+folders; the final run's best checkpoint is the product) and ``report.txt``.
 
-    <prod_dir>/config/hparams.yaml      the production config, as given
-    <prod_dir>/state.json               progress marker, written atomically after each step
-    <prod_dir>/data/folds.json          the k folds (record indices) + the manifests' hashes
-    <prod_dir>/data/fold_<k>_{train,val}.txt, full_train.txt   per-fold / final-run records
-    <prod_dir>/fold_<k>/, final/        ordinary training run folders (the final run's best
-                                        checkpoint is the product)
-    <prod_dir>/report.txt               :func:`report_production`
-
-Procedure: folds from :func:`chlib.data.splits.kfold_groups` (stratified by work, grouped by
-source recording, so tempo copies never straddle a fold; held-out recordings removed first).
-Fold 1 trains from scratch at ``learning_rate``. When it ends the LR anchor is fixed
-(``lr_initial_fold2``, else the LR at fold 1's best checkpoint if above ``min_lr``, else
-``learning_rate``) and ``ratio = (min_lr / anchor) ** (1 / (k - 1))``; fold ``j >= 2`` starts at
-``anchor x ratio ** (j - 2)`` with ``fold_lr_decay``, ``fold_hold_steps`` and no warm-up, from
-the weights and optimizer state of the best checkpoint so far, copied in as its epoch 0 (its
-step, epoch and LR schedule start afresh). The final run trains on every record, validated on
-the held-out set, from the global best at the LR of :func:`lr_plan` (``final_fold_position``,
-default ``k - 0.5``), with ``final_lr_decay`` and ``final_early_stopping_patience``.
-
-Deviations from the original, on purpose: early stopping starts afresh per fold (a fold's best
-is measured on its own validation set); the global best is the best fold with
-``early_stop_metric: mAP`` (comparable across folds), else the previous fold's best; checkpoints
-stay in each fold's folder (``keep_checkpoints="best"`` keeps a finished fold's best epoch);
-``max_epochs`` is per fold; the final LR is kept between ``min_lr`` and the anchor; test sets
-come from ``hp``; anchor and ratio are stored in ``state.json`` (the original lost the ratio on
-resume); resumable at every point, and a changed config or manifest under an existing folder is
-an error; ``foc.output_dims: auto`` is resolved once over every record. Caveat (the original's
-too): after fold 1 a fold's validation records were trained on earlier, so later validation
-losses are optimistic; mAP on external test sets does not have this problem.
+Folds are grouped by source recording (tempo copies never straddle a fold), held-out recordings
+removed first. Fold 1 trains from scratch; its end fixes the LR anchor and the ratio of
+:func:`lr_plan`; fold ``j >= 2`` starts from the best checkpoint so far at its planned LR,
+without warm-up. The final run trains on every record, validated on the held-out set.
+Deviations, on purpose: early stopping per fold; the global best is the best fold under
+``early_stop_metric: mAP``, else the previous fold's best; the final LR is kept between
+``min_lr`` and the anchor; anchor and ratio survive a resume; a changed config or manifest under
+an existing folder is an error.
 """
 
 from __future__ import annotations
@@ -42,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.errors import ConfigError, ManifestError
@@ -63,34 +47,22 @@ from chlib.model.checkpoint import (
     read_best_epoch,
 )
 from chlib.train.loop import TrainResult, train
+from chlib.train.runs import check_saved_config
 from chlib.train.schedule import lr_at
 
-__all__ = [
-    "ProdResult",
-    "lr_plan",
-    "run_production",
-    "production_rows",
-    "report_production",
-]
+__all__ = ["ProdResult", "lr_plan", "run_production", "production_rows", "report_production"]
 
 STATE_FILE = "state.json"
 
 
-# --------------------------------------------------------------------------------------------
-# learning-rate plan
-
-
 def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
             final_fold_position: float | None = None) -> dict:
-    """Start learning rates of the folds and the final run (fact sheet 10.2).
+    """Start learning rates ``{"ratio", "folds": [fold 1, ..., fold k], "final"}``.
 
-    Returns ``{"ratio", "folds": [lr of fold 1, ..., fold k], "final"}``: fold 1 at
-    ``learning_rate``, fold ``j >= 2`` at ``anchor x ratio ** (j - 2)`` with
-    ``ratio = (min_lr / anchor) ** (1 / (k - 1))``, the final run at
-    ``anchor x ratio ** (final_fold_position - 2)`` (default position ``k - 0.5``), kept
-    between ``min_lr`` and the anchor: the original's formula extrapolates *above* the anchor
-    for positions below 2 (k = 2 with the default position 1.5 gives 6x the anchor for
-    ``min_lr / anchor = 1/36``) and below ``min_lr`` for positions above k + 1.
+    Fold 1 at ``learning_rate``, fold ``j >= 2`` at ``anchor x ratio ** (j - 2)`` with
+    ``ratio = (min_lr / anchor) ** (1 / (k - 1))``, the final run at position
+    ``final_fold_position`` (default ``k - 0.5``) kept between ``min_lr`` and the anchor (the
+    original's formula leaves that range for positions below 2 or above k + 1).
     """
     if k < 2:
         raise ConfigError(f"k_folds must be >= 2, got {k}")
@@ -106,10 +78,6 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
     return {"ratio": ratio,
             "folds": [learning_rate] + [anchor * ratio ** (j - 2) for j in range(2, k + 1)],
             "final": min(max(final, lo), hi)}
-
-
-# --------------------------------------------------------------------------------------------
-# state and data
 
 
 def _load_state(prod_dir: Path) -> dict:
@@ -130,20 +98,10 @@ def _resolve_hp(prod_dir: Path, hp: HParams | str | os.PathLike | None) -> HPara
         if not cfg.is_file():
             raise ConfigError(f"{cfg}: no production config; pass hp= (an HParams or a YAML path)")
         return load_hparams(cfg)
-    if not isinstance(hp, HParams):
-        hp = load_hparams(hp)
-    if cfg.is_file() and (prod_dir / STATE_FILE).is_file():
-        old = load_hparams(cfg).to_dict()
-        new = hp.to_dict()
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(
-                f"{cfg}: this production run was started with other settings (differing: "
-                f"{', '.join(diff)}); use a new production folder, or pass hp=None to resume "
-                "with the saved config"
-            )
-        return hp
-    save_hparams(hp, cfg)
+    hp = hp if isinstance(hp, HParams) else load_hparams(hp)
+    remedy = "use a new production folder, or pass hp=None to resume with the saved config"
+    if not (prod_dir / STATE_FILE).is_file() or not check_saved_config(cfg, hp, remedy):
+        save_hparams(hp, cfg)
     return hp
 
 
@@ -220,19 +178,9 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
             "heldout": held}
 
 
-# --------------------------------------------------------------------------------------------
-# starting a run from another run's checkpoint
-
-
 def _seed_checkpoint(src_run: Path, epoch: int, dst_run: Path) -> None:
-    """Copy ``src_run``'s checkpoint of ``epoch`` into ``dst_run`` as its epoch 0, not begun.
-
-    The weights and the optimizer state are kept; the new run starts at epoch 0, batch 0, step 0
-    (so its learning-rate schedule, in steps or epochs, starts at its own ``learning_rate``) with
-    an empty early-stopping state (its bests are its own). The first epoch's checkpoint replaces
-    the copy. Relies on the ``do_`` layout of :mod:`chlib.train.loop` (``steps``, ``epoch``,
-    ``early_stopping``, ``chlib.epoch_complete``, ``chlib.batch_in_epoch``).
-    """
+    """Copy ``src_run``'s checkpoint of ``epoch`` into ``dst_run`` as its epoch 0, not begun:
+    weights and optimizer state kept; step, epoch, LR schedule and early stopping start afresh."""
     src = src_run / "checkpoints"
     dst = dst_run / "checkpoints"
     g_path, do_path = src / checkpoint_name(epoch, "g_"), src / checkpoint_name(epoch, "do_")
@@ -241,9 +189,8 @@ def _seed_checkpoint(src_run: Path, epoch: int, dst_run: Path) -> None:
                           "production state points at it. Was it deleted?")
     state = load_train_state(do_path)
     state.update(steps=0, epoch=0, early_stopping={})
-    extra = dict(state.get("chlib", {}))
-    extra.update(epoch_complete=False, batch_in_epoch=0, started_from=f"{src_run.name}:{epoch}")
-    state["chlib"] = extra
+    state["chlib"] = {**state.get("chlib", {}), "epoch_complete": False, "batch_in_epoch": 0,
+                      "started_from": f"{src_run.name}:{epoch}"}
     atomic_torch_save(dst / checkpoint_name(0, "do_"), state)
     atomic_write_bytes(dst / checkpoint_name(0, "g_"), g_path.read_bytes())
 
@@ -268,22 +215,15 @@ def _best_of(run_dir: Path) -> tuple[int | None, float | None, str | None]:
 
 
 def _epoch_record(run_dir: Path, epoch: int | None) -> dict:
-    out: dict = {}
-    for r in read_jsonl(run_dir / "metrics.jsonl"):
-        if r.get("kind") == "epoch" and r.get("epoch") == epoch:
-            out = r
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# the procedure
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl")
+            if r.get("kind") == "epoch" and r.get("epoch") == epoch]
+    return recs[-1] if recs else {}
 
 
 @dataclass
 class ProdResult:
-    """What :func:`run_production` did (or found done): per fold and final run (dicts from
-    ``state.json``: status, start_lr, init_from, best_epoch, best_value, metric, last_epoch ...),
-    the LR anchor and ratio, the product checkpoint (the final run's best) and the report."""
+    """What :func:`run_production` did: the ``state.json`` entries of the folds and the final
+    run, the LR plan, the product checkpoint (the final run's best) and the report."""
 
     prod_dir: Path
     folds: list[dict]
@@ -297,17 +237,8 @@ class ProdResult:
 
     def summary(self) -> str:
         lines = [f"production folder {self.prod_dir}: "
-                 f"{'complete' if self.complete else 'not complete'}"]
-        if self.anchor is not None:
-            lines.append(f"  LR anchor {self.anchor:.3g}, ratio {self.ratio:.4g} per fold")
-        for f in self.folds:
-            lines.append(f"  fold {f['fold']}: {f['status']}, start lr {f['start_lr']:.3g}, "
-                         f"epochs 0..{f.get('last_epoch', '?')}, best epoch "
-                         f"{f.get('best_epoch')} ({f.get('metric')} {_fmt(f.get('best_value'))})")
-        if self.final:
-            f = self.final
-            lines.append(f"  final: {f['status']}, start lr {f['start_lr']:.3g}, best epoch "
-                         f"{f.get('best_epoch')} ({f.get('metric')} {_fmt(f.get('best_value'))})")
+                 f"{'complete' if self.complete else 'not complete'}",
+                 *_progress_lines(self.anchor, self.ratio, self.folds, self.final)]
         if self.best_checkpoint is not None:
             lines.append(f"  product: {self.best_checkpoint}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -318,6 +249,22 @@ class ProdResult:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
+
+
+def _sorted_folds(state: dict) -> list[dict]:
+    return [state["folds"][k] for k in sorted(state["folds"], key=int)]
+
+
+def _progress_lines(anchor: float | None, ratio: float | None, folds: list[dict],
+                    final: dict | None) -> list[str]:
+    """The LR plan and one line per fold and final run (``state.json`` entries)."""
+    lines = [f"LR anchor {anchor:.3g}, ratio {ratio:.4g} per fold"] if anchor is not None else []
+    for f in folds + ([dict(final, fold="final")] if final else []):
+        name = "final" if f["fold"] == "final" else f"fold {f['fold']}"
+        lines.append(f"  {name:<8} {f['status']:<8} start lr {f['start_lr']:.3g}  from "
+                     f"{_from(f.get('init_from'))}  best epoch {f.get('best_epoch', '-')} "
+                     f"({f.get('metric', '-')} {_fmt(f.get('best_value'))})")
+    return lines
 
 
 def _lr_of_checkpoint(run_dir: Path, epoch: int, hp: HParams) -> float:
@@ -339,18 +286,22 @@ def _finish(run_dir: Path, hp: HParams, result: TrainResult, info: dict, *,
                 best_record=_epoch_record(run_dir, best_epoch))
 
 
-def _check_fresh(run_dir: Path, what: str) -> None:
+def _begin_run(prod_dir: Path, hp: HParams, run_dir: Path, what: str, init: dict | None,
+               over: dict) -> None:
+    """Write a fold's or the final run's config, and its starting checkpoint when ``init``."""
     if (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir}: has training logs but {STATE_FILE} does not list {what} "
                           f"as started; the folder and the state disagree. Delete {run_dir} to "
                           "retrain it")
+    if init is not None:
+        _seed_checkpoint(prod_dir / init["run"], init["epoch"], run_dir)
+    save_hparams(hp.updated({**over, "max_epochs": hp.max_epochs}),
+                 run_dir / "config" / "hparams.yaml")
 
 
 def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
                 base_over: dict) -> dict:
     """Write fold ``i``'s config (and its starting checkpoint) and mark it started."""
-    fold_dir = prod_dir / f"fold_{i}"
-    _check_fresh(fold_dir, f"fold {i}")
     init = state.get("global_best") if i > 1 else None
     over = dict(base_over)
     if i == 1:
@@ -362,10 +313,8 @@ def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
     data_dir = prod_dir / "data"
     over.update({"train_path": str(data_dir / f"fold_{i}_train.txt"),
                  "val_path": str(data_dir / f"fold_{i}_val.txt"), "learning_rate": start_lr,
-                 "lr_decay": decay, "hold_steps": hold, "max_epochs": hp.max_epochs})
-    if init is not None:
-        _seed_checkpoint(prod_dir / init["run"], init["epoch"], fold_dir)
-    save_hparams(hp.updated(over), fold_dir / "config" / "hparams.yaml")
+                 "lr_decay": decay, "hold_steps": hold})
+    _begin_run(prod_dir, hp, prod_dir / f"fold_{i}", f"fold {i}", init, over)
     n_val = len(data["folds"][i - 1])
     fs = {"fold": i, "status": "started", "start_lr": start_lr, "init_from": init,
           "lr_decay": decay, "hold_steps": hold, "n_train": data["n_records"] - n_val,
@@ -401,18 +350,14 @@ def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> No
 
 def _start_final(prod_dir: Path, hp: HParams, state: dict, data: dict, base_over: dict) -> dict:
     """Write the final run's config and starting checkpoint (the global best); mark it started."""
-    final_dir = prod_dir / "final"
-    _check_fresh(final_dir, "the final run")
     init, held = state["global_best"], data["heldout"]
     plan = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"], min_lr=hp.min_lr,
                    k=hp.k_folds, final_fold_position=hp.final_fold_position)
     over = {**base_over, "train_path": str(prod_dir / "data" / "full_train.txt"),
             "val_path": None if held is None else str(held), "learning_rate": plan["final"],
             "lr_decay": hp.final_lr_decay, "hold_steps": hp.fold_hold_steps, "warmup": False,
-            "early_stopping_patience": hp.final_early_stopping_patience,
-            "max_epochs": hp.max_epochs}
-    _seed_checkpoint(prod_dir / init["run"], init["epoch"], final_dir)
-    save_hparams(hp.updated(over), final_dir / "config" / "hparams.yaml")
+            "early_stopping_patience": hp.final_early_stopping_patience}
+    _begin_run(prod_dir, hp, prod_dir / "final", "the final run", init, over)
     fin = {"status": "started", "start_lr": plan["final"], "init_from": init,
            "n_train": data["n_records"], "started_at": time.time()}
     state["final"] = fin
@@ -435,16 +380,12 @@ def run_production(
 ) -> ProdResult:
     """Run (or resume) k-fold production training in ``prod_dir``; see the module docstring.
 
-    ``hp``: the production config (HParams or YAML; keys ``k_folds``, ``fold_lr_decay``,
-    ``final_lr_decay``, ``fold_hold_steps``, ``final_fold_position``,
-    ``final_early_stopping_patience``, ``lr_initial_fold2`` + the training keys); None: the one
-    saved in ``<prod_dir>/config/hparams.yaml``. ``dataset_dir``: its ``full.txt`` is the whole
-    dataset and ``test.txt`` the held-out set unless ``full_manifest`` / ``heldout_manifest``
-    say otherwise (without either: ``hp.train_path`` / ``hp.test_path``). ``keep_checkpoints``:
-    ``"best"`` (a finished fold keeps its best epoch) or ``"all"``. ``callbacks`` go to
-    :func:`chlib.train.loop.train`; ``on_event(name, info)`` is called at ``fold_start``,
-    ``fold_done``, ``folds_done``, ``final_start``, ``final_done`` (after the state is saved).
-    Returns a :class:`ProdResult`; ``complete`` is False if a run was interrupted (Ctrl-C).
+    ``hp``: the production config (HParams or YAML; None: the saved one). ``dataset_dir``: its
+    ``full.txt`` and ``test.txt`` are the whole dataset and the held-out set unless
+    ``full_manifest`` / ``heldout_manifest`` say otherwise (without either: ``hp.train_path`` /
+    ``hp.test_path``). ``keep_checkpoints``: ``"best"`` (a finished fold keeps its best epoch)
+    or ``"all"``. ``on_event(name, info)``: at ``fold_start``, ``fold_done``, ``folds_done``,
+    ``final_start``, ``final_done``. ``complete`` is False if a run was interrupted.
     """
     if keep_checkpoints not in ("best", "all"):
         raise ConfigError(f"keep_checkpoints must be 'best' or 'all', got {keep_checkpoints!r}")
@@ -497,8 +438,7 @@ def run_production(
 
 
 def _result(prod_dir: Path, state: dict, notes: list[str], *, complete: bool) -> ProdResult:
-    folds = [state["folds"][k] for k in sorted(state["folds"], key=int)]
-    fin = state.get("final")
+    folds, fin = _sorted_folds(state), state.get("final")
     best = None
     if fin and fin.get("status") == "done" and fin.get("best_epoch") is not None:
         best = prod_dir / "final" / "checkpoints" / checkpoint_name(fin["best_epoch"])
@@ -506,10 +446,6 @@ def _result(prod_dir: Path, state: dict, notes: list[str], *, complete: bool) ->
     return ProdResult(prod_dir=prod_dir, folds=folds, final=fin, anchor=state.get("anchor"),
                       ratio=state.get("ratio"), best_checkpoint=best, complete=complete,
                       notes=notes, report=report)
-
-
-# --------------------------------------------------------------------------------------------
-# report (the original's report_prod_logs, from metrics.jsonl)
 
 
 def _runs_of(prod_dir: Path) -> list[tuple[str, Path]]:
@@ -522,35 +458,29 @@ def _runs_of(prod_dir: Path) -> list[tuple[str, Path]]:
 
 
 def production_rows(prod_dir: str | os.PathLike) -> list[dict]:
-    """One row per (run, epoch) with test-set mAPs: ``{"run", "epoch", "elapsed_s", "mAP":
-    {testset: value}, "average"}`` (``average`` only when every test set seen in the production
-    folder has a value at that epoch). Elapsed time counts from the first record of the first run.
-    When an epoch was logged twice (a resume), the last record wins."""
-    prod_dir = Path(prod_dir)
-    per_run: list[tuple[str, dict[int, dict]]] = []
-    sets: set[str] = set()
-    t0 = math.inf
-    for name, run_dir in _runs_of(prod_dir):
-        by_epoch: dict[int, dict] = {}
-        for r in read_jsonl(run_dir / "metrics.jsonl"):
-            if r.get("time") is not None:
-                t0 = min(t0, float(r["time"]))
-            if r.get("kind") == "test" and r.get("testset") is not None and r.get("mAP") is not None:
-                e = by_epoch.setdefault(int(r["epoch"]), {"mAP": {}, "time": None})
-                e["mAP"][str(r["testset"])] = float(r["mAP"])
-                e["time"] = float(r["time"]) if r.get("time") is not None else e["time"]
-                sets.add(str(r["testset"]))
-        per_run.append((name, by_epoch))
+    """One row per (run, epoch) with test-set mAPs: ``{"run", "epoch", "mAP": {testset: value},
+    "elapsed_s", "average"}``; ``average`` only when every test set seen in the folder has a
+    value at that epoch; elapsed from the first record of the first run; last record wins."""
+    runs = [(name, read_jsonl(run_dir / "metrics.jsonl")) for name, run_dir in _runs_of(Path(prod_dir))]
+    times = [float(r["time"]) for _, recs in runs for r in recs if r.get("time") is not None]
+    tests = pd.DataFrame([
+        {"run": name, "epoch": int(r["epoch"]), "testset": str(r["testset"]),
+         "mAP": float(r["mAP"]), "time": r.get("time")}
+        for name, recs in runs for r in recs
+        if r.get("kind") == "test" and r.get("testset") is not None and r.get("mAP") is not None])
+    if tests.empty:
+        return []
+    tests["run"] = pd.Categorical(tests["run"], categories=[n for n, _ in runs], ordered=True)
+    tests["time"] = pd.to_numeric(tests["time"])
+    maps = tests.pivot_table(index=["run", "epoch"], columns="testset", values="mAP",
+                             aggfunc="last", observed=True)
+    last_time = tests.groupby(["run", "epoch"], observed=True)["time"].last()
     rows = []
-    for name, by_epoch in per_run:
-        for epoch in sorted(by_epoch):
-            e = by_epoch[epoch]
-            row = {"run": name, "epoch": epoch, "mAP": dict(sorted(e["mAP"].items())),
-                   "elapsed_s": (e["time"] - t0) if e["time"] is not None and math.isfinite(t0)
-                   else None, "average": None}
-            if sets and set(e["mAP"]) == sets:
-                row["average"] = sum(e["mAP"].values()) / len(sets)
-            rows.append(row)
+    for (run, epoch), m in maps.iterrows():
+        m, t = m.dropna(), last_time[(run, epoch)]
+        rows.append({"run": run, "epoch": int(epoch), "mAP": m.to_dict(),
+                     "elapsed_s": None if pd.isna(t) else float(t) - min(times),
+                     "average": float(m.mean()) if len(m) == maps.shape[1] else None})
     return rows
 
 
@@ -566,23 +496,15 @@ def _hms(seconds: float | None) -> str:
 
 
 def report_production(prod_dir: str | os.PathLike, *, top: int = 3) -> str:
-    """The original's ``report_prod_logs`` from our metrics files: for each test set the
-    ``top`` (run, epoch, mAP, elapsed) rows; the ``top`` (run, epoch) by the average mAP over all
-    test sets (epochs where every set has a value); the per-set detail of the best average; plus
-    the folds' progress from ``state.json``. Test sets are whatever the runs logged."""
+    """The original's ``report_prod_logs`` from the metrics files: the folds' progress, the
+    ``top`` epochs per test set and by average mAP, and the per-set detail of the best average."""
     prod_dir = Path(prod_dir)
     rows = production_rows(prod_dir)
     lines = [f"production report: {prod_dir}"]
     if (prod_dir / STATE_FILE).is_file():
         state = read_json(prod_dir / STATE_FILE)
-        if state.get("anchor") is not None:
-            lines.append(f"LR anchor {state['anchor']:.3g}, ratio {state['ratio']:.4g}")
-        for f in [state["folds"][k] for k in sorted(state["folds"], key=int)] + (
-                [dict(state["final"], fold="final")] if state.get("final") else []):
-            lines.append(f"  {'fold ' + str(f['fold']) if f['fold'] != 'final' else 'final':<8} "
-                         f"{f['status']:<8} start lr {f['start_lr']:.3g}  from "
-                         f"{_from(f.get('init_from'))}  best epoch {f.get('best_epoch', '-')} "
-                         f"({f.get('metric', '-')} {_fmt(f.get('best_value'))})")
+        lines += _progress_lines(state.get("anchor"), state.get("ratio"), _sorted_folds(state),
+                                 state.get("final"))
     sets = sorted({s for r in rows for s in r["mAP"]})
     if not sets:
         lines.append("no test-set mAP logged yet")

@@ -1,33 +1,17 @@
 """Training a CoverHunter model: one loop, readable top to bottom (nanoGPT-style).
 
-``train(run_dir)`` reads ``<run>/config/hparams.yaml`` (paths relative to the current directory,
-as in the original), builds data, model and optimizer, resumes from the newest checkpoint, and
-runs epochs until ``max_epochs`` or early stopping. One epoch: one
-:class:`~chlib.data.sampler.MPerClassBatchSampler` per chunk length (``chunk_frame[i] x
-mean_size`` raw frames), each with ``ceil(n_works / works_per_batch)`` batches; round r takes
-the r-th batch of every chunk length in a seeded shuffled order, so an epoch is
-``len(chunk_frame) x ceil(n_works / works_per_batch)`` optimizer steps.
+``train(run_dir)`` reads ``<run>/config/hparams.yaml``, builds data, model and optimizer, resumes
+from the newest checkpoint and runs epochs until ``max_epochs`` or early stopping. An epoch is
+``len(chunk_frame) x ceil(n_works / works_per_batch)`` optimizer steps: round r takes the r-th
+batch of every chunk length's sampler in a seeded shuffled order. After each epoch: the val loss
+(mean focal loss over val recordings of seen works; held-out works are judged by retrieval), the
+test sets due, early stopping (val_loss or EMA-smoothed mAP; best epoch in ``best.json``) and
+the checkpoints ``g_0000000e`` / ``do_0000000e``.
 
-End of epoch e (0-based; checkpoints ``g_0000000e`` / ``do_0000000e`` as the original's):
-
-1. validation loss every ``every_n_epoch_to_test`` epochs over the val recordings of works seen
-   in training (fixed seeded crops, no augmentation; ``csi_val/...``). **val_loss = mean focal
-   loss**, the original's choice. Held-out works are judged by retrieval instead (the
-   ``val_unseen`` test set of :func:`~chlib.train.runs.make_run_config`): their focal class is
-   never trained, so their loss only grows;
-2. the test sets of ``hp.testsets`` due this epoch: window embeddings, track distances by
-   ``hp.distance_rule``, mAP / MR1 / HR1 / HR10 with work_id labels, a recording's own tempo
-   copies and ``query_in_ref_path`` pairs excluded;
-3. early stopping (:class:`EarlyStopping`) on val_loss or on the EMA-smoothed mean mAP of
-   ``map_stopping_testsets``; the best epoch goes to ``checkpoints/best.json``;
-4. a checkpoint every ``every_n_epoch_to_save`` epochs, for a new best and for the last epoch.
-
-Resume is exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds the
-optimizer, step, epoch, early-stopping state, RNG and sampler states, and the LR is a pure
-function of step and epoch (:func:`lr_at`; the original reset it). Ctrl-C saves the epoch in
-progress (incomplete, with its finished rounds) and returns; a later call repeats the cut round.
-A non-finite loss or gradient skips the update; three in a row save and raise
-:class:`TrainingDivergedError`. Logs: TensorBoard with the original's tags under
+Resume is exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds optimizer,
+step, epoch, early stopping, RNG and sampler states, and the LR is a pure function of step and
+epoch (:func:`lr_at`). Ctrl-C saves the epoch in progress; three non-finite losses in a row save
+and raise :class:`TrainingDivergedError`. Logs: TensorBoard (the original's tags) under
 ``<run>/logs/<runid>/`` and one JSON record per event in ``<run>/metrics.jsonl``.
 """
 
@@ -39,6 +23,7 @@ import os
 import random
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,20 +60,14 @@ from chlib.train.data import (
     seen_work_records,
     train_loaders,
 )
-from chlib.train.runs import (
-    RECIPES_DIR,
-    epoch_table,
-    load_recipe,
-    make_run_config,
-    read_metrics,
-    recipe_path,
-)
+from chlib.train.runs import epoch_table, load_recipe, make_run_config, read_metrics
 from chlib.train.schedule import EarlyStopping, lr_at
 
+# re-exported here for the notebooks, bench scripts and tests that import them from the loop
 __all__ = [
-    "TrainResult", "TrainState", "TrainingDivergedError", "TrainingData", "EarlyStopping", "lr_at",
-    "train", "prepare_training_data", "evaluate_testsets", "validation_loss", "seen_work_records",
-    "read_metrics", "epoch_table", "RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config",
+    "TrainResult", "TrainState", "TrainingDivergedError", "EarlyStopping", "lr_at", "train",
+    "prepare_training_data", "evaluate_testsets", "validation_loss", "seen_work_records",
+    "read_metrics", "epoch_table", "load_recipe", "make_run_config",
 ]
 
 NAN_PATIENCE = 3  # consecutive non-finite losses before giving up
@@ -97,10 +76,6 @@ _ORDER_STREAM = 1_000_003  # seed-sequence key of the per-round loader order (an
 
 class TrainingDivergedError(ChlibError):
     """The loss was not finite for several consecutive steps."""
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation
 
 
 @torch.no_grad()
@@ -131,13 +106,8 @@ def _eval_records(path_str: str, hp: HParams) -> tuple[list[dict], Path]:
 def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device, *,
                       epoch: int | None = None,
                       names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """mAP, MR1, HR1, HR10 (and P@10, counts) for the test sets of ``hp``.
-
-    ``names``: which sets (default: those whose ``every_n_epoch_to_test`` divides ``epoch + 1``,
-    or all when ``epoch`` is None). Window embeddings of the run's recipe
-    (:func:`chlib.retrieval.embed.embed_recordings`), scored by
-    :func:`chlib.retrieval.scoring.score_windows` under ``hp.distance_rule``.
-    """
+    """mAP, MR1, HR1, HR10 (and P@10, counts) of the test sets ``names`` (default: those due
+    after ``epoch``, or all when ``epoch`` is None), scored under ``hp.distance_rule``."""
     results: dict[str, dict[str, float]] = {}
     for name, ts in hp.testsets.items():
         if names is not None and name not in names:
@@ -155,10 +125,6 @@ def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device,
         results[name] = score_windows(q_recs, r_recs, q_win, r_win, rule=rule_of(hp),
                                       query_in_ref_path=qir)
     return results
-
-
-# --------------------------------------------------------------------------------------------
-# the state of a run, and its checkpoint
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -263,10 +229,6 @@ class _Log:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-# --------------------------------------------------------------------------------------------
-# set-up
 
 
 def _optimizer(model: torch.nn.Module, hp: HParams) -> torch.optim.Optimizer:
@@ -378,10 +340,6 @@ def _setup(run_dir: Path, hp: HParams, dev: torch.device, max_epochs: int,
     return run, st
 
 
-# --------------------------------------------------------------------------------------------
-# the steps of an epoch
-
-
 def _train_step(run: _Run, st: TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
     """One optimizer update; None when the loss or gradient was not finite (no update)."""
     st.model.train()
@@ -408,8 +366,8 @@ def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
         s.set_epoch(epoch, st.batch_in_epoch)
     order_rng = item_rng(hp.seed, _ORDER_STREAM, epoch)
     orders = [order_rng.permutation(len(run.loaders)) for _ in range(rounds)]
-    sums: dict[str, float] = {}
-    since: dict[str, float] = {}
+    sums: Counter[str] = Counter()
+    since: Counter[str] = Counter()
     n_ok = n_since = 0
     bar = progress_bar(total=(rounds - st.batch_in_epoch) * len(run.loaders), desc=f"epoch {epoch}",
                        enabled=run.progress, leave=False)
@@ -434,15 +392,14 @@ def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
             st.bad_steps = 0
             n_ok += 1
             n_since += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-                since[k] = since.get(k, 0.0) + v
+            sums.update(losses)
+            since.update(losses)
             if st.step == 1 or st.step % hp.log_every_steps == 0:
                 means = {k: v / n_since for k, v in since.items()}
                 log.scalars("csi", {"lr": lr_logged, **means}, st.step)
                 log.record("train", epoch=epoch, step=st.step, lr=lr_logged, **means)
                 bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr_logged:.2g}")
-                since, n_since = {}, 0
+                since, n_since = Counter(), 0
         st.batch_in_epoch = r + 1
     bar.close()
     return {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
@@ -463,9 +420,8 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
                               names=list(hp.testsets) if final else None)
     for name, m in tests.items():
         if log.tb is not None:
-            log.tb.add_scalar(f"mAP/{name}", m["mAP"], epoch)
-            log.tb.add_scalar(f"hit_rate/{name}", m["HR1"], epoch)
-            log.tb.add_scalar(f"MR1/{name}", m["MR1"], epoch)
+            for tag, key in (("mAP", "mAP"), ("hit_rate", "HR1"), ("MR1", "MR1")):
+                log.tb.add_scalar(f"{tag}/{name}", m[key], epoch)
         log.record("test", epoch=epoch, step=st.step, testset=name,
                    **{k: m[k] for k in ("mAP", "MR1", "HR1", "HR10") if k in m},
                    n_queries=m.get("n_queries"))
@@ -475,18 +431,17 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
 
 def _early_stopping(hp: HParams, st: TrainState, epoch: int, rec: dict, tests: dict) -> bool:
     """Update the early-stopping state with this epoch's metric; True for a new best epoch."""
-    stopper, is_best = st.stopper, False
-    in_hold = st.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
+    stopper, value = st.stopper, None
     if stopper.metric == "mAP":
         maps = [tests[n]["mAP"] for n in hp.map_stopping_testsets if n in tests]
-        if len(maps) == len(hp.map_stopping_testsets):
-            is_best = stopper.update(epoch, float(np.mean(maps)), in_hold=in_hold)
-            rec["smoothed_mAP"] = stopper.smoothed_map
-    elif stopper.metric == "val_loss":
-        if "val_loss" in rec:
-            is_best = stopper.update(epoch, rec["val_loss"], in_hold=in_hold)
+        value = float(np.mean(maps)) if len(maps) == len(hp.map_stopping_testsets) else None
     else:
-        is_best = stopper.update(epoch, rec.get("train_foc_loss", math.inf), in_hold=in_hold)
+        value = rec.get("val_loss") if stopper.metric == "val_loss" else \
+            rec.get("train_foc_loss", math.inf)
+    in_hold = st.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
+    is_best = value is not None and stopper.update(epoch, value, in_hold=in_hold)
+    if stopper.metric == "mAP" and value is not None:
+        rec["smoothed_mAP"] = stopper.smoothed_map
     rec.update(best_epoch=stopper.best_checkpoint_epoch, is_best=is_best,
                early_stopping_counter=stopper.counter)
     return is_best
@@ -510,10 +465,6 @@ def _end_of_epoch(run: _Run, st: TrainState, train_means: dict, t_epoch: float) 
     if run.log.tb is not None:
         run.log.tb.flush()
     return run.log.record("epoch", **rec), saved
-
-
-# --------------------------------------------------------------------------------------------
-# the loop
 
 
 @dataclass
@@ -550,10 +501,8 @@ def train(
     """Train (or resume training) the run in ``run_dir``; see the module docstring.
 
     ``hp``: settings to use instead of ``<run>/config/hparams.yaml`` (then written there).
-    ``device``: "auto" (= ``hp.device``: cuda, mps, else cpu) or a device name. ``max_epochs``:
-    stop before this epoch index (default ``hp.max_epochs``; a resumed run counts its done
-    epochs). ``progress``: a tqdm bar per epoch. ``callbacks``: called after each epoch with its
-    record (epoch, step, lr, ``train_<loss>``, ``val_<loss>``, ``mAP/<testset>`` ...).
+    ``device``: "auto" (= ``hp.device``) or a device name. ``max_epochs``: stop before this epoch
+    index (default ``hp.max_epochs``). ``callbacks``: called with each epoch record.
     Ctrl-C saves and returns with ``interrupted=True``.
     """
     run_dir = Path(run_dir)

@@ -9,14 +9,14 @@ from typing import Any
 
 import pandas as pd
 
-from chlib.core.config import HParams, deep_merge, load_yaml, save_hparams
+from chlib.core.config import HParams, deep_merge, load_hparams, load_yaml, save_hparams
 from chlib.core.errors import ConfigError
 from chlib.core.io import read_json, read_jsonl
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.data.features import feature_path
 
-__all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "read_metrics",
-           "epoch_table"]
+__all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "check_saved_config",
+           "read_metrics", "epoch_table"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), ("fmin", "fmin"),
@@ -99,15 +99,10 @@ def make_run_config(
 ) -> Path:
     """Write ``<run_dir>/config/hparams.yaml`` from a recipe and a dataset's split files.
 
-    With ``dataset_dir`` (made by the extract and split steps) it sets ``train_path``,
-    ``val_path`` (when val.txt has records), the CQT settings and ``input_dim`` from
-    ``features.json``, and the test sets ``test`` (test.txt), ``unseen`` (test recordings of
-    works held out entirely, when test.txt also holds seen works; ``config/test_unseen.txt``)
-    and ``val_unseen`` (val recordings of >= 2 held-out works, ``config/val_unseen.txt``: what
-    ``early_stop_metric: mAP`` can stop on). A recipe asking for mAP stopping on a set the
-    dataset lacks falls back to val_loss with a warning. Paths stay as given (relative to the
-    current directory). ``overrides`` (nested, YAML key names) are merged last; the result is
-    validated. Returns the YAML path.
+    With ``dataset_dir``: the split paths, CQT settings from ``features.json`` and the test sets
+    ``test``, ``unseen`` (works held out entirely) and ``val_unseen`` (what ``early_stop_metric:
+    mAP`` stops on; without it mAP stopping falls back to val_loss with a warning).
+    ``overrides`` (nested, YAML key names) are merged last. Returns the YAML path.
     """
     run_dir = Path(run_dir)
     d = load_recipe(recipe)
@@ -127,6 +122,19 @@ def make_run_config(
     out = run_dir / "config" / "hparams.yaml"
     save_hparams(hp, out)
     return out
+
+
+def check_saved_config(path: Path, hp: HParams, remedy: str) -> bool:
+    """True if ``path`` holds a config: then it must equal ``hp`` (else a ConfigError naming the
+    differing keys, then ``remedy``); False if there is none yet."""
+    if not path.is_file():
+        return False
+    old, new = load_hparams(path).to_dict(), hp.to_dict()
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"{path}: made with other settings (differing: {', '.join(diff)}); "
+                          + remedy)
+    return True
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:

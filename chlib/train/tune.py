@@ -1,45 +1,18 @@
 """Hyperparameter tuning: experiment plans and resumable sweeps over seeds.
 
-A *plan* (YAML, e.g. ``chlib/recipes/tune_demo.yaml``) names a base training config, the
-*factors* to vary and the *seeds* to repeat each setting with. Every (setting, seed) pair is an
-ordinary training run::
+A *plan* (YAML, e.g. ``chlib/recipes/tune_demo.yaml``; keys in :mod:`chlib.train.tune_plan`)
+names a base training config, the *factors* to vary (``one_factor``: each alone from the base;
+``grid``: every combination) and the *seeds*. Every (setting, seed) pair is an ordinary run::
 
     <tune_dir>/plan.yaml, plan.json            the plan as given; the expanded experiments
     <tune_dir>/config/hparams.yaml             the base config (+ test_unseen.txt)
     <tune_dir>/experiments/<name>/seed_<s>/    a run folder (+ done.json when finished)
     <tune_dir>/summary.csv, summary.json       :func:`chlib.train.tune_summary.summarise`
-    <tune_dir>/figures/                        :mod:`chlib.ui.tune_figures`
 
-Plan keys (unknown keys are a :class:`~chlib.core.errors.ConfigError`): ``base`` (``{recipe:
-laptop, overrides: {...}}`` or ``{config: runs/x/config/hparams.yaml, overrides: {...}}``),
-``dataset_dir`` (for recipe bases), ``mode`` (``one_factor``, the default: each factor varied
-alone from the base, plus ``base``; or ``grid``: every combination), ``factors`` (``{dotted.key:
-[values]}``; ``"adam_b1,adam_b2": [[0.9, 0.999], ...]`` varies keys together; a mapping value is
-deep-merged at its key), ``seeds``, ``max_epochs``, ``early_stopping_patience`` (also the slope
-window of the summary), ``early_stop_metric``, ``map_stopping_testsets``,
-``map_smoothing_alpha``, ``test_name`` (the test set summarised), ``hp_overrides`` (merged into
-every experiment; a key that is also a factor is an error), ``include_base``,
-``flat_map_slope``, ``flat_loss_slope`` (reading-guide thresholds).
-
-The original ``hp_tuning.yaml`` sweep keys are accepted and mapped to factors
-(:data:`ORIGINAL_SWEEP_KEYS`; an empty list disables a sweep): ``chunk_frames`` x
-``mean_sizes`` -> ``chunk_frame,mean_size``, ``m_per_classes``, ``num_blockss`` ->
-``encoder.num_blocks``, ``spec_augmentations``, ``losses`` (root ``foc``/``triplet``/``center``
-blocks), ``learning_rates`` (names ``lrate0.001``), ``lr_decays``, ``adam_betas``,
-``optimizers``; ``restore_optimizer_state`` is ignored and ``foundation_checkpoint`` must be
-null (warm starts are not supported yet). Unlike the original, ``hp_overrides`` applies to
-every sweep and an absent ``optimizers`` key adds no sweep.
-
-Deviations from the original's ``train_tune``, on purpose: resumable (a finished run writes
-``done.json`` and is skipped; a half-finished one resumes from its checkpoints; changed settings
-under an existing folder are an error); no duplicate work (one_factor values equal to the base
-are merged into it as aliases); seed-major order (every experiment's first seed before any
-second seed); honest statistics (see :mod:`chlib.train.tune_summary`).
-
-Optuna is not used: each trial is a full training run, so a session holds tens of trials where
-TPE barely beats a good grid, and seed noise on small datasets is as large as the effects,
-which makes pruners cut good settings. ``summary.json`` and the run configs are plain data for
-anyone who wants Bayesian search.
+Unlike the original's ``train_tune``: resumable (finished runs are skipped, changed settings
+under an existing folder are an error), one_factor values equal to the base merge into it,
+seed-major order, honest statistics. Optuna is not used: each trial is a full training run and
+seed noise on small datasets is as large as the effects, so TPE and pruners gain little.
 """
 
 from __future__ import annotations
@@ -47,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,23 +32,18 @@ from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.errors import ChlibError, ConfigError
 from chlib.core.io import atomic_write_text, stable_hash, write_json
 from chlib.train.loop import make_run_config, train
+from chlib.train.runs import check_saved_config
 from chlib.train.tune_plan import (
-    ORIGINAL_SWEEP_KEYS,
     Experiment,
-    Factor,
     TunePlan,
     expand_plan,
-    experiment_name,
     load_plan,
     parse_plan,
     run_overrides,
 )
 from chlib.train.tune_summary import (
-    FLAT_LOSS_SLOPE,
-    FLAT_MAP_SLOPE,
     READING_GUIDE,
     TuneSummary,
-    format_table,
     ls_slope,
     reading,
     seed_series,
@@ -82,27 +51,18 @@ from chlib.train.tune_summary import (
     summarise,
 )
 
+# re-exported: the notebooks and tests use the tuning API from this one module
 __all__ = [
-    "FLAT_MAP_SLOPE", "FLAT_LOSS_SLOPE", "READING_GUIDE", "ORIGINAL_SWEEP_KEYS", "Factor",
-    "Experiment", "TunePlan", "TuneSummary", "TuneResult", "parse_plan", "load_plan",
-    "expand_plan", "experiment_name", "run_overrides", "run_plan", "batch_commands",
-    "seed_status", "seed_series", "ls_slope", "reading", "summarise", "format_table",
+    "READING_GUIDE", "Experiment", "TunePlan", "TuneResult", "parse_plan", "load_plan",
+    "expand_plan", "run_overrides", "run_plan", "batch_commands", "seed_series", "ls_slope",
+    "reading", "summarise",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# configs and running
 
 
 def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None,
                     tune_dir: Path) -> HParams:
-    """The training config of one run.
-
-    A recipe base goes through :func:`chlib.train.loop.make_run_config` with ``run_dir=tune_dir``: it
-    writes ``<tune_dir>/config/hparams.yaml`` (overwritten by each call; :func:`run_plan` writes
-    the base last) and, for datasets with works held out entirely, the ``unseen`` test list
-    ``<tune_dir>/config/test_unseen.txt`` that every experiment's config then names.
-    """
+    """The training config of one run. A recipe base is written to ``<tune_dir>/config/`` by
+    :func:`make_run_config` (with ``test_unseen.txt``, which every experiment then names)."""
     if plan.base_config is not None:
         return load_hparams(plan.base_config).updated(overrides)
     kw: dict[str, Any] = {"recipe": plan.base_recipe, "overrides": overrides}
@@ -155,9 +115,7 @@ class TuneResult:
     stopped_early: bool = False
 
     def report(self) -> str:
-        counts: dict[str, int] = {}
-        for r in self.runs:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        counts = Counter(r["status"] for r in self.runs)
         lines = [f"tuning folder {self.tune_dir}: " +
                  ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
         for r in self.runs:
@@ -171,18 +129,9 @@ class TuneResult:
 def _write_seed_config(seed_dir: Path, hp: HParams) -> None:
     """Write the run's config; an existing one must hold the same settings."""
     path = seed_dir / "config" / "hparams.yaml"
-    if path.is_file():
-        old = load_hparams(path)
-        if old.to_dict() != hp.to_dict():
-            diff = sorted(k for k in set(old.to_dict()) | set(hp.to_dict())
-                          if old.to_dict().get(k) != hp.to_dict().get(k))
-            raise ConfigError(
-                f"{path}: this run folder was made with other settings (differing: "
-                f"{', '.join(diff)}); the plan changed under an existing experiment. Use a new "
-                "tuning folder, or delete this experiment's folder to rerun it"
-            )
-        return
-    save_hparams(hp, path)
+    if not check_saved_config(path, hp, "the plan changed under an existing experiment. Use a "
+                              "new tuning folder, or delete this experiment's folder to rerun it"):
+        save_hparams(hp, path)
 
 
 def _tag(cb: Callable[[dict], Any], name: str, seed: int) -> Callable[[dict], Any]:
@@ -291,28 +240,18 @@ def run_plan(
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
     train_fn: Callable[[Path], None] | None = None,
 ) -> TuneResult:
-    """Run (or resume) every experiment x seed of ``plan`` under ``tune_dir``.
+    """Run (or resume) every experiment x seed of ``plan`` (a TunePlan or a YAML path).
 
-    Finished runs (``done.json``) are skipped; a half-finished one resumes from its
-    checkpoints. A run that diverges is marked ``diverged`` (done, not retried); one that fails
-    otherwise writes ``failed.json`` with the error and is retried next time; the others carry
-    on. ``KeyboardInterrupt`` stops the session (resume later by calling again).
-
-    Parameters
-    ----------
-    plan : a :class:`TunePlan` or the path of a plan YAML.
-    dataset_dir : dataset folder for recipe bases (default: the plan's ``dataset_dir``).
-    launch : ``"inprocess"`` (:func:`chlib.train.loop.train`) or ``"papermill"`` (executes
-        ``notebooks/03_train.ipynb`` into each run folder via :func:`chlib.ui.runner.run_notebooks`).
-    max_runs : start at most this many training runs in this call (finished ones do not count).
-    time_budget_s : start no new run after this many seconds (a running one is not cut).
-    callbacks : passed to :func:`chlib.train.loop.train` (in-process runs): called after every epoch
-        with the epoch record, plus keys ``experiment`` and ``seed``.
-    train_fn : replaces the training call (``train_fn(seed_dir)``); for tests and custom launchers.
+    Finished runs (``done.json``) are skipped, half-finished ones resume. A diverged run is
+    marked ``diverged`` and not retried; another failure writes ``failed.json`` and is retried
+    next time; the others carry on. ``KeyboardInterrupt`` stops the session.
+    ``launch``: ``"inprocess"`` (:func:`train`) or ``"papermill"`` (``03_train`` executed into
+    each run folder). ``max_runs`` / ``time_budget_s``: start no more runs after that many /
+    that long. ``callbacks`` (in-process): epoch records plus ``experiment`` and ``seed``.
+    ``train_fn(seed_dir)`` replaces the training call (tests, custom launchers).
     """
     if not isinstance(plan, TunePlan):
-        plan_path = Path(plan)
-        plan = load_plan(plan_path)
+        plan = load_plan(plan)
     if launch not in ("inprocess", "papermill"):
         raise ConfigError(f"launch must be 'inprocess' or 'papermill', got {launch!r}")
     tune_dir = Path(tune_dir)
@@ -332,15 +271,14 @@ def run_plan(
             hp = configs[e.name].updated({"seed": seed})
             _write_seed_config(seed_dir, hp)
             status = seed_status(seed_dir)
+            idle = {"experiment": e.name, "seed": seed, "seconds": 0.0, "error": None}
             if status in ("ok", "diverged"):
-                runs.append({"experiment": e.name, "seed": seed, "status": f"skipped ({status})",
-                             "seconds": 0.0, "error": None})
+                runs.append({**idle, "status": f"skipped ({status})"})
                 continue
             if (max_runs is not None and started >= max_runs) or (
                     time_budget_s is not None and time.monotonic() - t_start >= time_budget_s):
                 stopped = True
-                runs.append({"experiment": e.name, "seed": seed, "status": "not started",
-                             "seconds": 0.0, "error": None})
+                runs.append({**idle, "status": "not started"})
                 continue
             started += 1
             runs.append(_run_one(seed_dir, e, seed, plan=plan, hp=hp, dataset_dir=dataset_dir,
@@ -359,6 +297,7 @@ def _run_one(seed_dir: Path, exp: Experiment, seed: int, *, plan: TunePlan, hp: 
     t0 = time.monotonic()
     tagged = [_tag(cb, exp.name, seed) for cb in callbacks or ()]
     (seed_dir / "failed.json").unlink(missing_ok=True)
+    who = {"experiment": exp.name, "seed": seed}
     try:
         if train_fn is not None:
             train_fn(seed_dir)
@@ -371,23 +310,17 @@ def _run_one(seed_dir: Path, exp: Experiment, seed: int, *, plan: TunePlan, hp: 
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # one bad experiment must not stop the session
-        seconds = time.monotonic() - t0
-        text = f"{type(err).__name__}: {err}"
+        seconds, text = time.monotonic() - t0, f"{type(err).__name__}: {err}"
         if _is_divergence(err):
-            write_json(seed_dir / "done.json", {"status": "diverged", "experiment": exp.name,
-                                                "seed": seed, "error": text, "seconds": seconds})
-            return {"experiment": exp.name, "seed": seed, "status": "diverged",
-                    "seconds": seconds, "error": text}
-        write_json(seed_dir / "failed.json", {"experiment": exp.name, "seed": seed,
-                                              "error": text, "seconds": seconds})
-        return {"experiment": exp.name, "seed": seed, "status": "failed", "seconds": seconds,
-                "error": text}
+            write_json(seed_dir / "done.json", {"status": "diverged", **who, "error": text,
+                                                "seconds": seconds})
+            return {**who, "status": "diverged", "seconds": seconds, "error": text}
+        write_json(seed_dir / "failed.json", {**who, "error": text, "seconds": seconds})
+        return {**who, "status": "failed", "seconds": seconds, "error": text}
     seconds = time.monotonic() - t0
-    write_json(seed_dir / "done.json", {"status": "ok", "experiment": exp.name, "seed": seed,
-                                        "config_key": _config_key(hp), "seconds": seconds,
-                                        "launch": launch})
-    return {"experiment": exp.name, "seed": seed, "status": "ok", "seconds": seconds,
-            "error": None}
+    write_json(seed_dir / "done.json", {"status": "ok", **who, "config_key": _config_key(hp),
+                                        "seconds": seconds, "launch": launch})
+    return {**who, "status": "ok", "seconds": seconds, "error": None}
 
 
 def batch_commands(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLike, *,

@@ -190,13 +190,8 @@ def _safe_name(text: str, salt: Any) -> str:
     return name
 
 
-def _config_tree() -> dict:
-    """The key tree of a training config (for checking factor keys)."""
-    return HParams().to_dict()
-
-
 def _check_key(dotted: str, where: str) -> None:
-    node: Any = _config_tree()
+    node: Any = HParams().to_dict()  # the key tree of a training config
     walked = []
     for part in dotted.split("."):
         if not isinstance(node, dict):
@@ -258,13 +253,8 @@ def _clean_overrides(d: Any, where: str, what: str) -> dict:
 
 
 def _flat_keys(d: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.add(key)
-        if isinstance(v, dict):
-            out |= _flat_keys(v, key + ".")
-    return out
+    return {f"{prefix}{k}" for k in d} | {key for k, v in d.items() if isinstance(v, dict)
+                                           for key in _flat_keys(v, f"{prefix}{k}.")}
 
 
 def _check_plan_keys(d: dict, where: str) -> None:
@@ -365,11 +355,8 @@ def _parse_hp_overrides(plan: TunePlan, d: dict, where: str) -> None:
 
 
 def parse_plan(data: Mapping, *, where: str = "<plan>") -> TunePlan:
-    """Validate a plan mapping (as read from YAML) into a :class:`TunePlan`.
-
-    Raises :class:`ConfigError` naming ``where`` and the key for unknown keys, bad types, factor
-    keys that are not config keys, and factors that ``hp_overrides`` also sets.
-    """
+    """Validate a plan mapping (as read from YAML) into a :class:`TunePlan`; a ConfigError
+    names ``where`` and the key."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: a plan must be a mapping, got {type(data).__name__}")
     d = dict(data)
@@ -390,12 +377,8 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def load_plan(path: str | os.PathLike) -> TunePlan:
-    """Read and validate a plan YAML file.
-
-    A path that does not exist but names a plan shipped in ``chlib/recipes/`` (e.g.
-    ``chlib/recipes/tune_demo.yaml`` when chlib is installed from a wheel, as on Colab) is read
-    from there.
-    """
+    """Read and validate a plan YAML file; a missing path naming a plan shipped in
+    ``chlib/recipes/`` (chlib installed from a wheel, as on Colab) is read from there."""
     path = Path(path)
     if not path.exists():
         shipped = Path(__file__).resolve().parents[1] / "recipes" / path.name
@@ -413,11 +396,8 @@ def experiment_name(settings: Sequence[tuple[Factor, Any]]) -> str:
 
 
 def expand_plan(plan: TunePlan) -> list[Experiment]:
-    """The plan's experiments, in order (before merging equal settings).
-
-    one_factor: ``base`` (if ``include_base``), then each factor's values, each alone.
-    grid: every combination (the product of the factors' value lists).
-    """
+    """The plan's experiments, in order (before merging equal settings): one_factor: ``base``
+    (if ``include_base``), then each factor value alone; grid: every combination."""
     combos: list[list[tuple[Factor, Any]]] = []
     if plan.mode == "one_factor":
         if plan.include_base or not plan.factors:
@@ -445,13 +425,7 @@ def run_overrides(plan: TunePlan, exp: Experiment, seed: int | None) -> dict:
     """All overrides of one run, applied to the base config in this order: the base's
     ``overrides``, ``hp_overrides``, the experiment's factor values, then ``seed``,
     ``max_epochs`` and ``early_stopping_patience`` from the plan."""
-    over = deep_merge(plan.base_overrides, plan.hp_overrides)
-    over = deep_merge(over, exp.overrides)
-    fixed: dict[str, Any] = {}
-    if seed is not None:
-        fixed["seed"] = seed
-    if plan.max_epochs is not None:
-        fixed["max_epochs"] = plan.max_epochs
-    if plan.early_stopping_patience is not None:
-        fixed["early_stopping_patience"] = plan.early_stopping_patience
-    return deep_merge(over, fixed)
+    over = deep_merge(deep_merge(plan.base_overrides, plan.hp_overrides), exp.overrides)
+    fixed = {"seed": seed, "max_epochs": plan.max_epochs,
+             "early_stopping_patience": plan.early_stopping_patience}
+    return deep_merge(over, {k: v for k, v in fixed.items() if v is not None})

@@ -1,29 +1,15 @@
 """Tuning summaries: per-experiment statistics over seeds, from the runs' metrics files alone.
 
 :func:`summarise` reads ``experiments/<name>/seed_<s>/metrics.jsonl`` (+ ``done.json`` /
-``failed.json`` markers when present), so runs launched elsewhere (papermill on another machine,
-Colab) are summarised the same way once their folders are copied back. Standard deviations are
-sample std (ddof 1), the table says which experiments are within noise of the top one, and
-diverged or failed seeds are listed, never averaged.
+``failed.json`` when present), so runs launched elsewhere are summarised once copied back. Std
+is the sample std (ddof 1); diverged or failed seeds are listed, never averaged.
 
-Reading guide (mean least-squares slopes over the last ``window`` epochs of the seeds; mAP in
-[0, 1] per epoch, val loss relative to its mean per epoch; eps = :data:`FLAT_MAP_SLOPE` for mAP
-and :data:`FLAT_LOSS_SLOPE` x |mean val loss| for the loss):
-
-====================  =========================================  =================================
-reading               rule (mAP slope m, val-loss slope v)       what to do
-====================  =========================================  =================================
-still improving       m > +eps and v <= +eps, or m flat, v < 0    train longer / raise patience
-converged             m and v flat                                compare experiments as they are
-overfitting           v > +eps and m <= +eps                      stop earlier; more augmentation
-degrading             m < -eps and v flat                         stop earlier, check the test set
-decoupled             m, v both rising or both falling            prefer ``early_stop_metric: mAP``
-too short             fewer than 2 validated epochs               train more epochs
-diverged              no seed finished (NaN guard)                lower learning_rate
-====================  =========================================  =================================
-
-Without a test set the loss alone decides (falling: still improving, flat: converged, rising:
-overfitting). When the seeds' own readings differ the reading gets "(seeds disagree)".
+Reading guide (:func:`reading`, :data:`READING_GUIDE`), from the mean least-squares slopes over
+the last ``window`` epochs: mAP slope m (flat within :data:`FLAT_MAP_SLOPE`) and val-loss slope v
+(flat within :data:`FLAT_LOSS_SLOPE` x |mean val loss|): still improving (m > 0 and v not
+rising, or m flat and v falling), converged (both flat), overfitting (v rising, m not),
+degrading (m falling, v flat), decoupled (both rising or both falling). Without a test set the
+loss alone decides; "(seeds disagree)" marks seeds whose own readings differ.
 """
 
 from __future__ import annotations
@@ -80,7 +66,6 @@ def seed_status(seed_dir: str | os.PathLike) -> str:
     return "pending"
 
 
-
 def _val_loss_of(rec: Mapping) -> float | None:
     for k in ("val_loss", "foc_loss", "total"):
         if rec.get(k) is not None:
@@ -89,12 +74,10 @@ def _val_loss_of(rec: Mapping) -> float | None:
 
 
 def seed_series(records: Iterable[Mapping]) -> dict:
-    """Per-epoch series of one run from its metrics records.
+    """``{"val_loss": {epoch: value}, "mAP": {testset: {epoch: mAP}}}`` of one run's records.
 
-    Returns ``{"val_loss": {epoch: value}, "mAP": {testset: {epoch: mAP}}}``. The val loss is
-    the focal loss of ``kind == "val"`` records (the original's ``csi_val/foc_loss``; ``total``
-    if there is no focal part); mAP comes from ``kind == "test"`` records with a ``testset``.
-    When an epoch was logged twice (a run resumed after a kill), the last record wins.
+    The val loss is the focal loss of ``val`` records (``total`` without a focal part); when an
+    epoch was logged twice (a resume), the last record wins.
     """
     val: dict[int, float] = {}
     maps: dict[str, dict[int, float]] = {}
@@ -114,11 +97,8 @@ def seed_series(records: Iterable[Mapping]) -> dict:
 
 
 def ls_slope(epochs: Sequence[float], values: Sequence[float], window: int) -> float:
-    """Least-squares slope (value units per epoch) over the last ``window`` points.
-
-    All points if there are fewer; NaN for fewer than 2 points (the original returned 0, which
-    reads as "flat").
-    """
+    """Least-squares slope (value units per epoch) over the last ``window`` points; NaN for
+    fewer than 2 (the original's 0 would read as "flat")."""
     x = np.asarray(list(epochs)[-window:], dtype=np.float64)
     y = np.asarray(list(values)[-window:], dtype=np.float64)
     if x.size < 2 or np.ptp(x) == 0:
@@ -128,11 +108,7 @@ def ls_slope(epochs: Sequence[float], values: Sequence[float], window: int) -> f
 
 
 def _sign(slope: float, eps: float) -> int:
-    if slope > eps:
-        return 1
-    if slope < -eps:
-        return -1
-    return 0
+    return int(slope > eps) - int(slope < -eps)
 
 
 def reading(map_slope: float | None, val_slope: float | None, *, val_level: float | None = None,
@@ -165,14 +141,6 @@ def reading(map_slope: float | None, val_slope: float | None, *, val_level: floa
     if m == -1:
         return "degrading"
     return "converged"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample std (ddof 1; NaN for one value) and count of the finite values."""
-    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if a.size == 0:
-        return float("nan"), float("nan"), 0
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan"), int(a.size)
 
 
 def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_slope: float,
@@ -226,18 +194,10 @@ _ROW_FIELDS = [
 
 def _discover(tune_dir: Path) -> dict[str, dict[int, Path]]:
     out: dict[str, dict[int, Path]] = {}
-    root = tune_dir / "experiments"
-    if not root.is_dir():
-        return out
-    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        seeds = {}
-        for sd in exp_dir.iterdir():
-            m = re.fullmatch(r"seed_(-?\d+)", sd.name)
-            if m and sd.is_dir():
-                seeds[int(m.group(1))] = sd
-        if seeds:
-            out[exp_dir.name] = dict(sorted(seeds.items()))
-    return out
+    for sd in sorted((tune_dir / "experiments").glob("*/seed_*")):
+        if sd.is_dir() and re.fullmatch(r"seed_-?\d+", sd.name):
+            out.setdefault(sd.parent.name, {})[int(sd.name[5:])] = sd
+    return {name: dict(sorted(seeds.items())) for name, seeds in out.items()}
 
 
 def _window_of(tune_dir: Path, seed_dirs: Iterable[Path]) -> int:
@@ -292,18 +252,12 @@ def summarise(
 ) -> TuneSummary:
     """Summarise every experiment under ``<tune_dir>/experiments/`` from its metrics files.
 
-    Seeds marked ``ok`` (done.json) or ``unmarked`` (metrics without a marker: still running,
-    killed, or run elsewhere) enter the statistics; ``diverged`` and ``failed`` seeds are
-    counted and named, never averaged. Per experiment: final and best val loss and mAP (of
-    ``test_name``) as mean and sample std over seeds, mean best epochs, mean least-squares
-    slopes over the last ``window`` epochs (default: the plan's ``early_stopping_patience``),
-    the reading guide, and ``vs_top``: ``top`` for the best mean final mAP, ``~top`` when its
-    gap to the top is within 2 standard errors of the difference (noise), ``below`` otherwise,
-    ``?`` with a single seed. Ranked by mean final mAP (by final val loss without test sets):
-    the last epoch is not selected on the test set, so it is not biased upwards the way a
-    best-of-epochs value is.
-
-    Saves ``summary.csv`` and ``summary.json`` in ``tune_dir`` (unless ``save=False``).
+    Seeds ``ok`` or ``unmarked`` (metrics, no marker) enter the statistics: final and best val
+    loss and mAP of ``test_name`` (mean, sample std), best epochs, slopes over the last
+    ``window`` epochs, the reading and ``vs_top`` (``~top``: within 2 standard errors of the
+    top). Ranked by mean final mAP (final val loss without test sets): the last epoch is not
+    chosen on the test set, so unlike a best-of-epochs value it is not biased upwards. Saves
+    ``summary.csv`` and ``summary.json`` unless ``save=False``.
     """
     tune_dir = Path(tune_dir)
     found = _discover(tune_dir)
@@ -347,31 +301,33 @@ def summarise(
     return summary
 
 
+# per-seed statistic -> row column; the first four also get a sample std and a count
+_STAT_COLUMNS = {
+    "val_final": "val_loss_final", "val_best": "val_loss_best", "map_final": "mAP_final",
+    "map_best": "mAP_best", "val_best_epoch": "val_loss_best_epoch",
+    "map_best_epoch": "mAP_best_epoch", "val_slope": "val_slope", "map_slope": "mAP_slope",
+    "last_epoch": "last_epoch", "val_level": "val_level",
+}
+
+
 def _experiment_row(name: str, per_seed: dict[int, dict], statuses: dict[int, str],
                     fm: float, fl: float) -> dict:
-    def col(key: str) -> list[float]:
-        return [s[key] for s in per_seed.values() if s.get(key) is not None]
-
+    stats = pd.DataFrame([[s.get(k) for k in _STAT_COLUMNS] for s in per_seed.values()],
+                         columns=list(_STAT_COLUMNS), dtype=float).replace([np.inf, -np.inf], np.nan)
     row: dict[str, Any] = {"experiment": name, "seeds_total": len(statuses)}
     for st in ("ok", "diverged", "failed", "unmarked"):
         row[f"seeds_{st}"] = sum(1 for s in statuses.values() if s == st)
-    for src, dst in (("val_final", "val_loss_final"), ("val_best", "val_loss_best"),
-                     ("map_final", "mAP_final"), ("map_best", "mAP_best")):
-        row[f"{dst}_mean"], row[f"{dst}_std"], row[f"{dst}_n"] = _mean_std(col(src))
-    row["val_loss_best_epoch_mean"] = _mean_std(col("val_best_epoch"))[0]
-    row["mAP_best_epoch_mean"] = _mean_std(col("map_best_epoch"))[0]
-    row["val_slope_mean"] = _mean_std(col("val_slope"))[0]
-    row["mAP_slope_mean"] = _mean_std(col("map_slope"))[0]
-    row["last_epoch_mean"] = _mean_std(col("last_epoch"))[0]
-    seed_readings = {s["reading"] for s in per_seed.values()}
+    for i, (src, dst) in enumerate(_STAT_COLUMNS.items()):
+        row[f"{dst}_mean"] = float(stats[src].mean())
+        if i < 4:
+            row[f"{dst}_std"], row[f"{dst}_n"] = float(stats[src].std()), int(stats[src].count())
+    val_level = row.pop("val_level_mean")
     if not per_seed:
         label = "diverged" if row["seeds_diverged"] else "no data"
-        disagree = False
     else:
-        label = reading(row["mAP_slope_mean"], row["val_slope_mean"],
-                        val_level=_mean_std(col("val_level"))[0],
+        label = reading(row["mAP_slope_mean"], row["val_slope_mean"], val_level=val_level,
                         flat_map_slope=fm, flat_loss_slope=fl)
-        disagree = len(seed_readings) > 1
+    disagree = len({s["reading"] for s in per_seed.values()}) > 1
     row["reading"] = label + (" (seeds disagree)" if disagree else "")
     row["seeds_disagree"] = disagree
     row["advice"] = READING_GUIDE.get(label, "")

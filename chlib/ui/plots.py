@@ -1,13 +1,9 @@
 """Figures for the notebooks: CQTs, training curves, embedding maps and evaluation charts.
 
-Every function takes explicit data, never reads files, and returns a matplotlib ``Figure`` on
-an Agg canvas (no pyplot registry, no GUI backend; Jupyter shows it through a PNG formatter
-registered here). Histograms and bar charts are seaborn's. :func:`save_figure` is chlib's one
-writer of figure files.
-
-Units: CQT arrays are ``[frames, bins]`` in dB (0 = the track's loudest cell), frames at
-``frames_per_second`` (25 by default: 16 kHz, hop 640), bin ``b`` centred on
-``fmin * 2 ** (b / bins_per_octave)`` Hz.
+Every function takes explicit data and returns a matplotlib ``Figure`` on an Agg canvas (no
+pyplot, no GUI backend; Jupyter shows it through a PNG formatter registered here). CQT arrays
+are ``[frames, bins]`` in dB (0 = the track's loudest cell), bin ``b`` at
+``fmin * 2 ** (b / bins_per_octave)`` Hz. :func:`save_figure` is chlib's one figure writer.
 """
 
 from __future__ import annotations
@@ -67,8 +63,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path
 
 
 def _register_notebook_display() -> None:
-    """Inside IPython, show a returned Figure as a PNG, with no pyplot or ``%matplotlib``
-    (the inline backend registers a formatter only once pyplot is imported). Idempotent."""
+    """Inside IPython, show a returned Figure as a PNG without pyplot (idempotent)."""
     ip = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
     png = ip.display_formatter.formatters["image/png"] if ip is not None else None
     if png is not None and Figure not in png.type_printers:  # the inline backend's wins
@@ -103,28 +98,16 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
               features: Any = None, ncols: int | None = None, max_seconds: float | None = None,
               vmin: float | None = -80.0, vmax: float | None = 0.0,
               panel_size: tuple[float, float] = (4.0, 3.0)) -> Figure:
-    """Several CQTs side by side (e.g. performances of one work): time (s) across, pitch up,
-    colour = dB, one panel each.
-
-    Parameters
-    ----------
-    cqts : arrays [frames, bins], dB (0 = loudest cell of the track).
-    frames_per_second : frames per second of the arrays (25 for 16 kHz audio with hop 640).
-    fmin, bins_per_octave : pitch of bin 0 in Hz and bins per octave (octave ticks are named).
-    features : a :class:`chlib.core.config.FeatureSettings`; when given, its frames per second,
-        fmin and bins per octave replace the three arguments above.
-    ncols : panels per row (default: all in one row, at most 4).
-    max_seconds : crop every panel to its first seconds, so tempo and key can be compared.
-    vmin, vmax : dB range of the colour scale (None: the data range).
-    """
+    """Several CQTs [frames, bins] (dB) side by side, one panel each: time (s) across, pitch
+    up (octave ticks named). ``features`` (a FeatureSettings) replaces ``frames_per_second``,
+    ``fmin`` and ``bins_per_octave``; ``ncols`` defaults to one row of at most 4;
+    ``max_seconds`` crops every panel; ``vmin``/``vmax`` is the dB range (None: the data's)."""
     if features is not None:
         frames_per_second, fmin = float(features.frames_per_second), float(features.fmin)
         bins_per_octave = int(features.bins_per_octave)
-    if len(cqts) == 0:
-        raise ConfigError("plot_cqts: no CQT arrays given")
-    if titles is not None and len(titles) != len(cqts):
-        raise ConfigError(f"plot_cqts: {len(titles)} titles for {len(cqts)} CQT arrays")
     arrays = [np.asarray(c) for c in cqts]
+    if not arrays or (titles is not None and len(titles) != len(arrays)):
+        raise ConfigError(f"plot_cqts: {len(titles or [])} titles for {len(arrays)} CQT arrays")
     for i, a in enumerate(arrays):
         if a.ndim != 2 or 0 in a.shape:
             raise ConfigError(f"cqts[{i}]: expected a [frames, bins] array, got shape {a.shape}")
@@ -173,11 +156,9 @@ def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
 def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dict:
     """Per-epoch series from metrics records: ``{"loss_key", "train", "val", "mAP"}``.
 
-    ``train`` / ``val`` map epoch -> loss, ``mAP`` maps test set -> {epoch -> mAP}. Sources, in
-    order of preference: ``epoch`` records (``train_<loss>``, ``val_<loss>``, ``mAP/<set>``, as
-    :func:`chlib.train.loop.train` writes them), then ``train`` records (averaged per epoch),
-    ``val`` and ``test`` records. ``loss_key`` None picks a loss both curves have: ``loss``,
-    else ``foc_loss`` (the original's val_loss), else ``total``..., else the first one seen.
+    ``train`` / ``val`` map epoch -> loss, ``mAP`` test set -> {epoch -> mAP}; ``epoch`` records
+    (as training writes them) win over ``train`` (averaged per epoch), ``val`` and ``test``
+    records. ``loss_key`` None picks a loss both curves have, in ``_LOSS_KEYS`` order.
     """
     steps: dict[int, list[dict]] = {}  # epoch -> losses of its train records
     val_rows: dict[int, dict] = {}
@@ -226,9 +207,8 @@ def _note(ax: Any, text: str) -> None:
 
 def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None,
                          figsize: tuple[float, float] = (11, 3.8)) -> Figure:
-    """Loss per epoch (train and validation; ``loss_key`` as in :func:`training_curves`) on
-    the left, mAP per test set per epoch on the right, of ``runs/<name>/metrics.jsonl`` records
-    (a note on an axis with nothing to draw yet)."""
+    """Loss per epoch (train, validation) on the left and mAP per test set on the right, of
+    ``metrics.jsonl`` records (``loss_key`` as in :func:`training_curves`)."""
     c = training_curves(list(rows), loss_key)
     fig, (ax_loss, ax_map) = new_figure(1, 2, figsize=figsize)
     for series, label, marker in ((c["train"], "train", "o"), (c["val"], "validation", "s")):
@@ -256,13 +236,9 @@ def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None
 
 def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0,
                        metric: str = "cosine") -> np.ndarray:
-    """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] (any length) for a map.
-
-    ``method``: "pca" (instant, linear), "tsne" (scikit-learn) or "umap" (umap-learn; its first
-    import compiles with numba, ~20 s once); ``seed`` seeds t-SNE / UMAP, ``metric`` is their
-    distance ("cosine" matches retrieval). Neighbourhoods shrink for small N (perplexity and
-    n_neighbors < N) so a tiny test set still gets a map; N < 3 falls back to PCA.
-    """
+    """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] by "pca", "tsne" or "umap" (its
+    first import compiles with numba, ~20 s). Neighbourhoods shrink for small N so a tiny test
+    set still gets a map; N < 3 falls back to PCA."""
     x = np.asarray(emb, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ConfigError(f"project_embeddings: expected [N, D] embeddings, got shape {x.shape}")
@@ -295,8 +271,8 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def _label_style(labels: Sequence) -> dict:
-    """A colour and marker per distinct label: tab20's 10 dark shades, then its light ones
-    (so up to 10 labels get clearly different hues), x 8 markers before repeating."""
+    """A colour and marker per distinct label: tab20's dark shades, then its light ones, x 8
+    markers before repeating."""
     cmap = colormaps["tab20"]
     order = list(range(0, 20, 2)) + list(range(1, 20, 2))
     return {lab: (cmap(order[i % 20]), _MARKERS[(i // 20) % len(_MARKERS)])
@@ -325,14 +301,12 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               title: str | None = None, annotate: bool | None = None,
                               selected: int | None = None, neighbours: Sequence[int] = (),
                               figsize: tuple[float, float] = (9, 6)) -> Figure:
-    """A 2-D map of recordings coloured by work, never-seen works ringed, chosen works bold.
+    """A 2-D map of recordings coloured by work label, never-seen works ringed, chosen ones bold.
 
-    ``emb`` is [N, D] embeddings projected by ``method`` ("tsne", "umap", "pca"), or [N, 2]
-    coordinates with ``method`` None; ``labels`` holds N work labels. ``test_only`` labels get a
-    black ring ("never seen in training"), ``highlight`` labels are drawn bold (annotated with
-    their names unless ``annotate`` is False) and the others faded; ``label_names`` maps labels
-    to display names. ``selected`` (a row) is a black star joined by thin lines to its
-    ``neighbours`` (rows). Each label's points are one collection named after the work.
+    ``emb``: [N, D] embeddings projected by ``method``, or [N, 2] coordinates with ``method``
+    None. ``test_only`` labels get a black ring, ``highlight`` labels are bold (and annotated
+    unless ``annotate`` is False), the others faded; ``selected`` (a row) is a star joined to its
+    ``neighbours``. Each label's points are one collection named after the work.
     """
     labels = list(labels)
     x = np.asarray(emb)
@@ -381,9 +355,9 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
 
 def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20,
                         figsize: tuple[float, float] = (7, 3.5)) -> Figure:
-    """Histogram of the 1-based rank of each query's first correct recording (0 or less: its
-    work has no other recording among the references, counted in the title only): ranks
-    1..max_rank get a bar each (rank 1 green), larger ones a last grey "> max_rank" bar."""
+    """Histogram of the 1-based rank of each query's first correct recording: a bar per rank
+    up to ``max_rank`` (rank 1 green), then a grey "> max_rank" bar; ranks <= 0 (no other
+    recording of the work) are only counted in the title."""
     if max_rank < 1:
         raise ConfigError(f"plot_rank_histogram: max_rank must be >= 1, got {max_rank}")
     r = np.asarray(list(ranks), dtype=np.int64)
@@ -430,11 +404,9 @@ def _pair_row(p: Any) -> tuple[Any, Any, float]:
 def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "confusions",
                         label_names: Mapping | None = None,
                         figsize: tuple[float, float] | None = None) -> Figure:
-    """Horizontal bars of the ``top`` work pairs most often confused, largest at the top.
-
-    ``pairs``: ``(work_a, work_b, value)`` tuples or dicts with ``work_a``, ``work_b`` and
-    ``count`` (or ``value``), e.g. how often a recording of ``work_a`` ranked one of ``work_b``
-    first."""
+    """Horizontal bars of the ``top`` work pairs most often confused, largest at the top;
+    ``pairs`` holds ``(work_a, work_b, value)`` tuples or dicts with ``work_a``, ``work_b`` and
+    ``count`` (or ``value``)."""
     rows = sorted(map(_pair_row, pairs), key=lambda t: -t[2])[:top]
     names = dict(label_names or {})
     items = [(f"{names.get(a, a)}  ↔  {names.get(b, b)}", v) for a, b, v in rows]
@@ -448,9 +420,8 @@ def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "c
 def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first: bool = True,
                      label_names: Mapping | None = None,
                      figsize: tuple[float, float] | None = None) -> Figure:
-    """Average precision of ``top`` works as horizontal bars, worst first (the works to look
-    at); ``per_work`` maps work -> AP in [0, 1], or holds ``(work, ap)`` pairs or dicts with
-    ``work`` and ``ap``. Bars under 0.5 are red."""
+    """Average precision of ``top`` works as bars, worst first; ``per_work`` maps work -> AP,
+    or holds ``(work, ap)`` pairs or dicts with ``work`` and ``ap``. Bars under 0.5 are red."""
     if isinstance(per_work, Mapping):
         per_work = per_work.items()
     items = [(p.get("work", p.get("label")), float(p["ap"])) if isinstance(p, Mapping)

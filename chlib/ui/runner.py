@@ -1,9 +1,8 @@
 """Run the numbered notebooks headless with papermill (batch runs).
 
-``python -m chlib run 01_prepare 02_extract --run demo -p dataset_dir datasets/demo`` executes
-each notebook in order into ``runs/<run>/notebooks/<name>.ipynb``, overriding its ``parameters``
-cell (``run_dir`` = ``runs/<run>`` where declared); a parameter that none of the chosen notebooks
-declares is an error, so a typo cannot be silently ignored.
+``python -m chlib run 01 02 --run demo -p dataset_dir datasets/demo`` executes each notebook
+into ``runs/<run>/notebooks/``, overriding its ``parameters`` cell (``run_dir`` = ``runs/<run>``
+where declared); a parameter no chosen notebook declares is an error, so a typo is not ignored.
 """
 
 from __future__ import annotations
@@ -56,16 +55,17 @@ def _inspect(path: str | Path) -> dict[str, dict]:
     return params
 
 
+def _literal(text: str) -> Any:
+    """A Python literal's value, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def notebook_parameters(path: str | Path) -> dict[str, Any]:
-    """Names and default values declared in the notebook's ``parameters`` cell (as papermill
-    reads them); a default that is not a Python literal is kept as its source text."""
-    out = {}
-    for name, p in _inspect(path).items():
-        try:
-            out[name] = ast.literal_eval(p["default"])
-        except (ValueError, SyntaxError):
-            out[name] = p["default"]
-    return out
+    """Names and defaults of the notebook's ``parameters`` cell (non-literals as source text)."""
+    return {name: _literal(p["default"]) for name, p in _inspect(path).items()}
 
 
 def parameter_help(path: str | Path) -> list[str]:
@@ -74,15 +74,13 @@ def parameter_help(path: str | Path) -> list[str]:
             for name, p in _inspect(path).items()]
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_cli_value(text: str) -> Any:
     """``-p key value`` values: Python/YAML-ish literals (numbers, bools, None, lists), else str."""
     low = text.strip().lower()
-    if low in ("true", "false", "none", "null"):
-        return {"true": True, "false": False}.get(low)
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    return _WORDS[low] if low in _WORDS else _literal(text)
 
 
 @dataclass
@@ -109,12 +107,9 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
                   runs_root: str | Path = "runs", cwd: str | Path | None = None,
                   kernel_name: str = "python3", progress: bool = True,
                   stop_on_error: bool = True) -> RunRecord:
-    """Execute notebooks ``names`` (``01_prepare``, ``02`` ...) in the given order with
-    papermill into ``<run_dir>/notebooks/`` (``run_dir`` default: ``runs_root/run``).
-
-    Each notebook receives the subset of ``parameters`` its parameters cell declares; a key no
-    chosen notebook declares raises ConfigError. Kernels run in ``cwd`` (default: the
-    repository root), so relative paths resolve as they do on the command line.
+    """Execute notebooks ``names`` (``01_prepare``, ``02`` ...) in order with papermill into
+    ``<run_dir>/notebooks/`` (default ``runs_root/run``), each with the ``parameters`` it
+    declares; kernels run in ``cwd`` (default: the repository root).
     """
     nb_dir = find_notebooks_dir(cwd)
     if run_dir is None and run is None:
@@ -124,8 +119,7 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
     paths = [notebook_path(n, nb_dir) for n in names]
     declared = {p: notebook_parameters(p) for p in paths}
     known = {k for d in declared.values() for k in d}
-    unknown = sorted(set(params) - known)
-    if unknown:
+    if unknown := sorted(set(params) - known):
         raise ConfigError(
             f"parameter(s) {', '.join(unknown)} are declared by none of "
             f"{', '.join(p.stem for p in paths)}; declared: {', '.join(sorted(known))}")

@@ -17,7 +17,6 @@ from chlib.ui.plots import new_figure, save_figure
 __all__ = ["plot_tuning_curves", "plot_tuning_ranking", "save_tuning_figures"]
 
 
-
 def _band(series_by_seed: Iterable[dict[int, float]]) -> tuple[np.ndarray, ...]:
     """Epochs, mean, min and max over the seeds that reached each epoch."""
     by_epoch: dict[int, list[float]] = {}
@@ -25,17 +24,15 @@ def _band(series_by_seed: Iterable[dict[int, float]]) -> tuple[np.ndarray, ...]:
         for ep, v in s.items():
             if math.isfinite(v):
                 by_epoch.setdefault(ep, []).append(v)
-    eps = np.array(sorted(by_epoch), dtype=np.float64)
-    vals = [by_epoch[int(e)] for e in eps]
-    return (eps, np.array([np.mean(v) for v in vals]), np.array([min(v) for v in vals]),
-            np.array([max(v) for v in vals]))
+    vals = [by_epoch[e] for e in sorted(by_epoch)]
+    return (np.array(sorted(by_epoch), dtype=np.float64), np.array([np.mean(v) for v in vals]),
+            np.array([min(v) for v in vals]), np.array([max(v) for v in vals]))
 
 
 def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | None = None,
                        top: int | None = 8) -> Figure:
-    """mAP (of the summary's test set) and val loss per epoch: one line per experiment (mean over
-    its statistic seeds) with a shaded band from the lowest to the highest seed. ``top`` keeps the
-    best-ranked experiments (None: all). Returns a Figure."""
+    """mAP and val loss per epoch: per experiment the mean over seeds and a band over the seed
+    range; ``top`` keeps the best-ranked experiments (None: all)."""
     ranked = [r["experiment"] for r in summary.rows]
     names = list(experiments) if experiments is not None else ranked[: top or len(ranked)]
     fig, (ax_map, ax_val) = new_figure(1, 2, figsize=(12, 4.5))
@@ -43,8 +40,7 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
     for i, name in enumerate(names):
         if name not in known:
             continue
-        color = f"C{i % 10}"
-        seeds = summary.curves.get(name, {})
+        color, seeds = f"C{i % 10}", summary.curves.get(name, {})
         for ax, get in ((ax_map, lambda s: s["mAP"].get(summary.test_name, {})),
                         (ax_val, lambda s: s["val_loss"])):
             eps, mean, lo, hi = _band(get(s) for s in seeds.values())
@@ -53,14 +49,11 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
             ax.plot(eps, mean, color=color, label=name, marker="o", markersize=3)
             if len(seeds) > 1:
                 ax.fill_between(eps, lo, hi, color=color, alpha=0.2, linewidth=0)
-    for ax in (ax_map, ax_val):
+    for ax, ylabel in ((ax_map, "mAP"), (ax_val, "loss")):
+        ax.set(xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_map.set_title(f"mAP ({summary.test_name or 'no test set'})", fontsize=10)
-    ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("mAP")
     ax_val.set_title("validation loss (focal)", fontsize=10)
-    ax_val.set_xlabel("epoch")
-    ax_val.set_ylabel("loss")
     if names:
         ax_val.legend(fontsize=8, loc="best")
     fig.suptitle("mean over seeds; band = seed range", fontsize=9)
@@ -68,9 +61,8 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
 
 
 def plot_tuning_ranking(summary: TuneSummary) -> Figure:
-    """Horizontal bars of the experiments' mean final mAP (val loss if no test set), best at the
-    top, with error bars of one seed std; hatched bars are within noise of the top. Returns a
-    Figure."""
+    """Bars of the experiments' mean final mAP (val loss without a test set) ± one seed std,
+    best at the top; hatched: within noise of the top."""
     has_map = any(math.isfinite(r["mAP_final_mean"]) for r in summary.rows)
     key = "mAP_final" if has_map else "val_loss_final"
     rows = [r for r in summary.rows if math.isfinite(r[f"{key}_mean"])]
@@ -85,15 +77,14 @@ def plot_tuning_ranking(summary: TuneSummary) -> Figure:
         elif r["vs_top"] == "~top":
             bar.set_hatch("//")
     ax.set_yticks(y, [r["experiment"] for r in rows], fontsize=8)
-    label = f"final mAP ({summary.test_name})" if has_map else "final val loss"
-    ax.set_xlabel(f"{label}, mean ± std over seeds")
+    ax.set_xlabel(f"{f'final mAP ({summary.test_name})' if has_map else 'final val loss'}, "
+                  "mean ± std over seeds")
     ax.set_title("experiments ranked (hatched: within noise of the top)", fontsize=10)
     return fig
 
 
 def save_tuning_figures(summary: TuneSummary, tune_dir: str | os.PathLike) -> dict[str, Path]:
     """Draw both figures and save them in ``<tune_dir>/figures/``; returns name -> path."""
-    out = {}
-    for name, fn in (("tune_curves", plot_tuning_curves), ("tune_ranking", plot_tuning_ranking)):
-        out[name] = save_figure(fn(summary), Path(tune_dir) / "figures" / f"{name}.png")
-    return out
+    figures = {"tune_curves": plot_tuning_curves, "tune_ranking": plot_tuning_ranking}
+    return {name: save_figure(fn(summary), Path(tune_dir) / "figures" / f"{name}.png")
+            for name, fn in figures.items()}

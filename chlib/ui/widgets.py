@@ -1,9 +1,8 @@
 """Small interactive helpers for the notebooks: forms, tables, audio players, live plots.
 
-Headless runs (papermill, nbconvert, plain Python) never depend on the widgets: their callbacks
-do not fire under papermill, so the ``parameters`` cell drives every computation and a form
-(:func:`edit_parameters`) only edits those values when a person is at the keyboard
-(:func:`interactive_session`). :func:`table` shows lists of dicts as pandas DataFrames.
+Headless runs (papermill, plain Python) never depend on widgets, whose callbacks do not fire
+there: the ``parameters`` cell drives every computation, and a form only edits those values when
+a person is at the keyboard (:func:`interactive_session`).
 """
 
 from __future__ import annotations
@@ -50,16 +49,15 @@ def _kernel() -> Any:
 
 
 def in_papermill() -> bool:
-    """True inside a kernel driven by papermill / nbclient / nbconvert: those execute cells
-    with ``allow_stdin=False``, whereas JupyterLab, Notebook, VS Code and Colab allow input()."""
+    """True inside a kernel driven by papermill / nbclient (cells run with ``allow_stdin=False``,
+    unlike JupyterLab, VS Code and Colab)."""
     k = _kernel()
     return k is not None and not bool(getattr(k, "_allow_stdin", False))
 
 
 def interactive_session() -> bool:
-    """True when a person is at a notebook front end and widgets can be used: inside an IPython
-    kernel (JupyterLab, Colab, VS Code) and not under papermill; never in plain Python, pytest
-    or the IPython terminal. ``CHLIB_INTERACTIVE=1`` / ``0`` in the environment forces it."""
+    """True when a person is at a notebook front end (an IPython kernel, not papermill); never in
+    plain Python, pytest or the terminal. ``CHLIB_INTERACTIVE=1`` / ``0`` forces it."""
     forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
     if forced in ("1", "true", "yes", "0", "false", "no"):
         return forced in ("1", "true", "yes")
@@ -68,8 +66,7 @@ def interactive_session() -> bool:
 
 def use_project_root() -> Path:
     """Make the project folder the working directory when a notebook runs from ``notebooks/``
-    (JupyterLab starts kernels there, headless runs in the project folder), so that paths such
-    as ``datasets/demo`` mean the same in both. Returns the working directory."""
+    (as JupyterLab starts it), so that ``datasets/demo`` means the same headless; returns it."""
     cwd = Path.cwd()
     if (cwd / "01_prepare.ipynb").is_file() and cwd.name == "notebooks":
         os.chdir(cwd.parent)
@@ -89,11 +86,9 @@ def show(*objs: Any) -> None:
 
 def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
           max_rows: int | None = 30, title: str | None = None) -> pd.DataFrame:
-    """Rows of dicts as a DataFrame for a notebook cell (HTML in Jupyter, text elsewhere).
-
-    ``columns`` picks and orders the keys (default: all). At most ``max_rows`` rows are kept
-    (None: all); the title, plus "first n of N rows" when rows were left out, names the column
-    axis, so it heads the table in both renderings."""
+    """Rows of dicts as a DataFrame for a notebook cell; ``columns`` picks and orders the keys,
+    at most ``max_rows`` rows are kept (None: all). The title (and "first n of N rows") names
+    the column axis, so it heads the table in HTML and text alike."""
     rows = [dict(r) for r in rows]
     df = pd.DataFrame(rows[:max_rows] if max_rows is not None else rows,
                       columns=list(columns) if columns is not None else None)
@@ -118,13 +113,12 @@ def _parse_literal(text: str, name: str, default: Any) -> Any:
 
 
 class ParameterForm:
-    """A column of labelled inputs (``widget``), one per parameter; :meth:`values` reads them
-    back. Types follow the defaults: bool -> checkbox, int / float -> number box, str -> text box
-    (a dropdown when ``choices`` lists the options), list / dict / None -> a Python literal."""
+    """A column of labelled inputs (``widget``), one per parameter, read back by :meth:`values`:
+    bool -> checkbox, int / float -> number box, str -> text box (a dropdown with ``choices``),
+    anything else -> a Python literal's text."""
 
     def __init__(self, defaults: Mapping[str, Any], *,
-                 choices: Mapping[str, Sequence] | None = None,
-                 descriptions: Mapping[str, str] | None = None, title: str | None = None):
+                 choices: Mapping[str, Sequence] | None = None, title: str | None = None):
         self.defaults = dict(defaults)
         self.choices = {k: list(v) for k, v in (choices or {}).items()}
         unknown = sorted(set(self.choices) - set(self.defaults))
@@ -132,7 +126,7 @@ class ParameterForm:
             raise ConfigError(f"parameter_form: choices given for unknown parameters {unknown}")
         self.inputs: dict[str, Any] = {}
         for name, default in self.defaults.items():
-            kw = {"description": (descriptions or {}).get(name, name), "style": _STYLE}
+            kw = {"description": name, "style": _STYLE}
             if name in self.choices:
                 if default not in self.choices[name]:
                     raise ConfigError(f"parameter_form: default {default!r} of {name} is not "
@@ -184,11 +178,7 @@ class ParameterForm:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def parameter_form(defaults: Mapping[str, Any], *, choices: Mapping[str, Sequence] | None = None,
-                   descriptions: Mapping[str, str] | None = None,
-                   title: str | None = None) -> ParameterForm:
-    """A :class:`ParameterForm` for ``defaults`` (name -> default); read back with ``values()``."""
-    return ParameterForm(defaults, choices=choices, descriptions=descriptions, title=title)
+parameter_form = ParameterForm  # the notebooks' name for it
 
 
 def edit_parameters(namespace: dict, names: Sequence[str], *,
@@ -196,8 +186,7 @@ def edit_parameters(namespace: dict, names: Sequence[str], *,
                     title: str = "Parameters (edit, then run the cells below)",
                     force: bool | None = None) -> ParameterForm | None:
     """In an interactive session, show a form for ``names`` that writes edits into ``namespace``
-    (``edit_parameters(globals(), ["n_works", ...])`` after the parameters cell; re-run the
-    cells below to use an edit). Headless or with ``force=False``: nothing, None."""
+    (``edit_parameters(globals(), [...])`` after the parameters cell); else nothing, None."""
     if not (interactive_session() if force is None else force):
         return None
     missing = [n for n in names if n not in namespace]
@@ -214,9 +203,8 @@ def edit_parameters(namespace: dict, names: Sequence[str], *,
 
 def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
                       max_seconds: float = 30.0) -> bytes:
-    """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s``, at the file's
-    sample rate, for players (soundfile decodes wav, flac, ogg, mp3); an excerpt keeps
-    notebooks small whatever the file's length."""
+    """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s`` at the file's
+    sample rate, for players (an excerpt keeps notebooks small)."""
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: audio file not found")
@@ -235,8 +223,8 @@ def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
 
 def audio_player(path: str | os.PathLike, *, start_s: float = 0.0,
                  max_seconds: float = 30.0) -> Any:
-    """An ipywidgets Audio player (no autoplay, no loop) for an excerpt of ``path``; an
-    unreadable file gives a red note naming it, so one bad file does not break a table."""
+    """An ipywidgets Audio player for an excerpt of ``path``; an unreadable file gives a red
+    note naming it, so one bad file does not break a table."""
     try:
         data = audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds)
     except AudioError as e:
@@ -246,15 +234,14 @@ def audio_player(path: str | os.PathLike, *, start_s: float = 0.0,
 
 
 def results_table(rows: Sequence[Mapping], columns: Sequence[str], *,
-                  audio_column: str | None = None, max_seconds: float = 30.0,
-                  floatfmt: str = ".3f") -> Any:
-    """An ipywidgets GridBox of result rows (header first, text columns ``columns``), with a
-    player in a last column when ``audio_column`` names the key of each row's audio path."""
+                  audio_column: str | None = None, max_seconds: float = 30.0) -> Any:
+    """An ipywidgets grid of result rows (``columns``), with a player in a last column when
+    ``audio_column`` names the key of each row's audio path."""
     cells = [w.HTML(f"<b>{html.escape(c)}</b>") for c in columns]
     cells += [w.HTML("<b>listen</b>")] if audio_column else []
     for r in rows:
         text = [r.get(c) for c in columns]
-        cells += [w.HTML(html.escape("" if v is None else format(v, floatfmt)
+        cells += [w.HTML(html.escape("" if v is None else format(v, ".3f")
                                      if isinstance(v, (float, np.floating)) else str(v)))
                   for v in text]
         if audio_column:
@@ -269,10 +256,9 @@ def results_table(rows: Sequence[Mapping], columns: Sequence[str], *,
 
 
 class TrainingMonitor:
-    """A ``chlib.train.loop.train(..., callbacks=[monitor])`` callback that redraws loss and
-    mAP curves in place after every epoch. Headless or with ``live=False`` it draws nothing
-    until :meth:`figure` is called (``print_epochs``: one line per epoch). ``rows`` seeds it
-    with earlier records (a resumed run's metrics.jsonl)."""
+    """A training callback that redraws loss and mAP curves in place after every epoch;
+    headless or with ``live=False`` it draws only on :meth:`figure` (``print_epochs``: a line
+    per epoch). ``rows`` seeds it with earlier records (a resumed run's)."""
 
     def __init__(self, *, live: bool | None = None, every: int = 1,
                  rows: Iterable[Mapping] = (), print_epochs: bool = False):
@@ -314,19 +300,15 @@ class TrainingMonitor:
 
 
 def audio(path: str | os.PathLike, *, start_s: float = 0.0, max_seconds: float = 30.0) -> Audio:
-    """An ``IPython.display.Audio`` of an excerpt: plays in JupyterLab, Colab and in saved
-    (papermill) notebooks alike, unlike a widget."""
+    """An ``IPython.display.Audio`` of an excerpt: unlike a widget, it plays in saved notebooks."""
     return Audio(data=audio_excerpt_wav(path, start_s=start_s, max_seconds=max_seconds),
                  autoplay=False)
 
 
 def cqt_examples(manifest_path: str | os.PathLike, *, work: str | None = None, n: int = 3
                  ) -> tuple[list[np.ndarray], list[str]]:
-    """CQT arrays and titles of ``n`` performances of one work from a full.txt-style manifest.
-
-    ``work`` None picks the work with the most recordings (ties: the first in the file);
-    tempo copies are skipped. Returns ``(arrays [frames, bins] each, perf titles)``.
-    """
+    """``(CQT arrays [frames, bins], perf titles)`` of ``n`` performances of one work (None: the
+    one with most recordings) from a full.txt-style manifest, tempo copies skipped."""
     recs = [r for r in read_manifest(manifest_path, required=("perf", "work", "feat"))
             if r.get("source_perf") in (None, "", r["perf"])]
     if not recs:
@@ -343,8 +325,8 @@ _EPOCH_COLUMNS = ("epoch", "step", "train_total", "train_foc_loss", "val_loss", 
 
 
 def epoch_table(rows: Iterable[Mapping], *, max_rows: int | None = 60) -> pd.DataFrame:
-    """One row per epoch from training's ``epoch`` records (the last record of an epoch wins),
-    with the losses, learning rate, mAP per test set and the best-epoch flag."""
+    """One row per epoch of training's ``epoch`` records (the last one wins): losses, learning
+    rate, mAP per test set and the best-epoch flag."""
     by_epoch = {int(r["epoch"]): dict(r) for r in rows
                 if r.get("kind", "epoch") == "epoch" and r.get("epoch") is not None}
     recs = [by_epoch[e] for e in sorted(by_epoch)]
@@ -359,16 +341,16 @@ def epoch_table(rows: Iterable[Mapping], *, max_rows: int | None = 60) -> pd.Dat
 
 
 class IdentifyApp:
-    """Upload a file or type a path, set top-k and the p threshold, press Identify: the matches
-    with a player for the query and each match, and the query's CQT beside its best match's.
-    ``widget`` is the box to display; ``report`` the last IdentifyReport. Nothing runs until
-    the button is pressed (so nothing runs under papermill)."""
+    """Upload or type a query, set top-k and the p threshold, press Identify: the matches with
+    players and the query's CQT beside its best match's. ``widget`` is the box to display,
+    ``report`` the last IdentifyReport; nothing runs until the button is pressed."""
 
     def __init__(self, model: Any, hp: Any, index: Any, *, device: str = "auto",
                  top_k: int = 10, threshold_p: float = 0.001, path: str = "",
                  upload_dir: str | os.PathLike | None = None, max_seconds: float = 30.0):
         self.model, self.hp, self.index, self.device = model, hp, index, device
         self.max_seconds, self.report = max_seconds, None
+        self._by_perf = {r["perf"]: r for r in index.records}
         self.upload_dir = Path(upload_dir) if upload_dir is not None else None
         self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload audio")
         self.path = w.Text(value=str(path), description="or a path", style=_STYLE,
@@ -384,8 +366,8 @@ class IdentifyApp:
                               w.HBox([self.top_k, self.threshold]), self.button, self.out])
 
     def query_paths(self) -> list[str]:
-        """The uploaded file (saved to ``upload_dir`` or a temporary folder), else the path box
-        (a file, or every audio file of a folder)."""
+        """The uploaded file (saved to ``upload_dir`` or a temporary folder), else the path box's
+        file or folder's audio files."""
         files = self.upload.value
         if files:
             item = files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
@@ -424,8 +406,7 @@ class IdentifyApp:
 
     def views(self, query: str) -> list:
         """The query's player and its results grid with a player per match."""
-        by_perf = {r["perf"]: r for r in self.index.records}
-        rows = [dict(r, wav=(by_perf.get(r["perf"]) or {}).get("wav"))
+        rows = [dict(r, wav=self._by_perf.get(r["perf"], {}).get("wav"))
                 for r in self.report.rows if r["query"] == query and r["rank"]]
         head = w.HBox([w.HTML(f"<b>{html.escape(Path(query).name)}</b>&nbsp;"),
                        audio_player(query, max_seconds=self.max_seconds)])
@@ -435,8 +416,7 @@ class IdentifyApp:
 
     def match_figure(self, best_row: Mapping) -> Any:
         """CQT of the query beside its best match's."""
-        by_perf = {r["perf"]: r for r in self.index.records}
-        return query_match_figure(best_row["query"], by_perf.get(best_row["perf"], {}), self.hp,
+        return query_match_figure(best_row["query"], self._by_perf.get(best_row["perf"], {}), self.hp,
                                   max_seconds=self.max_seconds)
 
 
@@ -444,9 +424,8 @@ class IdentifyApp:
 
 
 class EmbeddingExplorer:
-    """Map of an :class:`chlib.retrieval.explore.ExplorerData`'s recordings: colour by any
-    column, find a work, pick a recording to list its neighbours, hear it and see its CQT.
-    Plain ipywidgets + PNGs (JupyterLab and Colab, no extension); ``widget`` is the box."""
+    """Map of an ExplorerData's recordings: colour by any column, find a work, pick a recording
+    to list its neighbours, hear it and see its CQT (plain ipywidgets + PNGs); ``widget``."""
 
     def __init__(self, data: Any, *, projection: str = "umap", colour_by: str = "work",
                  highlight_work: str = "", point: str = "", n_neighbours: int = 10,

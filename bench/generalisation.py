@@ -1,0 +1,116 @@
+"""Generalisation suite: held-out works' mAP against training steps, beside a model-free baseline.
+
+Trains one recipe on an extracted dataset (its train split) and evaluates, after every epoch,
+the works it never saw: the dataset's own held-out works (``unseen``/``test``) and any number
+of collections from other generators (``--extra NAME=full.txt``, e.g. the FluidSynth suite of
+``bench/suite`` against the built-in demo, or the other way round). The 2D-FTM baseline (no
+learning, :mod:`chlib.signal.chroma`) is scored on the same queries, so a curve that stays
+below it is a model that has not learnt what makes two recordings the same tune.
+
+    python bench/generalisation.py --dataset datasets/fluid260 --run runs/gen_laptop \\
+        --recipe laptop --extra demo=datasets/demo/full.txt --max-epochs 15
+    python bench/generalisation.py --run runs/gen_laptop --report   # table only
+
+Prints one table: steps, minutes of training, training loss, and each test set's mAP, then
+the baseline's mAP per test set and the chance level (mean share of relevant references).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from chlib.core.config import deep_merge, load_hparams
+from chlib.core.manifest import read_manifest
+from chlib.data.features import feature_path, load_feature
+from chlib.retrieval.scoring import score_windows
+from chlib.signal.chroma import ftm2d
+from chlib.train.loop import train
+from chlib.train.runs import make_run_config, read_metrics
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``a.b=1`` -> {"a": {"b": 1}} with YAML-typed values."""
+    out: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def configure(run: Path, dataset: Path, recipe: str, overrides: dict, extras: dict[str, Path]) -> None:
+    """Write the run config: the recipe on ``dataset`` plus one test set per extra collection."""
+    tests = {name: {"query_path": str(p), "ref_path": str(p)} for name, p in extras.items()}
+    make_run_config(run, recipe, deep_merge(overrides, tests), dataset_dir=dataset)
+
+
+def _records(path: Path) -> list[dict]:
+    return [r for r in read_manifest(path) if not str(r["perf"]).startswith("sp_")]
+
+
+def baseline_scores(hp_path: Path) -> dict[str, dict]:
+    """2D-FTM mAP (and chance) on every test set of the run config."""
+    hp = load_hparams(hp_path)
+    fps = hp.features.frames_per_second
+    out = {}
+    for name, ts in hp.testsets.items():
+        q_path = hp.resolve_path(ts.query_path)
+        recs = _records(q_path)
+        vecs = [ftm2d(np.asarray(load_feature(feature_path(r, q_path))), fps=fps)[None, :]
+                for r in recs]
+        m = score_windows(recs, recs, vecs, vecs, rule="mean")
+        works = pd.Series([r["work"] for r in recs])
+        counts = works.map(works.value_counts()) - 1
+        out[name] = {"2D-FTM mAP": m["mAP"], "chance": float((counts / (len(recs) - 1)).mean()),
+                     "queries": len(recs)}
+    return out
+
+
+def curve(run: Path) -> pd.DataFrame:
+    """One row per evaluated epoch: step, minutes, train loss, mAP of every test set."""
+    tests = pd.DataFrame(read_metrics(run, "test"))
+    epochs = pd.DataFrame(read_metrics(run, "epoch"))
+    table = tests.pivot_table(index="step", columns="testset", values="mAP")
+    ep = epochs.set_index("step")
+    table.insert(0, "train_loss", ep["train_total"].reindex(table.index))
+    table.insert(0, "minutes", (ep["epoch_s"].cumsum() / 60).reindex(table.index))
+    return table.round(3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--dataset", type=Path, help="extracted dataset with train/val/test splits")
+    ap.add_argument("--recipe", default="laptop")
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. learning_rate=0.001")
+    ap.add_argument("--extra", nargs="*", default=[], help="NAME=full.txt of another collection")
+    ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--report", action="store_true", help="print the table of an existing run")
+    args = ap.parse_args(argv)
+    hp_path = args.run / "config" / "hparams.yaml"
+    if not args.report:
+        if not hp_path.exists():
+            extras = dict((n, Path(p)) for n, _, p in (e.partition("=") for e in args.extra))
+            configure(args.run, args.dataset, args.recipe, parse_overrides(args.set), extras)
+        train(args.run, max_epochs=args.max_epochs, progress=False)
+    pd.set_option("display.width", 160)
+    print(curve(args.run).to_string())
+    base = baseline_scores(hp_path)
+    print(pd.DataFrame(base).T.round(3).to_string())
+    (args.run / "generalisation.json").write_text(json.dumps(
+        {"curve": curve(args.run).reset_index().to_dict("records"), "baseline": base}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

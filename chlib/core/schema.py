@@ -1,0 +1,201 @@
+"""Config fields declared once: :func:`opt` and the generic YAML loader, checker and dumper.
+
+A config section is a dataclass whose fields are made by :func:`opt` (default, YAML key, allowed
+values). :func:`flatten` turns nested YAML into dotted keys, :func:`reject_unknown` names a typo
+and its close matches, :func:`build` coerces values into the dataclass, :func:`check_fields`
+checks the declared rules and :func:`dump` writes the YAML mapping back.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import os
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chlib.core.errors import ConfigError
+
+__all__ = ["opt", "keys", "coerce", "flatten", "reject_unknown", "rename", "build",
+           "check_fields", "dump", "check", "load_yaml", "deep_merge"]
+
+_NAME = object()  # opt(key=...) default: the YAML key is the field name
+
+
+def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
+        choices: tuple | None = None, rng: str | None = None, nonempty: bool = False,
+        hint: str = "") -> Any:
+    """A config field: ``default`` plus its YAML ``key`` and checks, declared once.
+
+    ``key``: dotted for a nested block, ``""`` for a section whose keys sit at the top level,
+    None for a field not in the YAML. ``rng``: an interval such as ``"[0, 1)"`` (for a list, of
+    every entry). ``hint``: the remedy added to an error. A class as ``default`` makes a nested
+    section; no ``default``, a required field.
+    """
+    meta = {"key": key, "choices": choices, "rng": rng, "nonempty": nonempty, "hint": hint}
+    if isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_hints = functools.cache(typing.get_type_hints)  # class -> {field name: type}
+
+
+def _walk(cls: type, prefix: str = ""):
+    """(field, dotted YAML key, type, prefix of its children) of each YAML field of ``cls``."""
+    for f in fields(cls):
+        key = f.metadata.get("key", _NAME)
+        if key is not None:
+            key = prefix + (f.name if key is _NAME else key)
+            yield f, key, _hints(cls)[f.name], (key + "." if key else "")
+
+
+def keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted YAML key of ``cls`` (nested sections expanded)."""
+    return [k for _f, key, typ, sub in _walk(cls, prefix)
+            for k in (keys(typ, sub) if is_dataclass(typ) else [key])]
+
+
+def coerce(value: Any, typ: Any, where: str, key: str, hint: str = "") -> Any:
+    """Coerce a YAML value to ``typ`` (int -> float allowed, lists per entry), else ConfigError."""
+    args, origin = typing.get_args(typ), typing.get_origin(typ)
+    if type(None) in args:  # X | None
+        typ = next(a for a in args if a is not type(None))
+        return None if value is None else coerce(value, typ, where, key, hint)
+    if origin in (list, tuple):
+        if isinstance(value, (list, tuple)) and (origin is list or len(value) == len(args)):
+            return origin(coerce(v, args[0], where, key, hint) for v in value)
+    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    what = {list: "a list", tuple: f"a list of {len(args)} values"}.get(origin, typ.__name__)
+    remedy = f" ({hint})" if hint else ""
+    raise ConfigError(f"{where}: {key} must be {what}, got {value!r}{remedy}")
+
+
+def _in(value: float, rng: str) -> bool:
+    lo, hi = (float(x) for x in rng[1:-1].split(","))
+    return (lo <= value if rng[0] == "[" else lo < value) and (
+        value <= hi if rng[-1] == "]" else value < hi)
+
+
+def _rule(m: dict, empty: bool) -> str:
+    """The declared rule of a field, in words: "one of a, b", "in [0, 1)", ">= 1"."""
+    if empty:
+        return "a non-empty list"
+    if m["choices"]:
+        return f"one of {', '.join(map(str, m['choices']))}"
+    lo, hi = m["rng"][1:-1].split(", ")
+    return f"{'>=' if m['rng'][0] == '[' else '>'} {lo}" if hi == "inf" else f"in {m['rng']}"
+
+
+def flatten(d: dict, where: str, allowed: list[str], prefix: str = "") -> dict:
+    """Nested YAML sections (prefixes of ``allowed`` keys) -> ``{dotted key: value}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if not any(a.startswith(key + ".") for a in allowed):
+            out[key] = v
+        elif v is not None:
+            check(isinstance(v, dict), where, f"{key} must be a mapping of key: value, got {v!r}")
+            out.update(flatten(v, where, allowed, key + "."))
+    return out
+
+
+def reject_unknown(flat: dict, allowed: list[str], where: str, extra: str = "") -> None:
+    for key in (k for k in flat if k not in allowed):
+        section = key.rpartition(".")[0]
+        pre = section + "." if section else ""
+        near = sorted({a[len(pre):].split(".")[0] for a in allowed if a.startswith(pre)})
+        close = difflib.get_close_matches(key, allowed, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"{where}: unknown key {key!r}.{hint} Allowed keys"
+                          f"{' in ' + section if section else ''}: {', '.join(near)}"
+                          f"{'' if section else extra}.")
+
+
+def rename(d: dict, old: str, new: str, where: str) -> None:
+    """Read the original's key ``old`` as ``new`` (both given is an error)."""
+    if old in d:
+        check(new not in d, where, f"both {old!r} (original) and {new!r} given; keep one")
+        d[new] = d.pop(old)
+
+
+def build(cls: type, flat: dict, where: str, prefix: str = "", **given: Any) -> Any:
+    """An instance of ``cls`` from the keys of ``flat`` it declares (missing or None: default)."""
+    kw = dict(given)
+    for f, key, typ, sub in _walk(cls, prefix):
+        if is_dataclass(typ):
+            kw[f.name] = build(typ, flat, where, sub)
+        elif flat.get(key) is not None:
+            kw[f.name] = coerce(flat[key], typ, where, key, f.metadata["hint"])
+    return cls(**kw)
+
+
+def check_fields(obj: Any, where: str, prefix: str = "") -> None:
+    """Check every field of ``obj`` against its declared choices, range and non-emptiness."""
+    for f, key, _typ, sub in _walk(type(obj), prefix):
+        value, m = getattr(obj, f.name), f.metadata
+        if is_dataclass(value):
+            check_fields(value, where, sub)
+            continue
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        empty = m["nonempty"] and not entries
+        if empty or any((m["choices"] and v not in m["choices"])
+                        or (m["rng"] and not _in(v, m["rng"])) for v in entries if v is not None):
+            raise ConfigError(f"{where}: {key} must be {_rule(m, empty)}, got {value!r}"
+                              + (f" ({m['hint']})" if m["hint"] else ""))
+
+
+def dump(obj: Any, out: dict, prefix: str = "") -> dict:
+    """Write the YAML fields of ``obj`` into the nested mapping ``out`` (None and [] left out)."""
+    for f, key, _typ, sub in _walk(type(obj), prefix):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            dump(value, out, sub)
+        elif value is not None and value != []:
+            *parents, last = key.split(".")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping (an empty file is ``{}``); a missing file or a non-mapping is a
+    ConfigError."""
+    path = Path(path)
+    check(path.exists(), str(path), "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    check(data is None or isinstance(data, dict), str(path),
+           f"expected a mapping of key: value, got {type(data).__name__}")
+    return data or {}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Recursively merge ``over`` into a copy of ``base`` (mappings merge, the rest replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if both else copy.deepcopy(v)
+    return out
