@@ -21,6 +21,7 @@ from chlib.core.manifest import write_manifest
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import save_checkpoint
 from chlib.retrieval import evaluate, explore, identify
+from chlib.retrieval.scoring import MODEL_FREE
 from chlib.ui import report
 
 N_BINS = 24
@@ -316,7 +317,8 @@ def test_random_embedding_baseline_is_chance_level_on_a_large_random_problem():
 
 def test_evaluation_carries_random_and_untrained_baselines_below_the_model(evaluation):
     r = evaluation.result()
-    assert set(r.baselines) == {"random embeddings", "untrained model"}
+    assert set(r.baselines) == {"random embeddings", "untrained model", MODEL_FREE}
+    assert 0.0 < r.baselines[MODEL_FREE]["mAP"] <= 1.0  # 2D-FTM of the same features
     # the fixture's features make covers trivially close: any network ranks them first, random
     # vectors do not
     assert r.baselines["random embeddings"]["mAP"] < 0.9 * r.metrics["mAP"]
@@ -324,3 +326,4 @@ def test_evaluation_carries_random_and_untrained_baselines_below_the_model(evalu
     assert 1.0 <= r.baselines["random embeddings"]["MR1"] <= 11.0
     t = report.metrics_table(evaluation)
     assert "random embeddings" in t.columns and "untrained model" in t.columns
+    assert MODEL_FREE in t.columns

@@ -50,3 +50,16 @@ def test_curves_show_a_time_blind_model_is_tempo_invariant_but_not_key_invariant
     assert top1[("transpose", 5)] <= 0.5  # but the spectral profile moves with the key
     assert set(table.columns) >= {"top1", "mean_rank", "distance", "chance"}
     assert table["chance"].iloc[0] == pytest.approx(1 / 12)
+
+
+def test_invariance_figure_has_one_panel_per_factor(tmp_path):
+    import pandas as pd
+
+    from chlib.ui import report
+
+    table = pd.DataFrame([{"factor": f, "value": v, "top1": 1.0 - v / 10, "chance": 0.1,
+                           "mean_rank": 1.0, "distance": 0.1}
+                          for f in ("transpose", "tempo") for v in (0, 1, 2)])
+    fig = report.invariance_figure(table, save_dir=tmp_path)
+    assert [ax.get_title() for ax in fig.axes] == ["transpose", "tempo"]
+    assert (tmp_path / "invariance.png").stat().st_size > 1000

@@ -216,7 +216,9 @@ def test_evaluate_notebook_reports_metrics_with_ci_figures_and_exports(chain, tr
     assert np.load(run / "evaluation" / "test.reflabels.npy").shape == (n_test,)
     for kind in ("tsne", "pca", "ranks", "confused", "per_work"):
         assert (run / "figures" / f"test_{kind}.png").is_file(), kind
-    assert len(_outputs(nb, "image/png")) == 5
+    assert (run / "figures" / "invariance.png").is_file()
+    assert len(_outputs(nb, "image/png")) == 6
+    assert "2D-FTM (no learning)" in metrics["testsets"]["test"]["baselines"]
     assert _no_widgets_shown(nb)
 
 

@@ -38,7 +38,13 @@ from chlib.model.checkpoint import (
 from chlib.retrieval import metrics
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.protocol import check_rule, track_distances, track_vectors
-from chlib.retrieval.scoring import ScoringInputs, rule_of, score_inputs
+from chlib.retrieval.scoring import (
+    MODEL_FREE,
+    ScoringInputs,
+    model_free_windows,
+    rule_of,
+    score_inputs,
+)
 
 __all__ = ["FIGURE_KINDS", "TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets",
            "load_checkpoint", "top1_confusions", "random_embedding_baseline", "score_testset",
@@ -405,14 +411,16 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
                  n_boot: int = 1000, seed: int = 12345, confidence: float = 0.95,
                  no_relevant: str = "count_as_zero", cache: bool = True, progress: bool = True,
                  root: str | os.PathLike | None = None,
-                 untrained_baseline: bool = True) -> Evaluation:
+                 untrained_baseline: bool = True, model_free_baseline: bool = True
+                 ) -> Evaluation:
     """Evaluate one checkpoint ("best", else "latest" without best.json; "latest"; an epoch)
     on the run's test sets or ``testsets`` (:func:`resolve_testsets`; relative config paths
     start in ``root``). Nothing is written: see :meth:`Evaluation.save`.
 
     ``rule``: None = the run's ``distance_rule`` (its index's); another value for comparisons.
     ``seed`` (the fork's 12345) seeds the bootstrap and the baselines: random embeddings always,
-    the architecture with random weights if ``untrained_baseline``. ``cache``: reuse and store
+    the architecture with random weights if ``untrained_baseline``, the 2D-FTM of the features
+    (:data:`~chlib.retrieval.scoring.MODEL_FREE`) if ``model_free_baseline``. ``cache``: reuse and store
     embeddings in ``run_dir/embeddings`` (**this function caches**).
     """
     run_dir = Path(run_dir)
@@ -436,6 +444,10 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
                                 cache_dir=run_dir / "embeddings" if cache else None)
         others = {} if untrained is None else {"untrained model": _embed_testset(
             untrained, spec, q_records, r_records, hp, device=dev, progress=False)}
+        if model_free_baseline:
+            free_q = model_free_windows(q_records, hp, manifest_path=spec.query_path)
+            others[MODEL_FREE] = (free_q, free_q if r_records is q_records else
+                                  model_free_windows(r_records, hp, manifest_path=spec.ref_path))
         results[spec.name] = score_testset(
             spec.name, spec, q_records, r_records, qw, rw, rule=rule, train_works=train_works,
             n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant,

@@ -31,8 +31,9 @@ from chlib.core.errors import (
     ManifestError,
 )
 from chlib.core.io import atomic_write_text
-from chlib.core.manifest import read_manifest, resolve_path
+from chlib.core.manifest import DATASET_KEYS
 from chlib.core.progress import progress as progress_bar
+from chlib.data.splits import read_split
 from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval.embed import embed_windows
 from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
@@ -233,28 +234,12 @@ def identify_folder(folder: str | os.PathLike, *, model: torch.nn.Module, hp: An
     return report
 
 
-def _absolute(rec: dict, manifest_path: Path) -> dict:
-    """A copy of ``rec`` whose ``wav`` / ``feat`` paths are absolute (resolved like chlib does)."""
-    return rec | {k: str(resolve_path(rec[k], manifest_path).resolve())
-                  for k in ("wav", "feat") if rec.get(k)}
-
-
-def read_split(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
-    """Records of ``dataset_dir/<split>.txt`` (train, val, test, full) with absolute paths;
-    [] when the file is absent."""
-    path = Path(dataset_dir) / f"{split}.txt"
-    if not path.is_file():
-        return []
-    return [_absolute(r, path) for r in read_manifest(path, required=("perf", "work"))]
-
-
 def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | os.PathLike = ""
                       ) -> list[dict]:
     """The recordings to index (absolute paths): ``reference_manifest`` if given, else the
     dataset's train + val recordings (all but the held-out test.txt), else its full.txt."""
     if reference_manifest:
-        p = Path(reference_manifest)
-        return [_absolute(r, p) for r in read_manifest(p, required=("perf", "work", "feat"))]
+        return read_split(reference_manifest, required=("perf", "work", "feat"))
     recs = read_split(dataset_dir, "train") + read_split(dataset_dir, "val")
     recs = recs or read_split(dataset_dir, "full")
     if not recs:
@@ -343,7 +328,7 @@ def identification_queries(query_path: str | os.PathLike, dataset_dir: str | os.
     if p.is_dir():
         return Queries([str(f) for f in find_audio_files(p)], {}, str(p))
     if p.suffix.lower() in (".txt", ".jsonl"):
-        return _queries_of([_absolute(r, p) for r in read_manifest(p)], str(p))
+        return _queries_of(read_split(p, required=DATASET_KEYS), str(p))
     if not p.is_file():
         raise ConfigError(f"query_path {p}: no such file or folder")
     return Queries([str(p)], {}, str(p))

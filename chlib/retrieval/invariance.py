@@ -18,6 +18,7 @@ Factors and their values (``FACTORS``):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,12 +27,14 @@ import pandas as pd
 import torch
 
 from chlib.core.errors import ConfigError
-from chlib.data.features import PAD_DB, load_feature
+from chlib.core.manifest import read_manifest
+from chlib.data.features import PAD_DB, feature_path, load_feature
 from chlib.retrieval.embed import embed_recordings
+from chlib.retrieval.evaluate import load_checkpoint, resolve_testsets
 from chlib.retrieval.protocol import track_distances
 from chlib.signal.specaug import tempo_resample
 
-__all__ = ["FACTORS", "change_one_factor", "invariance_curves"]
+__all__ = ["FACTORS", "change_one_factor", "invariance_curves", "invariance_for_run"]
 
 FACTORS: dict[str, list[float]] = {
     "transpose": [-24, -12, -7, -5, -3, -2, -1, 0, 1, 2, 3, 5, 7, 12, 24],
@@ -108,3 +111,23 @@ def invariance_curves(model: torch.nn.Module, features: Sequence[Any], hp: Any, 
                          "mean_rank": float(rank.mean()), "distance": float(own.mean()),
                          "chance": 1.0 / len(feats)})
     return pd.DataFrame(rows)
+
+
+def invariance_for_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
+                       testset: str | None = None, n: int = 24, device: str = "auto",
+                       factors: dict[str, Sequence[float]] | None = None,
+                       seed: int = 0) -> pd.DataFrame:
+    """:func:`invariance_curves` of a run's checkpoint on ``n`` recordings of its test set
+    ``testset`` (default: the first), one recording per work (the first of each, by perf id)."""
+    model, hp, _, _ = load_checkpoint(run_dir, checkpoint, device)
+    specs = {s.name: s for s in resolve_testsets(hp)}
+    if not specs:
+        raise ConfigError(f"{run_dir}: the run config has no test set to draw recordings from")
+    spec = specs[testset] if testset in specs else next(iter(specs.values()))
+    first: dict[str, dict] = {}
+    for rec in sorted(read_manifest(spec.query_path, required=("perf", "work", "feat")),
+                      key=lambda r: str(r["perf"])):
+        first.setdefault(str(rec["work"]), rec)
+    chosen = list(first.values())[:n]
+    return invariance_curves(model, [feature_path(r, spec.query_path) for r in chosen], hp,
+                             factors=factors, device=device, seed=seed)

@@ -14,12 +14,33 @@ from typing import Any
 
 import numpy as np
 
-from chlib.core.errors import ManifestError
+from chlib.core.errors import FeatureError, ManifestError
 from chlib.core.manifest import source_perf
+from chlib.data.features import feature_path, load_feature
 from chlib.retrieval import metrics
 from chlib.retrieval.protocol import track_distances
+from chlib.signal.chroma import ftm2d
 
-__all__ = ["ScoringInputs", "record_labels", "score_inputs", "score_windows", "rule_of"]
+__all__ = ["ScoringInputs", "record_labels", "score_inputs", "score_windows", "rule_of",
+           "MODEL_FREE", "model_free_windows"]
+
+MODEL_FREE = "2D-FTM (no learning)"  # the name of the model-free baseline in every report
+
+
+def model_free_windows(records: Sequence[dict], hp: Any, *,
+                       manifest_path: str | os.PathLike | None = None) -> list[np.ndarray | None]:
+    """The 2D-FTM vector of each record's features as a one-window set [1, 900] (None when its
+    feature file is unusable), scored like a model's windows: the baseline no model may lose to."""
+    out: list[np.ndarray | None] = []
+    for r in records:
+        try:
+            feat = np.asarray(load_feature(feature_path(r, manifest_path)))
+        except FeatureError:
+            out.append(None)
+            continue
+        out.append(ftm2d(feat, fps=hp.features.frames_per_second,
+                         bins_per_octave=hp.features.bins_per_octave)[None, :])
+    return out
 
 
 def rule_of(hp: Any) -> str:

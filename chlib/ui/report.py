@@ -23,7 +23,7 @@ from chlib.retrieval.identify import query_features
 from chlib.ui import plots
 
 __all__ = ["metrics_table", "projection_figure", "testset_figure", "query_match_figure",
-           "explorer_projection", "explorer_map_figure"]
+           "explorer_projection", "explorer_map_figure", "invariance_figure"]
 
 
 def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
@@ -102,3 +102,24 @@ def explorer_map_figure(data: ExplorerData, projection: str = "umap", colour_by:
         explorer_projection(data, projection, seed), data.labels(colour_by), method=None,
         highlight=highlight or None, selected=row, neighbours=nb,
         title=f"{projection} of {len(data)} recordings, colour: {colour_by}")
+
+
+def invariance_figure(table: pd.DataFrame, *, save_dir: str | os.PathLike | None = None) -> Any:
+    """One panel per factor of :func:`chlib.retrieval.invariance.invariance_curves`: top-1 rate
+    against the factor's value, the identity value marked, chance as a dashed line."""
+    factors = list(dict.fromkeys(table["factor"]))
+    fig, axes = plots.new_figure(1, len(factors), figsize=(3.2 * len(factors), 3.2))
+    for ax, factor in zip(np.atleast_1d(axes), factors, strict=True):
+        rows = table[table["factor"] == factor]
+        ax.plot(rows["value"], rows["top1"], marker="o")
+        ax.axhline(float(rows["chance"].iloc[0]), ls="--", c="grey", lw=1, label="chance")
+        ax.set(title=factor, xlabel=_INVARIANCE_UNITS.get(factor, "value"), ylim=(-0.02, 1.02))
+    np.atleast_1d(axes)[0].set_ylabel("top-1: finds its own recording")
+    fig.suptitle("What is the model blind to? Each recording changed in one factor only")
+    if save_dir is not None:
+        plots.save_figure(fig, Path(save_dir) / "invariance.png")
+    return fig
+
+
+_INVARIANCE_UNITS = {"transpose": "semitones", "tempo": "speed factor", "timbre": "EQ depth, dB",
+                     "noise": "SNR, dB", "excerpt": "fraction kept"}
