@@ -51,3 +51,14 @@ def test_short_tracks_are_padded_to_one_patch(rng):
 def test_bad_shapes_are_refused():
     with pytest.raises(FeatureError, match="bins"):
         chroma_from_cqt(np.zeros((10, 5), dtype=np.float32))
+
+
+def test_keyed_chroma_is_the_same_in_every_key_and_octave(rng):
+    from chlib.signal.chroma import keyed_chroma_db
+
+    a = keyed_chroma_db(_tune_cqt(np.random.default_rng(5)))
+    up_a_fifth = keyed_chroma_db(_tune_cqt(np.random.default_rng(5), shift=7))
+    up_an_octave = keyed_chroma_db(_tune_cqt(np.random.default_rng(5), shift=12))
+    assert a.shape == (900, 12) and a.max() <= 0.01 and a.min() >= -60.0
+    np.testing.assert_allclose(a, up_a_fifth, atol=1e-4)
+    np.testing.assert_allclose(a, up_an_octave, atol=1e-4)

@@ -9,11 +9,11 @@ from helpers import write_toy_dataset
 from torch.utils.data import DataLoader
 
 from chlib.core.config import RandomEraseConfig, SpecAugConfig
-from chlib.core.errors import FeatureError
+from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.io import atomic_save_npy
 from chlib.core.manifest import FULL_KEYS, read_manifest
 from chlib.data.dataset import ChunkDataset, find_missing_features
-from chlib.data.features import load_feature
+from chlib.data.features import load_feature, prepare_window
 from chlib.data.sampler import MPerClassBatchSampler
 
 
@@ -32,6 +32,22 @@ def test_toy_dataset_items_have_the_model_shape(tmp_path):
     ds = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0)
     x, y = ds[0]
     assert x.shape == (15, 96) and x.dtype == torch.float32 and y == recs[0]["work_id"]
+
+
+def test_keyed_chroma_items_have_12_bins_and_ignore_transposition(tmp_path):
+    full = write_toy_dataset(tmp_path, n_works=3, n_perfs=2)
+    recs = read_manifest(full, FULL_KEYS)
+    ds = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0, transform="keyed_chroma")
+    x, _ = ds[0]
+    assert x.shape == (15, 12) and float(x.max()) <= 0.01
+    feat = np.asarray(load_feature(ds.paths[0]))[:45]
+    up = np.full_like(feat, -100.0)
+    up[:, 5:] = feat[:, :-5]  # five semitones up
+    a = prepare_window(feat, 0, 45, 3, transform="keyed_chroma")
+    b = prepare_window(up, 0, 45, 3, transform="keyed_chroma")
+    assert np.abs(a - b).max() < 2.0  # dB; only the five lost top bins differ, a little
+    with pytest.raises(ConfigError, match="input_transform"):
+        prepare_window(feat, 0, 45, 3, transform="chroma")
 
 
 def test_short_track_is_padded_with_minus_100_at_the_end(tmp_path):

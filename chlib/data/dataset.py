@@ -55,7 +55,8 @@ class ChunkDataset(Dataset):
     def __init__(self, records: Sequence[dict], *, chunk_len: int, mean_size: int = 1,
                  mode: str = "random", spec_aug: SpecAugConfig | None = None,
                  tempo_jitter: float = 0.0, seed: int = 0,
-                 manifest_path: str | os.PathLike | None = None) -> None:
+                 manifest_path: str | os.PathLike | None = None, transform: str = "none",
+                 bins_per_octave: int = 12) -> None:
         if mode not in ("random", "defined"):
             raise ConfigError(f"mode must be 'random' or 'defined', got {mode!r}")
         if mean_size < 1 or chunk_len < mean_size:
@@ -73,6 +74,7 @@ class ChunkDataset(Dataset):
         self.spec_aug = spec_aug if spec_aug is not None and spec_aug.enabled else None
         self.tempo_jitter = float(tempo_jitter)
         self.seed = int(seed)
+        self.transform, self.bins_per_octave = transform, int(bins_per_octave)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,7 +100,8 @@ class ChunkDataset(Dataset):
             start = int(self.records[idx].get("start", 0))
         else:
             start = int(rng.integers(0, len(feat) - span + 1)) if len(feat) > span else 0
-        chunk = prepare_window(feat, start, span, self.mean_size)  # [span // mean_size, bins]
+        chunk = prepare_window(feat, start, span, self.mean_size, transform=self.transform,
+                               bins_per_octave=self.bins_per_octave)  # [span // mean_size, bins]
         if span != self.chunk_len:
             chunk = tempo_resample(chunk, self.n_out)
         return np.ascontiguousarray(chunk, dtype=np.float32)

@@ -11,9 +11,22 @@ import numpy as np
 
 from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.manifest import resolve_path
+from chlib.signal.chroma import keyed_chroma_db
 from chlib.signal.specaug import PAD_DB
 
-__all__ = ["PAD_DB", "load_feature", "prepare_window", "feature_path"]
+__all__ = ["PAD_DB", "INPUT_TRANSFORMS", "input_bins", "load_feature", "prepare_window",
+           "feature_path"]
+
+# model-input transforms of a window of CQT frames (``input_transform`` in the run config)
+INPUT_TRANSFORMS = {"none": None, "keyed_chroma": keyed_chroma_db}
+
+
+def input_bins(n_bins: int, transform: str = "none") -> int:
+    """Bins of the model input for ``n_bins`` CQT bins under ``transform`` (its input_dim)."""
+    if transform not in INPUT_TRANSFORMS:
+        raise ConfigError(f"input_transform must be one of {', '.join(INPUT_TRANSFORMS)}, "
+                          f"got {transform!r}")
+    return n_bins if transform == "none" else 12
 
 
 def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -> Path:
@@ -23,16 +36,21 @@ def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -
     return resolve_path(record["feat"], manifest_path)
 
 
-def prepare_window(feat: np.ndarray, start: int, window: int, mean_size: int) -> np.ndarray:
-    """One model input, float32 ``[window // mean_size, bins]``: rows ``[start, start + window)``
-    of ``feat`` (only those are read from a memory map), padded with -100 dB past the end, each
-    ``mean_size`` consecutive frames averaged (leftover frames dropped)."""
+def prepare_window(feat: np.ndarray, start: int, window: int, mean_size: int, *,
+                   transform: str = "none", bins_per_octave: int = 12) -> np.ndarray:
+    """One model input, float32 ``[window // mean_size, input bins]``: rows ``[start, start +
+    window)`` of ``feat`` (only those are read from a memory map), through ``transform``
+    (:data:`INPUT_TRANSFORMS`; "keyed_chroma": [*, 12] pitch classes, key-rotated per window),
+    padded with -100 dB past the end, each ``mean_size`` consecutive frames averaged (leftover
+    frames dropped)."""
     if feat.ndim != 2:
         raise FeatureError(f"features must be [frames, bins], got shape {feat.shape}")
     if mean_size < 1 or window < mean_size or start < 0:
         raise ConfigError(f"need window >= mean_size >= 1 and start >= 0, got window {window}, "
                           f"mean_size {mean_size}, start {start}")
     rows = np.asarray(feat[start:start + window], dtype=np.float32)
+    if input_bins(rows.shape[1], transform) != rows.shape[1]:
+        rows = INPUT_TRANSFORMS[transform](rows, bins_per_octave=bins_per_octave)
     rows = np.pad(rows, ((0, window - len(rows)), (0, 0)), constant_values=PAD_DB)
     n_out = window // mean_size
     return rows[: n_out * mean_size].reshape(n_out, mean_size, -1).mean(axis=1, dtype=np.float32)

@@ -14,7 +14,7 @@ import numpy as np
 
 from chlib.core.errors import FeatureError
 
-__all__ = ["chroma_from_cqt", "beat_synchronous", "ftm2d"]
+__all__ = ["chroma_from_cqt", "keyed_chroma_db", "beat_synchronous", "ftm2d"]
 
 _HOP = 512  # nominal hop handed to librosa's beat tracker; only frames per second matter
 
@@ -31,6 +31,20 @@ def chroma_from_cqt(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.nda
     mag = 10.0 ** (feat_db[:, : n_oct * bins_per_octave] / 20.0)
     chroma = mag.reshape(frames, n_oct, 12, step).sum(axis=(1, 3))
     return (chroma / np.maximum(chroma.max(axis=1, keepdims=True), 1e-6)).astype(np.float32)
+
+
+def keyed_chroma_db(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.ndarray:
+    """The ``input_transform: keyed_chroma`` model input: dB CQT ``[frames, n_bins]`` -> float32
+    dB chroma ``[frames, 12]`` (0 dB = the frame's strongest pitch class, floor -60 dB), rotated
+    so that the pitch class strongest on average comes first.
+
+    Folding octaves removes register (instruments an octave apart look the same) and the
+    rotation removes the key, so versions of a tune in other keys and registers give the same
+    input: what a model trained on a few hundred works cannot learn from augmentation alone.
+    """
+    chroma = chroma_from_cqt(feat_db, bins_per_octave=bins_per_octave)
+    chroma = np.roll(chroma, -int(np.argmax(chroma.mean(axis=0))), axis=1)
+    return (20.0 * np.log10(chroma + 1e-3)).astype(np.float32)
 
 
 def beat_synchronous(chroma: np.ndarray, feat_db: np.ndarray, *, fps: float) -> np.ndarray:
