@@ -17,12 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="+", help="e.g. 01_prepare 02_extract (or 01 02)")
     run.add_argument("--run", required=True, help="run name: outputs go to runs/<name>/notebooks/")
     run.add_argument("--runs-root", default="runs")
-    run.add_argument(
-        "-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-        help="a notebook parameter (repeatable); values are Python literals or strings")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                     metavar=("KEY", "VALUE"), help="a notebook parameter (repeatable): a literal or text")
     run.add_argument("--keep-going", action="store_true", help="run later notebooks after a failure")
-    params = sub.add_parser("params", help="list the parameters a notebook declares")
-    params.add_argument("notebook")
+    sub.add_parser("params", help="list the parameters a notebook declares").add_argument("notebook")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":

@@ -269,7 +269,7 @@ def test_identification_summary_counts_ranks_of_the_true_work():
     assert s["n_truth_indexed"] == 2
     assert s["top1_indexed"] == pytest.approx(0.5) and s["top10_indexed"] == pytest.approx(1.0)
     assert [p["rank_of_true_work"] for p in s["per_query"]] == [1, 3, None]
-    text = identify.summary_text(s)
+    text = report.summary_text(s)
     assert "true work first 33%" in text and "in the top 10 67%" in text
 
 

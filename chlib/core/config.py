@@ -1,12 +1,7 @@
-"""Typed, validated settings read once from YAML, in the original CoverHunter(MPS) key names.
-
+"""Typed, validated settings read once from YAML, in the original CoverHunter(MPS) key names:
 ``datasets/<name>/hparams.yaml`` -> :class:`PrepConfig`, ``runs/<name>/config/hparams.yaml`` ->
-:class:`HParams`. Each setting is declared once by :func:`~chlib.core.schema.opt` (type,
-default, YAML key, allowed values); :mod:`chlib.core.schema` loads, checks and dumps it, with a
-ConfigError naming the file, key, value and remedy. The original's keys without effect
-(``data_type``, ``num_gpus``, ``pool_type``, ``cqt.hop_size``, ``chunk_s``) are accepted and
-checked for consistency.
-"""
+:class:`HParams`. The original's keys without effect (``data_type``, ``num_gpus``, ``pool_type``,
+``cqt.hop_size``, ``chunk_s``) are accepted and checked for consistency."""
 
 from __future__ import annotations
 
@@ -18,21 +13,30 @@ from pathlib import Path
 import yaml
 
 from chlib.core import schema
+from chlib.core.errors import ConfigError
 from chlib.core.io import atomic_write_text
 from chlib.core.schema import check, deep_merge, load_yaml, opt
 
 __all__ = [
     "FeatureSettings", "PrepConfig", "ModelConfig", "RandomEraseConfig", "RollPitchConfig",
     "SpecAugConfig", "TestSetConfig", "HParams", "load_yaml", "load_prep_config", "load_hparams",
-    "save_hparams", "deep_merge",
+    "save_hparams", "deep_merge", "INPUT_TRANSFORM_BINS", "input_bins",
 ]
+
+# model-input transforms of CQT windows (``input_transform``): bins of the model input, None =
+# the CQT's own; the transforms themselves live in chlib.data.features (INPUT_TRANSFORMS)
+INPUT_TRANSFORM_BINS: dict[str, int | None] = {"none": None, "keyed_chroma": 12}
+
+
+def input_bins(n_bins: int, transform: str = "none") -> int:
+    """Bins of the model input (its ``input_dim``) for ``n_bins`` CQT bins under ``transform``."""
+    if transform not in INPUT_TRANSFORM_BINS:
+        raise ConfigError(f"input_transform must be one of {', '.join(INPUT_TRANSFORM_BINS)}, "
+                          f"got {transform!r}")
+    return INPUT_TRANSFORM_BINS[transform] or int(n_bins)
 
 # ranges used below (a list field's range applies to each entry)
 _POSITIVE, _AT_LEAST_1, _FRACTION, _PROB = "(0, inf)", "[1, inf)", "[0, 1)", "[0, 1]"
-
-
-# --------------------------------------------------------------------------------------------
-# features and data preparation
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,6 @@ def load_prep_config(path: str | os.PathLike) -> PrepConfig:
     return PrepConfig.from_dict(load_yaml(path), where=str(path))
 
 
-# --------------------------------------------------------------------------------------------
-# model, spectral augmentation, test sets
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and loss settings: everything the network and its losses need."""
@@ -188,27 +188,21 @@ class TestSetConfig:
         return schema.build(cls, d, where, name=name)
 
 
-# --------------------------------------------------------------------------------------------
-# training hparams
-
-# keys of the original with no effect, accepted and checked where it matters
-_CHECKED_KEYS = ("chunk_s", "cqt.hop_size", "data_type", "num_gpus", "pool_type")
+_CHECKED_KEYS = ("chunk_s", "cqt.hop_size", "data_type", "num_gpus", "pool_type")  # no effect
 
 
 @dataclass
 class HParams:
-    """A training run's settings (``runs/<name>/config/hparams.yaml``), validated.
-
-    Attribute names follow the YAML keys; ``testsets`` holds every top-level mapping with
-    ``query_path``/``ref_path`` (or the entries of a ``testsets:`` block). Defaults are the
-    original code's unless marked chlib.
-    """
+    """A training run's settings (``runs/<name>/config/hparams.yaml``), named as the YAML keys;
+    ``testsets``: every top-level mapping with ``query_path``/``ref_path`` (or a ``testsets:``
+    block). Defaults are the original code's unless marked chlib."""
 
     train_path: str | None = opt(None)
     val_path: str | None = opt(None)
     test_path: str | None = opt(None)
     early_stop_metric: str = opt("val_loss", choices=("val_loss", "mAP"))
     distance_rule: str = opt("mean", choices=("min", "mean"))  # chlib: track distance of a run
+    input_transform: str = opt("none", choices=tuple(INPUT_TRANSFORM_BINS))  # chlib: model input
     every_n_epoch_to_test: int = opt(1, rng=_AT_LEAST_1)
     every_n_epoch_to_save: int = opt(1, rng=_AT_LEAST_1)
     mode: str = opt("random", choices=("random", "defined"))  # training crop start
@@ -262,7 +256,6 @@ class HParams:
     num_classes_auto: bool = opt(False, key=None)  # foc.output_dims: auto -> one per work
     source: str = opt("<dict>", key=None)  # where it was read from (for messages)
 
-    # ---- derived values (never typed in by hand)
     @property
     def frames_per_second(self) -> float:
         """Raw CQT frames per second (25 by default)."""
@@ -299,7 +292,6 @@ class HParams:
         """A path from the YAML (relative to the current directory), or None."""
         return None if p is None else Path(p)
 
-    # ---- loading and saving
     @classmethod
     def from_dict(cls, d: dict, where: str = "<dict>") -> HParams:
         d = copy.deepcopy(d)
@@ -317,37 +309,40 @@ class HParams:
             del flat["foc.output_dims"]
         if isinstance(flat.get("chunk_frame"), int):
             flat["chunk_frame"] = [flat["chunk_frame"]]
-        flat.setdefault("input_dim", flat.get("n_bins"))  # None keeps the default
+        transform = flat.get("input_transform") or "none"
+        if "input_dim" not in flat and (flat.get("n_bins") is not None or transform != "none"):
+            n_bins = flat.get("n_bins")  # None keeps the default
+            flat["input_dim"] = input_bins(FeatureSettings().n_bins if n_bins is None else n_bins,
+                                           transform)
         hp = schema.build(cls, flat, where, source=where, num_classes_auto=auto,
                     testsets={n: TestSetConfig.from_dict(n, v, where) for n, v in tests.items()})
-        return hp.validate()._check_original_keys(flat, where)
-
-    def _check_original_keys(self, flat: dict, where: str) -> HParams:
-        """The original's hand-kept ``cqt.hop_size`` (s), ``chunk_s`` and ``data_type``."""
+        hp.validate()
+        # the original's hand-kept cqt.hop_size (s), chunk_s and data_type
         check(flat.get("data_type") in (None, "cqt"), where,
-               f"data_type must be 'cqt', got {flat.get('data_type')!r}")
-        hop_s = self.features.hop_length / self.features.sample_rate
+              f"data_type must be 'cqt', got {flat.get('data_type')!r}")
+        hop_s = hp.features.hop_length / hp.features.sample_rate
         for key, derived, rule in (("cqt.hop_size", hop_s, "hop_length / sample_rate"), (
-                "chunk_s", self.chunk_s, "chunk_frame[0] x mean_size / frames_per_second")):
+                "chunk_s", hp.chunk_s, "chunk_frame[0] x mean_size / frames_per_second")):
             if flat.get(key) is not None:
                 given = schema.coerce(flat[key], float, where, key)
                 check(abs(given - derived) < 1e-6, where, f"{key} {given:g} s disagrees with "
-                       f"{rule} = {derived:g} s; it is derived, remove {key}")
-        return self
+                      f"{rule} = {derived:g} s; it is derived, remove {key}")
+        return hp
 
     def validate(self) -> HParams:
         w = self.source
         schema.check_fields(self, w)
         self.features.validate(w)
         self.model.validate(w)
-        check(self.model.input_dim == self.features.n_bins, w,
-               f"input_dim ({self.model.input_dim}) must equal n_bins ({self.features.n_bins})")
+        bins = input_bins(self.features.n_bins, self.input_transform)
+        check(self.model.input_dim == bins, w, f"input_dim ({self.model.input_dim}) must equal "
+              f"the model input's bins ({bins}: n_bins {self.features.n_bins}, input_transform "
+              f"{self.input_transform})")
         check(self.batch_size % self.m_per_class == 0, w,
                f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
-        for name in self.map_stopping_testsets:
-            check(name in self.testsets, w,
-                   f"map_stopping_testsets names {name!r}, which is not a configured test set "
-                   f"({', '.join(self.testsets) or 'none configured'})")
+        missing = [n for n in self.map_stopping_testsets if n not in self.testsets]
+        check(not missing, w, f"map_stopping_testsets names {', '.join(map(repr, missing))}, not "
+              f"a configured test set ({', '.join(self.testsets) or 'none configured'})")
         check(self.early_stop_metric != "mAP" or bool(self.map_stopping_testsets), w,
                "early_stop_metric: mAP needs map_stopping_testsets naming configured test sets")
         for ts in self.testsets.values():

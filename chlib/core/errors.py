@@ -1,8 +1,4 @@
-"""One family of errors for chlib.
-
-Every message names the offending file or value, the limit it broke and what to do about it,
-so that a user can fix their own data without reading the source.
-"""
+"""chlib's errors: each message names the file or value, the limit it broke and the remedy."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Atomic file writes, content hashes and small JSON helpers.
-
-Every file chlib writes goes to a temporary file in the same folder, then is renamed over the
-target (atomic on POSIX and Windows), so a killed job never leaves a half-written file behind.
-"""
+"""Atomic file writes (a temporary file beside the target, renamed over it, so a killed job
+never leaves a half-written file), content hashes and small JSON helpers."""
 
 from __future__ import annotations
 
@@ -24,10 +21,7 @@ __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_sav
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path``; on success rename it over ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left untouched.
-    """
+    """Open a temporary file beside ``path``, renamed over it on success, removed on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -82,8 +76,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a line (logs such as metrics.jsonl); one short ``write`` is
-    atomic enough for an append-only log, and :func:`read_jsonl` skips a torn last line."""
+    """Append one JSON record as a line (metrics.jsonl); :func:`read_jsonl` skips a torn one."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -91,9 +84,8 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines log ([] if missing); a torn last line from a killed writer is skipped."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n") if Path(path).exists() else []
-    lines = [line for line in lines if line.strip()]
-    out = []
+    text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
+    lines, out = [line for line in text.split("\n") if line.strip()], []
     for i, line in enumerate(lines):
         try:
             out.append(json.loads(line))

@@ -1,11 +1,8 @@
 """Reading and writing manifests: dataset.txt, full.txt, split files and query/ref lists.
 
-One record per line, in either format CoverHunter(MPS) reads: a JSON object or the legacy
-TAB-separated ``key:value`` pairs (chlib casts the numeric keys it knows, so both formats give
-the same records). The original's key names are mapped on read (``utt`` -> ``perf``, ``song``
--> ``work``, ``song_id`` -> ``work_id``). All bad lines of a file are reported together (file,
-line, reason), or with ``strict=False`` returned beside the good records. Writers emit JSON
-lines atomically; an empty list is a valid, empty manifest (the original raised).
+One record per line: a JSON object or the legacy TAB-separated ``key:value`` pairs (known keys
+cast; the original's key names mapped by :data:`KEY_RENAMES`). Writers emit JSON lines
+atomically; an empty list is a valid manifest (the original raised).
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,20 +58,6 @@ class ManifestProblem:
         return f"{self.path} line {self.line}: {self.message}"
 
 
-# --------------------------------------------------------------------------------------------
-# parsing one line
-
-
-def _typed(value: Any, typ: type) -> Any:
-    """``value`` as a ``typ`` (a whole float -> int), or None when it is not one."""
-    if typ is str:
-        return value if isinstance(value, str) and value.strip() else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if typ is int:
-        return int(value) if isinstance(value, int) or value.is_integer() else None
-    return float(value) if math.isfinite(value) else None
-
 
 def _parse_legacy(line: str) -> dict:
     """TAB-separated ``key:value`` pairs; the value is everything after the first colon."""
@@ -95,23 +79,24 @@ def _check_types(rec: dict) -> list[str]:
     """Type problems of a parsed record (empty list if fine); known values are cast in place."""
     out = []
     for key, typ in ((k, t) for k, t in _TYPES.items() if k in rec):
-        value = _typed(rec[key], typ)
-        if value is None:
-            out.append(f"{key} must be {_WORDS[typ]}, got {rec[key]!r}")
+        v = rec[key]
+        if typ is str:
+            ok = isinstance(v, str) and bool(v.strip())
+        else:  # a whole float is an int
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (typ is float or float(v).is_integer()))
+        if not ok:
+            out.append(f"{key} must be {_WORDS[typ]}, got {v!r}")
             continue
-        if typ is not str and (value <= 0 if key == "tempo" else value < 0):
-            out.append(f"{key} must be {'>' if key == 'tempo' else '>='} 0, got {value!r}")
-        rec[key] = value
+        rec[key] = v = typ(v)
+        if typ is not str and (v <= 0 if key == "tempo" else v < 0):
+            out.append(f"{key} must be {'>' if key == 'tempo' else '>='} 0, got {v!r}")
     return out
 
 
 def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
-    """Parse one manifest line (JSON object or legacy TAB ``key:value``) into a record.
-
-    Renames the original's keys, checks the types of known keys and that every key in
-    ``required`` is present; a ``ValueError`` says what is wrong (:func:`read_manifest` adds
-    file and line).
-    """
+    """One manifest line (JSON or legacy TAB ``key:value``) as a record, the original's keys
+    renamed; a ValueError names bad types of known keys and missing ``required`` keys."""
     line = line.strip()
     if line.startswith("{"):
         try:
@@ -134,9 +119,6 @@ def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
         raise ValueError("; ".join(problems))
     return rec
 
-
-# --------------------------------------------------------------------------------------------
-# reading and writing whole files
 
 
 def _raise_problems(path: Path, problems: list[ManifestProblem], what: str) -> None:
@@ -179,13 +161,11 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ..., *,
 def read_manifest(path: str | os.PathLike, required: Sequence[str] = DATASET_KEYS, *,
                   strict: bool = True, unique_key: str | None = "perf"
                   ) -> list[dict] | tuple[list[dict], list[ManifestProblem]]:
-    """Read a manifest (dataset.txt, full.txt, train/val/test.txt, query/ref list).
+    """The records of a manifest, in file order.
 
-    ``required``: keys every record must have (:data:`FULL_KEYS` for full.txt and split files,
-    ``()`` for anything). ``strict`` True: any bad line raises one :class:`ManifestError`
-    listing every problem; False: return ``(good_records, problems)``. ``unique_key``: values
-    must be unique (None: duplicates allowed); a repeat is a problem, the first is kept.
-    Returns the records in file order.
+    ``required``: keys every record must have (:data:`FULL_KEYS` for full.txt and split files).
+    ``strict``: any bad line raises one :class:`ManifestError` listing every problem; else
+    ``(good_records, problems)``. ``unique_key`` values must be unique (the first is kept).
     """
     path = Path(path)
     records: list[dict] = []
@@ -219,8 +199,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write records as JSON lines (UTF-8, one object per line), atomically; NumPy values and
-    paths become plain JSON values."""
+    """Write records as UTF-8 JSON lines atomically (NumPy values and paths made plain)."""
     lines = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
@@ -232,22 +211,17 @@ def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
-# --------------------------------------------------------------------------------------------
-# work ids and query-in-ref files
-
 
 def read_work_id_map(path: str | os.PathLike) -> dict[str, int]:
     """Read ``work_id.map`` (``"<work_id> <work>"`` per line, the work may contain spaces) ->
     ``{work: id}``."""
     path = Path(path)
     out: dict[str, int] = {}
-    ids: dict[int, int] = {}
+    ids: dict[int, int] = {}  # work id -> line
     problems = []
     for lineno, line in _lines(path, "work_id.map"):
         head, _, work = line.strip().partition(" ")
-        wid = None
-        with contextlib.suppress(ValueError):
-            wid = int(head)
+        wid = int(head) if re.fullmatch(r"-?\d+", head) else None
         if wid is None or not work:
             msg = f"expected '<work_id> <work>', got {line.strip()[:60]!r}"
         elif work in out:
@@ -306,9 +280,8 @@ def write_query_in_ref(path: str | os.PathLike, pairs: Iterable[tuple[int, int]]
 
 
 def resolve_path(value: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> Path:
-    """The file a manifest path names: an absolute path as it is; a relative one beside the
-    manifest if it exists there (chlib's ``feat`` paths, so a dataset folder can be moved),
-    else as given, relative to the current directory (the original's convention)."""
+    """The file a manifest path names: a relative one beside the manifest if it exists there
+    (chlib's ``feat`` paths, so a dataset can move), else as given (the original's way)."""
     p = Path(value)
     if p.is_absolute() or manifest_path is None:
         return p

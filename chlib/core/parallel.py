@@ -59,10 +59,9 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], *, num_workers: int,
              timeout_s: float | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(job index, fn(*job) or JobFailure)`` for every job, in completion order.
 
-    ``fn``: module-level (picklable). ``num_workers <= 0``: run here, no timeout. A worker that
-    dies ("crash") or runs past ``timeout_s`` ("timeout") is replaced; only its job fails. The
-    workers are fed from a thread, so they keep going (up to ``2 x num_workers`` results ahead)
-    while the caller works on a result.
+    ``fn``: module-level (picklable); ``num_workers <= 0``: run here, no timeout. A worker that
+    dies or runs past ``timeout_s`` is replaced; only its job fails. A feeding thread keeps the
+    workers going (up to ``2 x num_workers`` results ahead) while the caller works on one.
     """
     if num_workers <= 0:
         yield from ((i, _call(fn, args)) for i, args in enumerate(jobs))
@@ -108,8 +107,7 @@ def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: 
         while (todo or any(s[2] is not None for s in slots.values())) and not stop.is_set():
             for conn, s in slots.items():
                 if s[1] and s[2] is None and todo:
-                    s[2], args = todo.popleft()
-                    s[3] = time.monotonic()
+                    (s[2], args), s[3] = todo.popleft(), time.monotonic()
                     conn.send((s[2], args))
             wait([*slots, *(s[0].sentinel for s in slots.values())], timeout=0.5)
             for conn, (proc, ready, job, t0) in list(slots.items()):
@@ -129,7 +127,7 @@ def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: 
                     proc.kill()
                     proc.join()
                     del slots[conn]
-                    if todo:
+                    if todo:  # a replacement worker
                         start()
                     if job is not None:
                         yield job, JobFailure(kind, f"worker process {kind}")

@@ -11,8 +11,6 @@ __all__ = ["progress"]
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", enabled: bool = True, leave: bool = True) -> tqdm:
-    """A bar over ``iterable``, or a manual one (``total``, ``update(n)``, ``close()``).
-
-    Disabled, it draws nothing but still iterates and accepts ``update`` / ``set_postfix``.
-    """
+    """A bar over ``iterable``, or a manual one (``total``, ``update(n)``, ``close()``);
+    disabled, it draws nothing but still iterates and accepts ``update`` / ``set_postfix``."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)

@@ -1,10 +1,6 @@
-"""Config fields declared once: :func:`opt` and the generic YAML loader, checker and dumper.
-
-A config section is a dataclass whose fields are made by :func:`opt` (default, YAML key, allowed
-values). :func:`flatten` turns nested YAML into dotted keys, :func:`reject_unknown` names a typo
-and its close matches, :func:`build` coerces values into the dataclass, :func:`check_fields`
-checks the declared rules and :func:`dump` writes the YAML mapping back.
-"""
+"""Config fields declared once by :func:`opt` (default, YAML key, allowed values), and the
+generic YAML loader (:func:`flatten`, :func:`reject_unknown`, :func:`build`), checker
+(:func:`check_fields`) and dumper (:func:`dump`) of such dataclasses."""
 
 from __future__ import annotations
 
@@ -12,8 +8,10 @@ import copy
 import dataclasses
 import difflib
 import functools
+import operator
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ __all__ = ["opt", "keys", "coerce", "flatten", "reject_unknown", "rename", "buil
            "check_fields", "dump", "check", "load_yaml", "deep_merge"]
 
 _NAME = object()  # opt(key=...) default: the YAML key is the field name
+_LE = {True: operator.le, False: operator.lt}  # a closed / open end of a range
 
 
 def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
@@ -38,7 +37,7 @@ def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
     every entry). ``hint``: the remedy added to an error. A class as ``default`` makes a nested
     section; no ``default``, a required field.
     """
-    meta = {"key": key, "choices": choices, "rng": rng, "nonempty": nonempty, "hint": hint}
+    meta = {"key": key, "rule": _rule(choices, rng), "nonempty": nonempty, "hint": hint}
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
@@ -84,20 +83,16 @@ def coerce(value: Any, typ: Any, where: str, key: str, hint: str = "") -> Any:
     raise ConfigError(f"{where}: {key} must be {what}, got {value!r}{remedy}")
 
 
-def _in(value: float, rng: str) -> bool:
-    lo, hi = (float(x) for x in rng[1:-1].split(","))
-    return (lo <= value if rng[0] == "[" else lo < value) and (
-        value <= hi if rng[-1] == "]" else value < hi)
-
-
-def _rule(m: dict, empty: bool) -> str:
-    """The declared rule of a field, in words: "one of a, b", "in [0, 1)", ">= 1"."""
-    if empty:
-        return "a non-empty list"
-    if m["choices"]:
-        return f"one of {', '.join(map(str, m['choices']))}"
-    lo, hi = m["rng"][1:-1].split(", ")
-    return f"{'>=' if m['rng'][0] == '[' else '>'} {lo}" if hi == "inf" else f"in {m['rng']}"
+def _rule(choices: tuple | None, rng: str | None) -> tuple[Callable[[Any], bool], str] | None:
+    """A field's declared check and its words ("one of a, b", "in [0, 1)", ">= 1"), or None."""
+    if choices:
+        return choices.__contains__, f"one of {', '.join(map(str, choices))}"
+    if not rng:
+        return None
+    lo_s, hi_s = rng[1:-1].split(", ")
+    lo_ok, hi_ok = _LE[rng[0] == "["], _LE[rng[-1] == "]"]
+    words = f"{'>=' if rng[0] == '[' else '>'} {lo_s}" if hi_s == "inf" else f"in {rng}"
+    return (lambda v: lo_ok(float(lo_s), v) and hi_ok(v, float(hi_s))), words
 
 
 def flatten(d: dict, where: str, allowed: list[str], prefix: str = "") -> dict:
@@ -151,10 +146,11 @@ def check_fields(obj: Any, where: str, prefix: str = "") -> None:
             check_fields(value, where, sub)
             continue
         entries = value if isinstance(value, (list, tuple)) else [value]
-        empty = m["nonempty"] and not entries
-        if empty or any((m["choices"] and v not in m["choices"])
-                        or (m["rng"] and not _in(v, m["rng"])) for v in entries if v is not None):
-            raise ConfigError(f"{where}: {key} must be {_rule(m, empty)}, got {value!r}"
+        ok, words = m["rule"] or (None, "")
+        if m["nonempty"] and not entries:
+            ok, words = None, "a non-empty list"
+        if words and (ok is None or not all(ok(v) for v in entries if v is not None)):
+            raise ConfigError(f"{where}: {key} must be {words}, got {value!r}"
                               + (f" ({m['hint']})" if m["hint"] else ""))
 
 
@@ -166,9 +162,7 @@ def dump(obj: Any, out: dict, prefix: str = "") -> dict:
             dump(value, out, sub)
         elif value is not None and value != []:
             *parents, last = key.split(".")
-            node = out
-            for p in parents:
-                node = node.setdefault(p, {})
+            node = functools.reduce(lambda n, p: n.setdefault(p, {}), parents, out)
             node[last] = list(value) if isinstance(value, (list, tuple)) else value
     return out
 
@@ -179,8 +173,7 @@ def check(cond: bool, where: str, msg: str) -> None:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping (an empty file is ``{}``); a missing file or a non-mapping is a
-    ConfigError."""
+    """Read a YAML mapping (an empty file is ``{}``); missing or not a mapping: ConfigError."""
     path = Path(path)
     check(path.exists(), str(path), "config file not found")
     try:

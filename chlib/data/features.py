@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chlib.core.config import input_bins
 from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.manifest import resolve_path
 from chlib.signal.chroma import keyed_chroma_db
@@ -17,16 +18,9 @@ from chlib.signal.specaug import PAD_DB
 __all__ = ["PAD_DB", "INPUT_TRANSFORMS", "input_bins", "load_feature", "prepare_window",
            "feature_path"]
 
-# model-input transforms of a window of CQT frames (``input_transform`` in the run config)
+# model-input transforms of a window of CQT frames (``input_transform`` in the run config; their
+# output bins are declared in chlib.core.config.INPUT_TRANSFORM_BINS)
 INPUT_TRANSFORMS = {"none": None, "keyed_chroma": keyed_chroma_db}
-
-
-def input_bins(n_bins: int, transform: str = "none") -> int:
-    """Bins of the model input for ``n_bins`` CQT bins under ``transform`` (its input_dim)."""
-    if transform not in INPUT_TRANSFORMS:
-        raise ConfigError(f"input_transform must be one of {', '.join(INPUT_TRANSFORMS)}, "
-                          f"got {transform!r}")
-    return n_bins if transform == "none" else 12
 
 
 def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -> Path:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -10,7 +11,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,23 +29,22 @@ from chlib.core.io import (
     read_jsonl,
     stable_hash,
 )
+from chlib.core.manifest import write_manifest
 from chlib.core.parallel import JobFailure, WorkerStartError, run_jobs
 from chlib.core.progress import progress as progress_bar
 from chlib.demo.perform import DemoPerformanceParams, describe_performance, draw_performance_params
 from chlib.demo.synth import render_performance
 from chlib.demo.tunes import PC_NAMES, Tune, demo_tunes
 
-__all__ = ["make_demo_dataset", "DEMO_PREP_CONFIG"]
-
 _RENDER_VERSION = 1  # bump when the synthesiser changes (re-renders files via the manifest)
-_AUDIO_FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
+_AUDIO_FORMATS = {"flac": {"format": "FLAC", "subtype": "PCM_16"},
+                  "wav": {"format": "WAV", "subtype": "PCM_16"}}
 
 DEMO_PREP_CONFIG: dict[str, Any] = {
     "aug_speed_mode": [1.0],
     "val_data_split": 0.1, "val_unseen": 0.05, "test_data_split": 0.1, "test_data_unseen": 0.1,
 }
-"""Data-prep settings written to the demo's ``hparams.yaml`` (merged over PrepConfig defaults);
-why these values: the file's header, below."""
+"""Data-prep settings of the demo's ``hparams.yaml`` (over PrepConfig defaults; why: its header)."""
 
 _HPARAMS_HEADER = """\
 # Data-prep settings for the chlib demo dataset (chlib.demo.generate.make_demo_dataset).
@@ -84,8 +84,7 @@ def _render_to_file(tune: Tune, params: DemoPerformanceParams, sample_rate: int,
 
     y = render_performance(tune, params, sample_rate)
     buf = io.BytesIO()
-    fmt, subtype = _AUDIO_FORMATS[audio_format]
-    sf.write(buf, y, sample_rate, format=fmt, subtype=subtype)
+    sf.write(buf, y, sample_rate, **_AUDIO_FORMATS[audio_format])
     atomic_write_bytes(path, buf.getvalue())
     return hashlib.sha256(buf.getvalue()).hexdigest(), len(y)
 
@@ -97,13 +96,11 @@ def _read_render_manifest(path: Path) -> dict[str, dict]:
         return {}  # unreadable manifest: everything is re-rendered
 
 
-def _is_current(job: _Job, rec: dict | None) -> bool:
+def _is_current(job: _Job, rec: dict) -> bool:
     """True when ``job.path`` holds exactly what the manifest says was rendered for ``job.key``."""
-    try:
-        return (rec is not None and rec.get("key") == job.key and job.path.exists()
-                and file_sha256(job.path) == rec.get("sha256"))
-    except OSError:
-        return False
+    with contextlib.suppress(OSError):  # a missing or unreadable file is re-rendered
+        return rec.get("key") == job.key and file_sha256(job.path) == rec.get("sha256")
+    return False
 
 
 def _plan_jobs(tunes: list[Tune], out_dir: Path, args: dict) -> tuple[list[_Job], list[dict]]:
@@ -130,30 +127,22 @@ def _plan_jobs(tunes: list[Tune], out_dir: Path, args: dict) -> tuple[list[_Job]
     return jobs, works_info
 
 
-def _render_jobs(todo: list[_Job], workers: int, sample_rate: int, audio_format: str,
-                 on_done: Callable[[_Job, str, int], None], failures: list[dict],
-                 show: bool) -> None:
-    """Render ``todo``, calling ``on_done(job, sha, samples)`` per file and listing failures;
-    when worker processes cannot start (an unguarded script under spawn), warn and render the
-    rest in this process."""
+def _rendered(todo: list[_Job], workers: int, sample_rate: int, audio_format: str,
+              bar: Any) -> Iterator[tuple[_Job, Any]]:
+    """Yield (job, (sha256, samples) or JobFailure) per job; when worker processes cannot start
+    (an unguarded script under spawn), warn and render the rest in this process."""
     args = [(j.tune, j.params, sample_rate, str(j.path), audio_format) for j in todo]
     finished: set[int] = set()
-    with progress_bar(total=len(todo), desc="rendering demo performances", unit="file",
-                      enabled=show and bool(todo)) as bar:
-        try:
-            for i, result in run_jobs(_render_to_file, args, num_workers=workers):
-                if isinstance(result, JobFailure):
-                    failures.append({"perf": todo[i].perf, "reason": result.message})
-                else:
-                    on_done(todo[i], *result)
-                finished.add(i)
-                bar.update(1)
-        except WorkerStartError as e:
-            warnings.warn(f"make_demo_dataset: {e}; rendering in this process (num_workers=0 "
-                          "skips the pool)", stacklevel=3)
-    if len(finished) < len(todo):
+    try:
+        for i, result in run_jobs(_render_to_file, args, num_workers=workers):
+            finished.add(i)
+            bar.update(1)
+            yield todo[i], result
+    except WorkerStartError as e:
+        warnings.warn(f"make_demo_dataset: {e}; rendering in this process (num_workers=0 "
+                      "skips the pool)", stacklevel=3)
         rest = [j for i, j in enumerate(todo) if i not in finished]
-        _render_jobs(rest, 0, sample_rate, audio_format, on_done, failures, show)
+        yield from _rendered(rest, 0, sample_rate, audio_format, bar)
 
 
 def _check_args(n_works: Any, perfs_per_work: Any, min_seconds: float, max_seconds: float,
@@ -177,15 +166,11 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
     """Write a synthetic cover-song dataset of real fiddle tunes; return its ``dataset.txt``.
 
     Writes ``audio/<work>/<perf>.flac`` (mono, 16-bit), ``dataset.txt`` (JSON lines {perf, wav,
-    dur_s, work, version}), ``hparams.yaml`` (DEMO_PREP_CONFIG, only if absent),
-    ``demo_info.json`` (arguments, works, failures) and ``render_manifest.jsonl`` (per file:
-    render-parameter and content hashes). ``work`` = ``w<index>_<title slug>``, ``perf`` =
-    ``<work>_v<index>``, ``version`` describes the rendering; ``wav`` is relative to the current
-    directory when ``out_dir`` lies under it. Deterministic (``seed`` chooses the tunes and every
-    parameter) and resumable: files matching the manifest are kept, writes are atomic,
-    ``dataset.txt`` comes last; failed performances are left out and listed. ``cache_dir``:
-    parsed tunes (None: the default); ``num_workers``: None = up to 8 for 8+ files, 0 or 1 = here.
-    Cost: the default 240 files take ~11 s on 2 cores, plus ~5 s to parse the tunes once.
+    dur_s, work, version}; ``wav`` relative to the current directory when under it),
+    ``hparams.yaml`` (only if absent), ``demo_info.json`` and ``render_manifest.jsonl`` (per
+    file: parameter and content hashes). Deterministic in ``seed`` and resumable: files matching
+    the manifest are kept, failed ones left out and listed. ``num_workers``: None = up to 8 for 8+
+    files, 0 or 1 = here. The default 240 files take ~11 s on 2 cores (+5 s to parse the tunes).
     """
     _check_args(n_works, perfs_per_work, min_seconds, max_seconds, audio_format)
     args = {"n_works": int(n_works), "perfs_per_work": int(perfs_per_work),
@@ -198,30 +183,30 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
     jobs, works_info = _plan_jobs(tunes, out_dir, args)
     manifest_file = out_dir / "render_manifest.jsonl"
     manifest = _read_render_manifest(manifest_file)
-    done = {j.perf: manifest[j.perf] for j in jobs if _is_current(j, manifest.get(j.perf))}
+    done = {j.perf: manifest[j.perf] for j in jobs if _is_current(j, manifest.get(j.perf, {}))}
     todo = [j for j in jobs if j.perf not in done]
     failures: list[dict] = []
-
-    def record(job: _Job, sha: str, samples: int) -> None:
-        done[job.perf] = {"perf": job.perf, "file": job.path.relative_to(out_dir).as_posix(),
-                          "key": job.key, "sha256": sha, "samples": samples,
-                          "sample_rate": sample_rate}
-        append_jsonl(manifest_file, done[job.perf])  # each finished file is recorded at once
-
     if num_workers is None:
         num_workers = 0 if len(todo) < 8 else min(os.cpu_count() or 1, 8, len(todo) // 4)
-    _render_jobs(todo, int(num_workers) if num_workers > 1 else 0, sample_rate, audio_format,
-                 record, failures, progress)
+    with progress_bar(total=len(todo), desc="rendering demo performances", unit="file",
+                      enabled=progress and bool(todo)) as bar:
+        for job, result in _rendered(todo, int(num_workers) if num_workers > 1 else 0,
+                                     sample_rate, audio_format, bar):
+            if isinstance(result, JobFailure):
+                failures.append({"perf": job.perf, "reason": result.message})
+                continue
+            done[job.perf] = {"perf": job.perf, "file": job.path.relative_to(out_dir).as_posix(),
+                              "key": job.key, "sha256": result[0], "samples": result[1],
+                              "sample_rate": sample_rate}
+            append_jsonl(manifest_file, done[job.perf])  # each finished file recorded at once
     kept = {**manifest, **done}  # other settings' entries are kept: their files stay reusable
-    atomic_write_text(manifest_file, "".join(json.dumps(kept[k], ensure_ascii=False) + "\n"
-                                             for k in sorted(kept)))
+    write_manifest(manifest_file, (kept[k] for k in sorted(kept)))
     _write_info(out_dir, args, works_info, failures)
     dataset = out_dir / "dataset.txt"
-    atomic_write_text(dataset, "".join(json.dumps(
-        {"perf": j.perf, "wav": _manifest_path(j.path),
-         "dur_s": round(done[j.perf]["samples"] / sample_rate, 3), "work": j.work,
-         "version": describe_performance(j.params, j.tune)}, ensure_ascii=False) + "\n"
-        for j in jobs if j.perf in done))
+    write_manifest(dataset, ({"perf": j.perf, "wav": _manifest_path(j.path),
+                              "dur_s": round(done[j.perf]["samples"] / sample_rate, 3),
+                              "work": j.work, "version": describe_performance(j.params, j.tune)}
+                             for j in jobs if j.perf in done))
     if failures:
         warnings.warn(f"make_demo_dataset: {len(failures)} of {len(jobs)} performances failed to "
                       f"render and were left out of {dataset}; see {out_dir / 'demo_info.json'}",

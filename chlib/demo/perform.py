@@ -4,7 +4,9 @@ tuning, room, noise, loudness), and the timed note events one of them plays. Tem
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -17,10 +19,9 @@ INSTRUMENTS: tuple[str, ...] = ("fiddle", "flute", "piano", "accordion", "plucke
 """Melody timbres of :func:`chlib.demo.synth.render_performance`."""
 
 FORMS: tuple[str, ...] = ("written", "once", "start_b", "drop_repeat", "extra_repeat", "twice")
-"""How a performance walks through the parts (see :func:`tune_form`): ``written`` as notated
-(AABB); ``once`` each part once (AB); ``start_b`` rotated to start on the second part (BBAA);
-``drop_repeat`` one repeat left out (ABB); ``extra_repeat`` one part once more (AAABB);
-``twice`` the written form twice."""
+"""How a performance walks through the parts (:func:`tune_form`), e.g. for AABB: ``written``
+AABB, ``once`` AB, ``start_b`` BBAA, ``drop_repeat`` ABB, ``extra_repeat`` AAABB, ``twice``
+AABBAABB."""
 
 # Centre (MIDI) of each instrument's range: the octave puts the melody's mean pitch near it.
 _INSTRUMENT_CENTRE = {"fiddle": 71, "flute": 76, "piano": 67, "accordion": 70, "plucked": 62}
@@ -60,7 +61,7 @@ class DemoPerformanceParams:
     duration_s: float = 30.0  # length of the rendering (the form is cropped or looped to it)
     seed: int = 0  # seeds everything random in the rendering (ornaments, jitter, room, noise)
 
-    def validate(self, where: str = "DemoPerformanceParams") -> DemoPerformanceParams:
+    def validate(self) -> DemoPerformanceParams:
         """Raise :class:`ConfigError` naming the first impossible value; return self."""
         bad = [f"{k} must be one of {allowed}, got {getattr(self, k)!r}"
                for k, allowed in _CHOICES.items() if getattr(self, k) not in allowed]
@@ -72,7 +73,7 @@ class DemoPerformanceParams:
             bad.append("transpose + 12*octave must be within +-36 semitones, got "
                        f"{self.transpose}, {self.octave}")
         if bad:
-            raise ConfigError(f"{where}: {bad[0]}")
+            raise ConfigError(f"DemoPerformanceParams: {bad[0]}")
         return self
 
     def to_json(self) -> dict:
@@ -104,10 +105,12 @@ def tune_form(tune: Tune, form_name: str, rng: np.random.Generator) -> tuple[int
     return tuple(idx[: k + 1] + [idx[k]] + idx[k + 1:])
 
 
-def _spread(base: int, stream: int, k: int, n: int) -> np.ndarray:
-    """``n`` values from range(k), each used before any repeats; the first do not depend on ``n``."""
+def _spread(base: int, stream: int, options: Sequence, n: int) -> list:
+    """``n`` of ``options``, each used before any repeats; the first do not depend on ``n``."""
     g = np.random.default_rng([base, stream])
-    return np.concatenate([g.permutation(k) for _ in range(-(-n // k))])[:n]
+    k = len(options)
+    order = np.concatenate([g.permutation(k) for _ in range(-(-n // k))])[:n]
+    return [options[int(i)] for i in order]
 
 
 def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator = 0, *,
@@ -117,16 +120,14 @@ def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator 
     transpositions and forms spread over the versions (without replacement where possible),
     tempi over +-25 % of ``tune.base_bpm`` (a golden-ratio sequence), the rest drawn per version,
     durations uniform in [min_seconds, max_seconds]. The first ``k`` do not depend on ``n``."""
-    if n < 1:
-        raise ConfigError(f"draw_performance_params: n must be >= 1, got {n}")
-    if not (0.5 <= min_seconds <= max_seconds):
-        raise ConfigError(f"min_seconds ({min_seconds}) must be >= 0.5 and <= max_seconds "
-                          f"({max_seconds})")
+    if n < 1 or not 0.5 <= min_seconds <= max_seconds:
+        raise ConfigError(f"draw_performance_params: need n >= 1 and 0.5 <= min_seconds <= "
+                          f"max_seconds, got {n}, {min_seconds}, {max_seconds}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     base = int(rng.integers(2**63))  # every draw below derives from it, per aspect and version
-    instruments = [INSTRUMENTS[int(i)] for i in _spread(base, 1, len(INSTRUMENTS), n)]
-    transposes = [int(t) - 5 for t in _spread(base, 2, 12, n)]
-    forms = [FORMS[int(i)] for i in _spread(base, 3, len(FORMS), n)]
+    instruments = _spread(base, 1, INSTRUMENTS, n)
+    transposes = _spread(base, 2, range(-5, 7), n)
+    forms = _spread(base, 3, FORMS, n)
     u0 = float(np.random.default_rng([base, 4]).random())
     tempo_factors = 0.75 + 0.5 * ((u0 + np.arange(n) * 0.6180339887498949) % 1.0)
     mean_pitch = float(np.mean([x.pitch for x in tune.notes]))
@@ -136,8 +137,10 @@ def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator 
     for j, inst in enumerate(instruments):
         rng = np.random.default_rng([base, 100 + j])
 
-        def draw(lo: float, hi: float, digits: int, rng=rng) -> float:
-            return round(float(rng.uniform(lo, hi)), digits)
+        def draw(lo: float, hi: float, digits: int, neutral: float | None = None,
+                 rng=rng) -> float:  # uniform, rounded; with neutral: that or the draw, evenly
+            x = float(rng.uniform(lo, hi))
+            return round(x if neutral is None else float(rng.choice([neutral, x])), digits)
 
         octave = round((_INSTRUMENT_CENTRE[inst] - mean_pitch - transposes[j]) / 12.0)
         accomp = str(rng.choice(["none", "none", "drone", "chords"]))
@@ -149,8 +152,8 @@ def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator 
             transpose=transposes[j], octave=int(np.clip(octave, -1, 1)),
             tuning_cents=draw(-20, 20, 1), instrument=inst,
             form_name=forms[j], form=tune_form(tune, forms[j], form_rng),
-            ornament_rate=round(float(rng.choice([0.0, rng.uniform(0.05, 0.35)])), 3),
-            swing=1.0 if compound else round(float(rng.choice([1.0, rng.uniform(1.05, 1.4)])), 3),
+            ornament_rate=draw(0.05, 0.35, 3, neutral=0.0),
+            swing=1.0 if compound else draw(1.05, 1.4, 3, neutral=1.0),
             tempo_drift=draw(0.0, 0.04, 4), timing_jitter_ms=draw(0.0, 12.0, 1),
             accompaniment=accomp, accompaniment_instrument=accomp_inst,
             accompaniment_gain_db=draw(-18.0, -10.0, 1),
@@ -209,25 +212,22 @@ def _laid_out_melody(tune: Tune, params: DemoPerformanceParams, max_beats: float
         raise ConfigError(f"form index out of range in {form}: tune {tune.title!r} has "
                           f"{len(passes)} passes; draw the parameters with "
                           "draw_performance_params(tune, ...)")
-    if not tune.notes:
-        raise ConfigError(f"tune {tune.title!r} has no notes")
     played = [passes[i] for i in form if passes[i].end > passes[i].start]
-    if not played:
-        raise ConfigError(f"tune {tune.title!r}: its passes have no length")
+    if not tune.notes or not played:
+        raise ConfigError(f"tune {tune.title!r} has no notes, or its passes have no length")
     notes = np.array([[n.pitch, n.onset, n.duration] for n in tune.notes], dtype=float)
     bars = np.array(tune.bar_list(), dtype=float)
     pieces: list[tuple[np.ndarray, ...]] = []
     cursor = 0.0
-    while cursor < max_beats:
-        for p in played:
-            sel = (notes[:, 1] >= p.start - 1e-9) & (notes[:, 1] < p.end - 1e-9)
-            bsel = (bars[:, 0] >= p.start - 1e-9) & (bars[:, 0] < p.end - 1e-9)
-            pieces.append((notes[sel, 0], notes[sel, 1] - p.start + cursor,
-                           np.minimum(notes[sel, 2], p.end - notes[sel, 1]),
-                           bars[bsel, 0] - p.start + cursor, bars[bsel, 1]))
-            cursor += p.end - p.start
-            if cursor >= max_beats:
-                break
+    for p in itertools.cycle(played):
+        if cursor >= max_beats:
+            break
+        sel = (notes[:, 1] >= p.start - 1e-9) & (notes[:, 1] < p.end - 1e-9)
+        bsel = (bars[:, 0] >= p.start - 1e-9) & (bars[:, 0] < p.end - 1e-9)
+        pieces.append((notes[sel, 0], notes[sel, 1] - p.start + cursor,
+                       np.minimum(notes[sel, 2], p.end - notes[sel, 1]),
+                       bars[bsel, 0] - p.start + cursor, bars[bsel, 1]))
+        cursor += p.end - p.start
     pitch, onset, dur, bar_s, bar_n = (np.concatenate(x) for x in zip(*pieces, strict=True))
     return pitch.astype(int), onset, dur, bar_s, bar_n
 

@@ -21,7 +21,7 @@ class _Timbre(NamedTuple):
     attack_s: float
     decay_s: float  # time constant of an exponentially decaying body (0 = sustained)
     release_s: float
-    ring_s: float  # how long a struck/plucked note rings past its written end
+    ring_s: float  # how long a struck/plucked note rings past its written end (else 0)
     vibrato_cents: float
     vibrato_hz: float
     brightness_decay_s: float  # bright -> dull spectrum time constant (0 = static)
@@ -83,10 +83,10 @@ def _render_voice(out: np.ndarray, ev: Events, kind: str, sample_rate: int,
     tb = _TIMBRES[kind]
     vib_phases = rng.uniform(0.0, 2.0 * np.pi, len(ev.onset))
     osc_phases = rng.random(len(ev.onset))
-    for k in range(len(ev.onset)):
-        f0 = 440.0 * 2.0 ** ((float(ev.midi[k]) - 69.0) / 12.0)
-        held = float(ev.dur[k]) * tb.articulation + (tb.ring_s if tb.decay_s > 0 else 0.0)
-        start = int(round(float(ev.onset[k]) * sample_rate))
+    for k, (onset, dur, midi, amp) in enumerate(zip(*ev, strict=True)):
+        f0 = 440.0 * 2.0 ** ((float(midi) - 69.0) / 12.0)
+        held = float(dur) * tb.articulation + tb.ring_s
+        start = int(round(float(onset) * sample_rate))
         length = min(int((held + tb.release_s) * sample_rate), len(out) - start)
         if length <= 2:
             continue
@@ -112,7 +112,7 @@ def _render_voice(out: np.ndarray, ev: Events, kind: str, sample_rate: int,
             y = 0.5 * (y + _lookup(bright, phase * 2.0 ** (tb.detune_cents / 1200.0)))
         if kind == "flute":  # a little breath noise, following the envelope
             y = y + 0.03 * rng.standard_normal(length)
-        out[start:start + length] += float(ev.amp[k]) * env * y
+        out[start:start + length] += float(amp) * env * y
 
 
 def _room(y: np.ndarray, rt60: float, wet: float, sample_rate: int,

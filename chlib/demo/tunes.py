@@ -4,6 +4,8 @@ middle C), onsets and durations *beats* (quarter notes, music21's ``quarterLengt
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import importlib.util
 import json
 import math
@@ -69,9 +71,8 @@ class Tune:
     @property
     def length_beats(self) -> float:
         """Length of the written (repeats expanded) tune in beats."""
-        if self.passes:
-            return max(p.end for p in self.passes)
-        return max(n.onset + n.duration for n in self.notes) if self.notes else 0.0
+        ends = [p.end for p in self.passes] or [n.onset + n.duration for n in self.notes]
+        return max(ends, default=0.0)
 
     @property
     def typical_step(self) -> float:
@@ -120,38 +121,27 @@ def default_tune_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "chlib/demo_tunes"
 
 
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-        return True
-    except OSError:
-        return False
-
-
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None, fallback: Path) -> Path:
     """``cache_dir`` (must be writable), else the default, else ``fallback`` (read-only homes)."""
-    base = default_tune_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-    if not _writable_dir(base):
-        if cache_dir is not None:
-            raise ConfigError(f"tune cache folder {base} cannot be created or written: pass a "
-                              "writable cache_dir, or None for the default")
-        base = fallback
-        base.mkdir(parents=True, exist_ok=True)
-    return base / f"v{_PARSE_VERSION}"
+    bases = [Path(cache_dir).expanduser()] if cache_dir is not None else [
+        default_tune_cache_dir(), fallback]
+    for base in bases:
+        with contextlib.suppress(OSError):
+            base.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=base).close()
+            return base / f"v{_PARSE_VERSION}"
+    raise ConfigError(f"tune cache folder {bases[-1]} cannot be created or written: pass a "
+                      "writable cache_dir")
 
 
 def _corpus_files() -> list[Path]:
     """The collection's ABC files inside the installed music21 (found without importing it)."""
     spec = importlib.util.find_spec("music21")
-    if spec is None or not spec.submodule_search_locations:
-        raise ChlibError("music21 is not installed: the demo tunes come from its corpus. "
-                         "Install it with `pip install music21`.")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "corpus" / "ryansMammoth"
-    files = sorted(folder.glob("*.abc"))
+    where = spec.submodule_search_locations if spec else None
+    files = sorted((Path(next(iter(where))) / "corpus/ryansMammoth").glob("*.abc")) if where else []
     if not files:
-        raise ChlibError(f"{folder}: no ABC files found; this music21 install lacks its corpus. "
-                         "Reinstall it (`pip install --force-reinstall music21`).")
+        raise ChlibError("the demo tunes come from music21's corpus, which is not installed: "
+                         "`pip install --force-reinstall music21`")
     return files
 
 
@@ -174,25 +164,20 @@ def _parse_abc_tune(path: Path) -> dict:
         score = converter.parse(str(path), format="abc")
     except Exception as e:  # noqa: BLE001 - any parser failure means "skip this tune"
         return {"ok": False, "reason": f"music21 could not parse it ({type(e).__name__}: {e})"}
-    parts = list(getattr(score, "parts", []))
-    part = parts[0] if parts else score
+    part = next(iter(getattr(score, "parts", [])), score)
     measures = list(part.getElementsByClass("Measure"))
     if len(measures) < 4:
         return {"ok": False, "reason": f"only {len(measures)} bars"}
     section_starts = _section_starts(measures, part)
     try:
         expanded = part.expandRepeats()
-        ex_measures = list(expanded.getElementsByClass("Measure"))
     except Exception:  # noqa: BLE001 - badly formed repeats: play it as written
-        expanded, ex_measures = part, measures
-    if not ex_measures:
-        return {"ok": False, "reason": "no bars after expanding repeats"}
-    notes, bars, passes = _collect_notes(expanded, ex_measures, section_starts)
+        expanded = part
+    notes, bars, passes = _collect_notes(expanded, section_starts)
     tonic, mode = _tune_key(part, notes)
-    ts = list(part.recurse().getElementsByClass("TimeSignature"))
+    meter = next((ts.ratioString for ts in part.recurse().getElementsByClass("TimeSignature")), "")
     return {"ok": True, "title": title, "notes": notes, "passes": passes, "bars": bars,
-            "tonic": tonic, "mode": mode, "meter": ts[0].ratioString if ts else "",
-            "rhythm": rhythm, "source": path.name}
+            "tonic": tonic, "mode": mode, "meter": meter, "rhythm": rhythm, "source": path.name}
 
 
 _DOUBLE_BARS = ("double", "final", "light-light", "light-heavy", "heavy-light", "heavy-heavy")
@@ -230,7 +215,7 @@ def _section_starts(measures: list, part: Any) -> set[int]:
     return starts
 
 
-def _collect_notes(expanded: Any, ex_measures: list, section_starts: set[int]):
+def _collect_notes(expanded: Any, section_starts: set[int]) -> tuple[list, list, list]:
     """Notes [[midi, onset, dur]], bars [[start, length]] and passes [[label, start, end]]
     (beats) of a repeats-expanded part. A pass begins where bar numbers jump back (a repeat) or
     a section starts. Chords keep their top note, ties are merged, grace notes (zero length)
@@ -240,13 +225,13 @@ def _collect_notes(expanded: Any, ex_measures: list, section_starts: set[int]):
     passes: list[list] = []  # [section index, start beat, end beat]
     starts_sorted = sorted(section_starts)
     prev_number: int | None = None
-    for m in ex_measures:
+    for m in expanded.getElementsByClass("Measure"):
         start, length = float(expanded.elementOffset(m)), float(m.duration.quarterLength)
         if length <= 0:
             continue
         bars.append([start, length])
         if prev_number is None or m.number <= prev_number or m.number in section_starts:
-            sec = max([i for i, s in enumerate(starts_sorted) if s <= m.number], default=0)
+            sec = max(bisect.bisect_right(starts_sorted, m.number) - 1, 0)
             passes.append([sec, start, start + length])
         passes[-1][2] = start + length
         prev_number = m.number
@@ -254,11 +239,9 @@ def _collect_notes(expanded: Any, ex_measures: list, section_starts: set[int]):
             dur = float(el.duration.quarterLength)
             if dur <= 0:
                 continue
-            pitch = max(p.midi for p in el.pitches) if el.isChord else el.pitch.midi
-            onset = start + float(el.offset)
-            tie = el.tie.type if el.tie is not None else None
-            if (tie in ("stop", "continue") and notes and notes[-1][0] == pitch
-                    and abs(notes[-1][1] + notes[-1][2] - onset) < 1e-6):
+            pitch, onset = max(p.midi for p in el.pitches), start + float(el.offset)
+            if (getattr(el.tie, "type", None) in ("stop", "continue") and notes
+                    and notes[-1][0] == pitch and abs(notes[-1][1] + notes[-1][2] - onset) < 1e-6):
                 notes[-1][2] += dur
             else:
                 notes.append([int(pitch), onset, dur])
@@ -271,7 +254,7 @@ def _merge_short_passes(passes: list[list], bars: list[list[float]]) -> list[lis
     """Merge passes under two bars (a pickup, a lone second ending) into a neighbour, then label
     the sections "A", "B" ... in order of first appearance."""
     def n_bars(p: list) -> int:
-        return sum(1 for b in bars if p[1] <= b[0] < p[2])
+        return sum(p[1] <= b[0] < p[2] for b in bars)
 
     merged: list[list] = []
     for p in passes:
@@ -281,11 +264,9 @@ def _merge_short_passes(passes: list[list], bars: list[list[float]]) -> list[lis
             merged.append(list(p))
     if len(merged) > 1 and n_bars(merged[0]) < 2:
         merged[1][1] = merged[0][1]  # a leading pickup joins the first full pass
-        merged.pop(0)
-    names: dict[int, str] = {}
-    for p in merged:
-        names.setdefault(p[0], chr(ord("A") + min(len(names), 25)))
-    return [[names[p[0]], p[1], p[2]] for p in merged]
+        del merged[0]
+    order = list(dict.fromkeys(p[0] for p in merged))  # sections by first appearance
+    return [[chr(ord("A") + min(order.index(p[0]), 25)), p[1], p[2]] for p in merged]
 
 
 def _tune_key(part: Any, notes: list[list[float]]) -> tuple[int, str]:
@@ -300,10 +281,9 @@ def _tune_key(part: Any, notes: list[list[float]]) -> tuple[int, str]:
 def _usable(d: dict) -> str | None:
     """Why a parsed tune is not used for the demo, or None when it is fine."""
     pitches = [n[0] for n in d["notes"]]
-    if len(pitches) < _MIN_NOTES:
-        return f"only {len(pitches)} notes (need {_MIN_NOTES})"
-    lo, hi = min(pitches), max(pitches)
-    problems = [(hi - lo < _MIN_RANGE, f"pitch range {hi - lo} semitones (need {_MIN_RANGE})"),
+    lo, hi = min(pitches, default=0), max(pitches, default=0)
+    problems = [(len(pitches) < _MIN_NOTES, f"only {len(pitches)} notes (need {_MIN_NOTES})"),
+                (hi - lo < _MIN_RANGE, f"pitch range {hi - lo} semitones (need {_MIN_RANGE})"),
                 (len({p % 12 for p in pitches}) < _MIN_PITCH_CLASSES, "too few pitch classes"),
                 (lo < 36 or hi > 100, f"pitches {lo}..{hi} outside 36..100")]
     return next((why for bad, why in problems if bad), None)
@@ -312,15 +292,12 @@ def _usable(d: dict) -> str | None:
 def _load_or_parse(path: Path, cache: Path) -> dict:
     """The cached parse of ``path`` (a dict with ``ok``), parsing and caching it if needed."""
     cached = cache / (path.stem + ".json")
-    try:
+    with contextlib.suppress(OSError, json.JSONDecodeError):  # missing or corrupt: parse
         d = json.loads(cached.read_text(encoding="utf-8"))
         if isinstance(d, dict) and "ok" in d:
             return d
-    except (OSError, json.JSONDecodeError):
-        pass  # missing or corrupt cache entry: parse
     d = _parse_abc_tune(path)
-    reason = _usable(d) if d.get("ok") else None
-    if reason:
+    if d.get("ok") and (reason := _usable(d)):
         d = {"ok": False, "reason": reason, "title": d["title"]}
     write_json(cached, d, indent=None)
     return d
@@ -345,11 +322,10 @@ def demo_tunes(n: int, seed: int = 0, *, cache_dir: str | os.PathLike | None = N
     seen: set[tuple[int, ...]] = set()
     for i in np.random.default_rng(int(seed)).permutation(len(files)):
         d = _load_or_parse(files[int(i)], cache)
-        if not d.get("ok") or _melody_signature(d["notes"]) in seen:
-            continue
-        seen.add(_melody_signature(d["notes"]))
-        tunes.append(Tune.from_json(d))
-        if len(tunes) == n:
-            return tunes
+        if d.get("ok") and (signature := _melody_signature(d["notes"])) not in seen:
+            seen.add(signature)
+            tunes.append(Tune.from_json(d))
+            if len(tunes) == n:
+                return tunes
     raise ConfigError(f"only {len(tunes)} usable tunes in Ryan's Mammoth Collection, {n} asked "
                       "for: ask for fewer works")

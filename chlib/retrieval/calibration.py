@@ -1,10 +1,6 @@
-"""What the reference index knows about its distances: calibration and per-work centroids.
-
-* :class:`Calibration`: the distribution of distances between recordings of *different* works,
-  turning a distance into a z-score and an empirical p-value;
-* :class:`Centroids`: per-work spherical means, grouped by the ``work`` column (not by
-  ``perf.split(".")``, bug 13.4.1).
-"""
+"""What the reference index knows about its distances: the distribution of distances between
+recordings of different works (:class:`Calibration`: z-scores, p-values) and per-work
+:class:`Centroids`, grouped by the ``work`` column (not by ``perf.split(".")``, bug 13.4.1)."""
 
 from __future__ import annotations
 
@@ -56,11 +52,9 @@ class Calibration:
         return z if z.ndim else float(z)
 
     def p_value(self, d: np.ndarray | float) -> np.ndarray | float:
-        """Empirical P(unrelated distance <= d), linearly interpolated on the ECDF anchors.
-
-        At or below the smallest anchor: :attr:`p_floor`; above the largest: 1. Where several
-        anchors share a distance the largest probability is used (the ECDF is right-continuous).
-        """
+        """Empirical P(unrelated distance <= d), interpolated on the ECDF anchors, in
+        [:attr:`p_floor`, 1]; anchors sharing a distance take the largest probability (the ECDF
+        is right-continuous)."""
         q = self.quantiles.astype(np.float64)
         last = q.size - 1 - np.unique(q[::-1], return_index=True)[1]  # last anchor per value
         out = np.interp(np.asarray(d, dtype=np.float64), q[last],
@@ -136,11 +130,9 @@ def calibrate_distances(distances: np.ndarray, *, seed: int = DEFAULT_SEED,
 
 @dataclass
 class Centroids:
-    """Per-work spherical means of unit recording embeddings, rows sorted by work name.
-
-    ``coherence`` = norm of the mean of the unit vectors (1 = all identical, near 0 = spread);
-    ``radius`` = mean + 1.5 std (ddof 0) of the members' cosine distances to the centroid.
-    """
+    """Per-work spherical means of unit recording embeddings, rows sorted by work name;
+    ``coherence`` = norm of the mean (1 = all identical, near 0 = spread), ``radius`` = mean +
+    1.5 std (ddof 0) of the members' cosine distances to the centroid."""
 
     works: list[str]
     vectors: np.ndarray  # [K, D] float32 unit rows

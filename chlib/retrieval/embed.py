@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from chlib.data.features import PAD_DB, feature_path, load_feature, prepare_wind
 from chlib.model.checkpoint import model_fingerprint
 
 __all__ = ["PAD_DB", "TAIL_MODES", "DEFAULT_MIN_TAIL", "EMBED_CACHE_VERSION", "window_starts",
-           "window_settings", "prepare_window", "load_feature", "embed_windows",
+           "window_settings", "hp_window_settings", "prepare_window", "load_feature", "embed_windows",
            "embed_recordings"]
 
 TAIL_MODES = ("shift", "drop", "pad")
@@ -60,10 +62,21 @@ def window_starts(n_frames: int, window: int, *, hop: int | None = None, tail: s
 
 
 def window_settings(window: int, mean_size: int, *, hop: int | None = None, tail: str = "shift",
-                    min_tail: float = DEFAULT_MIN_TAIL) -> dict:
-    """The window recipe as a plain dict (part of cache keys and of the index's metadata)."""
-    return {"window": int(window), "mean_size": int(mean_size),
-            "hop": int(window if hop is None else hop), "tail": tail, "min_tail": float(min_tail)}
+                    min_tail: float = DEFAULT_MIN_TAIL, transform: str = "none",
+                    bins_per_octave: int = 12) -> dict:
+    """The window recipe as a plain dict (part of cache keys and of the index's metadata); a
+    model-input ``transform`` other than "none" is part of it (with the CQT's bins per octave)."""
+    out = {"window": int(window), "mean_size": int(mean_size),
+           "hop": int(window if hop is None else hop), "tail": tail, "min_tail": float(min_tail)}
+    if transform != "none":
+        out.update(transform=transform, bins_per_octave=int(bins_per_octave))
+    return out
+
+
+def hp_window_settings(hp: Any, **kw: Any) -> dict:
+    """:func:`window_settings` of a run config (its first chunk length and input transform)."""
+    return window_settings(hp.chunk_len[0], hp.mean_size, transform=hp.input_transform,
+                           bins_per_octave=hp.features.bins_per_octave, **kw)
 
 
 def _name(src: Any) -> str:
@@ -78,7 +91,9 @@ def _track_windows(src: Any, settings: dict, n_bins: int | None) -> list[np.ndar
                            f"{n_bins}; re-extract the features with this run's feature settings")
     starts = window_starts(feat.shape[0], settings["window"], hop=settings["hop"],
                            tail=settings["tail"], min_tail=settings["min_tail"])
-    wins = [prepare_window(feat, s, settings["window"], settings["mean_size"]) for s in starts]
+    wins = [prepare_window(feat, s, settings["window"], settings["mean_size"],
+                           transform=settings.get("transform", "none"),
+                           bins_per_octave=settings.get("bins_per_octave", 12)) for s in starts]
     if not all(np.isfinite(w).all() for w in wins):
         raise FeatureError(f"{_name(src)}: features hold NaN or inf values; re-extract them")
     return wins
@@ -93,31 +108,29 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
                   window: int, mean_size: int, device: str | torch.device | None = None,
                   batch_size: int = 64, hop: int | None = None, tail: str = "shift",
                   min_tail: float = DEFAULT_MIN_TAIL, n_bins: int | None = None,
-                  progress: bool = True, failures: list | None = None
+                  progress: bool = True, failures: list | None = None,
+                  transform: str = "none", bins_per_octave: int = 12
                   ) -> list[np.ndarray | None]:
     """Raw window embeddings, float32 [n_windows, D] per track of ``features`` ([frames, bins]
-    arrays or ``.npy`` paths), the model in eval mode on ``device`` (None = where it is).
-
-    ``batch_size`` windows (across tracks) per forward pass; ``n_bins``: CQT bins every track
-    must have. ``failures``: None = an unusable feature file raises FeatureError; a list = it
-    gets ``{"index", "feat", "reason"}`` and the track's result is None.
-    """
+    arrays or ``.npy`` paths), the model in eval mode on ``device`` (None = where it is), in
+    batches of ``batch_size`` windows. ``n_bins``: CQT bins every track must have.
+    ``failures``: None = an unusable feature file raises FeatureError; a list = it gets
+    ``{"index", "feat", "reason"}`` and the track's result is None."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    settings = window_settings(window, mean_size, hop=hop, tail=tail, min_tail=min_tail)
+    settings = window_settings(window, mean_size, hop=hop, tail=tail, min_tail=min_tail,
+                               transform=transform, bins_per_octave=bins_per_octave)
     window_starts(1, window, hop=hop, tail=tail, min_tail=min_tail)  # validate the recipe early
     device = _model_device(model) if device is None else pick_device(device)
     out: list[list[np.ndarray] | None] = [[] for _ in features]
-    batch: list[np.ndarray] = []
-    owners: list[int] = []
+    pending: list[tuple[int, np.ndarray]] = []  # (track, model input) of the next batch
 
     def flush() -> None:
-        with torch.inference_mode():
-            emb = model(torch.from_numpy(np.stack(batch)).to(device))  # [B, T, F] -> [B, D]
-        for row, owner in zip(emb.detach().to("cpu", torch.float32).numpy(), owners, strict=True):
+        with torch.inference_mode():  # [B, T, F] -> [B, D]
+            emb = model(torch.from_numpy(np.stack([w for _, w in pending])).to(device))
+        for (owner, _), row in zip(pending, emb.to("cpu", torch.float32).numpy(), strict=True):
             out[owner].append(row)
-        batch.clear()
-        owners.clear()
+        pending.clear()
 
     was_training = model.training
     model.eval()
@@ -134,12 +147,11 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
                 failures.append({"index": i, "feat": _name(src), "reason": str(e)})
                 out[i], wins = None, []
             for w in wins:
-                batch.append(w)
-                owners.append(i)
-                if len(batch) >= batch_size:
+                pending.append((i, w))
+                if len(pending) >= batch_size:
                     flush()
             bar.update(1)
-        if batch:
+        if pending:
             flush()
     finally:
         bar.close()
@@ -184,44 +196,33 @@ def embed_recordings(model: torch.nn.Module,
                      min_tail: float = DEFAULT_MIN_TAIL, key_by: str = "stat",
                      progress: bool = True, failures: list | None = None
                      ) -> list[np.ndarray | None]:
-    """:func:`embed_windows` with the run's recipe (``hp.chunk_len[0]``, ``hp.mean_size``,
-    ``hp.eval_batch_size`` unless given, ``hp.features.n_bins``), optionally cached.
-
-    ``records``: manifest records (``feat`` resolved beside ``manifest_path``), ``.npy`` paths
-    or arrays. With ``cache_dir`` **this function caches** files (never arrays) as
-    ``<model fingerprint>/<hash of recipe, hp.features, version>/<track hash>.npy``, the track
-    hash over the file's path and size plus mtime (``key_by="stat"``) or SHA-256 ("content").
-    """
+    """:func:`embed_windows` of manifest records (``feat`` beside ``manifest_path``), ``.npy``
+    paths or arrays with the run's recipe (:func:`hp_window_settings`, ``hp.eval_batch_size``
+    unless given, ``hp.features.n_bins``). With ``cache_dir`` **this function caches** files
+    (never arrays) as ``<model fingerprint>/<hash of recipe, hp.features, version>/<track
+    hash>.npy``, hashing path and size plus mtime (``key_by="stat"``) or SHA-256 ("content")."""
     if key_by not in ("stat", "content"):
         raise ConfigError(f"key_by must be 'stat' or 'content', got {key_by!r}")
-    settings = window_settings(hp.chunk_len[0], hp.mean_size, hop=hop, tail=tail,
-                               min_tail=min_tail)
+    settings = hp_window_settings(hp, hop=hop, tail=tail, min_tail=min_tail)
     srcs = [feature_path(r, manifest_path) if isinstance(r, dict)
             else r if isinstance(r, np.ndarray) else Path(r) for r in records]
-
-    def run(todo: Sequence[Any], fails: list | None) -> list[np.ndarray | None]:
-        return embed_windows(model, todo, window=hp.chunk_len[0], mean_size=hp.mean_size,
-                             device=device, batch_size=batch_size or hp.eval_batch_size, hop=hop,
-                             tail=tail, min_tail=min_tail, n_bins=hp.features.n_bins,
-                             progress=progress, failures=fails)
-
+    run = partial(embed_windows, model, **settings, device=device, n_bins=hp.features.n_bins,
+                  batch_size=batch_size or hp.eval_batch_size, progress=progress)
     if cache_dir is None:
-        return run(srcs, failures)
+        return run(srcs, failures=failures)
     folder = _cache_folder(model, fingerprint, settings, hp, cache_dir)
     keys = {i: _feature_key(p, key_by) for i, p in enumerate(srcs)
             if not isinstance(p, np.ndarray)}
     files = {i: folder / f"{stable_hash(k, 24)}.npy" for i, k in keys.items() if k is not None}
     result: list[np.ndarray | None] = [None] * len(srcs)
     for i, f in files.items():
-        try:
+        with suppress(ValueError, OSError, EOFError):  # absent or unreadable: (re)compute it
             result[i] = np.load(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError):  # absent or unreadable: (re)compute it
-            pass
     todo = [i for i, r in enumerate(result) if r is None]
     if not todo:
         return result
     local: list | None = [] if failures is not None else None
-    for j, emb in zip(todo, run([srcs[i] for i in todo], local), strict=True):
+    for j, emb in zip(todo, run([srcs[i] for i in todo], failures=local), strict=True):
         if emb is not None and j in files:
             atomic_save_npy(files[j], emb)
         result[j] = emb

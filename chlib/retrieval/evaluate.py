@@ -17,8 +17,9 @@ Files written by :meth:`Evaluation.save` (``run_dir/evaluation/`` by default)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,9 @@ from chlib.retrieval.scoring import (
     score_inputs,
 )
 
-__all__ = ["FIGURE_KINDS", "TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets",
+__all__ = ["TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets",
            "load_checkpoint", "top1_confusions", "random_embedding_baseline", "score_testset",
            "evaluate_run"]
-
-#: Kinds accepted by :func:`chlib.ui.report.testset_figure`.
-FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,7 @@ def _under(root: Path | None, path: Any) -> Path:
 
 
 def _spec_from(name: str, value: Any, root: Path | None) -> TestSetSpec:
-    def p(x: Any) -> Path:
-        return _under(root, x)
-
+    p = partial(_under, root)
     if isinstance(value, TestSetSpec):
         return value
     if isinstance(value, (str, os.PathLike)):
@@ -86,10 +82,8 @@ def _spec_from(name: str, value: Any, root: Path | None) -> TestSetSpec:
         return TestSetSpec(name, q, p(value.get("ref_path") or q), p(qir) if qir else None)
     if isinstance(value, Sequence) and len(value) == 2:
         return TestSetSpec(name, p(value[0]), p(value[1]))
-    raise ConfigError(
-        f"test set {name!r}: give a manifest path, (query_path, ref_path) or a mapping with "
-        f"query_path/ref_path, got {value!r}"
-    )
+    raise ConfigError(f"test set {name!r}: give a manifest path, (query_path, ref_path) or a "
+                      f"mapping with query_path/ref_path, got {value!r}")
 
 
 def resolve_testsets(hp: Any, testsets: Any = None, *, root: str | os.PathLike | None = None
@@ -99,17 +93,13 @@ def resolve_testsets(hp: Any, testsets: Any = None, *, root: str | os.PathLike |
     name -> path | (query, ref) | {query_path, ref_path, query_in_ref_path}. Relative paths
     that do not exist as given are taken relative to ``root``."""
     root_p = Path(root) if root is not None else None
-    if testsets is None or (isinstance(testsets, (list, tuple, dict)) and len(testsets) == 0):
-        testsets = {ts.name: {"query_path": ts.query_path, "ref_path": ts.ref_path,
-                              "query_in_ref_path": ts.query_in_ref_path}
-                    for ts in getattr(hp, "testsets", {}).values()}
+    if not testsets:
+        testsets = {ts.name: vars(ts) for ts in getattr(hp, "testsets", {}).values()}
         if not testsets and getattr(hp, "test_path", None):
             testsets = {"test": hp.test_path}
         if not testsets:
-            raise ConfigError(
-                f"{getattr(hp, 'source', 'run config')}: no test sets configured (no testsets "
-                "and no test_path); pass testsets=['datasets/<name>/test.txt']"
-            )
+            raise ConfigError(f"{getattr(hp, 'source', 'run config')}: no test sets configured (no "
+                              "testsets, no test_path); pass testsets=['datasets/<name>/test.txt']")
     if isinstance(testsets, (str, os.PathLike)):
         testsets = [testsets]
     if isinstance(testsets, Mapping):
@@ -132,13 +122,11 @@ def load_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "best",
     if isinstance(checkpoint, str) and checkpoint.isdigit():
         checkpoint = int(checkpoint)
     if checkpoint not in ("best", "latest") and not isinstance(checkpoint, int):
-        raise CheckpointError(
-            f"checkpoint must be 'best', 'latest' or an epoch number, got {checkpoint!r}"
-        )
+        raise CheckpointError(f"checkpoint must be 'best', 'latest' or an epoch number, got "
+                              f"{checkpoint!r}")
     note = ""
     if checkpoint == "best" and read_best_epoch(find_checkpoint_dir(run_dir)) is None:
-        checkpoint = "latest"
-        note = "no best.json in the run: evaluated the latest checkpoint instead of 'best'"
+        checkpoint, note = "latest", "no best.json in the run: evaluated the latest checkpoint"
     model, hp, epoch = load_model(run_dir, checkpoint, device)
     return model, hp, epoch, note
 
@@ -158,16 +146,11 @@ def top1_confusions(dist: np.ndarray, q_labels: Sequence, r_labels: Sequence, *,
     for i in np.flatnonzero(np.isfinite(d).any(axis=1)):
         j = int(np.argmin(d[i]))  # first minimum = stable order, as the metrics rank
         if rl[j] != ql[i]:
-            pair = tuple(sorted((ql[i], rl[j]), key=str))
-            found.setdefault(pair, []).append(float(d[i, j]))
+            found.setdefault(tuple(sorted((ql[i], rl[j]), key=str)), []).append(float(d[i, j]))
     rows = [{"work_a": a, "work_b": b, "count": len(ds), "min_distance": min(ds)}
             for (a, b), ds in found.items()]
     rows.sort(key=lambda r: (-r["count"], r["min_distance"], str(r["work_a"]), str(r["work_b"])))
     return rows
-
-
-def _plain(x: Any) -> Any:
-    return x.item() if isinstance(x, np.generic) else x
 
 
 @dataclass
@@ -188,23 +171,7 @@ class TestSetResult(ScoringInputs):
     point_perfs: list[str]
     test_only: set = field(default_factory=set)  # labels of works absent from training
     skipped: list[dict] = field(default_factory=list)  # recordings without usable features
-    # name -> metrics of a reference point on the same queries and exclusions ("random
-    # embeddings", "untrained model"): what the trained model must beat
-    baselines: dict = field(default_factory=dict)
-
-    def metric_rows(self) -> list[dict]:
-        """One row per metric: value, bootstrap CI (``low`` / ``high``), each baseline's value."""
-        rows = []
-        for m in metrics.METRIC_NAMES:
-            c = self.ci.get(m, {})
-            rows.append({"testset": self.name, "rule": self.rule, "metric": m,
-                         "value": self.metrics.get(m), "low": c.get("low"), "high": c.get("high"),
-                         "queries": self.metrics.get("n_queries"), "refs": len(self.r_perfs),
-                         **{b: scores.get(m) for b, scores in self.baselines.items()}})
-        return rows
-
-    def name_of(self, label: Any) -> str:
-        return str(self.work_names.get(_plain(label), label))
+    baselines: dict = field(default_factory=dict)  # name -> metrics the model must beat
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write the distance matrix (-1 in excluded cells), labels, mask and perf ids."""
@@ -212,9 +179,9 @@ class TestSetResult(ScoringInputs):
                   "ref_labels": (".reflabels.npy", np.asarray(self.r_labels)),
                   "query_labels": (".querylabels.npy", np.asarray(self.q_labels)),
                   "exclude": (".exclude.npy", self.exclude)}
-        paths = {k: Path(out_dir) / f"{self.name}{suffix}" for k, (suffix, _) in arrays.items()}
-        for k, (_, arr) in arrays.items():
-            atomic_save_npy(paths[k], arr)
+        paths = {}
+        for k, (suffix, arr) in arrays.items():
+            atomic_save_npy(paths.setdefault(k, Path(out_dir) / f"{self.name}{suffix}"), arr)
         paths["perfs"] = Path(out_dir) / f"{self.name}.perfs.json"
         write_json(paths["perfs"], {
             "query_perfs": self.q_perfs, "ref_perfs": self.r_perfs,
@@ -236,16 +203,6 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     rule: str = "min"  # the run's distance rule (hp.distance_rule), used for every test set
 
-    def title(self) -> str:
-        """One line naming the checkpoint, the model and the distance rule (and any notes)."""
-        return "; ".join([f"epoch {self.epoch} ({self.checkpoint}), model {self.fingerprint}, "
-                          f"distance rule {self.rule!r}", *self.notes])
-
-    def columns(self) -> list[str]:
-        """Columns of :meth:`rows` for a table: metric, CI, every baseline, counts."""
-        extra = list(dict.fromkeys(b for r in self.results.values() for b in r.baselines))
-        return ["testset", "rule", "metric", "value", "low", "high", *extra, "queries", "refs"]
-
     def result(self, name: str | None = None) -> TestSetResult:
         """The named test set's result (default: the first one)."""
         if not name:
@@ -253,10 +210,6 @@ class Evaluation:
         if name not in self.results:
             raise ConfigError(f"no test set {name!r}; evaluated: {', '.join(self.results)}")
         return self.results[name]
-
-    def rows(self) -> list[dict]:
-        """Metric rows of every test set (see :meth:`TestSetResult.metric_rows`)."""
-        return [row for r in self.results.values() for row in r.metric_rows()]
 
     def save(self, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
         """Write ``metrics.json`` and each test set's arrays (default ``run_dir/evaluation``)."""
@@ -295,12 +248,9 @@ def random_embedding_baseline(q_windows: Sequence[np.ndarray], r_windows: Sequen
                               q_labels: np.ndarray, r_labels: np.ndarray, exclude: np.ndarray, *,
                               same: bool, rule: str = "min", n_draws: int = 20, seed: int = 12345,
                               no_relevant: str = "count_as_zero") -> dict:
-    """Chance level: the metrics of random unit window embeddings, averaged over ``n_draws``.
-
-    Each recording keeps its number of windows, so the baseline sees exactly the model's
-    queries, references and exclusions. ``same``: queries and references are one list
-    (they then share their random vectors).
-    """
+    """Chance level: the metrics of random window embeddings (as many windows per recording
+    as the model's, same exclusions), averaged over ``n_draws``; ``same``: queries and
+    references are one list (and share their random vectors)."""
     rng = np.random.default_rng(seed)
     dim = int(q_windows[0].shape[1])
     draws = []
@@ -317,18 +267,17 @@ def _usable(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list
     """Rows and columns with window embeddings (query, ref indices) and the skipped records."""
     same = r_records is q_records
     roles = [("query and ref" if same else "query", q_records, q_windows)]
-    if not same:
-        roles.append(("ref", r_records, r_windows))
+    roles += [] if same else [("ref", r_records, r_windows)]
     skipped = [{"perf": r.get("perf"), "role": role, "reason": "no usable features"}
                for role, recs, wins in roles
                for r, w in zip(recs, wins, strict=True) if w is None]
     q_keep = [i for i, w in enumerate(q_windows) if w is not None]
     r_keep = [i for i, w in enumerate(r_windows) if w is not None]
-    if not q_keep or not r_keep:
-        raise ManifestError(
-            f"test set {name!r}: no {'query' if not q_keep else 'reference'} recording has "
-            f"usable features ({spec.query_path if not q_keep else spec.ref_path}); re-run "
-            "feature extraction")
+    for what, kept, path in (("query", q_keep, spec.query_path),
+                             ("reference", r_keep, spec.ref_path)):
+        if not kept:
+            raise ManifestError(f"test set {name!r}: no {what} recording has usable features "
+                                f"({path}); re-run feature extraction")
     if spec.query_in_ref_path is not None and skipped:
         raise ManifestError(
             f"test set {name!r}: recordings without features break the positions in "
@@ -339,13 +288,9 @@ def _usable(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list
 def _chart_data(s: ScoringInputs, no_relevant: str, top_pairs: int) -> dict:
     """Ranks, per-work AP, confused work pairs and closest wrong recordings of one test set."""
     d, ql, rl, ex = s.dist, s.q_labels, s.r_labels, s.exclude
-
-    def name(label: Any) -> str:
-        return str(s.work_names.get(label, label))
-
-    per_work = [dict(row, name=name(row["work"]))
+    per_work = [dict(row, name=s.name_of(row["work"]))
                 for row in metrics.per_work_ap(d, ql, rl, exclude=ex, no_relevant=no_relevant)]
-    confusions = [dict(row, name_a=name(row["work_a"]), name_b=name(row["work_b"]))
+    confusions = [dict(row, name_a=s.name_of(row["work_a"]), name_b=s.name_of(row["work_b"]))
                   for row in top1_confusions(d, ql, rl, exclude=ex)]
     one_list = s.q_perfs == s.r_perfs  # report each unordered pair once
     closest = [dict(row, query_perf=s.q_perfs[row["query"]], ref_perf=s.r_perfs[row["ref"]])
@@ -381,8 +326,7 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
     extra = [j for j, p in enumerate(s.r_perfs) if p not in seen]
     point_labels = np.concatenate([s.q_labels, s.r_labels[extra]])
     test_only = set() if train_works is None else {
-        _plain(lab) for lab in point_labels
-        if str(s.work_names.get(_plain(lab), lab)) not in train_works}
+        lab for lab in point_labels.tolist() if s.name_of(lab) not in train_works}
     return TestSetResult(
         **vars(s), name=name, spec=spec,
         metrics=metrics.retrieval_metrics(s.dist, s.q_labels, s.r_labels, exclude=s.exclude,
@@ -396,14 +340,11 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
     )
 
 
-def _embed_testset(model: torch.nn.Module, spec: TestSetSpec, q_records: list[dict],
-                   r_records: list[dict], hp: Any, **kw: Any) -> tuple[list, list]:
-    """Window embeddings of a test set's queries and references (None for a failed one)."""
-    qw = embed_recordings(model, q_records, hp, manifest_path=spec.query_path, failures=[], **kw)
-    if r_records is q_records:
-        return qw, qw
-    return qw, embed_recordings(model, r_records, hp, manifest_path=spec.ref_path, failures=[],
-                                **kw)
+def _both(embed: Callable[..., list], spec: TestSetSpec, q_records: list[dict],
+          r_records: list[dict]) -> tuple[list, list]:
+    """``embed(records, manifest_path=...)`` of the queries and the references (one if same)."""
+    qw = embed(q_records, manifest_path=spec.query_path)
+    return qw, qw if r_records is q_records else embed(r_records, manifest_path=spec.ref_path)
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
@@ -413,15 +354,13 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
                  root: str | os.PathLike | None = None,
                  untrained_baseline: bool = True, model_free_baseline: bool = True
                  ) -> Evaluation:
-    """Evaluate one checkpoint ("best", else "latest" without best.json; "latest"; an epoch)
-    on the run's test sets or ``testsets`` (:func:`resolve_testsets`; relative config paths
-    start in ``root``). Nothing is written: see :meth:`Evaluation.save`.
+    """Evaluate one checkpoint (:func:`load_checkpoint`) on the run's test sets or ``testsets``
+    (:func:`resolve_testsets`); nothing is written (see :meth:`Evaluation.save`), but with
+    ``cache`` **this function caches** embeddings in ``run_dir/embeddings``.
 
-    ``rule``: None = the run's ``distance_rule`` (its index's); another value for comparisons.
-    ``seed`` (the fork's 12345) seeds the bootstrap and the baselines: random embeddings always,
-    the architecture with random weights if ``untrained_baseline``, the 2D-FTM of the features
-    (:data:`~chlib.retrieval.scoring.MODEL_FREE`) if ``model_free_baseline``. ``cache``: reuse and store
-    embeddings in ``run_dir/embeddings`` (**this function caches**).
+    ``rule``: None = the run's ``distance_rule``. ``seed`` seeds the bootstrap and the
+    baselines: random embeddings, random weights (``untrained_baseline``) and the features'
+    2D-FTM (``model_free_baseline``, :data:`~chlib.retrieval.scoring.MODEL_FREE`).
     """
     run_dir = Path(run_dir)
     model, hp, epoch, note = load_checkpoint(run_dir, checkpoint, device)
@@ -439,15 +378,16 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
         q_records = read_manifest(spec.query_path, required=("perf", "feat"))
         r_records = (q_records if spec.ref_path == spec.query_path
                      else read_manifest(spec.ref_path, required=("perf", "feat")))
-        qw, rw = _embed_testset(model, spec, q_records, r_records, hp, device=dev,
-                                fingerprint=fingerprint, progress=progress,
-                                cache_dir=run_dir / "embeddings" if cache else None)
-        others = {} if untrained is None else {"untrained model": _embed_testset(
-            untrained, spec, q_records, r_records, hp, device=dev, progress=False)}
+        qw, rw = _both(partial(embed_recordings, model, hp=hp, device=dev, failures=[],
+                               fingerprint=fingerprint, progress=progress,
+                               cache_dir=run_dir / "embeddings" if cache else None),
+                       spec, q_records, r_records)
+        others = {} if untrained is None else {"untrained model": _both(partial(
+            embed_recordings, untrained, hp=hp, device=dev, failures=[], progress=False),
+            spec, q_records, r_records)}
         if model_free_baseline:
-            free_q = model_free_windows(q_records, hp, manifest_path=spec.query_path)
-            others[MODEL_FREE] = (free_q, free_q if r_records is q_records else
-                                  model_free_windows(r_records, hp, manifest_path=spec.ref_path))
+            others[MODEL_FREE] = _both(partial(model_free_windows, hp=hp), spec, q_records,
+                                       r_records)
         results[spec.name] = score_testset(
             spec.name, spec, q_records, r_records, qw, rw, rule=rule, train_works=train_works,
             n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant,

@@ -1,6 +1,5 @@
 """The embedding explorer's data (``07_explore``): the run index's reference recordings and
-embedded query recordings as points with their metadata, neighbours ranked by the index's rule.
-"""
+embedded query recordings as points with their metadata, neighbours ranked by the index's rule."""
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """Identify unknown recordings against a reference index (and the procedures of ``06_identify``).
 
-Each query audio file (any format, any length) gets the run's CQT as extraction makes it, is
-embedded over the whole track (not only the first 135 s, bug 13.4.3) and searched by the
-index's rule; each hit gets a z-score, a calibrated p-value and a verdict: ``p < threshold_p``
-(0.001) "likely the same work", ``p < possible_p`` (0.05) "possibly related", else "no
-confident match". An unreadable query gets an ``error`` row and the batch goes on.
+Queries are embedded over the whole track (not only the first 135 s, bug 13.4.3) and searched
+by the index's rule; a hit's verdict: ``p < threshold_p`` (0.001) "likely the same work",
+``p < possible_p`` (0.05) "possibly related", else "no confident match". An unreadable query
+gets an ``error`` row and the batch goes on.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ __all__ = ["VERDICT_LIKELY", "VERDICT_POSSIBLE", "VERDICT_NONE", "VERDICT_UNCALI
            "CSV_COLUMNS", "AUDIO_EXTENSIONS", "verdict", "IdentifyReport", "identify",
            "identify_folder", "find_audio_files", "query_features", "read_split",
            "reference_records", "reference_index_for_run", "Queries", "identification_queries",
-           "identification_summary", "summary_text"]
+           "identification_summary"]
 
 VERDICT_LIKELY = "likely the same work"
 VERDICT_POSSIBLE = "possibly related"
@@ -87,10 +86,9 @@ class IdentifyReport:
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the rows as CSV (columns :data:`CSV_COLUMNS`), atomically."""
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+        w = csv.DictWriter(buf, list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        w.writerows({k: "" if r.get(k) is None else r.get(k) for k in CSV_COLUMNS}
-                    for r in self.rows)
+        w.writerows(self.rows)  # None and missing keys are written as ""
         atomic_write_text(path, buf.getvalue())
         return Path(path)
 
@@ -129,10 +127,13 @@ def query_features(path: str | os.PathLike, hp: Any, device: str | torch.device 
 
 def _window_mismatch(ws: Mapping, hp: Any) -> str | None:
     """Why an index's window recipe ``ws`` does not fit the run ``hp`` (None if it does)."""
-    if ws.get("window") == hp.chunk_len[0] and ws.get("mean_size") == hp.mean_size:
+    transform = getattr(hp, "input_transform", "none")
+    if (ws.get("window") == hp.chunk_len[0] and ws.get("mean_size") == hp.mean_size
+            and ws.get("transform", "none") == transform):
         return None
-    return (f"index windows are {ws.get('window')} raw frames averaged by {ws.get('mean_size')}, "
-            f"but this run uses chunk_len {hp.chunk_len[0]} and mean_size {hp.mean_size}")
+    return (f"index windows are {ws.get('window')} raw frames averaged by {ws.get('mean_size')} "
+            f"(input transform {ws.get('transform', 'none')}), but this run uses chunk_len "
+            f"{hp.chunk_len[0]}, mean_size {hp.mean_size} and input_transform {transform}")
 
 
 def _identify_chunk(paths: list[str], model: torch.nn.Module, hp: Any, index: ReferenceIndex,
@@ -148,11 +149,8 @@ def _identify_chunk(paths: list[str], model: torch.nn.Module, hp: Any, index: Re
     ok = sorted(feats)
     if ok:
         t0 = time.perf_counter()
-        ws = index.window_settings
-        windows = embed_windows(model, [feats[k] for k in ok], window=ws["window"],
-                                mean_size=ws["mean_size"], hop=ws["hop"], tail=ws["tail"],
-                                min_tail=ws["min_tail"], device=dev,
-                                batch_size=hp.eval_batch_size, progress=False)
+        windows = embed_windows(model, [feats[k] for k in ok], **index.window_settings,
+                                device=dev, batch_size=hp.eval_batch_size, progress=False)
         synchronize(dev)
         _add_time(timings, "model_s", t0)
         t0 = time.perf_counter()
@@ -179,9 +177,8 @@ def identify(paths: Sequence[str | os.PathLike], *, model: torch.nn.Module, hp: 
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if not 0 < threshold_p <= possible_p <= 1:
-        raise ConfigError(
-            f"need 0 < threshold_p <= possible_p <= 1, got {threshold_p} and {possible_p}"
-        )
+        raise ConfigError(f"need 0 < threshold_p <= possible_p <= 1, got {threshold_p} and "
+                          f"{possible_p}")
     index.check_compatible(fingerprint=model_fingerprint(model.state_dict()),
                            features=hp.features)
     if (why := _window_mismatch(index.window_settings, hp)) is not None:
@@ -224,10 +221,8 @@ def identify_folder(folder: str | os.PathLike, *, model: torch.nn.Module, hp: An
     ``folder``; write the rows to ``out_csv`` (atomic) if given."""
     files = find_audio_files(folder, recursive=recursive, extensions=extensions)
     if not files:
-        raise ConfigError(
-            f"{folder}: no audio files with extensions {', '.join(extensions)}; "
-            "check the folder or pass recursive=True"
-        )
+        raise ConfigError(f"{folder}: no audio files with extensions {', '.join(extensions)}; "
+                          "check the folder or pass recursive=True")
     report = identify(files, model=model, hp=hp, index=index, **kwargs)
     if out_csv is not None:
         report.to_csv(out_csv)
@@ -241,12 +236,9 @@ def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | 
     if reference_manifest:
         return read_split(reference_manifest, required=("perf", "work", "feat"))
     recs = read_split(dataset_dir, "train") + read_split(dataset_dir, "val")
-    recs = recs or read_split(dataset_dir, "full")
-    if not recs:
-        raise ManifestError(
-            f"{dataset_dir}: no train.txt, val.txt or full.txt; run 02_extract on the dataset "
-            "or give reference_manifest"
-        )
+    if not (recs := recs or read_split(dataset_dir, "full")):
+        raise ManifestError(f"{dataset_dir}: no train.txt, val.txt or full.txt; run 02_extract "
+                            "on the dataset or give reference_manifest")
     return recs
 
 
@@ -317,12 +309,9 @@ def identification_queries(query_path: str | os.PathLike, dataset_dir: str | os.
     audio file; a folder of audio files (no truth); or a manifest (``.txt`` / ``.jsonl``, truth
     from its ``work``)."""
     if str(query_path) == "":
-        recs = read_split(dataset_dir, "test")
-        if not recs:
-            raise ManifestError(
-                f"{dataset_dir}: no held-out recordings (test.txt is missing or empty); give "
-                "query_path (an audio file, a folder or a manifest)"
-            )
+        if not (recs := read_split(dataset_dir, "test")):
+            raise ManifestError(f"{dataset_dir}: no held-out recordings (test.txt is missing or "
+                                "empty); give query_path (an audio file, a folder or a manifest)")
         return _queries_of(recs, f"{Path(dataset_dir) / 'test.txt'} (held-out recordings)")
     p = Path(query_path)
     if p.is_dir():
@@ -369,22 +358,3 @@ def identification_summary(rows: Sequence[Mapping], truth: Mapping[str, str], *,
             "top1_indexed": share(1, True), "top10_indexed": share(10, True),
             "best_verdicts": dict(Counter(p["verdict"] for p in per_query)),
             "per_query": per_query}
-
-
-def summary_text(summary: Mapping) -> str:
-    """A few readable lines from :func:`identification_summary`."""
-    s = summary
-    lines = [f"{s['n_queries']} queries identified ({s['n_failed']} could not be read)."]
-    if s["n_with_truth"]:
-        lines.append(
-            f"Of {s['n_with_truth']} queries whose work is known: true work first "
-            f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.")
-        lines.append(
-            f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
-            f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
-            f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the right "
-            "answer for them is 'no confident match').")
-    if s["best_verdicts"]:
-        lines.append("Verdicts of the best match: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
-    return "\n".join(lines)

@@ -1,10 +1,7 @@
 """The reference index: embeddings of known recordings, their works, calibration and search.
 
-A :class:`ReferenceIndex` holds unit track vectors [N, D] (:func:`.protocol.track_vector` over
-all windows; the original used only the first 135 s, bug 13.4.3), optionally
-the unit window embeddings (needed by ``rule="min"``), metadata rows, the model fingerprint,
-feature settings and window recipe, per-work centroids and a calibration
-(:mod:`chlib.retrieval.calibration`). One distance rule serves search and calibration.
+Track vectors cover all windows (the original used only the first 135 s, bug 13.4.3); one
+distance rule serves search and calibration.
 
 On disk: a folder of plain files, never pickles: ``embeddings.npy``, optional ``windows.npy``,
 ``window_owner.npy``, ``centroids.npy``, ``records.jsonl`` and ``meta.json`` (settings,
@@ -27,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chlib.core.errors import CheckpointError, ConfigError, IndexMismatchError, ManifestError
+from chlib.core.errors import ConfigError, IndexMismatchError, ManifestError
 from chlib.core.io import atomic_save_npy, atomic_write_text, file_sha256, read_json, write_json
 from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval.calibration import (
@@ -41,7 +38,7 @@ from chlib.retrieval.calibration import (
     sample_cross_work_pairs,
     work_codes,
 )
-from chlib.retrieval.embed import DEFAULT_MIN_TAIL, embed_recordings, window_settings
+from chlib.retrieval.embed import DEFAULT_MIN_TAIL, embed_recordings, hp_window_settings
 from chlib.retrieval.protocol import (
     check_rule,
     cosine_distances,
@@ -153,20 +150,15 @@ class ReferenceIndex:
         if fingerprint is not None and fingerprint != self.model_fingerprint:
             raise IndexMismatchError(
                 f"{where}: built by the model with fingerprint {self.model_fingerprint}, but the "
-                f"model in use has fingerprint {fingerprint}. Embeddings of different models are "
-                "not comparable: rebuild the index with this model (chlib.retrieval.index.build_index)."
-            )
-        if features is None:
-            return
-        want, have = _settings_key(features), self.feature_settings
-        if want != have:
+                f"model in use has fingerprint {fingerprint}; embeddings of different models are "
+                "not comparable: rebuild the index with this model (build_index)")
+        have = self.feature_settings
+        if features is not None and (want := _settings_key(features)) != have:
             diff = {k: (have.get(k), want.get(k)) for k in set(want) | set(have)
                     if have.get(k) != want.get(k)}
             raise IndexMismatchError(
-                f"{where}: built with feature settings {have}, but {want} are in use "
-                f"(differences, index vs now: {diff}). Rebuild the index from features "
-                "extracted with the current settings."
-            )
+                f"{where}: built with feature settings {have}, but {want} are in use (differences, "
+                f"index vs now: {diff}). Rebuild it from features extracted with these settings.")
 
     def _query_sets(self, query: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         """(unit query vectors [M, D], window sets [n_windows, D] per query)."""
@@ -182,21 +174,14 @@ class ReferenceIndex:
         vecs = np.stack([track_vector(s) for s in sets]) if sets else np.zeros((0, self.dim))
         return vecs, sets
 
-    def _distances(self, vecs: np.ndarray, sets: list[np.ndarray]) -> np.ndarray:
-        if self.rule == "min":
-            return track_distances(sets, self.window_sets(), rule="min")
-        return cosine_distances(vecs, self.embeddings)
-
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
                use_faiss: bool | None = None) -> list[list[dict]]:
-        """Per query, the top-``k`` rows ``{"rank", "perf", "work", "work_id", "distance", "z",
-        "p_value"}`` (z, p NaN without a calibration), closest first.
+        """Per query (a vector [D], vectors [M, D] or window sets [n_windows, D]), the top-``k``
+        rows ``{"rank", "perf", "work", "work_id", "distance", "z", "p_value"}``, closest first.
 
-        ``query``: a vector [D], vectors [M, D] or a list of window sets [n_windows, D].
-        ``by="work"`` ranks works by their closest recording and adds ``n_work_recordings``; its
-        p-value is that of the closest of m recordings, 1 - (1 - p)^m, so big works are not
-        favoured. ``use_faiss``: None = FAISS (exact) for rule "mean", ``by="perf"`` and over
-        200 000 references when installed.
+        ``by="work"`` ranks works by their closest recording, adds ``n_work_recordings`` and
+        takes the p-value of the closest of m, 1 - (1 - p)^m, so big works are not favoured.
+        ``use_faiss``: None = FAISS if installed, for rule "mean" over FAISS_MIN_REFS refs.
         """
         if by not in ("perf", "work"):
             raise ConfigError(f"by must be 'perf' or 'work', got {by!r}")
@@ -216,7 +201,8 @@ class ReferenceIndex:
         out: list[list[dict]] = []
         step = max(1, BLOCK_ELEMENTS // len(self))
         for a in range(0, len(sets), step):
-            d = self._distances(vecs[a:a + step], sets[a:a + step])
+            d = (track_distances(sets[a:a + step], self.window_sets(), rule="min")
+                 if self.rule == "min" else cosine_distances(vecs[a:a + step], self.embeddings))
             if by == "perf":
                 out += [self._rows(i, dd) for i, dd in zip(*_topk_rows(d, min(k, len(self))),
                                                            strict=True)]
@@ -261,11 +247,8 @@ class ReferenceIndex:
     def recalibrate(self) -> None:
         """Recompute the calibration over the whole index (seeded: deterministic)."""
         i, j, method = sample_cross_work_pairs(self.works, self.n_pairs, self.seed)
-        if i.size < 2:
-            self.calibration = None
-            return
         sets = self.window_sets() if self.rule == "min" else []
-        d = pair_distances(sets, self.embeddings, i, j, rule=self.rule)
+        d = pair_distances(sets, self.embeddings, i, j, rule=self.rule) if i.size >= 2 else []
         self.calibration = calibrate_distances(d, seed=self.seed, method=method, rule=self.rule)
 
     def _refresh(self) -> None:
@@ -328,10 +311,10 @@ class ReferenceIndex:
         and :meth:`add` them. Returns the failures (``{"perf", "feat", "reason"}``)."""
         self.check_compatible(fingerprint=model_fingerprint(model.state_dict()),
                               features=hp.features)
-        wins, failed = _embed_records(model, records, hp, self.window_settings, device,
-                                      manifest_path, None, progress)
-        ok = [i for i, w in enumerate(wins) if w is not None]
-        self.add([records[i] for i in ok], [wins[i] for i in ok])
+        recs, wins, failed = _embed_records(model, records, hp, self.window_settings,
+                                            device=device, manifest_path=manifest_path,
+                                            progress=progress)
+        self.add(recs, wins)
         return failed
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -378,26 +361,17 @@ class ReferenceIndex:
         its SHA-256 in ``meta.json`` (interrupted saves, edits)."""
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
-            raise IndexMismatchError(
-                f"{folder}: no meta.json, so no chlib index here; build one with "
-                "chlib.retrieval.index.build_index(...) and save it"
-            )
+            raise IndexMismatchError(f"{folder}: no meta.json, so no chlib index here; build one "
+                                     "with chlib.retrieval.index.build_index(...) and save it")
         meta = read_json(folder / "meta.json")
         if meta.get("format") != INDEX_FORMAT:
-            raise IndexMismatchError(
-                f"{folder}: index format {meta.get('format')!r}, this chlib reads format "
-                f"{INDEX_FORMAT}; rebuild the index"
-            )
+            raise IndexMismatchError(f"{folder}: index format {meta.get('format')!r}, this chlib "
+                                     f"reads format {INDEX_FORMAT}; rebuild the index")
         files = meta["files"]
         for name, info in files.items():
-            p = folder / name
-            if not p.is_file():
-                raise IndexMismatchError(f"{p}: missing (interrupted save?); rebuild the index")
-            if verify and file_sha256(p) != info["sha256"]:
-                raise IndexMismatchError(
-                    f"{p}: content differs from meta.json (an interrupted save or an edit); "
-                    "save or rebuild the index again"
-                )
+            if not (p := folder / name).is_file() or (verify and file_sha256(p) != info["sha256"]):
+                raise IndexMismatchError(f"{p}: missing or unlike meta.json (an interrupted save "
+                                         "or an edit); save or rebuild the index")
 
         def arr(name: str) -> np.ndarray | None:
             return np.load(folder / name, allow_pickle=False) if name in files else None
@@ -416,9 +390,8 @@ class ReferenceIndex:
             skipped=list(meta.get("skipped") or []),
         )
         if len(idx.records) != len(idx):
-            raise IndexMismatchError(
-                f"{folder}: {len(idx.records)} records but {len(idx)} embeddings; rebuild"
-            )
+            raise IndexMismatchError(f"{folder}: {len(idx.records)} records but {len(idx)} "
+                                     "embeddings; rebuild")
         idx.check_compatible(fingerprint=expect_fingerprint, features=expect_features,
                              where=str(folder))
         return idx
@@ -450,25 +423,20 @@ def index_from_windows(records: Sequence[dict], windows: Sequence[np.ndarray], *
 
 
 def _embed_records(model: torch.nn.Module, records: Sequence[dict], hp: Any, wset: dict,
-                   device: Any, manifest_path: Any, cache_dir: Any, progress: bool,
-                   batch_size: int | None = None) -> tuple[list[np.ndarray | None], list[dict]]:
-    """Window embeddings of reference records and the ``{"perf", "feat", "reason"}`` failures."""
-    for r in records:
-        if "feat" not in r:
-            raise ManifestError(f"record {r.get('perf', r)!r} has no 'feat' key (use full.txt)")
+                   **kw: Any) -> tuple[list[dict], list[np.ndarray], list[dict]]:
+    """(embedded records, their window embeddings, ``{"perf", "feat", "reason"}`` failures);
+    ``kw``: device, manifest_path, cache_dir, progress of :func:`embed_recordings`."""
     failures: list[dict] = []
-    wins = embed_recordings(model, list(records), hp, cache_dir=cache_dir,
-                            manifest_path=manifest_path, device=device, batch_size=batch_size,
-                            hop=wset["hop"], tail=wset["tail"], min_tail=wset["min_tail"],
-                            progress=progress, failures=failures)
+    wins = embed_recordings(model, list(records), hp, hop=wset["hop"], tail=wset["tail"],
+                            min_tail=wset["min_tail"], failures=failures, **kw)
+    ok = [i for i, w in enumerate(wins) if w is not None]
     failed = [{"perf": records[f["index"]].get("perf"), "feat": f["feat"], "reason": f["reason"]}
               for f in failures]
-    return wins, failed
+    return [records[i] for i in ok], [wins[i] for i in ok], failed
 
 
 def build_index(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
-                fingerprint: str | None = None, device: str | torch.device | None = None,
-                batch_size: int | None = None, rule: str | None = None,
+                device: str | torch.device | None = None, rule: str | None = None,
                 keep_windows: bool = True, tail: str = "shift", hop: int | None = None,
                 min_tail: float = DEFAULT_MIN_TAIL, drop_tempo_copies: bool = True,
                 n_pairs: int = DEFAULT_N_PAIRS, seed: int = DEFAULT_SEED,
@@ -478,11 +446,6 @@ def build_index(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
     """Embed every window of reference recordings (full.txt records; ``cache_dir`` caches them)
     with ``model`` and index them under ``rule`` (None = ``hp.distance_rule``). Tempo copies are
     left out unless ``drop_tempo_copies=False``; unreadable features go to ``index.skipped``."""
-    actual = model_fingerprint(model.state_dict())
-    if fingerprint is not None and fingerprint != actual:
-        raise CheckpointError(
-            f"fingerprint {fingerprint} was given but the model's weights hash to {actual}"
-        )
     rule = check_rule(rule_of(hp) if rule is None else rule)
     recs = [r for r in records if not (drop_tempo_copies and is_tempo_copy(r))]
     for r in recs:
@@ -490,12 +453,11 @@ def build_index(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
     dup = sorted(p for p, n in Counter(str(r["perf"]) for r in recs).items() if n > 1)
     if dup:
         raise ManifestError(f"duplicate perf ids in the reference records: {dup[:5]}")
-    wset = window_settings(hp.chunk_len[0], hp.mean_size, hop=hop, tail=tail, min_tail=min_tail)
-    wins, failed = _embed_records(model, recs, hp, wset, device, manifest_path, cache_dir,
-                                  progress, batch_size)
-    ok = [i for i, w in enumerate(wins) if w is not None]
+    wset = hp_window_settings(hp, hop=hop, tail=tail, min_tail=min_tail)
+    recs, wins, failed = _embed_records(model, recs, hp, wset, device=device, progress=progress,
+                                        manifest_path=manifest_path, cache_dir=cache_dir)
     return index_from_windows(
-        [recs[i] for i in ok], [wins[i] for i in ok], model_fingerprint=actual,
+        recs, wins, model_fingerprint=model_fingerprint(model.state_dict()),
         feature_settings=hp.features, window_settings=wset, rule=rule,
         keep_windows=keep_windows, n_pairs=n_pairs, seed=seed, skipped=failed,
     )

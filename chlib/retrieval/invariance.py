@@ -1,15 +1,10 @@
-"""Invariance diagnostics: what is a trained model blind to, and what does it still hear?
+"""Invariance diagnostics: what is a trained model blind to?
 
-Each recording is changed in exactly ONE factor, in the feature domain, and then used as a
-query against all the unchanged recordings; the model passes when it finds the recording it
-came from. A model that generalises should keep its top-1 rate when a recording is transposed,
-played faster, recorded with other instruments or in a noisier room, because covers differ in
-exactly those ways. The curves show which of these the model has not learnt.
+Each recording is changed in ONE factor (in the feature domain) and used as a query against
+all the unchanged recordings; the model passes when it finds its source. Covers differ in
+exactly these factors (``FACTORS``):
 
-Factors and their values (``FACTORS``):
-
-* ``transpose`` - semitones; the CQT moves by whole bins, vacated bins get -100 dB
-  (±12 and ±24 are whole octaves: register differences between instruments);
+* ``transpose`` - semitones; the CQT moves by whole bins, vacated bins get -100 dB;
 * ``tempo`` - playing-speed factor, frames resampled (0.7 = slower, longer);
 * ``timbre`` - dB depth of a random smooth spectral envelope (another instrument or EQ);
 * ``noise`` - signal-to-noise ratio in dB of a noise floor under the music;
@@ -32,6 +27,7 @@ from chlib.data.features import PAD_DB, feature_path, load_feature
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.evaluate import load_checkpoint, resolve_testsets
 from chlib.retrieval.protocol import track_distances
+from chlib.retrieval.scoring import rule_of
 from chlib.signal.specaug import tempo_resample
 
 __all__ = ["FACTORS", "change_one_factor", "invariance_curves", "invariance_for_run"]
@@ -86,12 +82,11 @@ def invariance_curves(model: torch.nn.Module, features: Sequence[Any], hp: Any, 
     """Top-1 rate of finding the unchanged recording, per factor and value.
 
     ``features``: [frames, bins] arrays or ``.npy`` paths (a few dozen recordings of different
-    works is enough; more makes the task harder, chance is 1 / N). ``rule``: the run's distance
-    rule (default ``hp.distance_rule``). Returns one row per (factor, value) with ``top1``
-    (share of queries whose nearest reference is their own source), ``mean_rank`` (1 = always
-    first), ``distance`` (mean query-to-source distance) and ``chance``.
+    works; chance is 1 / N). One row per (factor, value): ``top1`` (share of queries nearest
+    their own source), ``mean_rank`` (1 = always first), ``distance`` (mean query-to-source
+    distance), ``chance``.
     """
-    rule = rule or getattr(hp, "distance_rule", "mean")
+    rule = rule or rule_of(hp)
     feats = [np.asarray(load_feature(f)) for f in features]
     if len(feats) < 2:
         raise ConfigError("invariance_curves needs at least 2 recordings")

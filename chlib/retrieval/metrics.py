@@ -48,11 +48,9 @@ def _check_inputs(dist: np.ndarray, query_labels: Labels, ref_labels: Labels,
         if lab.shape != (n,):
             raise ConfigError(f"{name} has shape {lab.shape} but the distance matrix has {n} {what}")
     if np.isnan(d).any():
-        bad = np.argwhere(np.isnan(d))[0]
-        raise ConfigError(
-            f"distance matrix holds NaN (first at query {bad[0]}, ref {bad[1]}); the embeddings "
-            "are probably NaN: check the model and the features"
-        )
+        q, r = np.argwhere(np.isnan(d))[0]
+        raise ConfigError(f"distance matrix holds NaN (first at query {q}, ref {r}); the "
+                          "embeddings are probably NaN: check the model and the features")
     # small integer codes: string labels would make [Q, R] object compares
     both = (np.concatenate([ql.astype(object), rl.astype(object)]).astype(str)
             if ql.dtype != rl.dtype or ql.dtype.kind not in "iub" else np.concatenate([ql, rl]))
@@ -61,17 +59,9 @@ def _check_inputs(dist: np.ndarray, query_labels: Labels, ref_labels: Labels,
         return d, codes[:n_q], codes[n_q:], np.ones((n_q, n_r), dtype=bool)
     ex = np.asarray(exclude)
     if ex.shape != (n_q, n_r) or ex.dtype != bool:
-        raise ConfigError(
-            f"exclude must be a boolean mask of shape {(n_q, n_r)}, got {ex.dtype} {ex.shape}"
-        )
+        raise ConfigError(f"exclude must be a boolean mask of shape {(n_q, n_r)}, got {ex.dtype} "
+                          f"{ex.shape}")
     return d, codes[:n_q], codes[n_q:], ~ex
-
-
-def _check_policy(no_relevant: str) -> None:
-    if no_relevant not in NO_RELEVANT_POLICIES:
-        raise ConfigError(
-            f"no_relevant must be one of {NO_RELEVANT_POLICIES}, got {no_relevant!r}"
-        )
 
 
 def _relevant_ranks(d_row: np.ndarray, valid_row: np.ndarray, rel_cols: np.ndarray) -> np.ndarray:
@@ -132,11 +122,10 @@ def _scored_stats(dist: np.ndarray, query_labels: Labels, ref_labels: Labels,
                   exclude: np.ndarray | None, topk: int | None, no_relevant: str
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`per_query_stats` and the bool [Q] of queries kept by the ``no_relevant`` policy."""
-    _check_policy(no_relevant)
+    if no_relevant not in NO_RELEVANT_POLICIES:
+        raise ConfigError(f"no_relevant must be one of {NO_RELEVANT_POLICIES}, got {no_relevant!r}")
     stats = per_query_stats(dist, query_labels, ref_labels, exclude=exclude, topk=topk)
-    if no_relevant == "skip":
-        return stats, stats["n_relevant"] > 0
-    return stats, np.ones(stats["ap"].shape, dtype=bool)
+    return stats, (stats["n_relevant"] > 0) | (no_relevant == "count_as_zero")
 
 
 def retrieval_metrics(dist: np.ndarray, query_labels: Labels, ref_labels: Labels, *,
@@ -196,9 +185,8 @@ def most_confused_pairs(dist: np.ndarray, labels: Labels, k: int = 20, *,
     cand = valid & (ql[:, None] != rl[None, :])
     if ref_labels is None:
         if d.shape[0] != d.shape[1]:
-            raise ConfigError(
-                f"most_confused_pairs without ref_labels needs a square matrix, got {d.shape}"
-            )
+            raise ConfigError(f"most_confused_pairs without ref_labels needs a square matrix, "
+                              f"got {d.shape}")
         cand &= np.triu(np.ones(d.shape, dtype=bool), k=1)
     flat = np.flatnonzero(cand)
     vals = d.ravel()[flat]
@@ -248,10 +236,8 @@ def query_in_ref_mask(pairs: Sequence[Sequence[int]], n_queries: int, n_refs: in
     bad = (arr < 0).any(axis=1) | (arr[:, 0] >= n_queries) | (arr[:, 1] >= n_refs)
     if bad.any():
         qi, ri = arr[np.flatnonzero(bad)[0]]
-        raise ManifestError(
-            f"query_in_ref pair ({qi}, {ri}) is out of range for {n_queries} queries x "
-            f"{n_refs} refs; regenerate the file for these query/ref lists"
-        )
+        raise ManifestError(f"query_in_ref pair ({qi}, {ri}) is out of range for {n_queries} "
+                            f"queries x {n_refs} refs; regenerate the file for these lists")
     mask[arr[:, 0], arr[:, 1]] = True
     return mask
 
@@ -263,10 +249,9 @@ def bootstrap_ci(dist: np.ndarray, q_labels: Labels, r_labels: Labels,
                  ) -> dict[str, dict[str, float]]:
     """Work-stratified bootstrap CIs: ``{metric: {"point", "mean", "low", "high", "std"}}``.
 
-    A replicate draws as many query works as there are, with replacement, with all their query
-    rows against **all** reference columns (the fork, fact sheet 8.4). The references never
-    change, so every replicate is a weighted mean of per-work sums: one matrix product.
-    ``low`` / ``high``: the (1 -+ confidence) / 2 percentiles; ``std``: ddof 0.
+    A replicate draws query works with replacement, each with all its query rows against **all**
+    reference columns (the fork, fact sheet 8.4), so it is a weighted mean of per-work sums: one
+    matrix product. ``low`` / ``high``: the (1 -+ confidence) / 2 percentiles; ``std``: ddof 0.
     """
     if n_boot < 1:
         raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
@@ -290,10 +275,9 @@ def bootstrap_ci(dist: np.ndarray, q_labels: Labels, r_labels: Labels,
     out: dict[str, dict[str, float]] = {}
     for j, m in enumerate(METRIC_NAMES):
         col = reps[:, j][np.isfinite(reps[:, j])]
-        out[m] = {"point": point[m], "mean": float("nan"), "low": float("nan"),
-                  "high": float("nan"), "std": float("nan")}
-        if col.size:
-            low, high = np.percentile(col, [50 * (1 - confidence), 50 * (1 + confidence)])
-            out[m].update(mean=float(col.mean()), low=float(low), high=float(high),
-                          std=float(col.std()))
+        low, high = (np.percentile(col, [50 * (1 - confidence), 50 * (1 + confidence)])
+                     if col.size else (np.nan, np.nan))
+        out[m] = {"point": point[m], "mean": float(col.mean()) if col.size else float("nan"),
+                  "low": float(low), "high": float(high),
+                  "std": float(col.std()) if col.size else float("nan")}
     return out

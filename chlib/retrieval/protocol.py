@@ -87,11 +87,9 @@ def _min_distances(q: np.ndarray, q_off: np.ndarray, r: np.ndarray, r_off: np.nd
 
 def track_distances(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *,
                     rule: str, block_elements: int = 1 << 25) -> np.ndarray:
-    """Distances float32 [Q, R] in [0, 2] of every query track to every reference track.
-
-    ``q_windows``, ``r_windows``: [n_windows_i, D] window embeddings (raw or unit) per track;
-    ``block_elements``: cap on one window x window similarity block (memory, rule "min").
-    """
+    """Distances float32 [Q, R] in [0, 2] of every query track to every reference track, from
+    [n_windows_i, D] window embeddings (raw or unit) per track; ``block_elements`` caps one
+    window x window similarity block (memory, rule "min")."""
     check_rule(rule)
     q, q_off = _stack_windows(q_windows, "q_windows")
     r, r_off = _stack_windows(r_windows, "r_windows")
@@ -114,12 +112,10 @@ def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarra
             dots = np.einsum("pd,pd->p", e[i[a:a + chunk]], e[j[a:a + chunk]])
             out[a:a + chunk] = 1.0 - np.clip(dots, -1.0, 1.0)
         return out
-    w_max = max(len(s) for s in sets)
-    pad = np.zeros((len(sets), w_max, sets[0].shape[1]), np.float64)
-    mask = np.zeros((len(sets), w_max), bool)
-    for r, s in enumerate(sets):
-        pad[r, :len(s)] = s
-        mask[r, :len(s)] = True
+    sizes = np.array([len(s) for s in sets])
+    mask = np.arange(sizes.max())[None, :] < sizes[:, None]  # [N, w_max] real windows
+    pad = np.zeros((*mask.shape, sets[0].shape[1]), np.float64)
+    pad[mask] = np.concatenate(sets)
     for a in range(0, i.size, chunk):
         ii, jj = i[a:a + chunk], j[a:a + chunk]
         sims = np.einsum("pad,pbd->pab", pad[ii], pad[jj])

@@ -61,6 +61,10 @@ class ScoringInputs:
     r_perfs: list[str]
     rule: str
 
+    def name_of(self, label: Any) -> str:
+        """The work name of a label (the label itself for name labels)."""
+        return str(self.work_names.get(label, label))
+
 
 def record_labels(records: Sequence[dict], where: Any = "records") -> tuple[np.ndarray, dict]:
     """Work labels [N] of records (work_id ints when every record has one, else work names) and
@@ -77,10 +81,8 @@ def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
                  q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
                  query_in_ref_path: str | os.PathLike | None = None,
                  where: str = "test set") -> ScoringInputs:
-    """Distances [Q, R] under ``rule``, labels and exclusions of one test set.
-
-    ``q_windows`` / ``r_windows``: one [n_windows, D] array per record, in record order.
-    """
+    """Distances [Q, R] under ``rule`` (from one [n_windows, D] array per record), labels and
+    exclusions of one test set."""
     q_labels, q_names = record_labels(q_records, f"{where} queries")
     r_labels, r_names = record_labels(r_records, f"{where} references")
     if q_labels.dtype != r_labels.dtype:

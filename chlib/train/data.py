@@ -58,10 +58,10 @@ def _check_features(splits: Sequence[tuple[list[dict], Path | None]], hp: HParam
                 "extraction or fix the 'feat' paths")
     first_path = feature_path(splits[0][0][0], splits[0][1])
     bins = load_feature(first_path).shape[1]
-    if bins != hp.model.input_dim:
+    if bins != hp.features.n_bins:
         raise FeatureError(
-            f"{first_path}: features have {bins} bins but input_dim "
-            f"/ n_bins is {hp.model.input_dim}; use features made with these settings or change n_bins")
+            f"{first_path}: features have {bins} bins but n_bins is {hp.features.n_bins}; use "
+            "features made with these settings or change n_bins")
 
 
 def _check_chunks(lengths: np.ndarray, hp: HParams, notes: list[str]) -> None:
@@ -121,7 +121,8 @@ def train_loaders(data: TrainingData, hp: HParams,
     for i, chunk_len in enumerate(hp.chunk_len):
         ds = ChunkDataset(data.train, chunk_len=chunk_len, mean_size=hp.mean_size, mode=hp.mode,
                           spec_aug=hp.spec_augmentation, tempo_jitter=hp.tempo_jitter,
-                          seed=hp.seed, manifest_path=data.train_manifest)
+                          seed=hp.seed, manifest_path=data.train_manifest,
+                          transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave)
         sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
                                         seed=hp.seed, stream=i)
         workers = {"persistent_workers": True, "worker_init_fn": worker_init} if nw else {}
@@ -144,7 +145,8 @@ def make_val_loader(data: TrainingData, hp: HParams, device: torch.device) -> Da
     if not val:
         return None
     ds = ChunkDataset(val, chunk_len=hp.chunk_len[0], mean_size=hp.mean_size, mode=hp.mode,
-                      spec_aug=None, seed=hp.seed, manifest_path=data.val_manifest)
+                      spec_aug=None, seed=hp.seed, manifest_path=data.val_manifest,
+                      transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave)
     # in this process: a small set, and no worker start-up per validation
     return DataLoader(ds, batch_sampler=grouped_batches(ds.labels, hp.batch_size), num_workers=0,
                       pin_memory=device.type == "cuda")

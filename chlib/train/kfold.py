@@ -2,17 +2,12 @@
 
 CoverHunterMPS's ``train_prod`` (fact sheet 10.2), resumable and without its bugs. Folder:
 ``config/hparams.yaml``, ``state.json`` (progress, written atomically after each step),
-``data/`` (``folds.json`` + per-fold manifests), ``fold_<k>/`` and ``final/`` (ordinary run
-folders; the final run's best checkpoint is the product) and ``report.txt``.
-
-Folds are grouped by source recording (tempo copies never straddle a fold), held-out recordings
-removed first. Fold 1 trains from scratch; its end fixes the LR anchor and the ratio of
-:func:`lr_plan`; fold ``j >= 2`` starts from the best checkpoint so far at its planned LR,
-without warm-up. The final run trains on every record, validated on the held-out set.
-Deviations, on purpose: early stopping per fold; the global best is the best fold under
-``early_stop_metric: mAP``, else the previous fold's best; the final LR is kept between
-``min_lr`` and the anchor; anchor and ratio survive a resume; a changed config or manifest under
-an existing folder is an error.
+``data/`` (``folds.json`` + fold manifests), ``fold_<k>/`` and ``final/`` (run folders; the
+final run's best checkpoint is the product) and ``report.txt``. Folds are grouped by source
+recording, held-out recordings removed first. Fold 1 trains from scratch and fixes the LR plan
+(:func:`lr_plan`); fold ``j >= 2`` starts from the global best checkpoint (the best fold under
+``early_stop_metric: mAP``, else the previous fold) at its planned LR without warm-up; the final
+run trains on every record, validated on the held-out set.
 """
 
 from __future__ import annotations
@@ -24,8 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.errors import ConfigError, ManifestError
@@ -40,14 +33,9 @@ from chlib.core.io import (
 )
 from chlib.core.manifest import FULL_KEYS, read_manifest, resolve_path, source_perf, write_manifest
 from chlib.data.splits import kfold_groups
-from chlib.model.checkpoint import (
-    checkpoint_name,
-    list_checkpoints,
-    load_train_state,
-    read_best_epoch,
-)
-from chlib.train.loop import TrainResult, train
-from chlib.train.runs import check_saved_config
+from chlib.model.checkpoint import checkpoint_name, list_checkpoints, load_train_state
+from chlib.train.loop import train
+from chlib.train.runs import check_saved_config, read_metrics
 from chlib.train.schedule import lr_at
 
 __all__ = ["ProdResult", "lr_plan", "run_production", "production_rows", "report_production"]
@@ -57,13 +45,10 @@ STATE_FILE = "state.json"
 
 def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
             final_fold_position: float | None = None) -> dict:
-    """Start learning rates ``{"ratio", "folds": [fold 1, ..., fold k], "final"}``.
-
-    Fold 1 at ``learning_rate``, fold ``j >= 2`` at ``anchor x ratio ** (j - 2)`` with
-    ``ratio = (min_lr / anchor) ** (1 / (k - 1))``, the final run at position
-    ``final_fold_position`` (default ``k - 0.5``) kept between ``min_lr`` and the anchor (the
-    original's formula leaves that range for positions below 2 or above k + 1).
-    """
+    """Start learning rates ``{"ratio", "folds": [fold 1, ..., fold k], "final"}``: fold 1 at
+    ``learning_rate``, fold ``j >= 2`` at ``anchor x ratio ** (j - 2)`` with ``ratio = (min_lr /
+    anchor) ** (1 / (k - 1))``, the final run at ``final_fold_position`` (default ``k - 0.5``),
+    kept between ``min_lr`` and the anchor (unlike the original)."""
     if k < 2:
         raise ConfigError(f"k_folds must be >= 2, got {k}")
     if not (anchor > 0 and min_lr > 0):
@@ -82,14 +67,8 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
 
 def _load_state(prod_dir: Path) -> dict:
     path = prod_dir / STATE_FILE
-    if path.is_file():
-        return read_json(path)
-    return {"version": 1, "folds": {}, "anchor": None, "ratio": None, "global_best": None,
-            "final": None}
-
-
-def _save_state(prod_dir: Path, state: dict) -> None:
-    write_json(prod_dir / STATE_FILE, state)
+    return read_json(path) if path.is_file() else {"version": 1, "folds": {}, "anchor": None,
+                                                   "ratio": None, "global_best": None, "final": None}
 
 
 def _resolve_hp(prod_dir: Path, hp: HParams | str | os.PathLike | None) -> HParams:
@@ -108,15 +87,15 @@ def _resolve_hp(prod_dir: Path, hp: HParams | str | os.PathLike | None) -> HPara
 def _manifests(hp: HParams, dataset_dir: str | os.PathLike | None,
                full_manifest: str | os.PathLike | None,
                heldout_manifest: str | os.PathLike | None) -> tuple[Path, Path | None]:
+    """The whole dataset's and the held-out manifest: given, else the dataset's, else hp's."""
     ds = Path(dataset_dir) if dataset_dir is not None else None
-    full = Path(full_manifest) if full_manifest is not None else (
-        ds / "full.txt" if ds is not None else (Path(hp.train_path) if hp.train_path else None))
+    held_ds = ds / "test.txt" if ds is not None and (ds / "test.txt").is_file() else None
+    full = full_manifest or (ds and ds / "full.txt") or hp.train_path
+    held = heldout_manifest or held_ds or hp.test_path
+    full, held = Path(full) if full else None, Path(held) if held else None
     if full is None or not full.is_file():
         raise ConfigError(f"production training needs the whole dataset's manifest: pass "
                           f"dataset_dir= (uses its full.txt) or full_manifest= (got {full})")
-    held = Path(heldout_manifest) if heldout_manifest is not None else (
-        ds / "test.txt" if ds is not None and (ds / "test.txt").is_file() else (
-            Path(hp.test_path) if hp.test_path else None))
     if held is not None and not held.is_file():
         raise ConfigError(f"{held}: held-out manifest not found")
     if held is None and hp.early_stop_metric != "mAP":
@@ -173,9 +152,8 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
                                 "heldout_sha256": held_sha,
                                 "removed_heldout_records": removed,
                                 "n_records": len(kept), "folds": folds})
-    max_id = max(int(r["work_id"]) for r in records + held_recs)
-    return {"folds": folds, "n_records": len(kept), "removed": removed, "num_classes": max_id + 1,
-            "heldout": held}
+    return {"folds": folds, "n_records": len(kept), "removed": removed,
+            "num_classes": max(ids.values()) + 1, "heldout": held}
 
 
 def _seed_checkpoint(src_run: Path, epoch: int, dst_run: Path) -> None:
@@ -195,29 +173,12 @@ def _seed_checkpoint(src_run: Path, epoch: int, dst_run: Path) -> None:
     atomic_write_bytes(dst / checkpoint_name(0, "g_"), g_path.read_bytes())
 
 
-def _prune(run_dir: Path, keep: set[int]) -> None:
-    """Delete the g_/do_ files of ``run_dir`` except the epochs in ``keep``."""
-    ckpt = run_dir / "checkpoints"
+def _prune(run_dir: Path, keep: int) -> None:
+    """Delete the g_/do_ files of ``run_dir`` except those of epoch ``keep``."""
     for prefix in ("g_", "do_"):
-        for epoch, path in list_checkpoints(ckpt, prefix).items():
-            if epoch not in keep:
+        for epoch, path in list_checkpoints(run_dir / "checkpoints", prefix).items():
+            if epoch != keep:
                 path.unlink(missing_ok=True)
-
-
-def _best_of(run_dir: Path) -> tuple[int | None, float | None, str | None]:
-    ckpt = run_dir / "checkpoints"
-    epoch = read_best_epoch(ckpt)
-    if epoch is None:
-        last = max(list_checkpoints(ckpt), default=None)
-        return last, None, None
-    info = read_json(ckpt / "best.json")
-    return epoch, info.get("value"), info.get("metric")
-
-
-def _epoch_record(run_dir: Path, epoch: int | None) -> dict:
-    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl")
-            if r.get("kind") == "epoch" and r.get("epoch") == epoch]
-    return recs[-1] if recs else {}
 
 
 @dataclass
@@ -261,34 +222,38 @@ def _progress_lines(anchor: float | None, ratio: float | None, folds: list[dict]
     lines = [f"LR anchor {anchor:.3g}, ratio {ratio:.4g} per fold"] if anchor is not None else []
     for f in folds + ([dict(final, fold="final")] if final else []):
         name = "final" if f["fold"] == "final" else f"fold {f['fold']}"
-        lines.append(f"  {name:<8} {f['status']:<8} start lr {f['start_lr']:.3g}  from "
-                     f"{_from(f.get('init_from'))}  best epoch {f.get('best_epoch', '-')} "
-                     f"({f.get('metric', '-')} {_fmt(f.get('best_value'))})")
+        init = f.get("init_from")
+        start = f"{init['run']}:{init['epoch']}" if init else "scratch"
+        lines.append(f"  {name:<8} {f['status']:<8} start lr {f['start_lr']:.3g}  from {start}  "
+                     f"best epoch {f.get('best_epoch', '-')} ({f.get('metric', '-')} "
+                     f"{_fmt(f.get('best_value'))})")
     return lines
 
 
-def _lr_of_checkpoint(run_dir: Path, epoch: int, hp: HParams) -> float:
-    """Learning rate of the last update before ``run_dir``'s checkpoint of ``epoch``."""
-    state = load_train_state(run_dir / "checkpoints" / checkpoint_name(epoch, "do_"))
-    return lr_at(max(int(state.get("steps", 1)), 1), epoch, hp)
-
-
-def _finish(run_dir: Path, hp: HParams, result: TrainResult, info: dict, *,
-            required: bool) -> None:
-    """Record a finished fold or final run in its ``state.json`` entry ``info``."""
-    best_epoch, best_value, metric = _best_of(run_dir)
-    if best_epoch is None and required:
+def _train_run(run_dir: Path, hp: HParams, info: dict, train_kw: dict, *, required: bool) -> bool:
+    """Train a fold or the final run and record it in its ``state.json`` entry ``info`` (no
+    best epoch: the last checkpoint, metric ``hp.early_stop_metric``); False if interrupted."""
+    r = train(run_dir, **train_kw)
+    if r.interrupted:
+        return False
+    epoch = r.best_epoch if r.best_epoch is not None else \
+        max(list_checkpoints(run_dir / "checkpoints"), default=None)
+    if epoch is None and required:
         raise ConfigError(f"{run_dir}: the run finished without a checkpoint; check "
                           "max_epochs and every_n_epoch_to_save")
-    info.update(status="done", best_epoch=best_epoch, best_value=best_value,
-                metric=metric or hp.early_stop_metric, last_epoch=result.epochs_done - 1,
-                stopped_early=result.stopped_early, finished_at=time.time(),
-                best_record=_epoch_record(run_dir, best_epoch))
+    recs = [e for e in read_metrics(run_dir, "epoch") if e.get("epoch") == epoch]
+    info.update(status="done", best_epoch=epoch, best_value=r.best_value,
+                metric=r.best_metric if r.best_epoch is not None else hp.early_stop_metric,
+                last_epoch=r.epochs_done - 1, stopped_early=r.stopped_early,
+                finished_at=time.time(), best_record=recs[-1] if recs else {})
+    return True
 
 
-def _begin_run(prod_dir: Path, hp: HParams, run_dir: Path, what: str, init: dict | None,
-               over: dict) -> None:
-    """Write a fold's or the final run's config, and its starting checkpoint when ``init``."""
+def _begin_run(prod_dir: Path, hp: HParams, state: dict, name: str, init: dict | None,
+               over: dict, entry: dict) -> dict:
+    """Write run ``name``'s config (and its starting checkpoint when ``init``), mark it started
+    in ``state.json``; returns its state entry."""
+    run_dir, what = prod_dir / name, "the final run" if name == "final" else name.replace("_", " ")
     if (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir}: has training logs but {STATE_FILE} does not list {what} "
                           f"as started; the folder and the state disagree. Delete {run_dir} to "
@@ -297,11 +262,18 @@ def _begin_run(prod_dir: Path, hp: HParams, run_dir: Path, what: str, init: dict
         _seed_checkpoint(prod_dir / init["run"], init["epoch"], run_dir)
     save_hparams(hp.updated({**over, "max_epochs": hp.max_epochs}),
                  run_dir / "config" / "hparams.yaml")
+    entry = {**entry, "status": "started", "init_from": init, "started_at": time.time()}
+    if name == "final":
+        state["final"] = entry
+    else:
+        state["folds"][name.removeprefix("fold_")] = entry
+    write_json(prod_dir / STATE_FILE, state)
+    return entry
 
 
 def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
                 base_over: dict) -> dict:
-    """Write fold ``i``'s config (and its starting checkpoint) and mark it started."""
+    """Begin fold ``i``: from the global best (``i > 1``) at its planned LR."""
     init = state.get("global_best") if i > 1 else None
     over = dict(base_over)
     if i == 1:
@@ -314,14 +286,10 @@ def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
     over.update({"train_path": str(data_dir / f"fold_{i}_train.txt"),
                  "val_path": str(data_dir / f"fold_{i}_val.txt"), "learning_rate": start_lr,
                  "lr_decay": decay, "hold_steps": hold})
-    _begin_run(prod_dir, hp, prod_dir / f"fold_{i}", f"fold {i}", init, over)
     n_val = len(data["folds"][i - 1])
-    fs = {"fold": i, "status": "started", "start_lr": start_lr, "init_from": init,
-          "lr_decay": decay, "hold_steps": hold, "n_train": data["n_records"] - n_val,
-          "n_val": n_val, "started_at": time.time()}
-    state["folds"][str(i)] = fs
-    _save_state(prod_dir, state)
-    return fs
+    return _begin_run(prod_dir, hp, state, f"fold_{i}", init, over, {
+        "fold": i, "start_lr": start_lr, "lr_decay": decay, "hold_steps": hold,
+        "n_train": data["n_records"] - n_val, "n_val": n_val})
 
 
 def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> None:
@@ -329,27 +297,28 @@ def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> No
     fold_dir = prod_dir / f"fold_{i}"
     if i == 1 and state.get("anchor") is None:
         anchor = hp.lr_initial_fold2
-        if anchor is None:
+        if anchor is None:  # the LR of the last update before fold 1's best checkpoint
             fold_hp = load_hparams(fold_dir / "config" / "hparams.yaml")
-            at_best = _lr_of_checkpoint(fold_dir, fs["best_epoch"], fold_hp)
+            ckpt = fold_dir / "checkpoints" / checkpoint_name(fs["best_epoch"], "do_")
+            at_best = lr_at(max(int(load_train_state(ckpt).get("steps", 1)), 1), fs["best_epoch"],
+                            fold_hp)
             anchor = at_best if at_best > hp.min_lr else hp.learning_rate
         plan = lr_plan(learning_rate=hp.learning_rate, anchor=anchor, min_lr=hp.min_lr,
                        k=hp.k_folds, final_fold_position=hp.final_fold_position)
         state["anchor"], state["ratio"] = anchor, plan["ratio"]
-    gb, value = state.get("global_best"), fs["best_value"]
-    if hp.early_stop_metric == "mAP" and fs["metric"] == "mAP" and gb is not None \
-            and gb.get("metric") == "mAP" and value is not None \
-            and gb.get("value") is not None and value <= gb["value"]:
-        fs["improved_global"] = False  # keep the earlier fold's checkpoint as the start
-    else:
+    gb, value = state.get("global_best") or {}, fs["best_value"]
+    # mAP bests are comparable across folds: keep an earlier, better fold's checkpoint as the start
+    by_map = hp.early_stop_metric == fs["metric"] == gb.get("metric") == "mAP"
+    fs["improved_global"] = not (by_map and None not in (value, gb.get("value"))
+                                 and value <= gb["value"])
+    if fs["improved_global"]:
         state["global_best"] = {"run": fold_dir.name, "epoch": fs["best_epoch"], "value": value,
                                 "metric": fs["metric"]}
-        fs["improved_global"] = True
-    _save_state(prod_dir, state)
+    write_json(prod_dir / STATE_FILE, state)
 
 
 def _start_final(prod_dir: Path, hp: HParams, state: dict, data: dict, base_over: dict) -> dict:
-    """Write the final run's config and starting checkpoint (the global best); mark it started."""
+    """Begin the final run: every record, from the global best."""
     init, held = state["global_best"], data["heldout"]
     plan = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"], min_lr=hp.min_lr,
                    k=hp.k_folds, final_fold_position=hp.final_fold_position)
@@ -357,12 +326,8 @@ def _start_final(prod_dir: Path, hp: HParams, state: dict, data: dict, base_over
             "val_path": None if held is None else str(held), "learning_rate": plan["final"],
             "lr_decay": hp.final_lr_decay, "hold_steps": hp.fold_hold_steps, "warmup": False,
             "early_stopping_patience": hp.final_early_stopping_patience}
-    _begin_run(prod_dir, hp, prod_dir / "final", "the final run", init, over)
-    fin = {"status": "started", "start_lr": plan["final"], "init_from": init,
-           "n_train": data["n_records"], "started_at": time.time()}
-    state["final"] = fin
-    _save_state(prod_dir, state)
-    return fin
+    return _begin_run(prod_dir, hp, state, "final", init, over,
+                      {"start_lr": plan["final"], "n_train": data["n_records"]})
 
 
 def run_production(
@@ -374,21 +339,16 @@ def run_production(
     heldout_manifest: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
-    keep_checkpoints: str = "best",
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
     on_event: Callable[[str, dict], Any] | None = None,
 ) -> ProdResult:
-    """Run (or resume) k-fold production training in ``prod_dir``; see the module docstring.
+    """Run (or resume) k-fold production training in ``prod_dir`` (see the module docstring).
 
-    ``hp``: the production config (HParams or YAML; None: the saved one). ``dataset_dir``: its
-    ``full.txt`` and ``test.txt`` are the whole dataset and the held-out set unless
-    ``full_manifest`` / ``heldout_manifest`` say otherwise (without either: ``hp.train_path`` /
-    ``hp.test_path``). ``keep_checkpoints``: ``"best"`` (a finished fold keeps its best epoch)
-    or ``"all"``. ``on_event(name, info)``: at ``fold_start``, ``fold_done``, ``folds_done``,
-    ``final_start``, ``final_done``. ``complete`` is False if a run was interrupted.
+    ``hp``: None resumes with the saved config. The data: ``full_manifest`` / ``heldout_manifest``,
+    else ``dataset_dir``'s ``full.txt`` / ``test.txt``, else ``hp.train_path`` / ``hp.test_path``.
+    A finished fold keeps its best checkpoint only. ``on_event(name, info)``: at ``fold_start``,
+    ``fold_done``, ``folds_done``, ``final_start``, ``final_done``.
     """
-    if keep_checkpoints not in ("best", "all"):
-        raise ConfigError(f"keep_checkpoints must be 'best' or 'all', got {keep_checkpoints!r}")
     prod_dir = Path(prod_dir)
     hp = _resolve_hp(prod_dir, hp)
     data = _prepare_data(prod_dir, hp, *_manifests(hp, dataset_dir, full_manifest, heldout_manifest))
@@ -400,6 +360,7 @@ def run_production(
     if hp.num_classes_auto:
         base_over["foc"] = {"output_dims": data["num_classes"]}
     emit = on_event or (lambda name, info: None)
+    train_kw = {"device": device, "progress": progress, "callbacks": callbacks}
 
     for i in range(1, hp.k_folds + 1):
         fold_dir, fs = prod_dir / f"fold_{i}", state["folds"].get(str(i))
@@ -407,30 +368,24 @@ def run_production(
             fs = _start_fold(prod_dir, hp, state, data, i, base_over)
             emit("fold_start", dict(fs))
         elif fs["status"] == "done":
-            if keep_checkpoints == "best":  # idempotent: a kill may have come before the pruning
-                _prune(fold_dir, {fs["best_epoch"]})
+            _prune(fold_dir, fs["best_epoch"])  # again: a kill may have come before the pruning
             continue
-        result = train(fold_dir, device=device, progress=progress, callbacks=callbacks)
-        if result.interrupted:
+        if not _train_run(fold_dir, hp, fs, train_kw, required=True):
             return _result(prod_dir, state, notes, complete=False)
-        _finish(fold_dir, hp, result, fs, required=True)
         _fold_done(prod_dir, hp, state, i, fs)
-        if keep_checkpoints == "best":
-            _prune(fold_dir, {fs["best_epoch"]})
+        _prune(fold_dir, fs["best_epoch"])
         emit("fold_done", dict(fs))
     emit("folds_done", {"global_best": state["global_best"], "anchor": state["anchor"],
                         "ratio": state["ratio"]})
 
     fin = state.get("final")  # the final run on everything, validated on the held-out set
-    if fin is None or fin["status"] != "done":
-        if fin is None:
-            fin = _start_final(prod_dir, hp, state, data, base_over)
-            emit("final_start", dict(fin))
-        result = train(prod_dir / "final", device=device, progress=progress, callbacks=callbacks)
-        if result.interrupted:
+    if fin is None:
+        fin = _start_final(prod_dir, hp, state, data, base_over)
+        emit("final_start", dict(fin))
+    if fin["status"] != "done":
+        if not _train_run(prod_dir / "final", hp, fin, train_kw, required=False):
             return _result(prod_dir, state, notes, complete=False)
-        _finish(prod_dir / "final", hp, result, fin, required=False)
-        _save_state(prod_dir, state)
+        write_json(prod_dir / STATE_FILE, state)
         emit("final_done", dict(fin))
     out = _result(prod_dir, state, notes, complete=True)
     atomic_write_text(prod_dir / "report.txt", out.report + "\n")
@@ -448,44 +403,35 @@ def _result(prod_dir: Path, state: dict, notes: list[str], *, complete: bool) ->
                       notes=notes, report=report)
 
 
-def _runs_of(prod_dir: Path) -> list[tuple[str, Path]]:
-    folds = sorted((p for p in prod_dir.glob("fold_*") if p.is_dir()
-                    and p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1]))
-    runs = [(p.name, p) for p in folds]
-    if (prod_dir / "final").is_dir():
-        runs.append(("final", prod_dir / "final"))
-    return runs
+def _runs_of(prod_dir: Path) -> list[Path]:
+    """The fold run folders in fold order, then ``final``."""
+    folds = sorted((p for p in prod_dir.glob("fold_*") if p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    return [p for p in [*folds, prod_dir / "final"] if p.is_dir()]
 
 
 def production_rows(prod_dir: str | os.PathLike) -> list[dict]:
     """One row per (run, epoch) with test-set mAPs: ``{"run", "epoch", "mAP": {testset: value},
     "elapsed_s", "average"}``; ``average`` only when every test set seen in the folder has a
     value at that epoch; elapsed from the first record of the first run; last record wins."""
-    runs = [(name, read_jsonl(run_dir / "metrics.jsonl")) for name, run_dir in _runs_of(Path(prod_dir))]
-    times = [float(r["time"]) for _, recs in runs for r in recs if r.get("time") is not None]
-    tests = pd.DataFrame([
-        {"run": name, "epoch": int(r["epoch"]), "testset": str(r["testset"]),
-         "mAP": float(r["mAP"]), "time": r.get("time")}
-        for name, recs in runs for r in recs
-        if r.get("kind") == "test" and r.get("testset") is not None and r.get("mAP") is not None])
-    if tests.empty:
-        return []
-    tests["run"] = pd.Categorical(tests["run"], categories=[n for n, _ in runs], ordered=True)
-    tests["time"] = pd.to_numeric(tests["time"])
-    maps = tests.pivot_table(index=["run", "epoch"], columns="testset", values="mAP",
-                             aggfunc="last", observed=True)
-    last_time = tests.groupby(["run", "epoch"], observed=True)["time"].last()
-    rows = []
-    for (run, epoch), m in maps.iterrows():
-        m, t = m.dropna(), last_time[(run, epoch)]
-        rows.append({"run": run, "epoch": int(epoch), "mAP": m.to_dict(),
-                     "elapsed_s": None if pd.isna(t) else float(t) - min(times),
-                     "average": float(m.mean()) if len(m) == maps.shape[1] else None})
+    recs = [(i, run_dir.name, r) for i, run_dir in enumerate(_runs_of(Path(prod_dir)))
+            for r in read_jsonl(run_dir / "metrics.jsonl")]
+    t0 = min((float(r["time"]) for _, _, r in recs if r.get("time") is not None), default=0.0)
+    by_epoch: dict[tuple[int, int], dict] = {}
+    for i, name, r in recs:
+        if r.get("kind") == "test" and r.get("testset") is not None and r.get("mAP") is not None:
+            row = by_epoch.setdefault((i, int(r["epoch"])), {
+                "run": name, "epoch": int(r["epoch"]), "mAP": {}, "elapsed_s": None})
+            row["mAP"][str(r["testset"])] = float(r["mAP"])
+            if r.get("time") is not None:
+                row["elapsed_s"] = float(r["time"]) - t0
+    n_sets = len({s for row in by_epoch.values() for s in row["mAP"]})
+    rows = [by_epoch[k] for k in sorted(by_epoch)]
+    for row in rows:
+        row["mAP"] = dict(sorted(row["mAP"].items()))
+        vals = list(row["mAP"].values())
+        row["average"] = sum(vals) / len(vals) if len(vals) == n_sets else None
     return rows
-
-
-def _from(init: dict | None) -> str:
-    return "scratch" if not init else f"{init['run']}:{init['epoch']}"
 
 
 def _hms(seconds: float | None) -> str:
@@ -493,6 +439,14 @@ def _hms(seconds: float | None) -> str:
         return "-"
     s = int(round(seconds))
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _top_lines(rows: list[dict], what: str, label: str, value: Callable[[dict], float | None],
+               top: int) -> list[str]:
+    ranked = sorted((r for r in rows if value(r) is not None), key=lambda r: -value(r))[:top]
+    return [f"\ntop {top} epochs {what}:"] + [
+        f"  {r['run']:<8} epoch {r['epoch']:>4}  {label} {value(r):.4f}  "
+        f"elapsed {_hms(r['elapsed_s'])}" for r in ranked]
 
 
 def report_production(prod_dir: str | os.PathLike, *, top: int = 3) -> str:
@@ -510,16 +464,12 @@ def report_production(prod_dir: str | os.PathLike, *, top: int = 3) -> str:
         lines.append("no test-set mAP logged yet")
         return "\n".join(lines)
     for s in sets:
-        ranked = sorted((r for r in rows if s in r["mAP"]), key=lambda r: -r["mAP"][s])[:top]
-        lines.append(f"\ntop {top} epochs for test set {s!r}:")
-        lines += [f"  {r['run']:<8} epoch {r['epoch']:>4}  mAP {r['mAP'][s]:.4f}  "
-                  f"elapsed {_hms(r['elapsed_s'])}" for r in ranked]
-    avg = sorted((r for r in rows if r["average"] is not None), key=lambda r: -r["average"])
-    lines.append(f"\ntop {top} epochs by average mAP over {', '.join(sets)}:")
-    lines += [f"  {r['run']:<8} epoch {r['epoch']:>4}  average {r['average']:.4f}  "
-              f"elapsed {_hms(r['elapsed_s'])}" for r in avg[:top]]
-    if avg:
-        b = avg[0]
-        lines.append(f"\nbest average: {b['run']} epoch {b['epoch']}: " +
-                     ", ".join(f"{s} {v:.4f}" for s, v in b["mAP"].items()))
+        lines += _top_lines(rows, f"for test set {s!r}", "mAP", lambda r, s=s: r["mAP"].get(s), top)
+    lines += _top_lines(rows, f"by average mAP over {', '.join(sets)}", "average",
+                        lambda r: r["average"], top)
+    best = max((r for r in rows if r["average"] is not None), key=lambda r: r["average"],
+               default=None)
+    if best:
+        lines.append(f"\nbest average: {best['run']} epoch {best['epoch']}: " +
+                     ", ".join(f"{s} {v:.4f}" for s, v in best["mAP"].items()))
     return "\n".join(lines)

@@ -1,18 +1,11 @@
 """Training a CoverHunter model: one loop, readable top to bottom (nanoGPT-style).
 
-``train(run_dir)`` reads ``<run>/config/hparams.yaml``, builds data, model and optimizer, resumes
-from the newest checkpoint and runs epochs until ``max_epochs`` or early stopping. An epoch is
-``len(chunk_frame) x ceil(n_works / works_per_batch)`` optimizer steps: round r takes the r-th
-batch of every chunk length's sampler in a seeded shuffled order. After each epoch: the val loss
-(mean focal loss over val recordings of seen works; held-out works are judged by retrieval), the
-test sets due, early stopping (val_loss or EMA-smoothed mAP; best epoch in ``best.json``) and
-the checkpoints ``g_0000000e`` / ``do_0000000e``.
-
-Resume is exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds optimizer,
-step, epoch, early stopping, RNG and sampler states, and the LR is a pure function of step and
-epoch (:func:`lr_at`). Ctrl-C saves the epoch in progress; three non-finite losses in a row save
-and raise :class:`TrainingDivergedError`. Logs: TensorBoard (the original's tags) under
-``<run>/logs/<runid>/`` and one JSON record per event in ``<run>/metrics.jsonl``.
+An epoch is ``len(chunk_frame) x ceil(n_works / works_per_batch)`` steps (round r: the r-th
+batch of every chunk length's sampler, in a seeded order), then val loss, the test sets due,
+early stopping (``best.json``) and the checkpoints ``g_0000000e`` / ``do_0000000e``. Resume is
+exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds optimizer, step,
+epoch, early stopping, RNG and sampler states; the LR is a pure function of step and epoch.
+Logs: TensorBoard (the original's tags) under ``<run>/logs/<runid>/`` and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -54,7 +47,6 @@ from chlib.model.checkpoint import (
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.scoring import rule_of, score_windows
 from chlib.train.data import (
-    TrainingData,
     make_val_loader,
     prepare_training_data,
     seen_work_records,
@@ -84,23 +76,25 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
     """Mean loss parts over every validation item, batches weighted by size, model in eval mode:
     ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``."""
     model.eval()
-    sums: dict[str, float] = {}
+    sums: Counter[str] = Counter()
     n = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
         with autocast():
-            total, parts = model.compute_loss(x, y)
-        for k, v in {**parts, "total": total}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+            total, parts = model.compute_loss(x.to(device), y.to(device))
+        sums.update({k: float(v) * len(y) for k, v in {**parts, "total": total}.items()})
         n += len(y)
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def _eval_records(path_str: str, hp: HParams) -> tuple[list[dict], Path]:
+def _embedded(model: torch.nn.Module, path_str: str, hp: HParams,
+              device: torch.device) -> tuple[list[dict], Path, Any]:
+    """A test-set list's records, path and embedded windows."""
     path = hp.resolve_path(path_str)
     if not path.is_file():
         raise ConfigError(f"{hp.source}: test-set list {path_str!r} not found (relative to {os.getcwd()})")
-    return read_manifest(path, FULL_KEYS), path
+    recs = read_manifest(path, FULL_KEYS)
+    return recs, path, embed_recordings(model, recs, hp, manifest_path=path, device=device,
+                                        progress=False)
 
 
 def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device, *,
@@ -110,17 +104,12 @@ def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device,
     after ``epoch``, or all when ``epoch`` is None), scored under ``hp.distance_rule``."""
     results: dict[str, dict[str, float]] = {}
     for name, ts in hp.testsets.items():
-        if names is not None and name not in names:
+        due = epoch is None or (epoch + 1) % ts.every_n_epoch_to_test == 0
+        if (name not in names) if names is not None else not due:
             continue
-        if names is None and epoch is not None and (epoch + 1) % ts.every_n_epoch_to_test:
-            continue
-        q_recs, q_path = _eval_records(ts.query_path, hp)
-        same = hp.resolve_path(ts.ref_path) == q_path
-        r_recs, r_path = (q_recs, q_path) if same else _eval_records(ts.ref_path, hp)
-        q_win = embed_recordings(model, q_recs, hp, manifest_path=q_path, device=device,
-                                 progress=False)
-        r_win = q_win if same else embed_recordings(model, r_recs, hp, manifest_path=r_path,
-                                                    device=device, progress=False)
+        q_recs, q_path, q_win = _embedded(model, ts.query_path, hp, device)
+        r_recs, _, r_win = (q_recs, q_path, q_win) if hp.resolve_path(ts.ref_path) == q_path \
+            else _embedded(model, ts.ref_path, hp, device)
         qir = hp.resolve_path(ts.query_in_ref_path) if ts.query_in_ref_path else None
         results[name] = score_windows(q_recs, r_recs, q_win, r_win, rule=rule_of(hp),
                                       query_in_ref_path=qir)
@@ -153,9 +142,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 @dataclass
 class TrainState:
-    """Everything a resume restores: model, optimizer, early stopping, sampler positions, the
-    schedule position (``step``, ``epoch``, ``batch_in_epoch``) and, via the checkpoint, the
-    RNG states."""
+    """Everything a resume restores (with the RNG states, kept in the checkpoint only)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -183,11 +170,10 @@ class TrainState:
 
     def resume(self, ckpt_dir: Path, device: torch.device) -> int | None:
         """Load the newest checkpoint with both g_ and do_ files; its epoch, or None."""
-        done, gens = list_checkpoints(ckpt_dir, "do_"), list_checkpoints(ckpt_dir, "g_")
-        both = sorted(set(done) & set(gens))
-        if not both:
+        done = list_checkpoints(ckpt_dir, "do_")
+        epoch = max(set(done) & set(list_checkpoints(ckpt_dir, "g_")), default=None)
+        if epoch is None:
             return None
-        epoch = both[-1]
         state = load_train_state(done[epoch])
         g_path = ckpt_dir / checkpoint_name(epoch)
         load_state_into(self.model, load_generator_state(g_path), where=str(g_path))
@@ -195,8 +181,7 @@ class TrainState:
         self.stopper.load_state_dict(state.get("early_stopping", {}))
         extra = state.get("chlib", {})
         complete = extra.get("epoch_complete", True)
-        self.step = int(state.get("steps", 0))
-        self.epoch = epoch + 1 if complete else epoch
+        self.step, self.epoch = int(state.get("steps", 0)), epoch + int(complete)
         self.batch_in_epoch = 0 if complete else int(extra.get("batch_in_epoch", 0))
         if "rng" in extra:
             _set_rng_state(extra["rng"], device)
@@ -217,9 +202,10 @@ class _Log:
             warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=3)
 
     def scalars(self, prefix: str, values: dict[str, float], x: int) -> None:
+        """TensorBoard scalars ``<prefix><key>`` (non-finite values skipped)."""
         for k, v in values.items():
             if self.tb is not None and v is not None and math.isfinite(v):
-                self.tb.add_scalar(f"{prefix}/{k}", v, x)
+                self.tb.add_scalar(f"{prefix}{k}", v, x)
 
     def record(self, kind: str, **fields: Any) -> dict:
         rec = {"kind": kind, **fields, "time": time.time()}
@@ -286,25 +272,35 @@ def _load_hp(run_dir: Path, hp: HParams | None) -> HParams:
     return hp
 
 
-@dataclass
 class _Run:
-    """The fixed parts of a training call (what the steps below share besides the state)."""
+    """The fixed parts of a training call: data, loaders, logging, AMP and the loss; builds
+    model, optimizer and early stopping in ``state`` and resumes it from the newest checkpoint."""
 
-    run_dir: Path
-    hp: HParams
-    device: torch.device
-    data: TrainingData
-    loaders: list[DataLoader]
-    val_loader: DataLoader | None
-    max_epochs: int
-    progress: bool
-    log: _Log
-    amp: bool
-    loss_fn: Callable
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def __init__(self, run_dir: Path, hp: HParams, device: torch.device, max_epochs: int,
+                 progress: bool):
+        self.run_dir, self.hp, self.device = run_dir, hp, device
+        self.max_epochs, self.progress = max_epochs, progress
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.data = prepare_training_data(hp)
+        torch.manual_seed(hp.seed)  # model initialisation and dropout
+        model = CoverHunterNet(hp.model_config(self.data.num_classes)).to(device)
+        self.loaders, samplers = train_loaders(self.data, hp, device)
+        self.val_loader = make_val_loader(self.data, hp, device)
+        metric = hp.early_stop_metric if (hp.early_stop_metric == "mAP" or self.val_loader) \
+            else "train_loss"
+        stopper = EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
+                                alpha=hp.map_smoothing_alpha)
+        self.state = st = TrainState(model, _optimizer(model, hp), stopper, samplers)
+        resumed = st.resume(self.ckpt_dir, device)
+        if resumed is not None and progress:
+            print(f"resuming {run_dir} from {checkpoint_name(resumed)} "
+                  f"(epoch {st.epoch}, step {st.step})")
+        self.amp = hp.amp == "bf16" and device.type == "cuda"
+        if hp.amp == "bf16" and not self.amp:
+            warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {device.type}",
+                          stacklevel=3)
+        self.loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
+        self.log = _Log(run_dir, time.strftime("%Y%m%d-%H%M%S"))
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -313,31 +309,6 @@ class _Run:
         return save_checkpoint(self.ckpt_dir, epoch, model_state=st.model.state_dict(),
                                train_state=st.train_state(epoch, self.hp, self.data.num_classes,
                                                           self.device, complete=complete))
-
-
-def _setup(run_dir: Path, hp: HParams, dev: torch.device, max_epochs: int,
-           progress: bool) -> tuple[_Run, TrainState]:
-    """Data, model, optimizer, loaders, early stopping; then resume from the newest checkpoint."""
-    data = prepare_training_data(hp)
-    torch.manual_seed(hp.seed)  # model initialisation and dropout
-    model = CoverHunterNet(hp.model_config(data.num_classes)).to(dev)
-    optimizer = _optimizer(model, hp)
-    loaders, samplers = train_loaders(data, hp, dev)
-    val_loader = make_val_loader(data, hp, dev)
-    metric = hp.early_stop_metric if (hp.early_stop_metric == "mAP" or val_loader) else "train_loss"
-    st = TrainState(model, optimizer, EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
-                                                    alpha=hp.map_smoothing_alpha), samplers)
-    resumed = st.resume(run_dir / "checkpoints", dev)
-    if resumed is not None and progress:
-        print(f"resuming {run_dir} from {checkpoint_name(resumed)} "
-              f"(epoch {st.epoch}, step {st.step})")
-    amp = hp.amp == "bf16" and dev.type == "cuda"
-    if hp.amp == "bf16" and not amp:
-        warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {dev.type}", stacklevel=3)
-    loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
-    run = _Run(run_dir, hp, dev, data, loaders, val_loader, max_epochs, progress,
-               _Log(run_dir, time.strftime("%Y%m%d-%H%M%S")), amp, loss_fn)
-    return run, st
 
 
 def _train_step(run: _Run, st: TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
@@ -396,7 +367,7 @@ def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
             since.update(losses)
             if st.step == 1 or st.step % hp.log_every_steps == 0:
                 means = {k: v / n_since for k, v in since.items()}
-                log.scalars("csi", {"lr": lr_logged, **means}, st.step)
+                log.scalars("csi/", {"lr": lr_logged, **means}, st.step)
                 log.record("train", epoch=epoch, step=st.step, lr=lr_logged, **means)
                 bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr_logged:.2g}")
                 since, n_since = Counter(), 0
@@ -411,7 +382,7 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
     final = epoch + 1 >= run.max_epochs
     if run.val_loader is not None and ((epoch + 1) % hp.every_n_epoch_to_test == 0 or final):
         val = validation_loss(st.model, run.val_loader, run.device, run.autocast)
-        log.scalars("csi_val", val, epoch)
+        log.scalars("csi_val/", val, epoch)
         log.record("val", epoch=epoch, step=st.step, **val)
         rec.update({f"val_{k}": v for k, v in val.items()})
         rec["val_loss"] = val["foc_loss"]
@@ -419,9 +390,8 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
     tests = evaluate_testsets(st.model, hp, run.device, epoch=epoch,
                               names=list(hp.testsets) if final else None)
     for name, m in tests.items():
-        if log.tb is not None:
-            for tag, key in (("mAP", "mAP"), ("hit_rate", "HR1"), ("MR1", "MR1")):
-                log.tb.add_scalar(f"{tag}/{name}", m[key], epoch)
+        log.scalars("", {f"{tag}/{name}": m[key] for tag, key in
+                         (("mAP", "mAP"), ("hit_rate", "HR1"), ("MR1", "MR1"))}, epoch)
         log.record("test", epoch=epoch, step=st.step, testset=name,
                    **{k: m[k] for k in ("mAP", "MR1", "HR1", "HR10") if k in m},
                    n_queries=m.get("n_queries"))
@@ -483,12 +453,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # epoch records of this call
 
 
-def _print_epoch(rec: dict) -> None:
-    shown = {k: v for k, v in rec.items()
-             if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
-    print(f"epoch {rec['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-
-
 def train(
     run_dir: str | os.PathLike,
     *,
@@ -500,36 +464,34 @@ def train(
 ) -> TrainResult:
     """Train (or resume training) the run in ``run_dir``; see the module docstring.
 
-    ``hp``: settings to use instead of ``<run>/config/hparams.yaml`` (then written there).
-    ``device``: "auto" (= ``hp.device``) or a device name. ``max_epochs``: stop before this epoch
-    index (default ``hp.max_epochs``). ``callbacks``: called with each epoch record.
-    Ctrl-C saves and returns with ``interrupted=True``.
+    ``hp``: instead of ``<run>/config/hparams.yaml`` (then written there). ``device``: "auto"
+    (= ``hp.device``) or a name. ``max_epochs``: stop before this epoch index. ``callbacks``:
+    called with each epoch record. Ctrl-C saves and returns with ``interrupted=True``.
     """
     run_dir = Path(run_dir)
     hp = _load_hp(run_dir, hp)
     max_epochs = hp.max_epochs if max_epochs is None else int(max_epochs)
     dev = pick_device(hp.device if device in (None, "auto") else device)
-    run, st = _setup(run_dir, hp, dev, max_epochs, progress)
+    run = _Run(run_dir, hp, dev, max_epochs, progress)
+    st, sp = run.state, run.state.stopper
     history: list[dict] = []
     interrupted, last_ckpt, t_start = False, None, time.time()
-    stopped = st.stopper.should_stop
-    stop_reason = "early stopping had already triggered" if stopped else ""
+    already_stopped = sp.should_stop
     with _deterministic(hp.deterministic, dev):
         try:
-            while st.epoch < max_epochs and not stopped:
+            while st.epoch < max_epochs and not sp.should_stop:
                 t_epoch = time.time()
                 train_means = _run_epoch(run, st)
                 rec, saved = _end_of_epoch(run, st, train_means, t_epoch)
                 last_ckpt = saved or last_ckpt
                 history.append(rec)
                 if progress:
-                    _print_epoch(rec)
+                    shown = {k: v for k, v in rec.items()
+                             if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
+                    print(f"epoch {rec['epoch']}: "
+                          + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
                 for cb in callbacks or ():
                     cb(rec)
-                stopped = st.stopper.should_stop
-                if stopped:
-                    stop_reason = (f"early stopping: no improvement of {st.stopper.metric} for "
-                                   f"{st.stopper.counter} evaluations (patience {st.stopper.patience})")
         except KeyboardInterrupt:
             interrupted = True
             last_ckpt = run.save(st, st.epoch, complete=False)
@@ -537,13 +499,13 @@ def train(
                   "call train() again to continue")
         finally:
             run.log.close()
-    sp = st.stopper
-    if progress and stop_reason:
-        print(stop_reason)
+    if progress and sp.should_stop:
+        print("early stopping had already triggered" if already_stopped else f"early stopping: "
+              f"no improvement of {sp.metric} for {sp.counter} evaluations (patience {sp.patience})")
     if progress and not interrupted:
         print(f"done in {time.time() - t_start:.0f} s: {st.epoch} epochs, {st.step} steps; "
               f"best epoch {sp.best_checkpoint_epoch} ({sp.metric} {sp.best_checkpoint_value})")
     return TrainResult(run_dir=run_dir, epochs_done=st.epoch, steps=st.step,
                        best_epoch=sp.best_checkpoint_epoch, best_value=sp.best_checkpoint_value,
-                       best_metric=sp.metric, stopped_early=stopped, interrupted=interrupted,
-                       last_checkpoint=last_ckpt, history=history)
+                       best_metric=sp.metric, stopped_early=sp.should_stop,
+                       interrupted=interrupted, last_checkpoint=last_ckpt, history=history)

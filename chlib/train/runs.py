@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from chlib.core.config import HParams, deep_merge, load_hparams, load_yaml, save_hparams
+from chlib.core.config import HParams, deep_merge, input_bins, load_hparams, load_yaml, save_hparams
 from chlib.core.errors import ConfigError
 from chlib.core.io import read_json, read_jsonl
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
@@ -76,8 +76,6 @@ def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
     if (ds / "features.json").is_file():
         f = read_json(ds / "features.json")
         d.update({yk: f[fk] for yk, fk in _FEATURE_KEYS if fk in f})
-        if "n_bins" in f:
-            d["input_dim"] = f["n_bins"]
     test = ds / "test.txt"
     if test.is_file() and read_manifest(test, FULL_KEYS):
         d["test"] = _testset(test)
@@ -110,6 +108,8 @@ def make_run_config(
         _dataset_settings(d, Path(dataset_dir), run_dir)
     if overrides:
         d = deep_merge(d, overrides)
+    if dataset_dir is not None and "n_bins" in d:  # the model input follows the features
+        d["input_dim"] = input_bins(d["n_bins"], d.get("input_transform") or "none")
     wanted = d.get("map_stopping_testsets") or []
     if d.get("early_stop_metric") == "mAP" and not all(
             isinstance(d.get(n), dict) or n in (d.get("testsets") or {}) for n in wanted):

@@ -1,18 +1,12 @@
 """Hyperparameter tuning: experiment plans and resumable sweeps over seeds.
 
 A *plan* (YAML, e.g. ``chlib/recipes/tune_demo.yaml``; keys in :mod:`chlib.train.tune_plan`)
-names a base training config, the *factors* to vary (``one_factor``: each alone from the base;
-``grid``: every combination) and the *seeds*. Every (setting, seed) pair is an ordinary run::
-
-    <tune_dir>/plan.yaml, plan.json            the plan as given; the expanded experiments
-    <tune_dir>/config/hparams.yaml             the base config (+ test_unseen.txt)
-    <tune_dir>/experiments/<name>/seed_<s>/    a run folder (+ done.json when finished)
-    <tune_dir>/summary.csv, summary.json       :func:`chlib.train.tune_summary.summarise`
-
-Unlike the original's ``train_tune``: resumable (finished runs are skipped, changed settings
-under an existing folder are an error), one_factor values equal to the base merge into it,
-seed-major order, honest statistics. Optuna is not used: each trial is a full training run and
-seed noise on small datasets is as large as the effects, so TPE and pruners gain little.
+names a base config, the *factors* to vary (``one_factor``: each alone; ``grid``: every
+combination) and the *seeds*. Every (setting, seed) pair is an ordinary run folder,
+``<tune_dir>/experiments/<name>/seed_<s>/`` (+ ``done.json`` when finished), beside
+``plan.yaml``, ``plan.json``, ``config/hparams.yaml`` (the base) and ``summary.csv/json``.
+No Optuna: each trial is a full training run and seed noise on small datasets is as large as
+the effects, so TPE and pruners gain little.
 """
 
 from __future__ import annotations
@@ -21,8 +15,9 @@ import os
 import shlex
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +60,13 @@ def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None,
     :func:`make_run_config` (with ``test_unseen.txt``, which every experiment then names)."""
     if plan.base_config is not None:
         return load_hparams(plan.base_config).updated(overrides)
-    kw: dict[str, Any] = {"recipe": plan.base_recipe, "overrides": overrides}
-    if dataset_dir is not None:
-        kw["dataset_dir"] = dataset_dir
-    return load_hparams(make_run_config(tune_dir, **kw))
+    return load_hparams(make_run_config(tune_dir, plan.base_recipe, overrides,
+                                        dataset_dir=dataset_dir))
 
 
 def _config_key(hp: HParams) -> str:
     """Hash of a config without its seed (equal settings -> equal key)."""
-    d = hp.to_dict()
-    d.pop("seed", None)
-    return stable_hash(d)
+    return stable_hash({k: v for k, v in hp.to_dict().items() if k != "seed"})
 
 
 def _merge_aliases(plan: TunePlan, exps: list[Experiment],
@@ -86,21 +77,12 @@ def _merge_aliases(plan: TunePlan, exps: list[Experiment],
     first: dict[str, int] = {}
     out: list[Experiment] = []
     for e in exps:
-        key = _config_key(configs[e.name])
-        if key in first:
-            kept = out[first[key]]
-            out[first[key]] = Experiment(kept.name, kept.settings, kept.overrides,
-                                         kept.aliases + (e.name,))
-            continue
-        first[key] = len(out)
-        out.append(e)
+        i = first.setdefault(_config_key(configs[e.name]), len(out))
+        if i == len(out):
+            out.append(e)
+        else:
+            out[i] = replace(out[i], aliases=out[i].aliases + (e.name,))
     return out
-
-
-def _is_divergence(err: BaseException | str) -> bool:
-    """True for the trainer's NaN guard (its error class or message says 'diverg')."""
-    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    return "diverg" in text.lower()
 
 
 @dataclass
@@ -122,7 +104,7 @@ class TuneResult:
             if r["status"] in ("failed", "diverged"):
                 lines.append(f"  {r['experiment']} seed {r['seed']}: {r['status']}: {r['error']}")
         if self.stopped_early:
-            lines.append("  stopped early (max_runs / time budget); run again to continue")
+            lines.append("  stopped early (max_runs); run again to continue")
         return "\n".join(lines)
 
 
@@ -132,20 +114,6 @@ def _write_seed_config(seed_dir: Path, hp: HParams) -> None:
     if not check_saved_config(path, hp, "the plan changed under an existing experiment. Use a "
                               "new tuning folder, or delete this experiment's folder to rerun it"):
         save_hparams(hp, path)
-
-
-def _tag(cb: Callable[[dict], Any], name: str, seed: int) -> Callable[[dict], Any]:
-    def tagged(rec: dict) -> Any:
-        return cb({**rec, "experiment": name, "seed": seed})
-
-    return tagged
-
-
-def _train_inprocess(seed_dir: Path, device: str, progress: bool,
-                     callbacks: Sequence[Callable[[dict], Any]]) -> None:
-    result = train(seed_dir, device=device, progress=progress, callbacks=callbacks)
-    if getattr(result, "interrupted", False):  # Ctrl-C inside train: it saved; stop the session
-        raise KeyboardInterrupt
 
 
 def _notebook_03(cwd: str | os.PathLike | None) -> Path:
@@ -158,22 +126,28 @@ def _notebook_03(cwd: str | os.PathLike | None) -> Path:
                       "chlib repository root")
 
 
-def _train_papermill(seed_dir: Path, *, plan: TunePlan, overrides: dict, hp: HParams,
-                     dataset_dir: str | None, device: str, seed: int, progress: bool,
+def _notebook_params(plan: TunePlan, exp: Experiment, seed: int | None, dataset_dir: str | None,
+                     device: str, hp: HParams | None = None) -> dict[str, Any]:
+    """``03_train``'s parameters for one run; with ``hp`` (papermill) its max_epochs, and a
+    config base handed over whole as overrides (no recipe behind it)."""
+    if hp is not None and plan.base_config is not None:
+        params: dict[str, Any] = {"overrides": hp.to_dict()}
+    else:
+        params = {"recipe": plan.base_recipe, "overrides": run_overrides(plan, exp, seed)}
+    params.update(device=device, seed=seed,
+                  max_epochs=plan.max_epochs if hp is None else hp.max_epochs,
+                  dataset_dir=dataset_dir)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _train_papermill(seed_dir: Path, params: dict[str, Any], progress: bool,
                      cwd: str | os.PathLike | None) -> None:
     """Execute ``03_train`` with papermill into ``<seed_dir>/notebooks/03_train.ipynb``."""
     import papermill as pm
 
     path = _notebook_03(cwd)
     declared = pm.inspect_notebook(str(path))
-    if plan.base_config is None:
-        params: dict[str, Any] = {"recipe": plan.base_recipe, "overrides": overrides}
-    else:  # no recipe behind the base: hand the whole resolved config over as overrides
-        params = {"overrides": hp.to_dict()}
-    params.update({"run_dir": str(seed_dir), "device": device, "seed": seed,
-                   "max_epochs": hp.max_epochs})
-    if dataset_dir is not None:
-        params["dataset_dir"] = dataset_dir
+    params = {**params, "run_dir": str(seed_dir)}
     out = seed_dir / "notebooks" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -181,11 +155,7 @@ def _train_papermill(seed_dir: Path, *, plan: TunePlan, overrides: dict, hp: HPa
                             parameters={k: v for k, v in params.items() if k in declared},
                             cwd=str(Path(cwd) if cwd else path.parent.parent))
     except pm.PapermillExecutionError as e:
-        raise _NotebookFailed(f"{e.ename}: {e.evalue} (cell {e.exec_count}; see {out})") from None
-
-
-class _NotebookFailed(ChlibError):
-    pass
+        raise ChlibError(f"{e.ename}: {e.evalue} (cell {e.exec_count}; see {out})") from None
 
 
 def _prepare_plan(plan: TunePlan, tune_dir: Path, dataset_dir: str | None
@@ -234,7 +204,6 @@ def run_plan(
     launch: str = "inprocess",
     progress: bool = True,
     max_runs: int | None = None,
-    time_budget_s: float | None = None,
     cwd: str | os.PathLike | None = None,
     summarise_after: bool = True,
     callbacks: Sequence[Callable[[dict], Any]] | None = None,
@@ -242,85 +211,87 @@ def run_plan(
 ) -> TuneResult:
     """Run (or resume) every experiment x seed of ``plan`` (a TunePlan or a YAML path).
 
-    Finished runs (``done.json``) are skipped, half-finished ones resume. A diverged run is
-    marked ``diverged`` and not retried; another failure writes ``failed.json`` and is retried
-    next time; the others carry on. ``KeyboardInterrupt`` stops the session.
-    ``launch``: ``"inprocess"`` (:func:`train`) or ``"papermill"`` (``03_train`` executed into
-    each run folder). ``max_runs`` / ``time_budget_s``: start no more runs after that many /
-    that long. ``callbacks`` (in-process): epoch records plus ``experiment`` and ``seed``.
-    ``train_fn(seed_dir)`` replaces the training call (tests, custom launchers).
+    Finished runs (``done.json``) are skipped, half-finished ones resume; a diverged run is not
+    retried, another failure (``failed.json``) is, next time. ``launch``: ``"inprocess"`` or
+    ``"papermill"`` (``03_train`` executed into each run folder). ``max_runs``: start no more
+    runs after that many. ``callbacks`` (in-process): epoch records plus ``experiment`` and
+    ``seed``. ``train_fn(seed_dir)`` replaces the training call.
     """
-    if not isinstance(plan, TunePlan):
-        plan = load_plan(plan)
+    plan = plan if isinstance(plan, TunePlan) else load_plan(plan)
     if launch not in ("inprocess", "papermill"):
         raise ConfigError(f"launch must be 'inprocess' or 'papermill', got {launch!r}")
     tune_dir = Path(tune_dir)
-    dataset_dir = dataset_dir if dataset_dir is not None else plan.dataset_dir
+    dataset_dir = dataset_dir or plan.dataset_dir
     if launch == "papermill" and plan.base_config is not None and dataset_dir is None:
         raise ConfigError(
             f"{plan.source}: launch='papermill' with a config base needs dataset_dir (03_train "
             "builds its config from a dataset folder; the base config's settings then override it)")
     exps, configs, seeds = _prepare_plan(plan, tune_dir, dataset_dir)
+
+    def train_one(seed_dir: Path, e: Experiment, seed: int, hp: HParams) -> None:
+        if train_fn is not None:
+            train_fn(seed_dir)
+        elif launch == "papermill":
+            _train_papermill(seed_dir, _notebook_params(plan, e, seed, dataset_dir, device, hp),
+                             progress, cwd)
+        elif train(seed_dir, device=device, progress=progress, callbacks=[
+                lambda rec, cb=cb: cb({**rec, "experiment": e.name, "seed": seed})
+                for cb in callbacks or ()]).interrupted:
+            raise KeyboardInterrupt  # Ctrl-C inside train: it saved; stop the session
+
     runs: list[dict] = []
     started = 0
-    t_start = time.monotonic()
-    stopped = False
-    for seed in seeds:  # seed-major: a first look at every experiment comes early
-        for e in exps:
-            seed_dir = tune_dir / "experiments" / e.name / f"seed_{seed}"
-            hp = configs[e.name].updated({"seed": seed})
-            _write_seed_config(seed_dir, hp)
-            status = seed_status(seed_dir)
-            idle = {"experiment": e.name, "seed": seed, "seconds": 0.0, "error": None}
-            if status in ("ok", "diverged"):
-                runs.append({**idle, "status": f"skipped ({status})"})
-                continue
-            if (max_runs is not None and started >= max_runs) or (
-                    time_budget_s is not None and time.monotonic() - t_start >= time_budget_s):
-                stopped = True
-                runs.append({**idle, "status": "not started"})
-                continue
+    for e, seed, seed_dir in _seed_dirs(tune_dir, exps, seeds):
+        hp = configs[e.name].updated({"seed": seed})
+        _write_seed_config(seed_dir, hp)
+        status = seed_status(seed_dir)
+        idle = {"experiment": e.name, "seed": seed, "seconds": 0.0, "error": None}
+        if status in _FINISHED:
+            runs.append({**idle, "status": f"skipped ({status})"})
+        elif max_runs is not None and started >= max_runs:
+            runs.append({**idle, "status": "not started"})
+        else:
             started += 1
-            runs.append(_run_one(seed_dir, e, seed, plan=plan, hp=hp, dataset_dir=dataset_dir,
-                                 device=device, launch=launch, progress=progress, cwd=cwd,
-                                 train_fn=train_fn, callbacks=callbacks))
-    result = TuneResult(tune_dir=tune_dir, experiments=exps, runs=runs, stopped_early=stopped)
+            runs.append(_run_one(seed_dir, {"experiment": e.name, "seed": seed},
+                                 partial(train_one, seed_dir, e, seed, hp),
+                                 {"config_key": _config_key(hp), "launch": launch}))
+    result = TuneResult(tune_dir=tune_dir, experiments=exps, runs=runs, stopped_early=any(
+        r["status"] == "not started" for r in runs))
     if summarise_after:
         result.summary = summarise(tune_dir)
     return result
 
 
-def _run_one(seed_dir: Path, exp: Experiment, seed: int, *, plan: TunePlan, hp: HParams,
-             dataset_dir: str | None, device: str, launch: str, progress: bool,
-             cwd: str | os.PathLike | None, train_fn: Callable[[Path], None] | None,
-             callbacks: Sequence[Callable[[dict], Any]] | None = None) -> dict:
+_FINISHED = ("ok", "diverged")  # a diverged run is not retried
+
+
+def _seed_dirs(tune_dir: Path, exps: list[Experiment], seeds: Sequence[int | None]
+               ) -> Iterator[tuple[Experiment, int | None, Path]]:
+    """Every run's experiment, seed and folder, seed-major: a first look at every experiment
+    comes early."""
+    for seed in seeds:
+        for e in exps:
+            yield e, seed, tune_dir / "experiments" / e.name / f"seed_{seed}"
+
+
+def _run_one(seed_dir: Path, who: dict, train_it: Callable[[], None], done_info: dict) -> dict:
+    """Train one run and mark it: ``done.json`` (ok, or diverged: the NaN guard, not retried)
+    or ``failed.json`` (retried next time); one bad experiment must not stop the session."""
     t0 = time.monotonic()
-    tagged = [_tag(cb, exp.name, seed) for cb in callbacks or ()]
     (seed_dir / "failed.json").unlink(missing_ok=True)
-    who = {"experiment": exp.name, "seed": seed}
+    status, error = "ok", None
     try:
-        if train_fn is not None:
-            train_fn(seed_dir)
-        elif launch == "inprocess":
-            _train_inprocess(seed_dir, device, progress, tagged)
-        else:
-            _train_papermill(seed_dir, plan=plan, overrides=run_overrides(plan, exp, seed), hp=hp,
-                             dataset_dir=dataset_dir, device=device, seed=seed,
-                             progress=progress, cwd=cwd)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:  # one bad experiment must not stop the session
-        seconds, text = time.monotonic() - t0, f"{type(err).__name__}: {err}"
-        if _is_divergence(err):
-            write_json(seed_dir / "done.json", {"status": "diverged", **who, "error": text,
-                                                "seconds": seconds})
-            return {**who, "status": "diverged", "seconds": seconds, "error": text}
-        write_json(seed_dir / "failed.json", {**who, "error": text, "seconds": seconds})
-        return {**who, "status": "failed", "seconds": seconds, "error": text}
+        train_it()
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        status = "diverged" if "diverg" in error.lower() else "failed"
     seconds = time.monotonic() - t0
-    write_json(seed_dir / "done.json", {"status": "ok", **who, "config_key": _config_key(hp),
-                                        "seconds": seconds, "launch": launch})
-    return {**who, "status": "ok", "seconds": seconds, "error": None}
+    if status == "failed":
+        write_json(seed_dir / "failed.json", {**who, "error": error, "seconds": seconds})
+    else:
+        write_json(seed_dir / "done.json", {"status": status, **who, "seconds": seconds,
+                                            **({"error": error} if error else done_info)})
+    return {**who, "status": status, "seconds": seconds, "error": error}
 
 
 def batch_commands(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLike, *,
@@ -328,29 +299,21 @@ def batch_commands(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLi
     """Shell commands that run the plan's pending runs elsewhere, one ``python -m chlib run
     03_train`` each (recipe bases only). Copy the finished ``experiments/`` folders back and
     :func:`summarise` reads them (their status shows as ``unmarked``: no done.json)."""
-    if not isinstance(plan, TunePlan):
-        plan = load_plan(plan)
+    plan = plan if isinstance(plan, TunePlan) else load_plan(plan)
     if plan.base_config is not None:
         raise ConfigError(f"{plan.source}: batch_commands needs a recipe base (base: {{recipe: "
                           "...}}); with a config base use run_plan(launch='papermill')")
-    dataset_dir = dataset_dir if dataset_dir is not None else plan.dataset_dir
-    seeds = plan.seeds if plan.seeds is not None else [None]
+    dataset_dir = dataset_dir or plan.dataset_dir
     out = []
-    for seed in seeds:
-        for e in expand_plan(plan):
-            exp_root = Path(tune_dir) / "experiments" / e.name
-            if seed is not None and seed_status(exp_root / f"seed_{seed}") in ("ok", "diverged"):
-                continue
-            over = run_overrides(plan, e, seed)
-            parts = ["python", "-m", "chlib", "run", "03_train", "--runs-root", str(exp_root),
-                     "--run", f"seed_{seed}", "-p", "recipe", str(plan.base_recipe),
-                     "-p", "overrides", repr(over), "-p", "device", device]
-            if seed is not None:
-                parts += ["-p", "seed", str(seed)]
-            if plan.max_epochs is not None:
-                parts += ["-p", "max_epochs", str(plan.max_epochs)]
-            if dataset_dir is not None:
-                parts += ["-p", "dataset_dir", str(dataset_dir)]
-            out.append(" ".join(shlex.quote(p) for p in parts))
+    for e, seed, seed_dir in _seed_dirs(Path(tune_dir), expand_plan(plan),
+                                        plan.seeds if plan.seeds is not None else [None]):
+        if seed is not None and seed_status(seed_dir) in _FINISHED:
+            continue
+        params = _notebook_params(plan, e, seed, dataset_dir, device)
+        parts = ["python", "-m", "chlib", "run", "03_train", "--runs-root", str(seed_dir.parent),
+                 "--run", seed_dir.name]
+        parts += [x for k, v in params.items()
+                  for x in ("-p", k, repr(v) if k == "overrides" else str(v))]
+        out.append(" ".join(shlex.quote(p) for p in parts))
     return out
 

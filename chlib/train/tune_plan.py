@@ -7,7 +7,7 @@ import difflib
 import itertools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,35 +20,46 @@ from chlib.train.tune_summary import FLAT_LOSS_SLOPE, FLAT_MAP_SLOPE
 __all__ = ["ORIGINAL_SWEEP_KEYS", "Factor", "Experiment", "TunePlan", "parse_plan", "load_plan",
            "expand_plan", "experiment_name", "run_overrides"]
 
-_PLAN_KEYS = {
-    "base", "dataset_dir", "mode", "factors", "seeds", "max_epochs", "early_stopping_patience",
-    "early_stop_metric", "map_stopping_testsets", "map_smoothing_alpha", "test_name",
-    "hp_overrides", "include_base", "flat_map_slope", "flat_loss_slope",
-    "foundation_checkpoint", "restore_optimizer_state",
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_INT_1 = (int, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_SLOPE = (float, lambda v: _is_num(v) and v >= 0, "a number >= 0")
+# plain plan keys -> (conversion, check, what the value must be); null keeps the TunePlan default
+_SCALARS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
+    "dataset_dir": (str, lambda v: True, ""),
+    "test_name": (str, lambda v: True, ""),
+    "include_base": (bool, lambda v: True, ""),
+    "mode": (str, lambda v: v in ("one_factor", "grid"), "'one_factor' or 'grid'"),
+    "seeds": (list, lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v))
+              and len(set(v)) == len(v), "a non-empty list of distinct integers"),
+    "max_epochs": _INT_1,
+    "early_stopping_patience": _INT_1,
+    "flat_map_slope": _SLOPE,
+    "flat_loss_slope": _SLOPE,
 }
+# early-stopping keys a plan may give at its top level; they join hp_overrides
+_HP_SHORTCUTS = ("early_stop_metric", "map_stopping_testsets", "map_smoothing_alpha")
 #: The original hp_tuning.yaml sweep keys, in the original's sweep order -> chlib factor key.
 ORIGINAL_SWEEP_KEYS: dict[str, str] = {
-    "chunk_frames": "chunk_frame,mean_size",
-    "m_per_classes": "m_per_class",
-    "num_blockss": "encoder.num_blocks",
-    "spec_augmentations": "spec_augmentation",
-    "losses": "losses",
-    "learning_rates": "learning_rate",
-    "lr_decays": "lr_decay",
-    "adam_betas": "adam_b1,adam_b2",
-    "optimizers": "optimizer",
+    "chunk_frames": "chunk_frame,mean_size", "m_per_classes": "m_per_class",
+    "num_blockss": "encoder.num_blocks", "spec_augmentations": "spec_augmentation",
+    "losses": "losses", "learning_rates": "learning_rate", "lr_decays": "lr_decay",
+    "adam_betas": "adam_b1,adam_b2", "optimizers": "optimizer",
 }
-_EXTRA_ORIGINAL_KEYS = {"mean_sizes"}
+_PLAN_KEYS = {*_SCALARS, *_HP_SHORTCUTS, *ORIGINAL_SWEEP_KEYS, "base", "factors", "hp_overrides",
+              "mean_sizes", "foundation_checkpoint", "restore_optimizer_state"}
 
 # Experiment-name labels: factor key -> prefix (the original's names where it had one).
-_LABELS = {
-    "learning_rate": "lrate",
-    "encoder.num_blocks": "num_blocks",
-    "adam_b1,adam_b2": "adam_betas",
-    "optimizer": "optimizer_",
-    "losses": "",
-    "spec_augmentation": "",
-}
+_LABELS = {"learning_rate": "lrate", "encoder.num_blocks": "num_blocks",
+           "adam_b1,adam_b2": "adam_betas", "optimizer": "optimizer_", "losses": "",
+           "spec_augmentation": ""}
 # Abbreviations for keys inside mapping values (the original's spec-aug and loss names).
 _ABBREV = {
     "random_erase": "erase", "roll_pitch": "roll", "erase_num": "num", "region_size": "size",
@@ -59,28 +70,24 @@ _LOSS_BLOCKS = ("foc", "triplet", "center", "ce")
 _MAX_NAME = 120
 
 
-# --------------------------------------------------------------------------------------------
-# plan
-
-
 @dataclass(frozen=True)
 class Factor:
-    """One thing varied: ``keys`` (dotted config keys; ``("",)`` = a root mapping) and values.
-
-    ``name`` is the key as written in the plan (``"adam_b1,adam_b2"`` for a tuple factor).
-    """
+    """One thing varied: ``name`` as written in the plan (``"adam_b1,adam_b2"``), its dotted
+    config ``keys`` (``("",)``: a root mapping) and ``values``."""
 
     name: str
     keys: tuple[str, ...]
     values: tuple[Any, ...]
 
+    def _pairs(self, value: Any) -> list[tuple[str, Any]]:
+        return list(zip(self.keys, [value] if len(self.keys) == 1 else value, strict=True))
+
     def overrides(self, value: Any) -> dict:
         """The config overrides that set this factor to ``value`` (a nested mapping)."""
         if self.keys == ("",):
             return copy.deepcopy(dict(value))
-        parts = [value] if len(self.keys) == 1 else list(value)
         out: dict = {}
-        for key, v in zip(self.keys, parts, strict=True):
+        for key, v in self._pairs(value):
             out = deep_merge(out, _nest(key, v))
         return out
 
@@ -88,9 +95,7 @@ class Factor:
         """Readable name part, e.g. ``lrate0.001`` or ``chunk_frame375_300_225_mean_size3``."""
         if self.name in _LABELS:
             return f"{_LABELS[self.name]}{_fmt(value)}"
-        if len(self.keys) == 1:
-            return f"{_key_label(self.keys[0])}{_fmt(value)}"
-        return "_".join(f"{_key_label(k)}{_fmt(v)}" for k, v in zip(self.keys, value, strict=True))
+        return "_".join(f"{_key_label(k)}{_fmt(v)}" for k, v in self._pairs(value))
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class Experiment:
 
 @dataclass
 class TunePlan:
-    """A validated experiment plan (see the module docstring for the keys)."""
+    """A validated experiment plan (keys: ``chlib/recipes/tune_demo.yaml``)."""
 
     base_recipe: str | None = "laptop"
     base_config: str | None = None
@@ -165,11 +170,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, Mapping):
         parts = []
         for k, v in value.items():
-            ab = _ABBREV.get(k, k)
-            if isinstance(v, Mapping):
-                parts.append(f"{ab}_{_fmt(v)}" if ab else _fmt(v))
-            else:
-                parts.append(f"{ab}{_fmt(v)}")
+            ab, text = _ABBREV.get(k, k), _fmt(v)
+            parts.append((f"{ab}_{text}" if ab else text) if isinstance(v, Mapping) else ab + text)
         return "_".join(parts)
     if isinstance(value, (list, tuple)):
         return "_".join(_fmt(v) for v in value)
@@ -177,10 +179,7 @@ def _fmt(value: Any) -> str:
 
 
 def _key_label(dotted: str) -> str:
-    for prefix in ("spec_augmentation.", "encoder."):
-        if dotted.startswith(prefix):
-            dotted = dotted[len(prefix):]
-    return dotted.replace(".", "_")
+    return re.sub(r"^(spec_augmentation|encoder)\.", "", dotted).replace(".", "_")
 
 
 def _safe_name(text: str, salt: Any) -> str:
@@ -190,20 +189,22 @@ def _safe_name(text: str, salt: Any) -> str:
     return name
 
 
+def _hint(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _check_key(dotted: str, where: str) -> None:
     node: Any = HParams().to_dict()  # the key tree of a training config
-    walked = []
+    walked: list[str] = []
     for part in dotted.split("."):
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: factor key {dotted!r}: {'.'.join(walked)} is a value, "
                               "not a mapping; vary it directly")
         if part not in node:
-            close = difflib.get_close_matches(part, list(node), n=3)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"{where}: factor key {dotted!r}: unknown config key {part!r}"
-                f"{' under ' + '.'.join(walked) if walked else ''}.{hint}"
-            )
+            raise ConfigError(f"{where}: factor key {dotted!r}: unknown config key {part!r}"
+                              f"{' under ' + '.'.join(walked) if walked else ''}."
+                              f"{_hint(part, node)}")
         walked.append(part)
         node = node[part]
 
@@ -213,29 +214,21 @@ def _make_factor(name: str, values: Any, where: str) -> Factor | None:
         return None  # an empty sweep is disabled (the original's convention)
     if not isinstance(values, list):
         raise ConfigError(f"{where}: factor {name!r} must be a list of values, got {values!r}")
-    if name == "losses":
-        keys: tuple[str, ...] = ("",)
-        for v in values:
-            if not isinstance(v, dict) or not set(v) <= set(_LOSS_BLOCKS):
-                raise ConfigError(f"{where}: each 'losses' value must be a mapping of "
-                                  f"{', '.join(_LOSS_BLOCKS)} blocks, got {v!r}")
-    else:
-        keys = tuple(k.strip() for k in name.split(","))
+    keys = ("",) if name == "losses" else tuple(k.strip() for k in name.split(","))
+    for v in values:
+        if name == "losses" and (not isinstance(v, dict) or not set(v) <= set(_LOSS_BLOCKS)):
+            raise ConfigError(f"{where}: each 'losses' value must be a mapping of "
+                              f"{', '.join(_LOSS_BLOCKS)} blocks, got {v!r}")
+        if len(keys) > 1 and (not isinstance(v, (list, tuple)) or len(v) != len(keys)):
+            raise ConfigError(f"{where}: factor {name!r} varies {len(keys)} keys together; "
+                              f"each value must be a list of {len(keys)}, got {v!r}")
+    if name != "losses":
         for k in keys:
             _check_key(k, where)
-        if len(keys) > 1:
-            for v in values:
-                if not isinstance(v, (list, tuple)) or len(v) != len(keys):
-                    raise ConfigError(f"{where}: factor {name!r} varies {len(keys)} keys "
-                                      f"together; each value must be a list of {len(keys)}, "
-                                      f"got {v!r}")
-    seen = []
-    for v in values:
-        if v in seen:
+    for i, v in enumerate(values):
+        if v in values[:i]:
             raise ConfigError(f"{where}: factor {name!r} lists the value {v!r} twice")
-        seen.append(v)
-    vals = tuple(tuple(v) if len(keys) > 1 else v for v in values)
-    return Factor(name=name, keys=keys, values=vals)
+    return Factor(name, keys, tuple(tuple(v) if len(keys) > 1 else v for v in values))
 
 
 def _clean_overrides(d: Any, where: str, what: str) -> dict:
@@ -244,12 +237,8 @@ def _clean_overrides(d: Any, where: str, what: str) -> dict:
         return {}
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: {what} must be a mapping, got {d!r}")
-    out = {}
-    for k, v in d.items():
-        if v is None:
-            continue
-        out[k] = _clean_overrides(v, where, what) if isinstance(v, dict) else v
-    return out
+    return {k: _clean_overrides(v, where, what) if isinstance(v, dict) else v
+            for k, v in d.items() if v is not None}
 
 
 def _flat_keys(d: dict, prefix: str = "") -> set[str]:
@@ -257,14 +246,10 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
                                            for key in _flat_keys(v, f"{prefix}{k}.")}
 
 
-def _check_plan_keys(d: dict, where: str) -> None:
-    allowed = _PLAN_KEYS | set(ORIGINAL_SWEEP_KEYS) | _EXTRA_ORIGINAL_KEYS
-    for k in d:
-        if k not in allowed:
-            close = difflib.get_close_matches(k, sorted(allowed), n=3)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"{where}: unknown plan key {k!r}.{hint} "
-                              f"Allowed: {', '.join(sorted(allowed))}")
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
 
 
 def _parse_base(plan: TunePlan, d: dict, where: str) -> None:
@@ -278,10 +263,6 @@ def _parse_base(plan: TunePlan, d: dict, where: str) -> None:
     plan.base_recipe = base.get("recipe")
     plan.base_config = str(base["config"]) if "config" in base else None
     plan.base_overrides = _clean_overrides(base.get("overrides"), where, "base.overrides")
-    plan.dataset_dir = None if d.get("dataset_dir") is None else str(d["dataset_dir"])
-    plan.mode = str(d.get("mode", "one_factor"))
-    if plan.mode not in ("one_factor", "grid"):
-        raise ConfigError(f"{where}: mode must be 'one_factor' or 'grid', got {plan.mode!r}")
 
 
 def _parse_factors(d: dict, where: str) -> list[Factor]:
@@ -290,65 +271,31 @@ def _parse_factors(d: dict, where: str) -> list[Factor]:
         raise ConfigError(f"{where}: factors must be a mapping of key: [values], got {given!r}")
     factors = [_make_factor(str(name), values, where) for name, values in given.items()]
     for orig, key in ORIGINAL_SWEEP_KEYS.items():
-        if orig not in d:
-            continue
-        values = d[orig]
-        if orig == "chunk_frames" and values and not d.get("mean_sizes"):
-            key = "chunk_frame"
-        elif orig == "chunk_frames" and values:
-            values = [[list(cf), int(ms)] for cf in values for ms in d["mean_sizes"]]
+        values = d.get(orig)
+        if orig == "chunk_frames" and values:  # crossed with mean_sizes when both are given
+            if d.get("mean_sizes"):
+                values = [[list(cf), int(ms)] for cf in values for ms in d["mean_sizes"]]
+            else:
+                key = "chunk_frame"
         factors.append(_make_factor(key, values, where))
-    factors = [f for f in factors if f is not None]
-    names = [f.name for f in factors]
+    names = [f.name for f in factors if f is not None]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{where}: factor(s) {', '.join(dup)} given twice "
                           "(under factors: and as an original sweep key?)")
-    return factors
-
-
-def _parse_numbers(plan: TunePlan, d: dict, where: str) -> None:
-    if d.get("seeds") is not None:
-        seeds = d["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(
-                isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
-        if len(set(seeds)) != len(seeds):
-            raise ConfigError(f"{where}: seeds {seeds} repeat a seed")
-        plan.seeds = list(seeds)
-    for k in ("max_epochs", "early_stopping_patience"):
-        v = d.get(k)
-        if v is not None:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{where}: {k} must be an integer >= 1, got {v!r}")
-            setattr(plan, k, v)
-    for k in ("flat_map_slope", "flat_loss_slope"):
-        v = d.get(k)
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{where}: {k} must be a number >= 0, got {v!r}")
-            setattr(plan, k, float(v))
-    plan.test_name = None if d.get("test_name") is None else str(d["test_name"])
-    plan.include_base = bool(d.get("include_base", True))
-    if d.get("foundation_checkpoint") is not None:
-        raise ConfigError(f"{where}: foundation_checkpoint {d['foundation_checkpoint']!r}: warm "
-                          "starts from a foundation model are not supported by chlib's tuning "
-                          "yet; set it to null (every experiment trains from scratch)")
+    return [f for f in factors if f is not None]
 
 
 def _parse_hp_overrides(plan: TunePlan, d: dict, where: str) -> None:
     hp_over = _clean_overrides(d.get("hp_overrides"), where, "hp_overrides")
-    for k in ("early_stop_metric", "map_stopping_testsets", "map_smoothing_alpha"):
-        if d.get(k) is not None:
-            hp_over[k] = d[k]
-    for k in hp_over:  # values are checked against the real base when the plan runs
-        if not (isinstance(hp_over[k], dict) and "query_path" in hp_over[k]):
+    hp_over.update({k: d[k] for k in _HP_SHORTCUTS if d.get(k) is not None})
+    for k, v in hp_over.items():  # values are checked against the real base when the plan runs
+        if not (isinstance(v, dict) and "query_path" in v):  # a new test set
             _check_key(k, f"{where} hp_overrides")
     plan.hp_overrides = hp_over
-    set_keys = _flat_keys(hp_over)
     for f in plan.factors:
-        fkeys = _flat_keys(f.overrides(f.values[0]))
-        clash = sorted(k for k in fkeys & set_keys if not isinstance(_get(hp_over, k), dict))
+        clash = sorted(k for k in _flat_keys(f.overrides(f.values[0])) & _flat_keys(hp_over)
+                       if not isinstance(_get(hp_over, k), dict))
         if clash:
             raise ConfigError(f"{where}: hp_overrides sets {', '.join(clash)}, which factor "
                               f"{f.name!r} varies; remove it from hp_overrides")
@@ -360,20 +307,24 @@ def parse_plan(data: Mapping, *, where: str = "<plan>") -> TunePlan:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: a plan must be a mapping, got {type(data).__name__}")
     d = dict(data)
-    _check_plan_keys(d, where)
+    for k in d:
+        if k not in _PLAN_KEYS:
+            raise ConfigError(f"{where}: unknown plan key {k!r}.{_hint(k, sorted(_PLAN_KEYS))} "
+                              f"Allowed: {', '.join(sorted(_PLAN_KEYS))}")
+    if d.get("foundation_checkpoint") is not None:
+        raise ConfigError(f"{where}: foundation_checkpoint {d['foundation_checkpoint']!r}: warm "
+                          "starts from a foundation model are not supported by chlib's tuning "
+                          "yet; set it to null (every experiment trains from scratch)")
     plan = TunePlan(source=where, raw=copy.deepcopy(d))
+    for key, (convert, ok, what) in _SCALARS.items():
+        if d.get(key) is not None:
+            if not ok(d[key]):
+                raise ConfigError(f"{where}: {key} must be {what}, got {d[key]!r}")
+            setattr(plan, key, convert(d[key]))
     _parse_base(plan, d, where)
     plan.factors = _parse_factors(d, where)
-    _parse_numbers(plan, d, where)
     _parse_hp_overrides(plan, d, where)
     return plan
-
-
-def _get(d: dict, dotted: str) -> Any:
-    node: Any = d
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def load_plan(path: str | os.PathLike) -> TunePlan:

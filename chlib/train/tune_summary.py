@@ -1,22 +1,19 @@
 """Tuning summaries: per-experiment statistics over seeds, from the runs' metrics files alone.
 
 :func:`summarise` reads ``experiments/<name>/seed_<s>/metrics.jsonl`` (+ ``done.json`` /
-``failed.json`` when present), so runs launched elsewhere are summarised once copied back. Std
-is the sample std (ddof 1); diverged or failed seeds are listed, never averaged.
-
-Reading guide (:func:`reading`, :data:`READING_GUIDE`), from the mean least-squares slopes over
-the last ``window`` epochs: mAP slope m (flat within :data:`FLAT_MAP_SLOPE`) and val-loss slope v
-(flat within :data:`FLAT_LOSS_SLOPE` x |mean val loss|): still improving (m > 0 and v not
-rising, or m flat and v falling), converged (both flat), overfitting (v rising, m not),
-degrading (m falling, v flat), decoupled (both rising or both falling). Without a test set the
-loss alone decides; "(seeds disagree)" marks seeds whose own readings differ.
+``failed.json``), so runs launched elsewhere are summarised once copied back. Std is the sample
+std (ddof 1); diverged or failed seeds are listed, never averaged. The reading (:func:`reading`,
+:data:`READING_GUIDE`) comes from the mean least-squares slopes of mAP and val loss over the
+last ``window`` epochs, each rising, falling or flat (table ``_READINGS``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,29 +64,21 @@ def seed_status(seed_dir: str | os.PathLike) -> str:
 
 
 def _val_loss_of(rec: Mapping) -> float | None:
-    for k in ("val_loss", "foc_loss", "total"):
-        if rec.get(k) is not None:
-            return float(rec[k])
-    return None
+    return next((float(rec[k]) for k in ("val_loss", "foc_loss", "total") if rec.get(k) is not None),
+                None)
 
 
 def seed_series(records: Iterable[Mapping]) -> dict:
-    """``{"val_loss": {epoch: value}, "mAP": {testset: {epoch: mAP}}}`` of one run's records.
-
-    The val loss is the focal loss of ``val`` records (``total`` without a focal part); when an
-    epoch was logged twice (a resume), the last record wins.
-    """
+    """``{"val_loss": {epoch: value}, "mAP": {testset: {epoch: mAP}}}`` of one run's records:
+    the focal loss of ``val`` records (``total`` without one); the last record of an epoch wins."""
     val: dict[int, float] = {}
     maps: dict[str, dict[int, float]] = {}
     for rec in records:
-        kind = rec.get("kind")
         if rec.get("epoch") is None:
             continue
-        ep = int(rec["epoch"])
-        if kind == "val":
-            v = _val_loss_of(rec)
-            if v is not None:
-                val[ep] = v
+        ep, kind = int(rec["epoch"]), rec.get("kind")
+        if kind == "val" and (v := _val_loss_of(rec)) is not None:
+            val[ep] = v
         elif kind == "test" and rec.get("testset") is not None and rec.get("mAP") is not None:
             maps.setdefault(str(rec["testset"]), {})[ep] = float(rec["mAP"])
     return {"val_loss": dict(sorted(val.items())),
@@ -107,40 +96,31 @@ def ls_slope(epochs: Sequence[float], values: Sequence[float], window: int) -> f
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
-def _sign(slope: float, eps: float) -> int:
+def _sign(slope: float | None, eps: float) -> int:
+    """+1 rising, -1 falling, 0 flat (within ``eps``) or missing."""
+    if slope is None or not math.isfinite(slope):
+        return 0
     return int(slope > eps) - int(slope < -eps)
+
+
+# (mAP slope sign, val-loss slope sign) -> reading; a missing slope counts as flat
+_READINGS = {
+    (1, 1): "decoupled", (1, 0): "still improving", (1, -1): "still improving",
+    (0, 1): "overfitting", (0, 0): "converged", (0, -1): "still improving",
+    (-1, 1): "overfitting", (-1, 0): "degrading", (-1, -1): "decoupled",
+}
 
 
 def reading(map_slope: float | None, val_slope: float | None, *, val_level: float | None = None,
             flat_map_slope: float = FLAT_MAP_SLOPE,
             flat_loss_slope: float = FLAT_LOSS_SLOPE) -> str:
-    """The reading-guide label for an mAP slope and a val-loss slope (per epoch).
-
-    ``val_level`` is the typical val loss (the loss slope counts as flat below
-    ``flat_loss_slope x |val_level|``). A None/NaN mAP slope means "no test set": the loss alone
-    decides. Both missing: ``too short``. See the module docstring for the table.
-    """
-    has_m = map_slope is not None and math.isfinite(map_slope)
-    has_v = val_slope is not None and math.isfinite(val_slope)
-    if not has_m and not has_v:
+    """The reading-guide label of an mAP and a val-loss slope (per epoch); the loss slope is
+    flat below ``flat_loss_slope x |val_level|``. No mAP slope (None/NaN, no test set): the loss
+    alone decides; neither: ``too short``."""
+    if not any(s is not None and math.isfinite(s) for s in (map_slope, val_slope)):
         return "too short"
-    loss_eps = flat_loss_slope * (abs(val_level) if val_level is not None
-                                  and math.isfinite(val_level) else 1.0)
-    v = _sign(val_slope, loss_eps) if has_v else 0
-    if not has_m:
-        return {-1: "still improving", 0: "converged", 1: "overfitting"}[v]
-    m = _sign(map_slope, flat_map_slope)
-    if not has_v:
-        return {1: "still improving", 0: "converged", -1: "degrading"}[m]
-    if (m == 1 and v == 1) or (m == -1 and v == -1):
-        return "decoupled"
-    if m == 1 or (m == 0 and v == -1):
-        return "still improving"
-    if v == 1:
-        return "overfitting"
-    if m == -1:
-        return "degrading"
-    return "converged"
+    level = abs(val_level) if val_level is not None and math.isfinite(val_level) else 1.0
+    return _READINGS[_sign(map_slope, flat_map_slope), _sign(val_slope, flat_loss_slope * level)]
 
 
 def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_slope: float,
@@ -148,21 +128,17 @@ def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_sl
     val = series["val_loss"]
     maps = series["mAP"].get(test_name, {}) if test_name else {}
     out: dict[str, Any] = {"last_epoch": max([*val, *maps], default=None)}
+    for pre, curve, best in (("val", val, np.argmin), ("map", maps, np.argmax)):
+        if curve:
+            ep, vals = list(curve), list(curve.values())
+            i = int(best(vals))
+            out.update({f"{pre}_final": vals[-1], f"{pre}_best": vals[i],
+                        f"{pre}_best_epoch": ep[i], f"{pre}_slope": ls_slope(ep, vals, window)})
     if val:
-        ep, vv = list(val), list(val.values())
-        i_best = int(np.argmin(vv))
-        out.update(val_final=vv[-1], val_best=vv[i_best], val_best_epoch=ep[i_best],
-                   val_slope=ls_slope(ep, vv, window), val_level=float(np.mean(vv[-window:])))
-    if maps:
-        ep, mm = list(maps), list(maps.values())
-        i_best = int(np.argmax(mm))
-        out.update(map_final=mm[-1], map_best=mm[i_best], map_best_epoch=ep[i_best],
-                   map_slope=ls_slope(ep, mm, window))
-    out["reading"] = reading(out.get("map_slope"), out.get("val_slope"),
-                             val_level=out.get("val_level"), flat_map_slope=flat_map_slope,
-                             flat_loss_slope=flat_loss_slope)
-    if not val and not maps:
-        out["reading"] = "no data"
+        out["val_level"] = float(np.mean(list(val.values())[-window:]))
+    out["reading"] = "no data" if not val and not maps else reading(
+        out.get("map_slope"), out.get("val_slope"), val_level=out.get("val_level"),
+        flat_map_slope=flat_map_slope, flat_loss_slope=flat_loss_slope)
     return out
 
 
@@ -200,11 +176,9 @@ def _discover(tune_dir: Path) -> dict[str, dict[int, Path]]:
     return {name: dict(sorted(seeds.items())) for name, seeds in out.items()}
 
 
-def _window_of(tune_dir: Path, seed_dirs: Iterable[Path]) -> int:
-    if (tune_dir / "plan.json").is_file():
-        w = read_json(tune_dir / "plan.json").get("window")
-        if w:
-            return int(w)
+def _window_of(plan_info: dict, seed_dirs: Iterable[Path]) -> int:
+    if plan_info.get("window"):
+        return int(plan_info["window"])
     for sd in seed_dirs:
         if (sd / "config" / "hparams.yaml").is_file():
             try:
@@ -252,48 +226,37 @@ def summarise(
 ) -> TuneSummary:
     """Summarise every experiment under ``<tune_dir>/experiments/`` from its metrics files.
 
-    Seeds ``ok`` or ``unmarked`` (metrics, no marker) enter the statistics: final and best val
-    loss and mAP of ``test_name`` (mean, sample std), best epochs, slopes over the last
-    ``window`` epochs, the reading and ``vs_top`` (``~top``: within 2 standard errors of the
-    top). Ranked by mean final mAP (final val loss without test sets): the last epoch is not
-    chosen on the test set, so unlike a best-of-epochs value it is not biased upwards. Saves
-    ``summary.csv`` and ``summary.json`` unless ``save=False``.
+    Seeds ``ok`` or ``unmarked`` enter the statistics. Ranked by mean final mAP of ``test_name``
+    (final val loss without test sets): the last epoch is not chosen on the test set, so unlike
+    a best-of-epochs value it is not biased upwards. ``vs_top`` ``~top``: within 2 standard
+    errors of the top. Saves ``summary.csv`` and ``summary.json`` unless ``save=False``.
     """
     tune_dir = Path(tune_dir)
     found = _discover(tune_dir)
     plan_info = read_json(tune_dir / "plan.json") if (tune_dir / "plan.json").is_file() else {}
-    window = window or _window_of(tune_dir, [sd for s in found.values() for sd in s.values()])
-    fm = flat_map_slope if flat_map_slope is not None else plan_info.get("flat_map_slope",
-                                                                          FLAT_MAP_SLOPE)
-    fl = flat_loss_slope if flat_loss_slope is not None else plan_info.get("flat_loss_slope",
-                                                                           FLAT_LOSS_SLOPE)
+    window = window or _window_of(plan_info, [sd for s in found.values() for sd in s.values()])
+    fm = plan_info.get("flat_map_slope", FLAT_MAP_SLOPE) if flat_map_slope is None else flat_map_slope
+    fl = plan_info.get("flat_loss_slope", FLAT_LOSS_SLOPE) if flat_loss_slope is None else flat_loss_slope
     notes: list[str] = []
     curves = {name: {seed: seed_series(read_jsonl(sd / "metrics.jsonl")) for seed, sd in seeds.items()}
               for name, seeds in found.items()}
-    statuses = {name: {seed: seed_status(sd) for seed, sd in seeds.items()}
-                for name, seeds in found.items()}
     test_name = _pick_test_set(test_name or plan_info.get("test_name"), curves, notes)
-    planned_seeds = [int(x) for x in plan_info.get("seeds") or []]
-    experiments = plan_info.get("experiments", [])
-    for e in experiments:  # planned runs not begun count as pending
-        for seed in planned_seeds:
-            if e["name"] in statuses and seed not in statuses[e["name"]]:
-                statuses[e["name"]][seed] = "pending"
-    aliases = {e["name"]: e.get("aliases", []) for e in experiments}
-    settings = {e["name"]: e.get("settings", {}) for e in experiments}
+    planned = {e["name"]: e for e in plan_info.get("experiments", [])}
     rows = []
-    for name in found:
-        per_seed = {seed: _seed_stats(curves[name][seed], test_name, window, flat_map_slope=fm,
-                                      flat_loss_slope=fl)
-                    for seed, st in sorted(statuses[name].items()) if st in ("ok", "unmarked")}
-        row = _experiment_row(name, per_seed, statuses[name], fm, fl)
-        row.update(aliases=", ".join(aliases.get(name, [])), settings=settings.get(name, {}),
-                   problems=_problems(found[name], statuses[name]))
-        rows.append(row)
+    for name, seed_dirs in found.items():
+        statuses = {seed: seed_status(sd) for seed, sd in seed_dirs.items()}
+        if name in planned:  # planned runs not begun count as pending
+            statuses = {int(s): "pending" for s in plan_info.get("seeds") or []} | statuses
+        per_seed = [_seed_stats(curves[name][seed], test_name, window, flat_map_slope=fm,
+                                flat_loss_slope=fl)
+                    for seed, st in sorted(statuses.items()) if st in ("ok", "unmarked")]
+        rows.append({**_experiment_row(name, per_seed, statuses, fm, fl),
+                     "aliases": ", ".join(planned.get(name, {}).get("aliases", [])),
+                     "settings": planned.get(name, {}).get("settings", {}),
+                     "problems": _problems(seed_dirs, statuses)})
     _rank(rows)
     table = format_table(rows, test_name=test_name, window=window)
-    if notes:
-        table += "\n" + "\n".join(f"note: {n}" for n in notes)
+    table += "".join(f"\nnote: {n}" for n in notes)
     summary = TuneSummary(rows=rows, table=table, curves=curves, test_name=test_name,
                           window=window, notes=notes)
     if save and found:
@@ -310,62 +273,53 @@ _STAT_COLUMNS = {
 }
 
 
-def _experiment_row(name: str, per_seed: dict[int, dict], statuses: dict[int, str],
+def _experiment_row(name: str, per_seed: list[dict], statuses: dict[int, str],
                     fm: float, fl: float) -> dict:
-    stats = pd.DataFrame([[s.get(k) for k in _STAT_COLUMNS] for s in per_seed.values()],
-                         columns=list(_STAT_COLUMNS), dtype=float).replace([np.inf, -np.inf], np.nan)
-    row: dict[str, Any] = {"experiment": name, "seeds_total": len(statuses)}
-    for st in ("ok", "diverged", "failed", "unmarked"):
-        row[f"seeds_{st}"] = sum(1 for s in statuses.values() if s == st)
-    for i, (src, dst) in enumerate(_STAT_COLUMNS.items()):
-        row[f"{dst}_mean"] = float(stats[src].mean())
+    stats = pd.DataFrame(per_seed, columns=list(_STAT_COLUMNS), dtype=float) \
+        .replace([np.inf, -np.inf], np.nan).rename(columns=_STAT_COLUMNS)
+    counts = Counter(statuses.values())
+    row: dict[str, Any] = {"experiment": name, "seeds_total": len(statuses),
+                           **{f"seeds_{st}": counts[st] for st in ("ok", "diverged", "failed",
+                                                                   "unmarked")}}
+    for i, col in enumerate(stats):
+        row[f"{col}_mean"] = float(stats[col].mean())
         if i < 4:
-            row[f"{dst}_std"], row[f"{dst}_n"] = float(stats[src].std()), int(stats[src].count())
+            row[f"{col}_std"], row[f"{col}_n"] = float(stats[col].std()), int(stats[col].count())
     val_level = row.pop("val_level_mean")
     if not per_seed:
         label = "diverged" if row["seeds_diverged"] else "no data"
     else:
         label = reading(row["mAP_slope_mean"], row["val_slope_mean"], val_level=val_level,
                         flat_map_slope=fm, flat_loss_slope=fl)
-    disagree = len({s["reading"] for s in per_seed.values()}) > 1
-    row["reading"] = label + (" (seeds disagree)" if disagree else "")
-    row["seeds_disagree"] = disagree
-    row["advice"] = READING_GUIDE.get(label, "")
-    return row
+    disagree = len({s["reading"] for s in per_seed}) > 1
+    return {**row, "reading": label + (" (seeds disagree)" if disagree else ""),
+            "seeds_disagree": disagree, "advice": READING_GUIDE.get(label, "")}
 
 
 def _rank(rows: list[dict]) -> None:
     """Sort rows in place (best first) and fill ``rank`` and ``vs_top``."""
-    has_map = any(math.isfinite(r["mAP_final_mean"]) for r in rows)
-    key, sign = ("mAP_final", -1.0) if has_map else ("val_loss_final", 1.0)
-
-    def sort_key(r: dict) -> tuple:
-        v = r[f"{key}_mean"]
-        return (0, sign * v) if math.isfinite(v) else (1, 0.0)
-
-    rows.sort(key=sort_key)
-    top = rows[0] if rows and math.isfinite(rows[0][f"{key}_mean"]) else None
+    key = "mAP_final" if any(math.isfinite(r["mAP_final_mean"]) for r in rows) else "val_loss_final"
+    sign = -1.0 if key == "mAP_final" else 1.0
+    rows.sort(key=lambda r: sign * r[f"{key}_mean"] if math.isfinite(r[f"{key}_mean"]) else math.inf)
+    top = rows[0] if rows else {}
     for i, r in enumerate(rows, start=1):
-        r["rank"] = i if math.isfinite(r[f"{key}_mean"]) else None
-        if top is None or r["rank"] is None:
+        m, n, sd = r[f"{key}_mean"], r[f"{key}_n"], r[f"{key}_std"]
+        r["rank"] = i if math.isfinite(m) else None
+        if r["rank"] is None:
             r["vs_top"] = ""
-        elif r is top:
+        elif i == 1:
             r["vs_top"] = "top"
-        elif r[f"{key}_n"] < 2 or top[f"{key}_n"] < 2:
+        elif n < 2 or top[f"{key}_n"] < 2:
             r["vs_top"] = "?"
-        else:
-            se = math.sqrt(top[f"{key}_std"] ** 2 / top[f"{key}_n"]
-                           + r[f"{key}_std"] ** 2 / r[f"{key}_n"])
-            gap = abs(top[f"{key}_mean"] - r[f"{key}_mean"])
-            r["vs_top"] = "~top" if gap <= 2 * se else "below"
+        else:  # within 2 standard errors of the difference: noise
+            se = math.sqrt(top[f"{key}_std"] ** 2 / top[f"{key}_n"] + sd**2 / n)
+            r["vs_top"] = "~top" if abs(top[f"{key}_mean"] - m) <= 2 * se else "below"
 
 
 def _pm(mean: float, std: float, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "-"
-    if not math.isfinite(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f}±{std:.{digits}f}"
+    return f"{mean:.{digits}f}" + (f"±{std:.{digits}f}" if math.isfinite(std) else "")
 
 
 def _num(v: float, fmt: str) -> str:
@@ -373,11 +327,10 @@ def _num(v: float, fmt: str) -> str:
 
 
 def _seeds_cell(r: dict) -> str:
-    text = f"{r['seeds_ok'] + r['seeds_unmarked']}/{r['seeds_total']}"
-    extra = [f"{r[k]} {k.split('_')[1]}" for k in ("seeds_diverged", "seeds_failed") if r.get(k)]
-    if r.get("seeds_unmarked"):
-        extra.append(f"{r['seeds_unmarked']} unmarked")
-    return text + (f" ({', '.join(extra)})" if extra else "")
+    extra = [f"{r[f'seeds_{k}']} {k}" for k in ("diverged", "failed", "unmarked")
+             if r.get(f"seeds_{k}")]
+    return f"{r['seeds_ok'] + r['seeds_unmarked']}/{r['seeds_total']}" + \
+        (f" ({', '.join(extra)})" if extra else "")
 
 
 def format_table(rows: Sequence[dict], *, test_name: str | None = None,
@@ -417,17 +370,9 @@ def _save_summary(tune_dir: Path, summary: TuneSummary) -> None:
     csv_text = pd.DataFrame(cells, columns=_ROW_FIELDS).to_csv(
         index=False, lineterminator="\r\n", na_rep="nan")
     atomic_write_text(tune_dir / "summary.csv", csv_text)
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
+    # JSON has no NaN: non-finite numbers become null
+    rows = json.loads(json.dumps(summary.rows), parse_constant=lambda _: None)
     write_json(tune_dir / "summary.json", {
         "test_name": summary.test_name, "window": summary.window, "notes": summary.notes,
-        "rows": clean(summary.rows), "reading_guide": READING_GUIDE,
+        "rows": rows, "reading_guide": READING_GUIDE,
     })

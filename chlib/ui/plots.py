@@ -1,10 +1,6 @@
-"""Figures for the notebooks: CQTs, training curves, embedding maps and evaluation charts.
-
-Every function takes explicit data and returns a matplotlib ``Figure`` on an Agg canvas (no
-pyplot, no GUI backend; Jupyter shows it through a PNG formatter registered here). CQT arrays
-are ``[frames, bins]`` in dB (0 = the track's loudest cell), bin ``b`` at
-``fmin * 2 ** (b / bins_per_octave)`` Hz. :func:`save_figure` is chlib's one figure writer.
-"""
+"""Figures for the notebooks: CQTs, training curves, embedding maps and evaluation charts, each
+a matplotlib ``Figure`` on an Agg canvas (no pyplot; Jupyter shows it through a PNG formatter
+registered here). CQTs are ``[frames, bins]`` in dB (0 = the track's loudest cell)."""
 
 from __future__ import annotations
 
@@ -52,13 +48,13 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
     _register_notebook_display()  # so that a Figure made elsewhere also shows as a PNG
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"save_figure: {path} should end in .png")
-    atomic_write_bytes(path, figure_png(fig, dpi))
+    atomic_write_bytes(path, figure_png(fig, dpi=120))
     return path
 
 
@@ -78,30 +74,13 @@ def note_name(freq_hz: float) -> str:
     return f"{_NOTE_NAMES[midi % 12]}{midi // 12 - 1}"
 
 
-# -- CQTs ------------------------------------------------------------------------------------------
-
-
-def _draw_cqt(ax: Any, cqt: np.ndarray, *, fps: float, fmin: float, bins_per_octave: int,
-              vmin: float | None, vmax: float | None, title: str | None) -> Any:
-    n_frames, n_bins = cqt.shape
-    im = ax.imshow(cqt.T, origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax,
-                   extent=(0.0, n_frames / fps, -0.5, n_bins - 0.5), interpolation="nearest")
-    ticks = list(range(0, n_bins, bins_per_octave))
-    ax.set_yticks(ticks, [note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
-    ax.set(xlabel="time (s)", ylabel="CQT bin (note)")
-    ax.set_title(title or "", fontsize=9)
-    return im
-
-
 def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
               frames_per_second: float = 25.0, fmin: float = 32.0, bins_per_octave: int = 12,
               features: Any = None, ncols: int | None = None, max_seconds: float | None = None,
-              vmin: float | None = -80.0, vmax: float | None = 0.0,
               panel_size: tuple[float, float] = (4.0, 3.0)) -> Figure:
-    """Several CQTs [frames, bins] (dB) side by side, one panel each: time (s) across, pitch
-    up (octave ticks named). ``features`` (a FeatureSettings) replaces ``frames_per_second``,
-    ``fmin`` and ``bins_per_octave``; ``ncols`` defaults to one row of at most 4;
-    ``max_seconds`` crops every panel; ``vmin``/``vmax`` is the dB range (None: the data's)."""
+    """CQTs [frames, bins] (dB, shown from -80 to 0) side by side: time (s) across, pitch up
+    (octave ticks named). ``features`` (a FeatureSettings) replaces ``frames_per_second``,
+    ``fmin`` and ``bins_per_octave``; ``ncols``: one row of at most 4; ``max_seconds`` crops."""
     if features is not None:
         frames_per_second, fmin = float(features.frames_per_second), float(features.fmin)
         bins_per_octave = int(features.bins_per_octave)
@@ -117,27 +96,25 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
     nrows = math.ceil(len(arrays) / ncols)
     fig, axes = new_figure(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
                            squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_visible(i < len(arrays))
-        if i < len(arrays):
-            im = _draw_cqt(ax, arrays[i], fps=frames_per_second, fmin=fmin, vmin=vmin, vmax=vmax,
-                           bins_per_octave=bins_per_octave, title=titles[i] if titles else None)
-            ax.set_ylabel("" if i % ncols else ax.get_ylabel())
+    for ax in axes.flat[len(arrays):]:
+        ax.set_visible(False)
+    for i, (ax, cqt) in enumerate(zip(axes.flat, arrays, strict=False)):
+        n_frames, n_bins = cqt.shape
+        im = ax.imshow(cqt.T, origin="lower", aspect="auto", cmap="magma", vmin=-80.0, vmax=0.0,
+                       extent=(0.0, n_frames / frames_per_second, -0.5, n_bins - 0.5),
+                       interpolation="nearest")
+        ticks = list(range(0, n_bins, bins_per_octave))
+        ax.set_yticks(ticks, [note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
+        ax.set(xlabel="time (s)", ylabel="" if i % ncols else "CQT bin (note)")
+        ax.set_title(titles[i] if titles else "", fontsize=9)
     fig.colorbar(im, ax=list(axes.flat), label="dB", shrink=0.8 if len(arrays) > 1 else 1.0)
     return fig
 
 
-def plot_cqt(cqt: np.ndarray, *, frames_per_second: float = 25.0, fmin: float = 32.0,
-             bins_per_octave: int = 12, features: Any = None, title: str | None = None,
-             vmin: float | None = -80.0, vmax: float | None = 0.0,
-             figsize: tuple[float, float] = (8, 3.5)) -> Figure:
-    """One CQT [frames, bins] in dB as an image with a colour bar (arguments: :func:`plot_cqts`)."""
-    return plot_cqts([cqt], None if title is None else [title], panel_size=figsize,
-                     frames_per_second=frames_per_second, fmin=fmin, features=features,
-                     bins_per_octave=bins_per_octave, vmin=vmin, vmax=vmax)
+def plot_cqt(cqt: np.ndarray, *, title: str | None = None, **kwargs: Any) -> Figure:
+    """One CQT [frames, bins] in dB with a colour bar (keywords: :func:`plot_cqts`)."""
+    return plot_cqts([cqt], None if title is None else [title], panel_size=(8, 3.5), **kwargs)
 
-
-# -- training curves -------------------------------------------------------------------------------
 
 _LOSS_KEYS = ("loss", "foc_loss", "total_loss", "total", "tri_loss", "cen_loss")
 
@@ -154,91 +131,76 @@ def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dict:
-    """Per-epoch series from metrics records: ``{"loss_key", "train", "val", "mAP"}``.
+    """Per-epoch series of metrics records: ``{"loss_key", "train", "val", "mAP"}``.
 
-    ``train`` / ``val`` map epoch -> loss, ``mAP`` test set -> {epoch -> mAP}; ``epoch`` records
-    (as training writes them) win over ``train`` (averaged per epoch), ``val`` and ``test``
-    records. ``loss_key`` None picks a loss both curves have, in ``_LOSS_KEYS`` order.
+    ``train`` / ``val`` map epoch -> loss, ``mAP`` test set -> {epoch -> mAP}. An ``epoch``
+    record (as training writes them) wins over that epoch's ``train`` / ``val`` records (which
+    are averaged). ``loss_key`` None picks a loss both curves have, in ``_LOSS_KEYS`` order.
     """
-    steps: dict[int, list[dict]] = {}  # epoch -> losses of its train records
-    val_rows: dict[int, dict] = {}
-    ep_train: dict[int, dict] = {}
-    ep_val: dict[int, dict] = {}
+    losses: list[tuple] = []  # (curve, 0 from an epoch record else 1, epoch, loss name, value)
     maps: dict[str, dict[int, float]] = {}
     for r in rows:
         if not isinstance(r, Mapping) or r.get("epoch") is None:
             continue
         kind, epoch = r.get("kind"), int(r["epoch"])
-        if kind == "train":
-            steps.setdefault(epoch, []).append(_losses_of(r))
-        elif kind == "val":
-            val_rows[epoch] = _losses_of(r)
+        if kind in ("train", "val"):
+            losses += [(kind, 1, epoch, k, v) for k, v in _losses_of(r).items()]
         elif kind == "test" and isinstance(r.get("mAP"), (int, float)):
             maps.setdefault(str(r.get("testset", "test")), {})[epoch] = float(r["mAP"])
         elif kind in ("epoch", None):
-            ep_train[epoch], ep_val[epoch] = _losses_of(r, "train_"), _losses_of(r, "val_")
+            for curve in ("train", "val"):
+                losses += [(curve, 0, epoch, k, v) for k, v in _losses_of(r, curve + "_").items()]
             for k, v in r.items():
                 if k.startswith("mAP/") and isinstance(v, (int, float)):
                     maps.setdefault(k[4:], {})[epoch] = float(v)
-    t_names = {k for d in [*ep_train.values(), *(d for s in steps.values() for d in s)] for k in d}
-    v_names = {k for d in (*ep_val.values(), *val_rows.values()) for k in d}
-    names = sorted(t_names & v_names or t_names or v_names, key=lambda k: (k not in _LOSS_KEYS, k))
+    df = pd.DataFrame(losses, columns=["curve", "prio", "epoch", "loss", "value"])
+    t_names, v_names = (set(df["loss"][df["curve"] == c]) for c in ("train", "val"))
+    names = sorted(t_names & v_names or t_names or v_names,
+                   key=lambda k: (k not in _LOSS_KEYS, k))
     if loss_key is None:
         key = next((k for k in _LOSS_KEYS if k in names), names[0] if names else None)
     else:
         key = loss_key if loss_key in names else None
-    train: dict[int, float] = {}
-    val: dict[int, float] = {}
-    for e in sorted(set(ep_train) | set(steps)):  # an epoch record wins over its steps' mean
-        vals = [ep_train[e][key]] if key in ep_train.get(e, {}) else [
-            d[key] for d in steps.get(e, []) if key in d]
-        if vals:
-            train[e] = float(np.mean(vals))
-    for e in sorted(set(ep_val) | set(val_rows)):
-        src = ep_val[e] if key in ep_val.get(e, {}) else val_rows.get(e, {})
-        if key in src:
-            val[e] = src[key]
-    return {"loss_key": key, "train": train, "val": val, "mAP": maps}
+    df = df[df["loss"] == key]
+    df = df[df["prio"] == df.groupby(["curve", "epoch"])["prio"].transform("min")]
+    curves: dict[str, dict[int, float]] = {"train": {}, "val": {}}
+    for (curve, epoch), value in df.groupby(["curve", "epoch"])["value"].mean().items():
+        curves[curve][int(epoch)] = float(value)
+    return {"loss_key": key, **curves, "mAP": maps}
 
 
 def _note(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None,
-                         figsize: tuple[float, float] = (11, 3.8)) -> Figure:
+def plot_training_curves(rows: Iterable[Mapping], *, loss_key: str | None = None) -> Figure:
     """Loss per epoch (train, validation) on the left and mAP per test set on the right, of
     ``metrics.jsonl`` records (``loss_key`` as in :func:`training_curves`)."""
     c = training_curves(list(rows), loss_key)
-    fig, (ax_loss, ax_map) = new_figure(1, 2, figsize=figsize)
-    for series, label, marker in ((c["train"], "train", "o"), (c["val"], "validation", "s")):
-        if series:
-            ax_loss.plot(list(series), list(series.values()), marker=marker, label=label)
-    for name, series in sorted(c["mAP"].items()):
-        ep = sorted(series)
-        ax_map.plot(ep, [series[e] for e in ep], marker="o", label=name)
-    ax_loss.set(xlabel="epoch", ylabel=c["loss_key"] or "loss", title="loss")
-    ax_map.set(xlabel="epoch", ylabel="mAP", title="test-set mAP")
-    if c["train"] or c["val"]:
-        ax_loss.legend()
-    else:
-        _note(ax_loss, "no loss records yet")
+    fig, (ax_loss, ax_map) = new_figure(1, 2, figsize=(11, 3.8))
+    for ax, curves, ylabel, title, empty in (
+            (ax_loss, {"train": c["train"], "validation": c["val"]}, c["loss_key"] or "loss",
+             "loss", "no loss records yet"),
+            (ax_map, dict(sorted(c["mAP"].items())), "mAP", "test-set mAP",
+             "no test-set records")):
+        for label, series in curves.items():
+            if series:
+                epochs = sorted(series)
+                ax.plot(epochs, [series[e] for e in epochs], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        if ax.lines:
+            ax.legend()
+        else:
+            _note(ax, empty)
     if c["mAP"]:
         ax_map.set_ylim(0, 1.02)
-        ax_map.legend()
-    else:
-        _note(ax_map, "no test-set records")
     return fig
 
 
-# -- embeddings ------------------------------------------------------------------------------------
-
-
-def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0,
-                       metric: str = "cosine") -> np.ndarray:
-    """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] by "pca", "tsne" or "umap" (its
-    first import compiles with numba, ~20 s). Neighbourhoods shrink for small N so a tiny test
-    set still gets a map; N < 3 falls back to PCA."""
+def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0) -> np.ndarray:
+    """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] by "pca", "tsne" or "umap" (cosine;
+    umap's first import compiles with numba, ~20 s). Neighbourhoods shrink for small N so a tiny
+    test set still gets a map; N < 3 falls back to PCA."""
     x = np.asarray(emb, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ConfigError(f"project_embeddings: expected [N, D] embeddings, got shape {x.shape}")
@@ -257,11 +219,11 @@ def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0,
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
-        return TSNE(n_components=2, perplexity=perplexity, metric=metric, init="pca",
+        return TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
                     random_state=seed).fit_transform(x).astype(np.float64)
     import umap  # slow (numba), so only imported when asked for
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=int(max(2, min(15, n - 1))), metric=metric,
+    reducer = umap.UMAP(n_components=2, n_neighbors=int(max(2, min(15, n - 1))), metric="cosine",
                         random_state=seed, init="random" if n < 10 else "spectral", n_jobs=1)
     return np.asarray(reducer.fit_transform(x), dtype=np.float64)
 
@@ -270,79 +232,55 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _label_style(labels: Sequence) -> dict:
-    """A colour and marker per distinct label: tab20's dark shades, then its light ones, x 8
-    markers before repeating."""
-    cmap = colormaps["tab20"]
-    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    return {lab: (cmap(order[i % 20]), _MARKERS[(i // 20) % len(_MARKERS)])
-            for i, lab in enumerate(dict.fromkeys(labels))}
-
-
 _MARKS = ("never seen in training", "selected", "neighbours")
-
-
-def _mark_selection(ax: Any, xy: np.ndarray, selected: int, neighbours: Sequence[int]) -> None:
-    nb = [int(j) for j in neighbours]
-    for j in nb:
-        ax.plot(xy[[selected, j], 0], xy[[selected, j], 1], color="black", linewidth=0.6,
-                alpha=0.6, zorder=4)
-    if nb:
-        ax.scatter(xy[nb, 0], xy[nb, 1], s=60, facecolors="none", edgecolors="black",
-                   linewidths=1.2, label="neighbours", zorder=5)
-    ax.scatter([xy[selected, 0]], [xy[selected, 1]], s=260, marker="*", color="black",
-               label="selected", zorder=6)
 
 
 def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str | None = "tsne",
                               test_only: Iterable | None = None,
                               highlight: Iterable | None = None,
                               label_names: Mapping | None = None, seed: int = 0,
-                              title: str | None = None, annotate: bool | None = None,
-                              selected: int | None = None, neighbours: Sequence[int] = (),
-                              figsize: tuple[float, float] = (9, 6)) -> Figure:
+                              title: str | None = None, selected: int | None = None,
+                              neighbours: Sequence[int] = ()) -> Figure:
     """A 2-D map of recordings coloured by work label, never-seen works ringed, chosen ones bold.
 
     ``emb``: [N, D] embeddings projected by ``method``, or [N, 2] coordinates with ``method``
-    None. ``test_only`` labels get a black ring, ``highlight`` labels are bold (and annotated
-    unless ``annotate`` is False), the others faded; ``selected`` (a row) is a star joined to its
-    ``neighbours``. Each label's points are one collection named after the work.
+    None. ``test_only`` labels get a black ring, ``highlight`` labels are bold and annotated,
+    the others faded; ``selected`` (a row) is a star joined to its ``neighbours``. Each label's
+    points are one collection named after the work.
     """
-    labels = list(labels)
-    x = np.asarray(emb)
-    if x.ndim != 2 or x.shape[0] != len(labels):
-        raise ConfigError(
-            f"plot_embedding_projection: {len(labels)} labels for embeddings of shape {x.shape}")
-    if method is None and x.shape[1] != 2:
-        raise ConfigError("plot_embedding_projection: method=None needs [N, 2] coordinates")
+    labels, x = list(labels), np.asarray(emb)
+    if x.ndim != 2 or x.shape[0] != len(labels) or (method is None and x.shape[1] != 2):
+        raise ConfigError(f"plot_embedding_projection: {len(labels)} labels for embeddings of "
+                          f"shape {x.shape} (method=None needs [N, 2] coordinates)")
     xy = x.astype(np.float64) if method is None else project_embeddings(x, method, seed=seed)
-    names = dict(label_names or {})
-    style = _label_style(labels)
-    hl = set(highlight or ())
-    to = set(test_only or ())
-    annotate = bool(hl) if annotate is None else annotate
-    lab_arr = np.array([str(v) for v in labels], dtype=object)
-    fig, ax = new_figure(figsize=figsize)
-    for lab, (colour, marker) in style.items():
-        m, bold = lab_arr == str(lab), lab in hl
-        ax.scatter(xy[m, 0], xy[m, 1], color=colour, marker=marker, s=70 if bold else 28,
-                   alpha=0.2 if hl and not bold else 0.9, zorder=3 if bold else 2,
-                   edgecolors="black" if bold else "none", label=_short(str(names.get(lab, lab))))
-        for px, py in xy[m] if annotate and bold else ():
-            ax.annotate(str(names.get(lab, lab)), (px, py), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
-    ring = np.array([lab in to for lab in labels], dtype=bool)
-    if ring.any():
-        ax.scatter(xy[ring, 0], xy[ring, 1], s=160, facecolors="none", edgecolors="black",
-                   linewidths=1.0, label=_MARKS[0], zorder=4)
-    if selected is not None:
-        _mark_selection(ax, xy, selected, neighbours)
-    n_unseen = len({lab for lab in labels if lab in to})
-    ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {len(style)} works"
-                 + (f" ({n_unseen} never seen, ringed)" if ring.any() else ""), fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if len(style) <= 20 or hl:
+    names, hl, unseen = dict(label_names or {}), set(highlight or ()), set(test_only or ())
+    works, lab_arr = list(dict.fromkeys(labels)), np.array([str(v) for v in labels], dtype=object)
+    cmap, order = colormaps["tab20"], [*range(0, 20, 2), *range(1, 20, 2)]  # dark shades first
+    fig, ax = new_figure(figsize=(9, 6))
+    for i, lab in enumerate(works):
+        m, bold, name = lab_arr == str(lab), lab in hl, str(names.get(lab, lab))
+        ax.scatter(xy[m, 0], xy[m, 1], color=cmap(order[i % 20]), s=70 if bold else 28,
+                   marker=_MARKERS[(i // 20) % len(_MARKERS)], zorder=3 if bold else 2,
+                   alpha=0.2 if hl and not bold else 0.9, edgecolors="black" if bold else "none",
+                   label=_short(name))
+        for px, py in xy[m] if bold else ():
+            ax.annotate(name, (px, py), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ring = np.flatnonzero([lab in unseen for lab in labels])
+    nb = [int(j) for j in neighbours] if selected is not None else []
+    for rows, mark, size, width, z in ((ring, _MARKS[0], 160, 1.0, 4), (nb, _MARKS[2], 60, 1.2, 5)):
+        if len(rows):  # open black circles
+            ax.scatter(xy[rows, 0], xy[rows, 1], s=size, facecolors="none", edgecolors="black",
+                       linewidths=width, label=mark, zorder=z)
+    if selected is not None:  # a star, joined by a line to each neighbour
+        seg = np.array([[selected, j] for j in nb], dtype=int).reshape(-1, 2).T
+        ax.plot(xy[seg, 0], xy[seg, 1], color="black", linewidth=0.6, alpha=0.6, zorder=4)
+        ax.scatter([xy[selected, 0]], [xy[selected, 1]], s=260, marker="*", color="black",
+                   label=_MARKS[1], zorder=6)
+    ringed = f" ({len(unseen & set(labels))} never seen, ringed)" if len(ring) else ""
+    ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {len(works)} "
+                 f"works{ringed}", fontsize=10)
+    ax.set(xticks=[], yticks=[])
+    if len(works) <= 20 or hl:
         shown = {_short(str(names.get(v, v))) for v in hl} | set(_MARKS)
         handles = [h for h in ax.collections if not hl or h.get_label() in shown]
         ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -350,37 +288,32 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     return fig
 
 
-# -- evaluation charts -----------------------------------------------------------------------------
-
-
-def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20,
-                        figsize: tuple[float, float] = (7, 3.5)) -> Figure:
+def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20) -> Figure:
     """Histogram of the 1-based rank of each query's first correct recording: a bar per rank
     up to ``max_rank`` (rank 1 green), then a grey "> max_rank" bar; ranks <= 0 (no other
     recording of the work) are only counted in the title."""
     if max_rank < 1:
         raise ConfigError(f"plot_rank_histogram: max_rank must be >= 1, got {max_rank}")
     r = np.asarray(list(ranks), dtype=np.int64)
-    found = np.minimum(r[r > 0], max_rank + 1)
-    fig, ax = new_figure(figsize=figsize)
-    sns.histplot(x=found, bins=np.arange(0.5, max_rank + 2), color="tab:blue", alpha=1.0, ax=ax)
+    fig, ax = new_figure(figsize=(7, 3.5))
+    sns.histplot(x=np.minimum(r[r > 0], max_rank + 1), bins=np.arange(0.5, max_rank + 2),
+                 color="tab:blue", alpha=1.0, ax=ax)
     ax.patches[0].set_facecolor("tab:green")
     ax.patches[-1].set_facecolor("tab:gray")
     ticks = [1, *range(5, max_rank + 1, 5)]
     ax.set_xticks([*ticks, max_rank + 1], [*map(str, ticks), f">{max_rank}"])
     ax.set(xlabel="rank of the first correct recording", ylabel="queries")
     n_none = int(np.sum(r <= 0))
-    share = float(np.mean(r == 1)) if len(r) else 0.0
-    ax.set_title(f"{len(r)} queries: {share:.0%} correct at rank 1"
+    ax.set_title(f"{len(r)} queries: {np.mean(r == 1) if len(r) else 0.0:.0%} correct at rank 1"
                  + (f"; {n_none} without any other recording of their work" if n_none else ""),
                  fontsize=10)
     return fig
 
 
 def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, title: str,
-           empty: str, figsize: tuple[float, float] | None) -> tuple[Figure, Any]:
+           empty: str) -> tuple[Figure, Any]:
     """Horizontal seaborn bars of ``(label, value)`` items, the first at the top."""
-    fig, ax = new_figure(figsize=figsize or (7, 0.35 * max(len(items), 3) + 1.2))
+    fig, ax = new_figure(figsize=(7, 0.35 * max(len(items), 3) + 1.2))
     if not items:
         _note(ax, empty)
         ax.set_axis_off()
@@ -394,43 +327,35 @@ def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, ti
     return fig, ax
 
 
-def _pair_row(p: Any) -> tuple[Any, Any, float]:
-    if not isinstance(p, Mapping):
-        return p[0], p[1], float(p[2])
-    v = p.get("count", p.get("value", p.get("n", p.get("distance"))))
-    return p.get("work_a", p.get("a")), p.get("work_b", p.get("b")), float(v)
-
-
 def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "confusions",
-                        label_names: Mapping | None = None,
-                        figsize: tuple[float, float] | None = None) -> Figure:
+                        label_names: Mapping | None = None) -> Figure:
     """Horizontal bars of the ``top`` work pairs most often confused, largest at the top;
     ``pairs`` holds ``(work_a, work_b, value)`` tuples or dicts with ``work_a``, ``work_b`` and
-    ``count`` (or ``value``)."""
-    rows = sorted(map(_pair_row, pairs), key=lambda t: -t[2])[:top]
+    ``count``."""
+    rows = [(p["work_a"], p["work_b"], p["count"]) if isinstance(p, Mapping) else p for p in pairs]
+    rows = sorted([(a, b, float(v)) for a, b, v in rows], key=lambda t: -t[2])[:top]
     names = dict(label_names or {})
     items = [(f"{names.get(a, a)}  ↔  {names.get(b, b)}", v) for a, b, v in rows]
     fig, ax = _hbars(items, ["tab:red"] * len(items), xlabel=value_label,
-                     title="most confused work pairs", empty="no confusions", figsize=figsize)
+                     title="most confused work pairs", empty="no confusions")
     if items and all(v.is_integer() for _, v in items):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
 def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first: bool = True,
-                     label_names: Mapping | None = None,
-                     figsize: tuple[float, float] | None = None) -> Figure:
+                     label_names: Mapping | None = None) -> Figure:
     """Average precision of ``top`` works as bars, worst first; ``per_work`` maps work -> AP,
     or holds ``(work, ap)`` pairs or dicts with ``work`` and ``ap``. Bars under 0.5 are red."""
     if isinstance(per_work, Mapping):
         per_work = per_work.items()
-    items = [(p.get("work", p.get("label")), float(p["ap"])) if isinstance(p, Mapping)
-             else (p[0], float(p[1])) for p in per_work]
-    items = sorted(items, key=lambda t: t[1], reverse=not worst_first)[:top]
+    items = [(p["work"], p["ap"]) if isinstance(p, Mapping) else p for p in per_work]
+    items = sorted([(k, float(v)) for k, v in items], key=lambda t: t[1], reverse=not worst_first)
+    items = items[:top]
     names = dict(label_names or {})
     fig, ax = _hbars([(str(names.get(k, k)), v) for k, v in items],
                      ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],
-                     xlabel="average precision", empty="no works", figsize=figsize,
+                     xlabel="average precision", empty="no works",
                      title=f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}")
     if items:
         ax.set_xlim(0, 1)

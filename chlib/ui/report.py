@@ -17,26 +17,38 @@ import pandas as pd
 from chlib.core.errors import ConfigError
 from chlib.core.manifest import resolve_path
 from chlib.data.features import load_feature
-from chlib.retrieval.evaluate import FIGURE_KINDS, Evaluation, TestSetResult
+from chlib.retrieval.evaluate import Evaluation, TestSetResult
 from chlib.retrieval.explore import ExplorerData
 from chlib.retrieval.identify import query_features
+from chlib.retrieval.metrics import METRIC_NAMES
 from chlib.ui import plots
 
 __all__ = ["metrics_table", "projection_figure", "testset_figure", "query_match_figure",
-           "explorer_projection", "explorer_map_figure", "invariance_figure"]
+           "summary_text", "explorer_projection", "explorer_map_figure", "invariance_figure"]
+
+FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")  # of testset_figure
 
 
 def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
     """The metrics with 95 % CIs and baselines, one row per (test set, metric); the title (the
-    column axis name) names the checkpoint, the model and the distance rule."""
-    df = pd.DataFrame(evaluation.rows(), columns=evaluation.columns())
-    df.columns.name = evaluation.title()
+    column axis name) names the checkpoint, the model, the distance rule and any notes."""
+    ev, results = evaluation, evaluation.results.values()
+    rows = [{"testset": r.name, "rule": r.rule, "metric": m, "value": r.metrics.get(m),
+             "low": r.ci.get(m, {}).get("low"), "high": r.ci.get(m, {}).get("high"),
+             "queries": r.metrics.get("n_queries"), "refs": len(r.r_perfs),
+             **{b: scores.get(m) for b, scores in r.baselines.items()}}
+            for r in results for m in METRIC_NAMES]
+    extra = list(dict.fromkeys(b for r in results for b in r.baselines))
+    df = pd.DataFrame(rows, columns=["testset", "rule", "metric", "value", "low", "high", *extra,
+                                     "queries", "refs"])
+    df.columns.name = "; ".join([f"epoch {ev.epoch} ({ev.checkpoint}), model {ev.fingerprint}, "
+                                 f"distance rule {ev.rule!r}", *ev.notes])
     return df
 
 
 def projection_figure(result: TestSetResult, method: str = "tsne", *, seed: int = 0) -> Any:
     """t-SNE / UMAP / PCA map of a test set's recordings coloured by work, unseen works ringed."""
-    labels = [x.item() if isinstance(x, np.generic) else x for x in result.point_labels]
+    labels = result.point_labels.tolist()
     return plots.plot_embedding_projection(
         result.points, labels, method=method, test_only=result.test_only,
         label_names=result.work_names, seed=seed,
@@ -80,6 +92,25 @@ def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
         arrays.append(np.asarray(load_feature(resolve_path(match["feat"]))))
         titles.append(f"best match: {match.get('perf')} ({match.get('work')})")
     return plots.plot_cqts(arrays, titles, features=hp.features, max_seconds=max_seconds)
+
+
+def summary_text(summary: Mapping) -> str:
+    """A few readable lines from :func:`chlib.retrieval.identify.identification_summary`."""
+    s = summary
+    lines = [f"{s['n_queries']} queries identified ({s['n_failed']} could not be read)."]
+    if s["n_with_truth"]:
+        lines.append(
+            f"Of {s['n_with_truth']} queries whose work is known: true work first "
+            f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.")
+        lines.append(
+            f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
+            f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
+            f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the right "
+            "answer for them is 'no confident match').")
+    if s["best_verdicts"]:
+        lines.append("Verdicts of the best match: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
+    return "\n".join(lines)
 
 
 def explorer_projection(data: ExplorerData, method: str, seed: int = 0) -> np.ndarray:

@@ -1,9 +1,6 @@
-"""Run the numbered notebooks headless with papermill (batch runs).
-
-``python -m chlib run 01 02 --run demo -p dataset_dir datasets/demo`` executes each notebook
-into ``runs/<run>/notebooks/``, overriding its ``parameters`` cell (``run_dir`` = ``runs/<run>``
-where declared); a parameter no chosen notebook declares is an error, so a typo is not ignored.
-"""
+"""Run the numbered notebooks headless with papermill (``python -m chlib run``) into
+``runs/<run>/notebooks/``, with their ``parameters`` cells overridden (``run_dir`` =
+``runs/<run>`` where declared); a parameter that no chosen notebook declares is an error."""
 
 from __future__ import annotations
 
@@ -27,8 +24,7 @@ NOTEBOOKS = ("01_prepare", "02_extract", "03_train", "04_tune", "05_evaluate", "
 
 
 def find_notebooks_dir(start: str | Path | None = None) -> Path:
-    """The repository's ``notebooks/`` folder: searched from ``start`` (cwd) upwards, then
-    beside the installed package."""
+    """The ``notebooks/`` folder: searched from ``start`` (cwd) upwards, then beside chlib."""
     here = Path(start or Path.cwd()).resolve()
     for d in [here, *here.parents, Path(__file__).resolve().parents[2]]:
         if (d / "notebooks" / f"{NOTEBOOKS[0]}.ipynb").exists():
@@ -40,11 +36,9 @@ def find_notebooks_dir(start: str | Path | None = None) -> Path:
 def notebook_path(name: str, notebooks_dir: Path | None = None) -> Path:
     """Path of a notebook given as ``03_train``, ``03`` or ``03_train.ipynb``."""
     stem = name.removesuffix(".ipynb")
-    matches = [n for n in NOTEBOOKS if stem in (n, n.split("_")[0])]
-    if not matches:
+    if not (matches := [n for n in NOTEBOOKS if stem in (n, n.split("_")[0])]):
         raise ConfigError(f"unknown notebook {name!r}; choose from {', '.join(NOTEBOOKS)}")
-    path = (notebooks_dir or find_notebooks_dir()) / f"{matches[0]}.ipynb"
-    if not path.exists():
+    if not (path := (notebooks_dir or find_notebooks_dir()) / f"{matches[0]}.ipynb").exists():
         raise ConfigError(f"{path}: notebook not found")
     return path
 
@@ -79,13 +73,12 @@ _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 def parse_cli_value(text: str) -> Any:
     """``-p key value`` values: Python/YAML-ish literals (numbers, bools, None, lists), else str."""
-    low = text.strip().lower()
-    return _WORDS[low] if low in _WORDS else _literal(text)
+    return _WORDS.get(text.strip().lower(), _literal(text))
 
 
 @dataclass
 class RunRecord:
-    """What one batch run did: each notebook's output path, wall time and error (if any)."""
+    """What one batch run did: per notebook its output path, wall time and error (or None)."""
 
     run_dir: Path
     executed: list[dict] = field(default_factory=list)  # notebook, output, error, seconds, ...
@@ -95,22 +88,19 @@ class RunRecord:
         return all(e["error"] is None for e in self.executed)
 
     def summary(self) -> str:
-        lines = [f"run folder: {self.run_dir}"]
-        for e in self.executed:
-            status = "ok" if e["error"] is None else f"FAILED: {e['error']}"
-            lines.append(f"  {e['notebook']:<12} {e['seconds']:7.1f} s  {status}  -> {e['output']}")
-        return "\n".join(lines)
+        return "\n".join([f"run folder: {self.run_dir}"] + [
+            f"  {e['notebook']:<12} {e['seconds']:7.1f} s  "
+            f"{'ok' if e['error'] is None else 'FAILED: ' + e['error']}  -> {e['output']}"
+            for e in self.executed])
 
 
 def run_notebooks(names: Sequence[str], *, run: str | None = None,
                   run_dir: str | Path | None = None, parameters: dict[str, Any] | None = None,
                   runs_root: str | Path = "runs", cwd: str | Path | None = None,
-                  kernel_name: str = "python3", progress: bool = True,
-                  stop_on_error: bool = True) -> RunRecord:
-    """Execute notebooks ``names`` (``01_prepare``, ``02`` ...) in order with papermill into
+                  progress: bool = True, stop_on_error: bool = True) -> RunRecord:
+    """Execute notebooks ``names`` (``01_prepare``, ``02`` ...) in order into
     ``<run_dir>/notebooks/`` (default ``runs_root/run``), each with the ``parameters`` it
-    declares; kernels run in ``cwd`` (default: the repository root).
-    """
+    declares; kernels run in ``cwd`` (default: the repository root)."""
     nb_dir = find_notebooks_dir(cwd)
     if run_dir is None and run is None:
         raise ConfigError("give run= (a name under runs/) or run_dir=")
@@ -129,10 +119,9 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
         mine = {k: v for k, v in params.items() if k in declared[path]}
         if "run_dir" in declared[path]:
             mine.setdefault("run_dir", str(run_dir))
-        out = run_dir / "notebooks" / path.name
-        t0, error = time.perf_counter(), None
+        out, t0, error = run_dir / "notebooks" / path.name, time.perf_counter(), None
         try:
-            pm.execute_notebook(str(path), str(out), parameters=mine, kernel_name=kernel_name,
+            pm.execute_notebook(str(path), str(out), parameters=mine, kernel_name="python3",
                                 cwd=str(Path(cwd) if cwd else nb_dir.parent),
                                 progress_bar=progress)
         except pm.PapermillExecutionError as e:
