@@ -142,3 +142,12 @@ def test_missing_and_corrupt_features_are_reported(tmp_path):
     ds = ChunkDataset([gone], chunk_len=10)
     with pytest.raises(FeatureError, match="nope.npy"):
         ds[0]
+
+
+def test_timbre_eq_changes_training_crops_but_not_their_shape(tmp_path):
+    full = write_toy_dataset(tmp_path, n_works=3, n_perfs=2)
+    recs = read_manifest(full, FULL_KEYS)
+    plain = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0)
+    eq = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0, timbre_eq_db=20.0)
+    a, b = plain[(0, 7)][0], eq[(0, 7)][0]
+    assert a.shape == b.shape and not torch.allclose(a, b)

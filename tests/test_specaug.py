@@ -145,3 +145,15 @@ def test_roll_pitch_random_shifts_both_ways_without_wrap_filling_the_row_minimum
         np.testing.assert_array_equal(vac, np.broadcast_to(x.min(axis=1, keepdims=True), vac.shape))
         assert np.all(out[15:] == PAD_DB)
     assert shifts == set(range(-6, 7))
+
+
+def test_random_eq_is_a_smooth_envelope_within_its_depth():
+    from chlib.signal.specaug import random_eq
+
+    x = np.full((10, 96), -20.0, dtype=np.float32)
+    y = random_eq(x, 12.0, rng=np.random.default_rng(0))
+    curve = y[0] - x[0]
+    assert np.allclose(y, y[0])  # the same envelope on every frame
+    assert np.abs(curve).max() == pytest.approx(12.0, abs=1e-4)
+    assert np.abs(np.diff(curve)).max() < 2.0  # smooth over the bins
+    assert random_eq(np.full((2, 8), -99.0, np.float32), 30.0, rng=np.random.default_rng(1)).min() >= -100.0

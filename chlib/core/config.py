@@ -110,9 +110,7 @@ class PrepConfig:
 
 def load_prep_config(path: str | os.PathLike) -> PrepConfig:
     """Load ``datasets/<name>/hparams.yaml``; a missing file gives the defaults."""
-    if not Path(path).exists():
-        return PrepConfig()
-    return PrepConfig.from_dict(load_yaml(path), where=str(path))
+    return PrepConfig.from_dict(load_yaml(path), str(path)) if Path(path).exists() else PrepConfig()
 
 
 @dataclass(frozen=True)
@@ -238,6 +236,7 @@ class HParams:
     eval_batch_size: int = opt(64)
     # chlib: feature-domain tempo factors in [1 - j, 1 + j]; 0 = off
     tempo_jitter: float = opt(0.0, rng=_FRACTION, hint="0.1 = tempo factors 0.9..1.1")
+    timbre_eq_db: float = opt(0.0, rng="[0, 40]", hint="random spectral envelopes up to this depth")
     # production (k-fold) training, section 10.2 of the fact sheet
     k_folds: int = opt(5, rng="[2, inf)")
     fold_lr_decay: float = opt(0.98)
@@ -354,9 +353,7 @@ class HParams:
         d = schema.dump(self, {})
         if self.num_classes_auto:
             d["foc"]["output_dims"] = "auto"
-        for name, ts in self.testsets.items():
-            d[name] = schema.dump(ts, {})
-        return d
+        return d | {name: schema.dump(ts, {}) for name, ts in self.testsets.items()}
 
     def updated(self, overrides: dict) -> HParams:
         """A new validated HParams with ``overrides`` deep-merged into this one's YAML dict."""

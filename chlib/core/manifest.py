@@ -161,12 +161,10 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ..., *,
 def read_manifest(path: str | os.PathLike, required: Sequence[str] = DATASET_KEYS, *,
                   strict: bool = True, unique_key: str | None = "perf"
                   ) -> list[dict] | tuple[list[dict], list[ManifestProblem]]:
-    """The records of a manifest, in file order.
-
-    ``required``: keys every record must have (:data:`FULL_KEYS` for full.txt and split files).
-    ``strict``: any bad line raises one :class:`ManifestError` listing every problem; else
-    ``(good_records, problems)``. ``unique_key`` values must be unique (the first is kept).
-    """
+    """The records of a manifest, in file order, each with the ``required`` keys (:data:`FULL_KEYS`
+    for full.txt and split files) and a unique ``unique_key`` (the first kept). Bad lines raise
+    one :class:`ManifestError` listing them all, or with ``strict=False`` come back beside the
+    good records as ``(records, problems)``."""
     path = Path(path)
     records: list[dict] = []
     problems: list[ManifestProblem] = []
@@ -213,8 +211,7 @@ def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def read_work_id_map(path: str | os.PathLike) -> dict[str, int]:
-    """Read ``work_id.map`` (``"<work_id> <work>"`` per line, the work may contain spaces) ->
-    ``{work: id}``."""
+    """``{work: id}`` of ``work_id.map`` (``"<work_id> <work>"`` lines; a work may have spaces)."""
     path = Path(path)
     out: dict[str, int] = {}
     ids: dict[int, int] = {}  # work id -> line

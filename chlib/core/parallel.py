@@ -61,23 +61,14 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], *, num_workers: int,
 
     ``fn``: module-level (picklable); ``num_workers <= 0``: run here, no timeout. A worker that
     dies or runs past ``timeout_s`` is replaced; only its job fails. A feeding thread keeps the
-    workers going (up to ``2 x num_workers`` results ahead) while the caller works on one.
-    """
+    workers up to ``2 x num_workers`` results ahead of the caller."""
     if num_workers <= 0:
         yield from ((i, _call(fn, args)) for i, args in enumerate(jobs))
         return
     results: queue.Queue = queue.Queue(maxsize=2 * num_workers)
     stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            for item in _dispatch(fn, jobs, num_workers, timeout_s, stop):
-                results.put(item)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            results.put(e)
-        results.put(None)
-
-    thread = threading.Thread(target=pump, daemon=True, name="chlib-run-jobs")
+    thread = threading.Thread(target=_feed, args=(fn, jobs, num_workers, timeout_s, stop,
+                                                  results.put), daemon=True, name="chlib-run-jobs")
     thread.start()
     try:
         while (item := results.get()) is not None:
@@ -86,13 +77,14 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], *, num_workers: int,
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock the pump, which then kills the workers
+        while thread.is_alive():  # unblock the feeder, which then kills the workers
             with contextlib.suppress(queue.Empty):
                 results.get(timeout=0.1)
 
 
-def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: float | None,
-              stop: threading.Event) -> Iterator[tuple[int, Any]]:
+def _feed(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: float | None,
+          stop: threading.Event, put: Callable[[Any], None]) -> None:
+    """Run ``jobs`` on worker processes: ``put`` each ``(index, result)``, an error, then None."""
     ctx, todo, slots = mp.get_context("spawn"), deque(enumerate(jobs)), {}
 
     def start() -> None:  # slot: [process, ready, job index or None, start time]
@@ -117,7 +109,7 @@ def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: 
                 if msg is not None:
                     slots[conn][1:3] = [True, None]
                     if msg != "ready":
-                        yield msg
+                        put(msg)
                 elif not proc.is_alive() or (late and job is not None):
                     if not ready:
                         raise WorkerStartError("worker processes die before doing any work; in "
@@ -130,8 +122,11 @@ def _dispatch(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: 
                     if todo:  # a replacement worker
                         start()
                     if job is not None:
-                        yield job, JobFailure(kind, f"worker process {kind}")
+                        put((job, JobFailure(kind, f"worker process {kind}")))
+    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+        put(e)
     finally:
         for proc, *_ in slots.values():
             proc.kill()
             proc.join(timeout=5)
+    put(None)

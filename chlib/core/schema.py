@@ -30,13 +30,9 @@ _LE = {True: operator.le, False: operator.lt}  # a closed / open end of a range
 def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
         choices: tuple | None = None, rng: str | None = None, nonempty: bool = False,
         hint: str = "") -> Any:
-    """A config field: ``default`` plus its YAML ``key`` and checks, declared once.
-
-    ``key``: dotted for a nested block, ``""`` for a section whose keys sit at the top level,
-    None for a field not in the YAML. ``rng``: an interval such as ``"[0, 1)"`` (for a list, of
-    every entry). ``hint``: the remedy added to an error. A class as ``default`` makes a nested
-    section; no ``default``, a required field.
-    """
+    """A config field: ``default`` (a class: a nested section; none: required) plus its YAML
+    ``key`` (dotted in a block; ``""``: a section at the top level; None: not in the YAML) and
+    checks; ``rng``: an interval such as ``"[0, 1)"`` (of every entry of a list)."""
     meta = {"key": key, "rule": _rule(choices, rng), "nonempty": nonempty, "hint": hint}
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=meta)

@@ -19,7 +19,7 @@ from chlib.core.config import SpecAugConfig
 from chlib.core.errors import ConfigError
 from chlib.data.features import feature_path, load_feature, prepare_window
 from chlib.data.sampler import item_rng
-from chlib.signal.specaug import spec_augment, tempo_resample
+from chlib.signal.specaug import random_eq, spec_augment, tempo_resample
 
 __all__ = ["ChunkDataset", "find_missing_features", "feature_lengths", "worker_init"]
 
@@ -56,7 +56,7 @@ class ChunkDataset(Dataset):
                  mode: str = "random", spec_aug: SpecAugConfig | None = None,
                  tempo_jitter: float = 0.0, seed: int = 0,
                  manifest_path: str | os.PathLike | None = None, transform: str = "none",
-                 bins_per_octave: int = 12) -> None:
+                 bins_per_octave: int = 12, timbre_eq_db: float = 0.0) -> None:
         if mode not in ("random", "defined"):
             raise ConfigError(f"mode must be 'random' or 'defined', got {mode!r}")
         if mean_size < 1 or chunk_len < mean_size:
@@ -75,6 +75,7 @@ class ChunkDataset(Dataset):
         self.tempo_jitter = float(tempo_jitter)
         self.seed = int(seed)
         self.transform, self.bins_per_octave = transform, int(bins_per_octave)
+        self.timbre_eq_db = float(timbre_eq_db)  # > 0: a random EQ per crop, before the transform
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,6 +101,9 @@ class ChunkDataset(Dataset):
             start = int(self.records[idx].get("start", 0))
         else:
             start = int(rng.integers(0, len(feat) - span + 1)) if len(feat) > span else 0
+        if self.timbre_eq_db > 0:
+            feat = random_eq(feat[start:start + span], self.timbre_eq_db * rng.random(), rng=rng)
+            start = 0
         chunk = prepare_window(feat, start, span, self.mean_size, transform=self.transform,
                                bins_per_octave=self.bins_per_octave)  # [span // mean_size, bins]
         if span != self.chunk_len:

@@ -28,7 +28,7 @@ from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.evaluate import load_checkpoint, resolve_testsets
 from chlib.retrieval.protocol import track_distances
 from chlib.retrieval.scoring import rule_of
-from chlib.signal.specaug import tempo_resample
+from chlib.signal.specaug import random_eq, tempo_resample
 
 __all__ = ["FACTORS", "change_one_factor", "invariance_curves", "invariance_for_run"]
 
@@ -61,10 +61,7 @@ def change_one_factor(feat: np.ndarray, factor: str, value: float, *, bins_per_o
     if factor == "tempo":
         return tempo_resample(x, max(1, int(round(frames / value))))
     if factor == "timbre":
-        pos = np.linspace(0.0, 1.0, n_bins)
-        curve = sum(np.cos(2 * np.pi * (k * pos + rng.random())) / k for k in (1, 2, 3))
-        curve = curve / max(1e-9, np.abs(curve).max()) * value
-        return np.maximum(x + curve[None, :].astype(np.float32), PAD_DB)
+        return random_eq(x, value, rng=rng)
     if factor == "noise":
         level = 10 * np.log10(np.mean(10 ** (x / 10))) - value  # noise power, dB
         noise = level + 10 * np.log10(rng.exponential(size=x.shape))  # Rayleigh magnitudes

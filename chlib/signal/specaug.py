@@ -16,7 +16,7 @@ from chlib.core.errors import ConfigError
 
 __all__ = ["PAD_DB", "FLEX_FILL_DB", "random_erase", "erase_boxes", "roll_pitch",
            "roll_pitch_default", "roll_pitch_low_melody", "roll_pitch_flex_melody",
-           "roll_pitch_random", "tempo_resample", "spec_augment"]
+           "roll_pitch_random", "tempo_resample", "random_eq", "spec_augment"]
 
 PAD_DB = -100.0  # value of end padding (rows past the end of a track)
 FLEX_FILL_DB = -128.0  # value of bins vacated by flex_melody (the fork's choice)
@@ -189,6 +189,16 @@ def tempo_resample(feat: np.ndarray, n_out: int) -> np.ndarray:
     frac = (pos - i0)[:, None].astype(np.float32)
     x = feat.astype(np.float32, copy=False)
     return (x[i0] * (1.0 - frac) + x[i1] * frac).astype(np.float32)
+
+
+def random_eq(feat: np.ndarray, depth_db: float, *, rng: np.random.Generator) -> np.ndarray:
+    """``feat`` [frames, bins] dB plus one random smooth spectral envelope (three cosines over
+    the bins, random phases) scaled to at most ``depth_db`` dB: another instrument's or room's
+    colour. Values stay >= -100 dB; float32."""
+    pos = np.linspace(0.0, 1.0, feat.shape[1])
+    curve = sum(np.cos(2 * np.pi * (k * pos + rng.random())) / k for k in (1, 2, 3))
+    curve = curve / max(1e-9, float(np.abs(curve).max())) * depth_db
+    return np.maximum(np.asarray(feat, dtype=np.float32) + curve.astype(np.float32), PAD_DB)
 
 
 def spec_augment(feat: np.ndarray, cfg: SpecAugConfig, *, rng: np.random.Generator) -> np.ndarray:

@@ -122,7 +122,8 @@ def train_loaders(data: TrainingData, hp: HParams,
         ds = ChunkDataset(data.train, chunk_len=chunk_len, mean_size=hp.mean_size, mode=hp.mode,
                           spec_aug=hp.spec_augmentation, tempo_jitter=hp.tempo_jitter,
                           seed=hp.seed, manifest_path=data.train_manifest,
-                          transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave)
+                          transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave,
+                          timbre_eq_db=hp.timbre_eq_db)
         sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
                                         seed=hp.seed, stream=i)
         workers = {"persistent_workers": True, "worker_init_fn": worker_init} if nw else {}

@@ -35,7 +35,7 @@ from chlib.core.manifest import FULL_KEYS, read_manifest, resolve_path, source_p
 from chlib.data.splits import kfold_groups
 from chlib.model.checkpoint import checkpoint_name, list_checkpoints, load_train_state
 from chlib.train.loop import train
-from chlib.train.runs import check_saved_config, read_metrics
+from chlib.train.runs import read_metrics, run_config
 from chlib.train.schedule import lr_at
 
 __all__ = ["ProdResult", "lr_plan", "run_production", "production_rows", "report_production"]
@@ -69,19 +69,6 @@ def _load_state(prod_dir: Path) -> dict:
     path = prod_dir / STATE_FILE
     return read_json(path) if path.is_file() else {"version": 1, "folds": {}, "anchor": None,
                                                    "ratio": None, "global_best": None, "final": None}
-
-
-def _resolve_hp(prod_dir: Path, hp: HParams | str | os.PathLike | None) -> HParams:
-    cfg = prod_dir / "config" / "hparams.yaml"
-    if hp is None:
-        if not cfg.is_file():
-            raise ConfigError(f"{cfg}: no production config; pass hp= (an HParams or a YAML path)")
-        return load_hparams(cfg)
-    hp = hp if isinstance(hp, HParams) else load_hparams(hp)
-    remedy = "use a new production folder, or pass hp=None to resume with the saved config"
-    if not (prod_dir / STATE_FILE).is_file() or not check_saved_config(cfg, hp, remedy):
-        save_hparams(hp, cfg)
-    return hp
 
 
 def _manifests(hp: HParams, dataset_dir: str | os.PathLike | None,
@@ -350,7 +337,9 @@ def run_production(
     ``fold_done``, ``folds_done``, ``final_start``, ``final_done``.
     """
     prod_dir = Path(prod_dir)
-    hp = _resolve_hp(prod_dir, hp)
+    remedy = "use a new production folder, or pass hp=None to resume with the saved config"
+    hp = run_config(prod_dir, hp, "no production config; pass hp= (an HParams or a YAML path)",
+                    remedy if (prod_dir / STATE_FILE).is_file() else None)  # started: kept
     data = _prepare_data(prod_dir, hp, *_manifests(hp, dataset_dir, full_manifest, heldout_manifest))
     state = _load_state(prod_dir)
     state.setdefault("k", hp.k_folds)

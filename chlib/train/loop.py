@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from chlib.core.config import HParams, load_hparams, save_hparams
+from chlib.core.config import HParams, load_hparams
 from chlib.core.device import pick_device
 from chlib.core.errors import ChlibError, ConfigError
 from chlib.core.io import append_jsonl, write_json
@@ -52,14 +52,14 @@ from chlib.train.data import (
     seen_work_records,
     train_loaders,
 )
-from chlib.train.runs import epoch_table, load_recipe, make_run_config, read_metrics
+from chlib.train.runs import epoch_table, load_recipe, make_run_config, read_metrics, run_config
 from chlib.train.schedule import EarlyStopping, lr_at
 
 # re-exported here for the notebooks, bench scripts and tests that import them from the loop
 __all__ = [
     "TrainResult", "TrainState", "TrainingDivergedError", "EarlyStopping", "lr_at", "train",
     "prepare_training_data", "evaluate_testsets", "validation_loss", "seen_work_records",
-    "read_metrics", "epoch_table", "load_recipe", "make_run_config",
+    "read_metrics", "epoch_table", "load_recipe", "make_run_config", "load_hparams",
 ]
 
 NAN_PATIENCE = 3  # consecutive non-finite losses before giving up
@@ -261,17 +261,6 @@ def _deterministic(on: bool, device: torch.device):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old[1], old[2]
 
 
-def _load_hp(run_dir: Path, hp: HParams | None) -> HParams:
-    cfg = run_dir / "config" / "hparams.yaml"
-    if hp is None:
-        if not cfg.is_file():
-            raise ConfigError(f"{cfg}: no training config; write one with "
-                              "chlib.train.loop.make_run_config(...) or pass hp=")
-        return load_hparams(cfg)
-    save_hparams(hp, cfg)  # the run folder records what it was trained with
-    return hp
-
-
 class _Run:
     """The fixed parts of a training call: data, loaders, logging, AMP and the loss; builds
     model, optimizer and early stopping in ``state`` and resumes it from the newest checkpoint."""
@@ -338,8 +327,8 @@ def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
     order_rng = item_rng(hp.seed, _ORDER_STREAM, epoch)
     orders = [order_rng.permutation(len(run.loaders)) for _ in range(rounds)]
     sums: Counter[str] = Counter()
-    since: Counter[str] = Counter()
-    n_ok = n_since = 0
+    since: list[dict[str, float]] = []  # the losses since the last log record
+    n_ok = 0
     bar = progress_bar(total=(rounds - st.batch_in_epoch) * len(run.loaders), desc=f"epoch {epoch}",
                        enabled=run.progress, leave=False)
     iters = [iter(dl) for dl in run.loaders]
@@ -362,15 +351,14 @@ def _run_epoch(run: _Run, st: TrainState) -> dict[str, float]:
                 continue
             st.bad_steps = 0
             n_ok += 1
-            n_since += 1
             sums.update(losses)
-            since.update(losses)
+            since.append(losses)
             if st.step == 1 or st.step % hp.log_every_steps == 0:
-                means = {k: v / n_since for k, v in since.items()}
+                means = {k: float(np.mean([d[k] for d in since])) for k in since[0]}
                 log.scalars("csi/", {"lr": lr_logged, **means}, st.step)
                 log.record("train", epoch=epoch, step=st.step, lr=lr_logged, **means)
                 bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr_logged:.2g}")
-                since, n_since = Counter(), 0
+                since = []
         st.batch_in_epoch = r + 1
     bar.close()
     return {f"train_{k}": v / max(n_ok, 1) for k, v in sums.items()}
@@ -469,7 +457,8 @@ def train(
     called with each epoch record. Ctrl-C saves and returns with ``interrupted=True``.
     """
     run_dir = Path(run_dir)
-    hp = _load_hp(run_dir, hp)
+    hp = run_config(run_dir, hp, "no training config; write one with "  # saved: what it trained with
+                    "chlib.train.loop.make_run_config(...) or pass hp=")
     max_epochs = hp.max_epochs if max_epochs is None else int(max_epochs)
     dev = pick_device(hp.device if device in (None, "auto") else device)
     run = _Run(run_dir, hp, dev, max_epochs, progress)

@@ -16,7 +16,7 @@ from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.data.features import feature_path
 
 __all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "check_saved_config",
-           "read_metrics", "epoch_table"]
+           "run_config", "read_metrics", "epoch_table"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), ("fmin", "fmin"),
@@ -135,6 +135,22 @@ def check_saved_config(path: Path, hp: HParams, remedy: str) -> bool:
         raise ConfigError(f"{path}: made with other settings (differing: {', '.join(diff)}); "
                           + remedy)
     return True
+
+
+def run_config(folder: Path, hp: HParams | str | os.PathLike | None, missing: str,
+               remedy: str | None = None) -> HParams:
+    """``hp`` (an HParams or a YAML path), saved as ``<folder>/config/hparams.yaml``; with
+    ``remedy`` an existing one must equal it (see :func:`check_saved_config`). None: the saved
+    one, else a ConfigError saying ``missing``."""
+    cfg = folder / "config" / "hparams.yaml"
+    if hp is None:
+        if not cfg.is_file():
+            raise ConfigError(f"{cfg}: {missing}")
+        return load_hparams(cfg)
+    hp = hp if isinstance(hp, HParams) else load_hparams(hp)
+    if remedy is None or not check_saved_config(cfg, hp, remedy):
+        save_hparams(hp, cfg)
+    return hp
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:

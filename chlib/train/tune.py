@@ -27,7 +27,7 @@ from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.errors import ChlibError, ConfigError
 from chlib.core.io import atomic_write_text, stable_hash, write_json
 from chlib.train.loop import make_run_config, train
-from chlib.train.runs import check_saved_config
+from chlib.train.runs import run_config
 from chlib.train.tune_plan import (
     Experiment,
     TunePlan,
@@ -106,14 +106,6 @@ class TuneResult:
         if self.stopped_early:
             lines.append("  stopped early (max_runs); run again to continue")
         return "\n".join(lines)
-
-
-def _write_seed_config(seed_dir: Path, hp: HParams) -> None:
-    """Write the run's config; an existing one must hold the same settings."""
-    path = seed_dir / "config" / "hparams.yaml"
-    if not check_saved_config(path, hp, "the plan changed under an existing experiment. Use a "
-                              "new tuning folder, or delete this experiment's folder to rerun it"):
-        save_hparams(hp, path)
 
 
 def _notebook_03(cwd: str | os.PathLike | None) -> Path:
@@ -243,7 +235,8 @@ def run_plan(
     started = 0
     for e, seed, seed_dir in _seed_dirs(tune_dir, exps, seeds):
         hp = configs[e.name].updated({"seed": seed})
-        _write_seed_config(seed_dir, hp)
+        run_config(seed_dir, hp, "", "the plan changed under an existing experiment. Use a new "
+                   "tuning folder, or delete this experiment's folder to rerun it")
         status = seed_status(seed_dir)
         idle = {"experiment": e.name, "seed": seed, "seconds": 0.0, "error": None}
         if status in _FINISHED:

@@ -1,4 +1,4 @@
-"""Tuning plans: validation, factors, experiment names and expansion (see :mod:`chlib.train.tune`)."""
+"""Tuning plans: validation, factors, experiment names, expansion (see :mod:`chlib.train.tune`)."""
 
 from __future__ import annotations
 
@@ -135,20 +135,17 @@ class TunePlan:
         exps = expand_plan(self)
         seeds = self.seeds if self.seeds is not None else ["<base seed>"]
         base = f"recipe {self.base_recipe!r}" if self.base_config is None else self.base_config
-        lines = [
-            f"plan {self.source}: mode {self.mode}, base {base}",
-            f"  seeds {seeds}; max_epochs {self.max_epochs or '<base>'}; "
-            f"early_stopping_patience {self.early_stopping_patience or '<base>'}; "
-            f"test set {self.test_name or '<auto>'}",
-        ]
-        for f in self.factors:
-            shown = [list(v) if isinstance(v, tuple) else v for v in f.values]
-            lines.append(f"  factor {f.name}: {shown}")
-        if self.hp_overrides:
-            lines.append(f"  hp_overrides: {self.hp_overrides}")
-        lines.append(f"  {len(exps)} experiment(s) x {len(seeds)} seed(s) = "
-                     f"{len(exps) * len(seeds)} training run(s) (before merging duplicates):")
-        lines += [f"    {e.name}" for e in exps]
+        lines = [f"plan {self.source}: mode {self.mode}, base {base}",
+                 f"  seeds {seeds}; max_epochs {self.max_epochs or '<base>'}; "
+                 f"early_stopping_patience {self.early_stopping_patience or '<base>'}; "
+                 f"test set {self.test_name or '<auto>'}",
+                 *(f"  factor {f.name}: "
+                   f"{[list(v) if isinstance(v, tuple) else v for v in f.values]}"
+                   for f in self.factors),
+                 *([f"  hp_overrides: {self.hp_overrides}"] if self.hp_overrides else []),
+                 f"  {len(exps)} experiment(s) x {len(seeds)} seed(s) = {len(exps) * len(seeds)} "
+                 "training run(s) (before merging duplicates):",
+                 *(f"    {e.name}" for e in exps)]
         return "\n".join(lines)
 
 
@@ -161,12 +158,8 @@ def _nest(dotted: str, value: Any) -> dict:
 
 def _fmt(value: Any) -> str:
     """Value -> name text: 0.001 -> '0.001', [375, 300] -> '375_300', True -> 'true'."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, (int, float, str)):
-        return str(value)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
     if isinstance(value, Mapping):
         parts = []
         for k, v in value.items():
@@ -241,15 +234,13 @@ def _clean_overrides(d: Any, where: str, what: str) -> dict:
             for k, v in d.items() if v is not None}
 
 
-def _flat_keys(d: dict, prefix: str = "") -> set[str]:
-    return {f"{prefix}{k}" for k in d} | {key for k, v in d.items() if isinstance(v, dict)
-                                           for key in _flat_keys(v, f"{prefix}{k}.")}
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d[part]
-    return d
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every entry of a nested mapping, the mappings included."""
+    out = {f"{prefix}{k}": v for k, v in d.items()}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+    return out
 
 
 def _parse_base(plan: TunePlan, d: dict, where: str) -> None:
@@ -293,9 +284,9 @@ def _parse_hp_overrides(plan: TunePlan, d: dict, where: str) -> None:
         if not (isinstance(v, dict) and "query_path" in v):  # a new test set
             _check_key(k, f"{where} hp_overrides")
     plan.hp_overrides = hp_over
+    leaves = {k for k, v in _flat(hp_over).items() if not isinstance(v, dict)}
     for f in plan.factors:
-        clash = sorted(k for k in _flat_keys(f.overrides(f.values[0])) & _flat_keys(hp_over)
-                       if not isinstance(_get(hp_over, k), dict))
+        clash = sorted(leaves & set(_flat(f.overrides(f.values[0]))))
         if clash:
             raise ConfigError(f"{where}: hp_overrides sets {', '.join(clash)}, which factor "
                               f"{f.name!r} varies; remove it from hp_overrides")
