@@ -149,7 +149,9 @@ def test_two_epochs_write_checkpoints_metrics_and_best(two_epoch_run):
     assert (run / "config" / "hparams.yaml").is_file()
 
     kinds = {r["kind"] for r in read_metrics(run)}
-    assert kinds == {"train", "val", "test", "epoch"}
+    assert kinds == {"train", "val", "test", "epoch", "baseline"}
+    (baseline,) = read_metrics(run, "baseline")  # the model-free 2D-FTM, once per run
+    assert baseline["method"] == "2D-FTM" and 0.0 <= baseline["scores"]["toy_set"]["mAP"] <= 1.0
     tests = read_metrics(run, "test")
     assert {r["testset"] for r in tests} == {"toy_set"}
     assert all(0.0 <= r["mAP"] <= 1.0 and r["MR1"] >= 1.0 for r in tests)

@@ -97,19 +97,18 @@ def _feed(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: floa
         for _ in range(min(num_workers, len(todo))):
             start()
         while (todo or any(s[2] is not None for s in slots.values())) and not stop.is_set():
-            for conn, s in slots.items():
-                if s[1] and s[2] is None and todo:
-                    (s[2], args), s[3] = todo.popleft(), time.monotonic()
-                    conn.send((s[2], args))
             wait([*slots, *(s[0].sentinel for s in slots.values())], timeout=0.5)
             for conn, (proc, ready, job, t0) in list(slots.items()):
                 msg, late = None, timeout_s is not None and time.monotonic() - t0 > timeout_s
                 with contextlib.suppress(EOFError, OSError):
                     msg = conn.recv() if conn.poll() else None
-                if msg is not None:
-                    slots[conn][1:3] = [True, None]
+                if msg is not None:  # ready or done: hand the worker its next job
                     if msg != "ready":
                         put(msg)
+                    nxt = todo.popleft() if todo else None
+                    slots[conn][1:] = [True, nxt and nxt[0], time.monotonic()]
+                    if nxt:
+                        conn.send(nxt)
                 elif not proc.is_alive() or (late and job is not None):
                     if not ready:
                         raise WorkerStartError("worker processes die before doing any work; in "

@@ -52,6 +52,7 @@ from chlib.train.data import (
     seen_work_records,
     train_loaders,
 )
+from chlib.train.diagnose import memorising, model_free_scores
 from chlib.train.runs import epoch_table, load_recipe, make_run_config, read_metrics, run_config
 from chlib.train.schedule import EarlyStopping, lr_at
 
@@ -425,6 +426,40 @@ def _end_of_epoch(run: _Run, st: TrainState, train_means: dict, t_epoch: float) 
     return run.log.record("epoch", **rec), saved
 
 
+def _held_out(hp: HParams) -> list[str]:
+    """The test sets of works never trained on: the mAP-stopping sets and any named *unseen*."""
+    return list(dict.fromkeys([*hp.map_stopping_testsets,
+                               *(n for n in hp.testsets if "unseen" in n)]))
+
+
+def _check_learning(run: _Run, rec: dict, warned: bool) -> bool:
+    """Warn once per call when the run memorises instead of learning (:func:`memorising`)."""
+    if warned or not (msg := memorising(read_metrics(run.run_dir, "epoch"), _held_out(run.hp))):
+        return warned
+    warnings.warn(msg, stacklevel=3)
+    run.log.record("diagnosis", epoch=rec["epoch"], step=rec["step"], message=msg)
+    return True
+
+
+def _model_free_baseline(run_dir: Path, hp: HParams, last: dict, progress: bool) -> None:
+    """Once per run: the 2D-FTM mAP of each test set, recorded and printed beside the model's."""
+    if read_metrics(run_dir, "baseline"):
+        return
+    try:
+        scores = model_free_scores(hp)
+    except ChlibError as e:  # a baseline must never fail a finished training
+        warnings.warn(f"model-free baseline not computed: {e}", stacklevel=3)
+        return
+    append_jsonl(run_dir / "metrics.jsonl", {"kind": "baseline", "method": "2D-FTM",
+                                              "step": last["step"], "scores": scores,
+                                              "time": time.time()})
+    if progress:
+        for name, sc in scores.items():
+            model = last.get(f"mAP/{name}")
+            print(f"{name}: mAP {model:.3f} (last epoch) vs {sc['mAP']:.3f} for the model-free "
+                  "2D-FTM baseline" if model is not None else f"{name}: 2D-FTM {sc['mAP']:.3f}")
+
+
 @dataclass
 class TrainResult:
     """What a :func:`train` call did."""
@@ -465,7 +500,7 @@ def train(
     st, sp = run.state, run.state.stopper
     history: list[dict] = []
     interrupted, last_ckpt, t_start = False, None, time.time()
-    already_stopped = sp.should_stop
+    already_stopped, warned = sp.should_stop, False
     with _deterministic(hp.deterministic, dev):
         try:
             while st.epoch < max_epochs and not sp.should_stop:
@@ -474,6 +509,7 @@ def train(
                 rec, saved = _end_of_epoch(run, st, train_means, t_epoch)
                 last_ckpt = saved or last_ckpt
                 history.append(rec)
+                warned = _check_learning(run, rec, warned)
                 if progress:
                     shown = {k: v for k, v in rec.items()
                              if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
@@ -494,6 +530,8 @@ def train(
     if progress and not interrupted:
         print(f"done in {time.time() - t_start:.0f} s: {st.epoch} epochs, {st.step} steps; "
               f"best epoch {sp.best_checkpoint_epoch} ({sp.metric} {sp.best_checkpoint_value})")
+    if not interrupted and history:
+        _model_free_baseline(run_dir, hp, history[-1], progress)
     return TrainResult(run_dir=run_dir, epochs_done=st.epoch, steps=st.step,
                        best_epoch=sp.best_checkpoint_epoch, best_value=sp.best_checkpoint_value,
                        best_metric=sp.metric, stopped_early=sp.should_stop,

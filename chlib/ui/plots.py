@@ -1,6 +1,7 @@
-"""Figures for the notebooks: CQTs, training curves, embedding maps and evaluation charts, each
-a matplotlib ``Figure`` on an Agg canvas (no pyplot; Jupyter shows it through a PNG formatter
-registered here). CQTs are ``[frames, bins]`` in dB (0 = the track's loudest cell)."""
+"""Figures for the notebooks (CQTs, training curves, embedding maps, evaluation charts), each a
+matplotlib ``Figure`` on an Agg canvas (no pyplot; Jupyter shows it via a PNG formatter registered
+here). CQTs are ``[frames, bins]`` in dB (0 = the track's loudest cell), bin ``b`` at
+``fmin * 2 ** (b / bins_per_octave)`` Hz."""
 
 from __future__ import annotations
 
@@ -131,12 +132,9 @@ def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dict:
-    """Per-epoch series of metrics records: ``{"loss_key", "train", "val", "mAP"}``.
-
-    ``train`` / ``val`` map epoch -> loss, ``mAP`` test set -> {epoch -> mAP}. An ``epoch``
-    record (as training writes them) wins over that epoch's ``train`` / ``val`` records (which
-    are averaged). ``loss_key`` None picks a loss both curves have, in ``_LOSS_KEYS`` order.
-    """
+    """Per-epoch series of metrics records: ``{"loss_key", "train", "val", "mAP"}``; ``train`` /
+    ``val``: epoch -> loss (an ``epoch`` record wins over that epoch's averaged ``train`` / ``val``
+    records), ``mAP``: test set -> {epoch -> mAP}; ``loss_key`` None: one both curves have."""
     losses: list[tuple] = []  # (curve, 0 from an epoch record else 1, epoch, loss name, value)
     maps: dict[str, dict[int, float]] = {}
     for r in rows:
@@ -155,12 +153,9 @@ def training_curves(rows: Iterable[Mapping], loss_key: str | None = None) -> dic
                     maps.setdefault(k[4:], {})[epoch] = float(v)
     df = pd.DataFrame(losses, columns=["curve", "prio", "epoch", "loss", "value"])
     t_names, v_names = (set(df["loss"][df["curve"] == c]) for c in ("train", "val"))
-    names = sorted(t_names & v_names or t_names or v_names,
-                   key=lambda k: (k not in _LOSS_KEYS, k))
-    if loss_key is None:
-        key = next((k for k in _LOSS_KEYS if k in names), names[0] if names else None)
-    else:
-        key = loss_key if loss_key in names else None
+    names = t_names & v_names or t_names or v_names
+    first = next((k for k in _LOSS_KEYS if k in names), min(names, default=None))
+    key = first if loss_key is None else loss_key if loss_key in names else None
     df = df[df["loss"] == key]
     df = df[df["prio"] == df.groupby(["curve", "epoch"])["prio"].transform("min")]
     curves: dict[str, dict[int, float]] = {"train": {}, "val": {}}
@@ -211,8 +206,6 @@ def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0) 
         raise ConfigError(f"project_embeddings: method must be pca, tsne or umap, got {method!r}")
     if method == "pca" or n < 3:
         xc = x - x.mean(axis=0, keepdims=True)
-        if not np.any(xc):
-            return np.zeros((n, 2))
         out = xc @ np.linalg.svd(xc, full_matrices=False)[2][:2].T
         return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
     if method == "tsne":
@@ -241,13 +234,10 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
                               label_names: Mapping | None = None, seed: int = 0,
                               title: str | None = None, selected: int | None = None,
                               neighbours: Sequence[int] = ()) -> Figure:
-    """A 2-D map of recordings coloured by work label, never-seen works ringed, chosen ones bold.
-
-    ``emb``: [N, D] embeddings projected by ``method``, or [N, 2] coordinates with ``method``
-    None. ``test_only`` labels get a black ring, ``highlight`` labels are bold and annotated,
-    the others faded; ``selected`` (a row) is a star joined to its ``neighbours``. Each label's
-    points are one collection named after the work.
-    """
+    """A 2-D map of recordings, one collection per work label: ``test_only`` labels ringed,
+    ``highlight`` ones bold and annotated (the rest faded), ``selected`` (a row) a star joined to
+    its ``neighbours``. ``emb``: [N, D] embeddings projected by ``method``, or [N, 2] coordinates
+    with ``method`` None."""
     labels, x = list(labels), np.asarray(emb)
     if x.ndim != 2 or x.shape[0] != len(labels) or (method is None and x.shape[1] != 2):
         raise ConfigError(f"plot_embedding_projection: {len(labels)} labels for embeddings of "
@@ -311,20 +301,23 @@ def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20) -> Figure:
 
 
 def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, title: str,
-           empty: str) -> tuple[Figure, Any]:
-    """Horizontal seaborn bars of ``(label, value)`` items, the first at the top."""
+           empty: str, xlim: tuple[float, float] | None = None) -> Figure:
+    """Horizontal seaborn bars of ``(label, value)`` items, the first at the top (whole-number
+    ticks for whole-number values when no ``xlim``)."""
     fig, ax = new_figure(figsize=(7, 0.35 * max(len(items), 3) + 1.2))
     if not items:
         _note(ax, empty)
         ax.set_axis_off()
-        return fig, ax
+        return fig
     df = pd.DataFrame({"row": range(len(items)), "value": [v for _, v in items]})
     sns.barplot(df, x="value", y="row", hue="row", orient="h", palette=list(colours),
                 legend=False, ax=ax)
     ax.set_yticks(range(len(items)), [label for label, _ in items], fontsize=8)
-    ax.set(xlabel=xlabel, ylabel="")
+    ax.set(xlabel=xlabel, ylabel="", xlim=xlim)
     ax.set_title(title, fontsize=10)
-    return fig, ax
+    if xlim is None and all(v.is_integer() for _, v in items):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
 
 
 def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "confusions",
@@ -336,11 +329,8 @@ def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "c
     rows = sorted([(a, b, float(v)) for a, b, v in rows], key=lambda t: -t[2])[:top]
     names = dict(label_names or {})
     items = [(f"{names.get(a, a)}  ↔  {names.get(b, b)}", v) for a, b, v in rows]
-    fig, ax = _hbars(items, ["tab:red"] * len(items), xlabel=value_label,
-                     title="most confused work pairs", empty="no confusions")
-    if items and all(v.is_integer() for _, v in items):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig
+    return _hbars(items, ["tab:red"] * len(items), xlabel=value_label,
+                  title="most confused work pairs", empty="no confusions")
 
 
 def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first: bool = True,
@@ -353,10 +343,7 @@ def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first
     items = sorted([(k, float(v)) for k, v in items], key=lambda t: t[1], reverse=not worst_first)
     items = items[:top]
     names = dict(label_names or {})
-    fig, ax = _hbars([(str(names.get(k, k)), v) for k, v in items],
-                     ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],
-                     xlabel="average precision", empty="no works",
-                     title=f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}")
-    if items:
-        ax.set_xlim(0, 1)
-    return fig
+    return _hbars([(str(names.get(k, k)), v) for k, v in items],
+                  ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],
+                  xlabel="average precision", empty="no works", xlim=(0, 1),
+                  title=f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}")

@@ -105,7 +105,7 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
     if run_dir is None and run is None:
         raise ConfigError("give run= (a name under runs/) or run_dir=")
     run_dir = Path(run_dir) if run_dir is not None else Path(runs_root) / run
-    params = dict(parameters or {})
+    params = parameters or {}
     paths = [notebook_path(n, nb_dir) for n in names]
     declared = {p: notebook_parameters(p) for p in paths}
     known = {k for d in declared.values() for k in d}
@@ -114,11 +114,9 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
             f"parameter(s) {', '.join(unknown)} are declared by none of "
             f"{', '.join(p.stem for p in paths)}; declared: {', '.join(sorted(known))}")
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    record = RunRecord(run_dir=run_dir)
+    record, given = RunRecord(run_dir=run_dir), {"run_dir": str(run_dir), **params}
     for path in paths:
-        mine = {k: v for k, v in params.items() if k in declared[path]}
-        if "run_dir" in declared[path]:
-            mine.setdefault("run_dir", str(run_dir))
+        mine = {k: v for k, v in given.items() if k in declared[path]}
         out, t0, error = run_dir / "notebooks" / path.name, time.perf_counter(), None
         try:
             pm.execute_notebook(str(path), str(out), parameters=mine, kernel_name="python3",

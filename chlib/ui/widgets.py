@@ -80,8 +80,7 @@ def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
     """Rows of dicts as a DataFrame (``columns`` picks the keys, ``max_rows`` None: all); the
     title (and "first n of N rows") names the column axis, so it heads HTML and text alike."""
     rows = [dict(r) for r in rows]
-    df = pd.DataFrame(rows[:max_rows] if max_rows is not None else rows,
-                      columns=list(columns) if columns is not None else None)
+    df = pd.DataFrame(rows[:max_rows], columns=columns)
     cut = f"first {len(df)} of {len(rows)} rows" if len(df) < len(rows) else ""
     df.columns.name = "; ".join(t for t in (title, cut) if t) or None
     return df
