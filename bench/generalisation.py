@@ -10,6 +10,7 @@ below it is a model that has not learnt what makes two recordings the same tune.
     python bench/generalisation.py --dataset datasets/fluid260 --run runs/gen_laptop \\
         --recipe laptop --extra demo=datasets/demo/full.txt --max-epochs 15
     python bench/generalisation.py --run runs/gen_laptop --report   # table only
+    python bench/generalisation.py --compare runs/A runs/B --steps 288 576 1000   # side by side
 
 Prints one table: steps, minutes of training, training loss, and each test set's mAP, then
 the baseline's mAP per test set and the chance level (mean share of relevant references).
@@ -87,9 +88,24 @@ def curve(run: Path) -> pd.DataFrame:
     return table.round(3)
 
 
+def compare(runs: list[Path], steps: list[int]) -> pd.DataFrame:
+    """mAP of each run's test sets at the evaluated step nearest each of ``steps`` (and the
+    training minutes it took), one row per (run, step)."""
+    rows = []
+    for run in runs:
+        table = curve(run)
+        for want in steps:
+            step = int(table.index[abs(table.index - want).argmin()])
+            rows.append({"run": run.name, "step": step, **table.loc[step].to_dict()})
+    table = pd.DataFrame(rows).drop_duplicates(["run", "step"])
+    return table.set_index(["run", "step"]).round(3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--run", type=Path)
+    ap.add_argument("--compare", nargs="*", type=Path, help="runs to tabulate side by side")
+    ap.add_argument("--steps", nargs="*", type=int, default=[288, 576, 1000, 1600, 2000])
     ap.add_argument("--dataset", type=Path, help="extracted dataset with train/val/test splits")
     ap.add_argument("--recipe", default="laptop")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. learning_rate=0.001")
@@ -97,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--report", action="store_true", help="print the table of an existing run")
     args = ap.parse_args(argv)
+    pd.set_option("display.width", 160)
+    if args.compare:
+        print(compare(args.compare, args.steps).to_string())
+        return 0
     hp_path = args.run / "config" / "hparams.yaml"
     if not args.report:
         if not hp_path.exists():
