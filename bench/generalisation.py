@@ -23,15 +23,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from chlib.core.config import deep_merge, load_hparams
 from chlib.core.manifest import read_manifest
-from chlib.data.features import feature_path, load_feature
-from chlib.retrieval.scoring import score_windows
-from chlib.signal.chroma import ftm2d
+from chlib.train.diagnose import model_free_scores
 from chlib.train.loop import train
 from chlib.train.runs import make_run_config, read_metrics
 
@@ -60,20 +57,15 @@ def _records(path: Path) -> list[dict]:
 
 
 def baseline_scores(hp_path: Path) -> dict[str, dict]:
-    """2D-FTM mAP (and chance) on every test set of the run config."""
+    """2D-FTM mAP (:func:`chlib.train.diagnose.model_free_scores`) and chance per test set."""
     hp = load_hparams(hp_path)
-    fps = hp.features.frames_per_second
     out = {}
-    for name, ts in hp.testsets.items():
-        q_path = hp.resolve_path(ts.query_path)
-        recs = _records(q_path)
-        vecs = [ftm2d(np.asarray(load_feature(feature_path(r, q_path))), fps=fps)[None, :]
-                for r in recs]
-        m = score_windows(recs, recs, vecs, vecs, rule="mean")
+    for name, scores in model_free_scores(hp).items():
+        recs = _records(hp.resolve_path(hp.testsets[name].query_path))
         works = pd.Series([r["work"] for r in recs])
         counts = works.map(works.value_counts()) - 1
-        out[name] = {"2D-FTM mAP": m["mAP"], "chance": float((counts / (len(recs) - 1)).mean()),
-                     "queries": len(recs)}
+        out[name] = {"2D-FTM mAP": scores["mAP"],
+                     "chance": float((counts / (len(recs) - 1)).mean()), "queries": len(recs)}
     return out
 
 
