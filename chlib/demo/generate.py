@@ -40,10 +40,9 @@ _RENDER_VERSION = 1  # bump when the synthesiser changes (re-renders files via t
 _AUDIO_FORMATS = {"flac": {"format": "FLAC", "subtype": "PCM_16"},
                   "wav": {"format": "WAV", "subtype": "PCM_16"}}
 
-DEMO_PREP_CONFIG: dict[str, Any] = {
-    "aug_speed_mode": [1.0],
-    "val_data_split": 0.1, "val_unseen": 0.05, "test_data_split": 0.1, "test_data_unseen": 0.1,
-}
+DEMO_PREP_CONFIG: dict[str, Any] = {"aug_speed_mode": [1.0], "val_data_split": 0.1,
+                                    "val_unseen": 0.05, "test_data_split": 0.1,
+                                    "test_data_unseen": 0.1}
 """Data-prep settings of the demo's ``hparams.yaml`` (over PrepConfig defaults; why: its header)."""
 
 _HPARAMS_HEADER = """\
@@ -51,8 +50,7 @@ _HPARAMS_HEADER = """\
 # aug_speed_mode [1.0]: the versions already span +-25 % tempo; [0.9, 1.0, 1.1] turns
 # on tempo augmentation (three times the extraction time and disk).
 # Splits: 10 % of works test-only, 5 % val-only, one val and one test version per
-# remaining work.
-"""
+# remaining work."""
 
 
 @dataclass
@@ -164,14 +162,12 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
                       progress: bool = True, cache_dir: str | os.PathLike | None = None,
                       num_workers: int | None = None) -> Path:
     """Write a synthetic cover-song dataset of real fiddle tunes; return its ``dataset.txt``.
-
     Writes ``audio/<work>/<perf>.flac`` (mono, 16-bit), ``dataset.txt`` (JSON lines {perf, wav,
     dur_s, work, version}; ``wav`` relative to the current directory when under it),
     ``hparams.yaml`` (only if absent), ``demo_info.json`` and ``render_manifest.jsonl`` (per
     file: parameter and content hashes). Deterministic in ``seed`` and resumable: files matching
     the manifest are kept, failed ones left out and listed. ``num_workers``: None = up to 8 for 8+
-    files, 0 or 1 = here. The default 240 files take ~11 s on 2 cores (+5 s to parse the tunes).
-    """
+    files, 0 or 1 = here. The default 240 files take ~11 s on 2 cores (+5 s to parse the tunes)."""
     _check_args(n_works, perfs_per_work, min_seconds, max_seconds, audio_format)
     args = {"n_works": int(n_works), "perfs_per_work": int(perfs_per_work),
             "min_seconds": min_seconds, "max_seconds": max_seconds, "sample_rate": sample_rate,

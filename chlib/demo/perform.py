@@ -107,8 +107,7 @@ def tune_form(tune: Tune, form_name: str, rng: np.random.Generator) -> tuple[int
 
 def _spread(base: int, stream: int, options: Sequence, n: int) -> list:
     """``n`` of ``options``, each used before any repeats; the first do not depend on ``n``."""
-    g = np.random.default_rng([base, stream])
-    k = len(options)
+    g, k = np.random.default_rng([base, stream]), len(options)
     order = np.concatenate([g.permutation(k) for _ in range(-(-n // k))])[:n]
     return [options[int(i)] for i in order]
 
@@ -147,21 +146,19 @@ def draw_performance_params(tune: Tune, n: int, seed: int | np.random.Generator 
         accomp_inst = "drone" if accomp == "drone" else (
             "plucked" if inst in ("piano", "accordion") else str(rng.choice(["piano", "accordion"])))
         form_rng = np.random.default_rng(rng.integers(2**63))
-        out.append(DemoPerformanceParams(
-            tempo_bpm=round(float(tune.base_bpm * tempo_factors[j]), 1),
-            transpose=transposes[j], octave=int(np.clip(octave, -1, 1)),
-            tuning_cents=draw(-20, 20, 1), instrument=inst,
+        out.append(DemoPerformanceParams(  # keyword order = draw order: keep it
+            tempo_bpm=round(float(tune.base_bpm * tempo_factors[j]), 1), transpose=transposes[j],
+            octave=int(np.clip(octave, -1, 1)), tuning_cents=draw(-20, 20, 1), instrument=inst,
             form_name=forms[j], form=tune_form(tune, forms[j], form_rng),
             ornament_rate=draw(0.05, 0.35, 3, neutral=0.0),
             swing=1.0 if compound else draw(1.05, 1.4, 3, neutral=1.0),
             tempo_drift=draw(0.0, 0.04, 4), timing_jitter_ms=draw(0.0, 12.0, 1),
             accompaniment=accomp, accompaniment_instrument=accomp_inst,
-            accompaniment_gain_db=draw(-18.0, -10.0, 1),
-            room_rt60_s=draw(0.15, 1.1, 3), room_wet=draw(0.0, 0.45, 3),
-            snr_db=draw(15.0, 40.0, 1), noise_colour=str(rng.choice(["white", "pink"])),
-            loudness_db=draw(-30.0, -16.0, 1), lead_in_s=draw(0.0, 0.6, 3),
-            duration_s=draw(min_seconds, max_seconds, 2), seed=int(rng.integers(2**31)),
-        ).validate())
+            accompaniment_gain_db=draw(-18.0, -10.0, 1), room_rt60_s=draw(0.15, 1.1, 3),
+            room_wet=draw(0.0, 0.45, 3), snr_db=draw(15.0, 40.0, 1),
+            noise_colour=str(rng.choice(["white", "pink"])), loudness_db=draw(-30.0, -16.0, 1),
+            lead_in_s=draw(0.0, 0.6, 3), duration_s=draw(min_seconds, max_seconds, 2),
+            seed=int(rng.integers(2**31))).validate())
     return out
 
 
@@ -217,8 +214,7 @@ def _laid_out_melody(tune: Tune, params: DemoPerformanceParams, max_beats: float
         raise ConfigError(f"tune {tune.title!r} has no notes, or its passes have no length")
     notes = np.array([[n.pitch, n.onset, n.duration] for n in tune.notes], dtype=float)
     bars = np.array(tune.bar_list(), dtype=float)
-    pieces: list[tuple[np.ndarray, ...]] = []
-    cursor = 0.0
+    pieces, cursor = [], 0.0
     for p in itertools.cycle(played):
         if cursor >= max_beats:
             break
@@ -292,8 +288,7 @@ def performance_events(tune: Tune, params: DemoPerformanceParams,
                        rng: np.random.Generator) -> tuple[Events, Events]:
     """(melody, accompaniment) events cut to ``params.duration_s``; seconds from the start of
     the rendering (lead-in included)."""
-    drift_period = float(rng.uniform(16.0, 48.0))  # beats
-    drift_phase = float(rng.uniform(0.0, 2.0 * np.pi))
+    drift_period, drift_phase = float(rng.uniform(16.0, 48.0)), float(rng.uniform(0.0, 2.0 * np.pi))
     play_s = params.duration_s - params.lead_in_s
     max_beats = (play_s + 1.0) * params.tempo_bpm / 60.0 * (1.0 + params.tempo_drift) + 4.0
     written = _laid_out_melody(tune, params, max_beats)

@@ -87,8 +87,7 @@ def _render_voice(out: np.ndarray, ev: Events, kind: str, sample_rate: int,
         f0 = 440.0 * 2.0 ** ((float(midi) - 69.0) / 12.0)
         held = float(dur) * tb.articulation + tb.ring_s
         start = int(round(float(onset) * sample_rate))
-        length = min(int((held + tb.release_s) * sample_rate), len(out) - start)
-        if length <= 2:
+        if (length := min(int((held + tb.release_s) * sample_rate), len(out) - start)) <= 2:
             continue
         t = np.arange(length) / sample_rate
         env = np.minimum(1.0, t / tb.attack_s)  # linear attack, held or decaying, then release
@@ -150,8 +149,7 @@ def render_performance(tune: Tune, params: DemoPerformanceParams,
     params.validate()
     if not isinstance(sample_rate, (int, np.integer)) or not (4000 <= sample_rate <= 192000):
         raise ConfigError(f"sample_rate must be an integer in [4000, 192000] Hz, got {sample_rate}")
-    sample_rate = int(sample_rate)
-    rng = np.random.default_rng(params.seed)
+    sample_rate, rng = int(sample_rate), np.random.default_rng(params.seed)
     n = int(round(params.duration_s * sample_rate))
     melody, accomp = performance_events(tune, params, rng)
     voice = np.zeros(n)
@@ -163,8 +161,7 @@ def render_performance(tune: Tune, params: DemoPerformanceParams,
         gain = (_rms(voice) + 1e-12) / (_rms(acc) + 1e-12)
         voice += acc * gain * 10.0 ** (params.accompaniment_gain_db / 20.0)
     y = _room(voice, params.room_rt60_s, params.room_wet, sample_rate, rng)
-    rms = _rms(y)
-    if not np.isfinite(rms) or rms <= 0:
+    if not np.isfinite(rms := _rms(y)) or rms <= 0:
         raise ChlibError(f"render_performance: tune {tune.title!r} rendered silent or "
                          f"non-finite with {params}; report this with the parameters")
     y = y / rms + _noise(n, params.noise_colour, rng) * 10.0 ** (-params.snr_db / 20.0)

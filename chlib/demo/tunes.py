@@ -165,8 +165,7 @@ def _parse_abc_tune(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - any parser failure means "skip this tune"
         return {"ok": False, "reason": f"music21 could not parse it ({type(e).__name__}: {e})"}
     part = next(iter(getattr(score, "parts", [])), score)
-    measures = list(part.getElementsByClass("Measure"))
-    if len(measures) < 4:
+    if len(measures := list(part.getElementsByClass("Measure"))) < 4:
         return {"ok": False, "reason": f"only {len(measures)} bars"}
     section_starts = _section_starts(measures, part)
     try:
@@ -220,9 +219,7 @@ def _collect_notes(expanded: Any, section_starts: set[int]) -> tuple[list, list,
     (beats) of a repeats-expanded part. A pass begins where bar numbers jump back (a repeat) or
     a section starts. Chords keep their top note, ties are merged, grace notes (zero length)
     dropped (the renderer adds its own), and of notes starting together the highest is kept."""
-    notes: list[list] = []
-    bars: list[list[float]] = []
-    passes: list[list] = []  # [section index, start beat, end beat]
+    notes, bars, passes = [], [], []  # passes: [section index, start beat, end beat]
     starts_sorted = sorted(section_starts)
     prev_number: int | None = None
     for m in expanded.getElementsByClass("Measure"):
@@ -236,8 +233,7 @@ def _collect_notes(expanded: Any, section_starts: set[int]) -> tuple[list, list,
         passes[-1][2] = start + length
         prev_number = m.number
         for el in m.flatten().notes:
-            dur = float(el.duration.quarterLength)
-            if dur <= 0:
+            if (dur := float(el.duration.quarterLength)) <= 0:
                 continue
             pitch, onset = max(p.midi for p in el.pitches), start + float(el.offset)
             if (getattr(el.tie, "type", None) in ("stop", "continue") and notes
@@ -272,8 +268,7 @@ def _merge_short_passes(passes: list[list], bars: list[list[float]]) -> list[lis
 def _tune_key(part: Any, notes: list[list[float]]) -> tuple[int, str]:
     """Tonic pitch class and mode from the ABC key (``K:``), else the last note, major."""
     for k in part.recurse().getElementsByClass("Key"):
-        mode = str(k.mode or "major").lower()
-        if mode in _MODE_SCALES:
+        if (mode := str(k.mode or "major").lower()) in _MODE_SCALES:
             return int(k.tonic.pitchClass), mode
     return (int(notes[-1][0]) % 12 if notes else 0), "major"
 
@@ -317,9 +312,7 @@ def demo_tunes(n: int, seed: int = 0, *, cache_dir: str | os.PathLike | None = N
         raise ConfigError(f"demo_tunes: n must be a positive integer, got {n!r}")
     cache = _resolve_cache_dir(cache_dir, Path(fallback_dir or Path(tempfile.gettempdir())
                                                / "chlib-demo-tunes"))
-    files = _corpus_files()
-    tunes: list[Tune] = []
-    seen: set[tuple[int, ...]] = set()
+    files, tunes, seen = _corpus_files(), [], set()
     for i in np.random.default_rng(int(seed)).permutation(len(files)):
         d = _load_or_parse(files[int(i)], cache)
         if d.get("ok") and (signature := _melody_signature(d["notes"])) not in seen:

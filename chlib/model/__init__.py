@@ -6,10 +6,5 @@ from chlib.model.conformer import ConformerEncoder, sinusoid_table, subsampled_l
 from chlib.model.network import CoverHunterNet
 from chlib.model.pooling import AttentiveStatisticsPooling
 
-__all__ = [
-    "CoverHunterNet",
-    "ConformerEncoder",
-    "AttentiveStatisticsPooling",
-    "subsampled_length",
-    "sinusoid_table",
-]
+__all__ = ["CoverHunterNet", "ConformerEncoder", "AttentiveStatisticsPooling", "subsampled_length",
+           "sinusoid_table"]

@@ -11,8 +11,7 @@ with D = ``encoder.output_dims``. No padding masks: the original always passes f
 Kept on purpose (fact sheet 5.1, 13.2.11): the attention's Transformer-XL relative shift is
 disabled, as in the original (its second score term is content x *absolute* key position), or
 trained checkpoints would compute other embeddings. The positional table (not in the
-``state_dict``) grows on demand past the original's 5000 rows; those rows stay identical.
-"""
+``state_dict``) grows on demand past the original's 5000 rows; those rows stay identical."""
 
 from __future__ import annotations
 
@@ -42,9 +41,7 @@ def sinusoid_table(n_positions: int, dim: int) -> Tensor:
     """Sinusoidal position table, float32 [n_positions, dim]: sin in even, cos in odd columns,
     computed as the original does so that rows agree bit for bit on CPU."""
     position = torch.arange(0, n_positions, dtype=torch.float32).unsqueeze(1)  # [P, 1]
-    div_term = torch.exp(
-        torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim)
-    )  # [dim/2]
+    div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
     table = torch.zeros(n_positions, dim, dtype=torch.float32)
     table[:, 0::2] = torch.sin(position * div_term)
     table[:, 1::2] = torch.cos(position * div_term)
@@ -53,25 +50,17 @@ def sinusoid_table(n_positions: int, dim: int) -> Tensor:
 
 class Conv2dSubsampling4(nn.Module):
     """Two 3x3 stride-2 convolutions with ReLU, then a linear projection: time / 4.
-
     ``[B, T, F] -> [B, T', width]``, T' = :func:`subsampled_length` (T); the frequency axis
-    (96 bins -> 23) is folded into the projection.
-    """
+    (96 bins -> 23) is folded into the projection."""
 
     def __init__(self, input_dim: int, width: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, width, kernel_size=3, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(width, width, kernel_size=3, stride=2),
-            nn.ReLU(),
-        )
-        freq_out = subsampled_length(input_dim)
-        self.out = nn.Sequential(nn.Linear(width * freq_out, width))
+        self.conv = nn.Sequential(nn.Conv2d(1, width, kernel_size=3, stride=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, kernel_size=3, stride=2), nn.ReLU())
+        self.out = nn.Sequential(nn.Linear(width * subsampled_length(input_dim), width))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.unsqueeze(1)  # [B, 1, T, F]: one input channel
-        x = self.conv(x)  # [B, C, T', F']
+        x = self.conv(x.unsqueeze(1))  # [B, 1, T, F] (one input channel) -> [B, C, T', F']
         b, c, t, f = x.shape
         x = x.transpose(1, 2).reshape(b, t, c * f)  # [B, T', C*F'], channel-major per frame
         return self.out(x)  # [B, T', C]
@@ -92,8 +81,7 @@ class RelPositionalEncoding(nn.Module):
     def _rows(self, n: int) -> Tensor:
         if n > self.table.shape[0]:
             grown = max(n, 2 * self.table.shape[0])  # amortise: grow by doubling
-            # Rows are built on the CPU like the original's table, then moved.
-            self.table = sinusoid_table(grown, self.dim).to(self.table.device)
+            self.table = sinusoid_table(grown, self.dim).to(self.table.device)  # CPU-built, moved
         return self.table[:n]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,11 +91,9 @@ class RelPositionalEncoding(nn.Module):
 
 class RelPositionMultiHeadAttention(nn.Module):
     """Multi-head self-attention with learned content and position biases (WeNet "rel_selfattn").
-
     Per head, with p = linear_pos(pos_emb): ``scores = ((q + pos_bias_u) k^T + (q + pos_bias_v)
     p^T) / sqrt(d_k)``, **no relative shift** (see the module docstring); softmax over keys, no
-    attention dropout, then ``linear_out``.
-    """
+    attention dropout, then ``linear_out``."""
 
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
@@ -118,10 +104,8 @@ class RelPositionMultiHeadAttention(nn.Module):
         # Registered first so that the state_dict order matches the original's.
         self.pos_bias_u = nn.Parameter(torch.empty(n_heads, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_k))
-        self.linear_q = nn.Linear(dim, dim)
-        self.linear_k = nn.Linear(dim, dim)
-        self.linear_v = nn.Linear(dim, dim)
-        self.linear_out = nn.Linear(dim, dim)
+        self.linear_q, self.linear_k, self.linear_v, self.linear_out = (
+            nn.Linear(dim, dim) for _ in range(4))
         self.linear_pos = nn.Linear(dim, dim, bias=False)
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
@@ -137,17 +121,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         k = self._heads(self.linear_k(x)).transpose(1, 2)  # [B, H, T', d_k]
         v = self._heads(self.linear_v(x)).transpose(1, 2)  # [B, H, T', d_k]
         p = self._heads(self.linear_pos(pos_emb)).transpose(1, 2)  # [1, H, T', d_k]
-
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, T', d_k]
         q_v = (q + self.pos_bias_v).transpose(1, 2)  # [B, H, T', d_k]
         content = q_u @ k.transpose(-2, -1)  # [B, H, T', T'] query x key content
         position = q_v @ p.transpose(-2, -1)  # [B, H, T', T'] query x absolute key position
-        scores = (content + position) / math.sqrt(self.d_k)
-
-        attn = torch.softmax(scores, dim=-1)  # over keys
-        out = attn @ v  # [B, H, T', d_k]
-        out = out.transpose(1, 2).reshape(b, t, d)  # [B, T', D], heads concatenated
-        return self.linear_out(out)
+        attn = torch.softmax((content + position) / math.sqrt(self.d_k), dim=-1)  # over keys
+        return self.linear_out((attn @ v).transpose(1, 2).reshape(b, t, d))  # heads concatenated
 
 
 class FeedForward(nn.Module):
@@ -181,8 +160,7 @@ class ConvModule(nn.Module):
         x = x.transpose(1, 2)  # [B, D, T']: channels first for Conv1d
         x = F.glu(self.pointwise_conv1(x), dim=1)  # [B, 2D, T'] -> [B, D, T']
         x = F.silu(self.norm(self.depthwise_conv(x)))  # [B, D, T']
-        x = self.pointwise_conv2(x)  # [B, D, T']
-        return x.transpose(1, 2)  # [B, T', D]
+        return self.pointwise_conv2(x).transpose(1, 2)  # [B, D, T'] -> [B, T', D]
 
 
 class ConformerBlock(nn.Module):
@@ -203,11 +181,8 @@ class ConformerBlock(nn.Module):
         self.feed_forward = FeedForward(dim, ffn_hidden, dropout)
         self.feed_forward_macaron = FeedForward(dim, ffn_hidden, dropout)
         self.conv_module = ConvModule(dim, conv_kernel)
-        self.norm_ff = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.norm_mha = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.norm_ff_macaron = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.norm_conv = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.norm_final = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm_ff, self.norm_mha, self.norm_ff_macaron, self.norm_conv, self.norm_final = (
+            nn.LayerNorm(dim, eps=LAYER_NORM_EPS) for _ in range(5))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
@@ -219,10 +194,8 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    """Subsampling, positional encoding, ``num_blocks`` Conformer blocks, final LayerNorm.
-
-    ``[B, T >= 7, input_dim] -> [B, T', width]`` with T' = :func:`subsampled_length` (T).
-    """
+    """Subsampling, positional encoding, ``num_blocks`` Conformer blocks, final LayerNorm:
+    ``[B, T >= 7, input_dim] -> [B, T', width]`` with T' = :func:`subsampled_length` (T)."""
 
     def __init__(self, input_dim: int, width: int, num_blocks: int, n_heads: int,
                  ffn_hidden: int, conv_kernel: int, dropout: float) -> None:
@@ -230,10 +203,8 @@ class ConformerEncoder(nn.Module):
         self.embed = Conv2dSubsampling4(input_dim, width)
         self.pos_enc = RelPositionalEncoding(width, dropout)  # holds no state_dict entries
         self.after_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
-        self.encoders = nn.ModuleList(
-            ConformerBlock(width, n_heads, ffn_hidden, conv_kernel, dropout)
-            for _ in range(num_blocks)
-        )
+        self.encoders = nn.ModuleList(ConformerBlock(width, n_heads, ffn_hidden, conv_kernel,
+                                                     dropout) for _ in range(num_blocks))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] < MIN_FRAMES:

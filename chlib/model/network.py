@@ -1,5 +1,4 @@
 """``CoverHunterNet``: the CoverHunter model, with state_dict keys identical to the original.
-
 Data path (default sizes in brackets)::
 
     x [B, T, F=96]            CQT frames after mean_size averaging, dB
@@ -8,15 +7,13 @@ Data path (default sizes in brackets)::
       _embed_lo (optional)    Linear(output_dims -> embed_dim) per frame, only if they differ
       _pool_layer             attentive statistics pooling -> f_t [B, embed_dim=128]
     = forward(x): the retrieval embedding (raw: not normalised, not bottlenecked)
-
     training branch on f_t:
       _bottleneck             BatchNorm1d(embed_dim), bias frozen -> f_i
       _ce_layer               Linear(embed_dim -> num_classes, no bias) -> logits -> focal loss
       triplet loss, center loss (``_center_loss.centers``) on f_t itself
 
 Sizes come from :class:`chlib.core.config.ModelConfig`. Weights are initialised from torch's
-global RNG: ``torch.manual_seed`` before building for a reproducible start.
-"""
+global RNG: ``torch.manual_seed`` before building for a reproducible start."""
 
 from __future__ import annotations
 
@@ -38,24 +35,20 @@ HEAD_PREFIXES = ("_ce_layer.", "_center_loss.")
 
 
 class CoverHunterNet(nn.Module):
-    """The CoverHunter network (see the module docstring for the layer stack).
-
-    ``forward(x: [B, T, input_dim]) -> [B, embed_dim]`` float embedding f_t; T >= 7 frames.
-    Works on cpu, cuda and mps (float32 only; no float64 anywhere).
-    """
+    """The CoverHunter network (layer stack: the module docstring). ``forward(x: [B, T,
+    input_dim]) -> [B, embed_dim]`` float embedding f_t; T >= 7 frames. Works on cpu, cuda and
+    mps (float32 only; no float64 anywhere)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg = cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.validate()
         # Attribute order = the original's state_dict order.
         self._global_cmvn = nn.BatchNorm1d(cfg.input_dim)
         self._encoder = ConformerEncoder(cfg.input_dim, cfg.output_dims, cfg.num_blocks,
                                          cfg.num_heads, cfg.attention_dim, cfg.conv_kernel,
                                          cfg.dropout)
-        self._embed_lo: nn.Linear | None = None
-        if cfg.output_dims != cfg.embed_dim:
-            self._embed_lo = nn.Linear(cfg.output_dims, cfg.embed_dim)
+        self._embed_lo: nn.Linear | None = (nn.Linear(cfg.output_dims, cfg.embed_dim)
+                                            if cfg.output_dims != cfg.embed_dim else None)
         self._bottleneck = nn.BatchNorm1d(cfg.embed_dim)
         self._bottleneck.bias.requires_grad_(False)  # frozen, as in the original
         self._pool_layer = AttentiveStatisticsPooling(cfg.embed_dim, cfg.embed_dim)
@@ -64,20 +57,17 @@ class CoverHunterNet(nn.Module):
         self._triplet_loss = BatchHardTripletLoss(margin=cfg.triplet_margin)
         self._center_loss = CenterLoss(cfg.num_classes, cfg.embed_dim)  # always: key must exist
 
-    # ---- embedding -------------------------------------------------------------------------
-
     def forward(self, x: Tensor) -> Tensor:
         """Pooled embedding f_t [B, embed_dim] of features ``x`` [B, T, input_dim]."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.input_dim:
             raise FeatureError(f"model input must be [batch, frames, {self.cfg.input_dim} bins], "
-                               f"got {list(x.shape)}: were the features made with n_bins = input_dim?")
+                               f"got {list(x.shape)}: were the features made with n_bins = "
+                               "input_dim?")
         h = self._global_cmvn(x.transpose(1, 2)).transpose(1, 2)  # [B, T, F], per-bin BN
         h = self._encoder(h)  # [B, T', output_dims]
         if self._embed_lo is not None:
             h = self._embed_lo(h)  # [B, T', embed_dim]
         return self._pool_layer(h)  # [B, embed_dim]
-
-    # ---- classification head and losses ----------------------------------------------------
 
     def classify(self, f_t: Tensor, *, use_bottleneck: bool = True) -> Tensor:
         """Focal-head logits [B, num_classes] of BN(f_t) (training), or of f_t itself with
@@ -88,18 +78,16 @@ class CoverHunterNet(nn.Module):
         """``(total, detached parts)`` for ``f_t`` [B, embed_dim] and ``labels`` [B]: the focal,
         triplet and center losses by their weights (the original skipped triplet weights <= 0.01;
         here any positive weight counts)."""
-        labels = labels.long()
-        n_classes = self.cfg.num_classes
+        labels, cfg, n_classes = labels.long(), self.cfg, self.cfg.num_classes
         if labels.dim() != 1 or len(labels) != len(f_t):
             raise ConfigError(f"labels must be [batch={len(f_t)}], got {list(labels.shape)}")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_classes:
             raise ConfigError(f"label {hi if hi >= n_classes else lo} is outside the focal head's "
-                              f"[0, {n_classes}) classes: raise foc.output_dims (or set it to auto)")
-        cfg = self.cfg
+                              f"[0, {n_classes}) classes: raise foc.output_dims (or set it to "
+                              "auto)")
         foc = self._foc_loss(self.classify(f_t), labels)
-        total = cfg.foc_weight * foc
-        parts = {"foc_loss": foc.detach()}
+        total, parts = cfg.foc_weight * foc, {"foc_loss": foc.detach()}
         for name, weight, loss in (("tri_loss", cfg.triplet_weight, self._triplet_loss),
                                    ("cen_loss", cfg.center_weight, self._center_loss)):
             if weight > 0:
@@ -111,8 +99,6 @@ class CoverHunterNet(nn.Module):
     def compute_loss(self, x: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``forward`` then :meth:`loss_from_embedding`: (total scalar, {"foc_loss", ...})."""
         return self.loss_from_embedding(self(x), labels)
-
-    # ---- parameter groups ------------------------------------------------------------------
 
     def _parameters_where(self, head: bool) -> Iterator[nn.Parameter]:
         return (p for name, p in self.named_parameters() if name.startswith(HEAD_PREFIXES) == head)

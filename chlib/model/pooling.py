@@ -7,8 +7,7 @@
 4. ``_final_layer`` Linear(2C -> C_out, no bias).
 
 Attribute names (``_linear.linear_layer``, ``_conv.conv``, ``_final_layer``) match the original's
-state_dict keys. The std is sqrt(max(variance, 1e-12)), as in the original.
-"""
+state_dict keys. The std is sqrt(max(variance, 1e-12)), as in the original."""
 
 from __future__ import annotations
 
@@ -21,10 +20,8 @@ STD_EPS = 1e-12  # variance floor before the square root
 
 
 def weighted_mean_std(x: Tensor, weights: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor]:
-    """Weighted mean and std over the last axis.
-
-    ``x`` [B, C, T], ``weights`` [B, C or 1, T] summing to 1 over T -> (mean [B, C], std [B, C]).
-    """
+    """Weighted mean and std over the last axis: ``x`` [B, C, T], ``weights`` [B, C or 1, T]
+    summing to 1 over T -> (mean [B, C], std [B, C])."""
     mean = (weights * x).sum(dim=2)  # [B, C]
     var = (weights * (x - mean.unsqueeze(2)).pow(2)).sum(dim=2)  # [B, C]
     return mean, torch.sqrt(var.clamp(min=eps))
@@ -50,13 +47,10 @@ class AttentiveStatisticsPooling(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # [B, C, T']
         b, c, t = h.shape
-        uniform = h.new_full((b, 1, t), 1.0 / t)  # [B, 1, T'] equal weights
-        mean, std = weighted_mean_std(h, uniform)  # [B, C] each
-        context = torch.cat(
-            [h, mean.unsqueeze(2).expand(b, c, t), std.unsqueeze(2).expand(b, c, t)], dim=1
-        )  # [B, 3C, T']
+        mean, std = weighted_mean_std(h, h.new_full((b, 1, t), 1.0 / t))  # equal weights: [B, C]
+        context = torch.cat([h, mean.unsqueeze(2).expand(b, c, t),
+                             std.unsqueeze(2).expand(b, c, t)], dim=1)  # [B, 3C, T']
         hidden = torch.tanh(self._linear.linear_layer(context.transpose(1, 2)))  # [B, T', C]
         logits = self._conv.conv(hidden.transpose(1, 2))  # [B, C, T'] per channel and frame
-        attn = torch.softmax(logits, dim=2)  # [B, C, T'] sums to 1 over time
-        mean, std = weighted_mean_std(h, attn)  # [B, C] each
+        mean, std = weighted_mean_std(h, torch.softmax(logits, dim=2))  # weights sum to 1 over T'
         return self._final_layer(torch.cat([mean, std], dim=1))  # [B, 2C] -> [B, out_dim]

@@ -1,9 +1,7 @@
 """Audio in: decode, mix to mono, resample, validate, peak-normalise.
-
 Every recording enters through :func:`load_audio`: a float32 mono signal at the feature sample
 rate, or an :class:`~chlib.core.errors.AudioError` naming the file, what is wrong and what to
-do. Decoding: ``soundfile`` (WAV, FLAC, OGG, Opus, MP3), else ``torchaudio``.
-"""
+do. Decoding: ``soundfile`` (WAV, FLAC, OGG, Opus, MP3), else ``torchaudio``."""
 
 from __future__ import annotations
 
@@ -85,8 +83,7 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     """Mean over channels: ``[n_samples, channels]`` (or ``[n_samples]``) -> ``[n_samples]`` float32."""
     if samples.ndim == 1:
         return np.asarray(samples, dtype=np.float32)
-    n_channels = samples.shape[1]
-    if n_channels == 1:
+    if (n_channels := samples.shape[1]) == 1:
         return np.ascontiguousarray(samples[:, 0], dtype=np.float32)
     # channel by channel: several times faster than samples.mean(axis=1) on interleaved data
     out = np.array(samples[:, 0], dtype=np.float32)
@@ -99,11 +96,9 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _resample_plan(orig_sr: int, new_sr: int) -> tuple[int, int, int, int, list] | None:
     """torchaudio's own resampling kernel, split into groups of phases without the zero taps.
-
     Only ~``12 * orig / new`` of each phase's taps are non-zero (44.1 -> 16 kHz: ~34 of 475), so
     each group of phases multiplies only its tap range: same sums, ~8x fewer multiplications.
-    None when torchaudio's private kernel builder is unavailable.
-    """
+    None when torchaudio's private kernel builder is unavailable."""
     try:
         from torchaudio.functional.functional import _get_sinc_resample_kernel
 
@@ -134,8 +129,7 @@ def _resample_grouped(y: torch.Tensor, plan: tuple, rows_per_chunk: int = 16384)
         for start, end, lo, hi, w in groups:
             out[r0:r1, start:end] = seg[lo:].unfold(0, hi - lo, orig)[: r1 - r0] @ w
     # the same output length rule as torchaudio (computed the same way)
-    target = int(torch.ceil(torch.as_tensor(new * length / orig)).long())
-    return out.reshape(-1)[:target]
+    return out.reshape(-1)[: int(torch.ceil(torch.as_tensor(new * length / orig)).long())]
 
 
 def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
@@ -158,10 +152,8 @@ def resample(y: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
 def load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
                min_seconds: float = MIN_SECONDS, silence_peak: float = SILENCE_PEAK) -> np.ndarray:
     """Decode ``path`` to a finite float32 mono signal ``[n_samples]`` at ``sample_rate`` Hz.
-
     Channels are averaged; not peak-normalised. :class:`AudioError` when the file is missing,
-    empty, undecodable, not finite, silent (peak < ``silence_peak``) or under ``min_seconds``.
-    """
+    empty, undecodable, not finite, silent (peak < ``silence_peak``) or under ``min_seconds``."""
     path = Path(path)
     return _check_and_convert(path, *decode_audio(path), sample_rate=sample_rate,
                               min_seconds=min_seconds, silence_peak=silence_peak)
@@ -174,22 +166,18 @@ def _check_and_convert(path: Path, data: np.ndarray, sr: int, *, sample_rate: in
         raise AudioError(f"{path}: decodes to 0 samples; the file holds no audio: "
                          "re-export it or remove it from the list")
     if not np.isfinite(data).all():
-        n_bad = int((~np.isfinite(data)).sum())
-        raise AudioError(f"{path}: {n_bad} samples are NaN or infinite; the file is "
-                         "damaged (often a float WAV written by a crashed program): re-export it")
+        raise AudioError(f"{path}: {int((~np.isfinite(data)).sum())} samples are NaN or infinite; "
+                         "the file is damaged (often a float WAV written by a crashed program): "
+                         "re-export it")
     y = to_mono(data)
-    peak = float(np.max(np.abs(y)))
-    if peak < silence_peak:
+    if (peak := float(np.max(np.abs(y)))) < silence_peak:
         db = 20 * np.log10(max(peak, 1e-12))
         raise AudioError(
             f"{path}: silent: peak amplitude {peak:.2e} ({db:.0f} dBFS) is below "
             f"{silence_peak:.0e} ({20 * np.log10(silence_peak):.0f} dBFS)"
             + ("; the channels may cancel out when mixed to mono (phase-inverted stereo)"
-               if data.shape[1] > 1 else "")
-            + ": check the file, or remove it from the list"
-        )
-    duration = y.shape[0] / sr
-    if duration < min_seconds:
+               if data.shape[1] > 1 else "") + ": check the file, or remove it from the list")
+    if (duration := y.shape[0] / sr) < min_seconds:
         raise AudioError(f"{path}: too short: {duration:.3f} s, the minimum is "
                          f"{min_seconds:.3f} s (one lowest-frequency CQT kernel); use a longer "
                          "recording or remove it from the list")
@@ -220,9 +208,7 @@ def try_load_audio(path: str | os.PathLike, *, sample_rate: int = 16000,
                    min_seconds: float = MIN_SECONDS,
                    normalise: bool = False) -> tuple[np.ndarray | None, str | None]:
     """:func:`load_audio` that reports instead of raising: ``(signal, None)`` or ``(None, reason)``.
-
-    Only :class:`AudioError` becomes a reason; ``normalise`` applies :func:`peak_normalise`.
-    """
+    Only :class:`AudioError` becomes a reason; ``normalise`` applies :func:`peak_normalise`."""
     path = Path(path)
     return _try_convert(path, _try_decode(path), sample_rate=sample_rate,
                         min_seconds=min_seconds, normalise=normalise)
@@ -233,12 +219,10 @@ def iter_load_audio(paths: Iterable[str | os.PathLike], *, sample_rate: int = 16
                     num_workers: int = 2, read_ahead: int | None = None,
                     ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """Decode many files in a thread pool; yield ``(index, signal or None, reason or None)``.
-
     In input order, at most ``read_ahead`` (default ``2 * num_workers``) decoded files waiting;
     ``num_workers <= 1``: all in this thread. Only decoding (libsndfile, outside the GIL) runs in
     the threads; checks and resampling run here, so torch's OpenMP team is never started from
-    several threads at once (which slows every stage several-fold on 2 cores).
-    """
+    several threads at once (which slows every stage several-fold on 2 cores)."""
     kw = dict(sample_rate=sample_rate, min_seconds=min_seconds, normalise=normalise)
     if num_workers <= 1:
         for i, p in enumerate(paths):

@@ -1,11 +1,9 @@
 """Model-free features from the CQT: chroma and its 2D Fourier-transform magnitude (2D-FTM).
-
 The 2D-FTM of beat-synchronous chroma (Bertin-Mahieux & Ellis, 2012) is the learning-free cover
 song baseline every trained model must beat: the magnitude of a 2D DFT over (pitch class, beat)
 patches does not change when the music is transposed (a circular shift along pitch classes) or
 shifted in time, and beat-synchronous frames make it tempo-invariant. chlib computes it from the
-CQT features already on disk, so it costs no extra decoding.
-"""
+CQT features already on disk, so it costs no extra decoding."""
 
 from __future__ import annotations
 
@@ -36,12 +34,9 @@ def chroma_from_cqt(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.nda
 def keyed_chroma_db(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.ndarray:
     """The ``input_transform: keyed_chroma`` model input: dB CQT ``[frames, n_bins]`` -> float32
     dB chroma ``[frames, 12]`` (0 dB = the frame's strongest pitch class, floor -60 dB), rotated
-    so that the estimated key (:func:`key_rotation`) comes first.
-
-    Folding octaves removes register (instruments an octave apart look the same) and the
-    rotation removes the key, so versions of a tune in other keys and registers give the same
-    input: what a model trained on a few hundred works cannot learn from augmentation alone.
-    """
+    so that the estimated key (:func:`key_rotation`) comes first. Folding octaves removes register
+    and the rotation the key, so versions in other keys and registers give the same input (what a
+    model trained on a few hundred works cannot learn from augmentation alone)."""
     chroma = chroma_from_cqt(feat_db, bins_per_octave=bins_per_octave)
     return (20.0 * np.log10(np.roll(chroma, -key_rotation(chroma), axis=1) + 1e-3)).astype(np.float32)
 
@@ -62,10 +57,8 @@ def key_rotation(chroma: np.ndarray) -> int:
 
 def beat_synchronous(chroma: np.ndarray, feat_db: np.ndarray, *, fps: float) -> np.ndarray:
     """Median chroma per beat: [frames, 12] -> [beats, 12].
-
     Beats come from librosa's tracker on the CQT's onset strength (``fps`` frames per second, 25
-    for chlib's default features). With fewer than 8 beats found, half-second steps are used.
-    """
+    for chlib's default features). With fewer than 8 beats found, half-second steps are used."""
     sr = int(round(fps * _HOP))
     onset = librosa.onset.onset_strength(S=np.maximum(feat_db.T, -80.0), sr=sr, hop_length=_HOP)
     _, beats = librosa.beat.beat_track(onset_envelope=onset, sr=sr, hop_length=_HOP, trim=False)
@@ -77,15 +70,12 @@ def beat_synchronous(chroma: np.ndarray, feat_db: np.ndarray, *, fps: float) -> 
 def ftm2d(feat_db: np.ndarray, *, fps: float = 25.0, bins_per_octave: int = 12,
           patch_beats: int = 75, power: float = 1.96) -> np.ndarray:
     """The 2D-FTM vector of one recording: float32 ``[12 * patch_beats]``, unit norm (cosine).
-
     Beat-synchronous chroma ** ``power``, every ``patch_beats``-beat patch (zero-padded to one),
-    |2D DFT| per patch, median over patches, log(1 + x), L2-normalised.
-    """
+    |2D DFT| per patch, median over patches, log(1 + x), L2-normalised."""
     chroma = chroma_from_cqt(feat_db, bins_per_octave=bins_per_octave)
     beats = beat_synchronous(chroma, np.asarray(feat_db, dtype=np.float32), fps=fps) ** power
     if beats.shape[0] < patch_beats:
         beats = np.concatenate([beats, np.zeros((patch_beats - beats.shape[0], 12), np.float32)])
     windows = np.lib.stride_tricks.sliding_window_view(beats, patch_beats, axis=0)  # [P, 12, beats]
-    magnitude = np.abs(np.fft.fft2(windows, axes=(1, 2)))
-    vec = np.log1p(np.median(magnitude, axis=0).ravel())
+    vec = np.log1p(np.median(np.abs(np.fft.fft2(windows, axes=(1, 2))), axis=0).ravel())
     return (vec / max(float(np.linalg.norm(vec)), 1e-9)).astype(np.float32)

@@ -1,19 +1,16 @@
 """Constant-Q transform in two flavours behind one interface: ``nnaudio`` and ``coverhunter``.
-
 Both give a magnitude CQT ``[frames, bins]`` (bin k at ``fmin * 2**(k / bpo)`` Hz);
 :func:`amplitude_to_db` gives dB below the track's loudest cell. Defaults: 25 frames per second
 over 32 Hz .. 7.7 kHz. A model trained on one flavour degrades on the other.
 
 ``nnaudio``: CoverHunterMPS's nnAudio ``CQT1992v2`` on every device (the fork's CUDA
 ``CQT2010v2`` differs by up to 39 dB on single cells), reflect-padded per track, so a track in
-a zero-padded batch gets the frames it gets alone.
-
-``coverhunter``: the original's "PyCqt" in torch (Hamming-windowed kernels in ``n_fft`` = 16384,
-spectral entries < 0.01 zeroed). Each bin's kernel is non-zero on one run of FFT bins, so the
-real FFT of each frame is multiplied, per group of neighbouring bins, only over the run that
-group needs. Float32 agrees with the float64 original within 0.001 dB above -60 dB; about 4 s
-per audio-hour on one torch thread (``bench/bench_extract.py``).
-"""
+a zero-padded batch gets the frames it gets alone. ``coverhunter``: the original's "PyCqt" in
+torch (Hamming-windowed kernels in ``n_fft`` = 16384, spectral entries < 0.01 zeroed). Each bin's
+kernel is non-zero on one run of FFT bins, so the real FFT of each frame is multiplied, per group
+of neighbouring bins, only over the run that group needs. Float32 agrees with the float64
+original within 0.001 dB above -60 dB; about 4 s per audio-hour on one torch thread
+(``bench/bench_extract.py``)."""
 
 from __future__ import annotations
 
@@ -35,9 +32,7 @@ __all__ = ["DB_EPS", "CQTExtractor", "amplitude_to_db", "compute_cqt_db", "compu
 
 #: Added to magnitudes before the logarithm (the original's constant).
 DB_EPS: float = 1e-9
-
-#: Threshold under which the original zeroes spectral-kernel entries.
-_KERNEL_THRESHOLD: float = 0.01
+_KERNEL_THRESHOLD: float = 0.01  # the original zeroes spectral-kernel entries below it
 
 
 def _quality(settings: FeatureSettings) -> float:
@@ -45,44 +40,38 @@ def _quality(settings: FeatureSettings) -> float:
 
 
 def kernel_length(settings: FeatureSettings) -> int:
-    """Samples spanned by the lowest-bin kernel, both flavours: next power of two >= ``Q * sr / fmin``."""
+    """Samples spanned by the lowest-bin kernel (both flavours): the next power of two
+    >= ``Q * sr / fmin``."""
     return int(2 ** math.ceil(math.log2(_quality(settings) * settings.sample_rate / settings.fmin)))
 
 
 def n_frames(n_samples: int, settings: FeatureSettings) -> int:
     """CQT frames of ``n_samples``: ``n // hop``, plus one for ``nnaudio`` (centred frames)."""
-    base = int(n_samples) // settings.hop_length
-    return base + 1 if settings.flavour == "nnaudio" else base
+    return int(n_samples) // settings.hop_length + (1 if settings.flavour == "nnaudio" else 0)
 
 
 def min_samples(settings: FeatureSettings) -> int:
     """Fewest samples accepted: one hop (``coverhunter``), half a kernel + 1 (``nnaudio``'s
     reflect padding; 8193 by default)."""
-    if settings.flavour == "nnaudio":
-        return kernel_length(settings) // 2 + 1
-    return settings.hop_length
+    nnaudio = settings.flavour == "nnaudio"
+    return kernel_length(settings) // 2 + 1 if nnaudio else settings.hop_length
 
 
 def amplitude_to_db(mag: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """``20 * log10(mag + 1e-9)`` minus its maximum over the last two axes ([frames, bins]).
-
-    ``[frames, bins]`` or ``[B, frames, bins]``, tensor or array (same type back); crop padded
-    tracks first, or padding frames take part in the maximum.
-    """
+    """``20 * log10(mag + 1e-9)`` minus its maximum over the last two axes: ``[frames, bins]``
+    or ``[B, frames, bins]``, tensor or array (same type back); crop padded tracks first, or
+    padding frames take part in the maximum."""
     if isinstance(mag, torch.Tensor):
         db = 20.0 * torch.log10(mag + DB_EPS)
         return db - db.amax(dim=(-2, -1), keepdim=True)
-    mag = np.asarray(mag)
-    db = 20.0 * np.log10(mag + DB_EPS)
+    db = 20.0 * np.log10(np.asarray(mag) + DB_EPS)
     return db - db.max(axis=(-2, -1), keepdims=True)
 
 
 def coverhunter_spectral_kernel(settings: FeatureSettings) -> np.ndarray:
     """The original's spectral kernel, dense ``[n_bins, n_fft]`` complex128, such that
     ``abs(kernel @ np.fft.fft(frame))`` is one CQT frame of ``n_fft`` samples."""
-    sr = settings.sample_rate
-    q = _quality(settings)
-    n_fft = kernel_length(settings)
+    sr, q, n_fft = settings.sample_rate, _quality(settings), kernel_length(settings)
     kernel = np.zeros((settings.n_bins, n_fft), dtype=np.complex128)
     for k in range(settings.n_bins):
         freq = settings.fmin * 2.0 ** (k / settings.bins_per_octave)
@@ -98,12 +87,10 @@ def coverhunter_spectral_kernel(settings: FeatureSettings) -> np.ndarray:
 
 def _fold_to_real_fft(kernel: np.ndarray) -> np.ndarray:
     """Real matrix ``[2 * (n_fft // 2 + 1), 2 * n_bins]`` acting on ``view_as_real(rfft(frame))``.
-
     For a real frame, ``FFT[n - m] = conj(FFT[m])``, so ``sum_m w[m] FFT[m]`` over all m equals
     ``sum_{m <= n/2} (a_m FFT[m] + b_m conj(FFT[m]))`` with ``a_m = w[m]``, ``b_m = w[n - m]``
     (``b_0 = b_{n/2} = 0``). Writing ``FFT = c + i d`` gives real rows for c and d and real
-    columns for the real and imaginary parts of each bin.
-    """
+    columns for the real and imaginary parts of each bin."""
     n_bins, n_fft = kernel.shape
     half = n_fft // 2
     a = kernel[:, : half + 1]
@@ -139,20 +126,17 @@ def group_runs(runs: list[tuple[int, int]],
     the half-open rows of each group and the run covering them."""
     n = len(runs)
     best = [0.0] + [math.inf] * n
-    back = [0] * (n + 1)
+    back = [(0, 0, 0)] * (n + 1)  # (start, lo, hi) of the best last group ending at each row
     for end in range(1, n + 1):
         lo, hi = runs[end - 1]
         for start in range(end - 1, -1, -1):
-            lo = min(lo, runs[start][0])
-            hi = max(hi, runs[start][1])
-            cost = best[start] + (hi - lo) * (end - start) + call_cost
-            if cost < best[end]:
-                best[end], back[end] = cost, start
+            lo, hi = min(lo, runs[start][0]), max(hi, runs[start][1])
+            if (cost := best[start] + (hi - lo) * (end - start) + call_cost) < best[end]:
+                best[end], back[end] = cost, (start, lo, hi)
     groups, end = [], n
     while end > 0:
-        start = back[end]
-        groups.append((start, end, min(r[0] for r in runs[start:end]),
-                       max(r[1] for r in runs[start:end])))
+        start, lo, hi = back[end]
+        groups.append((start, end, lo, hi))
         end = start
     return groups[::-1]
 
@@ -162,14 +146,12 @@ class _CoverHunterCQT(nn.Module):
 
     def __init__(self, settings: FeatureSettings, dtype: torch.dtype) -> None:
         super().__init__()
-        self.n_fft = kernel_length(settings)
-        self.hop = settings.hop_length
-        self.n_bins = settings.n_bins
+        self.n_fft, self.hop, self.n_bins = (kernel_length(settings), settings.hop_length,
+                                             settings.n_bins)
         self.pad_left = math.ceil((self.n_fft - self.hop) / 2)
         self.pad_right = (self.n_fft - self.hop) // 2
         w = _fold_to_real_fft(coverhunter_spectral_kernel(settings))
-        runs = _bin_runs(w)
-        self.groups = group_runs(runs)
+        self.groups = group_runs(_bin_runs(w))
         for i, (start, end, lo, hi) in enumerate(self.groups):
             block = torch.from_numpy(np.ascontiguousarray(w[2 * lo:2 * hi, 2 * start:2 * end]))
             self.register_buffer(f"w{i}", block.to(dtype))
@@ -226,31 +208,24 @@ class _NnAudioCQT(nn.Module):
 
 class CQTExtractor(nn.Module):
     """Magnitude CQT of a batch of equal-length signals, for the flavour in ``settings``.
-
     Kernels are buffers (``.to(device)`` moves them); ``device`` None picks cuda, mps, cpu.
     ``dtype`` (``coverhunter`` only): float32 (default) or float64 (not on MPS). Signals of
-    different lengths: :func:`compute_cqt_db_batch`.
-    """
+    different lengths: :func:`compute_cqt_db_batch`."""
 
     def __init__(self, settings: FeatureSettings, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        settings.validate()
-        self.settings = settings
-        dev = pick_device(device)
-        dtype = dtype or torch.float32
+        self.settings = settings.validate()
+        dev, dtype = pick_device(device), dtype or torch.float32
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"CQT dtype must be torch.float32 or torch.float64, got {dtype}")
         if not device_dtype_ok(dev, dtype):
             raise ConfigError(f"CQT dtype {dtype} is not available on {dev}; use torch.float32")
-        if settings.flavour == "nnaudio":
-            if dtype != torch.float32:
-                raise ConfigError("the nnaudio CQT flavour computes in float32 only; drop dtype")
-            self.impl: nn.Module = _NnAudioCQT(settings)
-        else:
-            self.impl = _CoverHunterCQT(settings, dtype)
-        self.to(dev)
-        self.eval()
+        if settings.flavour == "nnaudio" and dtype != torch.float32:
+            raise ConfigError("the nnaudio CQT flavour computes in float32 only; drop dtype")
+        self.impl: nn.Module = (_NnAudioCQT(settings) if settings.flavour == "nnaudio"
+                                else _CoverHunterCQT(settings, dtype))
+        self.to(dev).eval()
 
     @property
     def device(self) -> torch.device:
@@ -262,26 +237,25 @@ class CQTExtractor(nn.Module):
         if batch.dim() == 1:
             batch = batch[None]
         if batch.dim() != 2:
-            raise ValueError(f"CQT input must be [batch, samples] or [samples], got {tuple(batch.shape)}")
+            raise ValueError(
+                f"CQT input must be [batch, samples] or [samples], got {tuple(batch.shape)}")
         _check_length(batch.shape[-1], self.settings, "input")
         batch = batch.to(self.device, torch.float32)
         with torch.no_grad():
-            padded = torch.stack([self.impl.pad_one(y) for y in batch])
-            return self.impl.transform(padded)
+            return self.impl.transform(torch.stack([self.impl.pad_one(y) for y in batch]))
 
 
 def _check_length(n: int, settings: FeatureSettings, what: str) -> None:
-    need = min_samples(settings)
-    if n < need:
-        raise AudioError(
-            f"{what}: {n} samples ({n / settings.sample_rate:.3f} s) is too short for the "
-            f"{settings.flavour} CQT, which needs at least {need} samples "
-            f"({need / settings.sample_rate:.3f} s at {settings.sample_rate} Hz); use longer audio"
-        )
+    if n < (need := min_samples(settings)):
+        raise AudioError(f"{what}: {n} samples ({n / settings.sample_rate:.3f} s) is too short for "
+                         f"the {settings.flavour} CQT, which needs at least {need} samples "
+                         f"({need / settings.sample_rate:.3f} s at {settings.sample_rate} Hz); use "
+                         "longer audio")
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_extractor(settings: FeatureSettings, device: str, dtype: torch.dtype | None) -> CQTExtractor:
+def _cached_extractor(settings: FeatureSettings, device: str,
+                      dtype: torch.dtype | None) -> CQTExtractor:
     return CQTExtractor(settings, device=device, dtype=dtype)
 
 
@@ -294,18 +268,15 @@ def get_extractor(settings: FeatureSettings, device: str | torch.device | None =
 def compute_cqt_db_batch(signals: list[np.ndarray], settings: FeatureSettings,
                          device: str | torch.device | None = None, batch_size: int = 16,
                          dtype: torch.dtype | None = None) -> list[np.ndarray]:
-    """CQT in dB of many mono signals ``[n_samples]`` (at ``settings.sample_rate``).
-
-    Returns, in input order, float32 ``[n_frames(len), bins]``, 0 dB = each track's maximum.
+    """CQT in dB of many mono signals ``[n_samples]`` (at ``settings.sample_rate``); returns, in
+    input order, float32 ``[n_frames(len), bins]``, 0 dB = each track's maximum.
     Batches of similar lengths are zero-padded and each result cropped to its own frames, so
     batched output equals per-track output. :class:`AudioError` for a signal that is not 1-D,
-    not finite or shorter than :func:`min_samples`.
-    """
+    not finite or shorter than :func:`min_samples`."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     for i, y in enumerate(signals):
-        y = np.asarray(y)
-        if y.ndim != 1:
+        if (y := np.asarray(y)).ndim != 1:
             raise AudioError(f"signal {i}: expected a mono signal [samples], got shape {y.shape}; "
                              "mix to mono first (chlib.signal.audio.to_mono)")
         _check_length(y.shape[0], settings, f"signal {i}")
@@ -313,14 +284,13 @@ def compute_cqt_db_batch(signals: list[np.ndarray], settings: FeatureSettings,
             raise AudioError(f"signal {i}: contains NaN or infinite samples; decode it again with "
                              "chlib.signal.audio.load_audio, which rejects damaged files")
     extractor = get_extractor(settings, device, dtype)
-    dev = extractor.device
     order = sorted(range(len(signals)), key=lambda i: -len(signals[i]))
     results: list[np.ndarray | None] = [None] * len(signals)
     with torch.no_grad():
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
             padded = [extractor.impl.pad_one(torch.as_tensor(
-                np.asarray(signals[i], dtype=np.float32), device=dev)) for i in idx]
+                np.asarray(signals[i], dtype=np.float32), device=extractor.device)) for i in idx]
             width = max(p.shape[0] for p in padded)
             batch = torch.stack([F.pad(p, (0, width - p.shape[0])) for p in padded])
             mag = extractor.impl.transform(batch)

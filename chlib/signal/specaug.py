@@ -1,17 +1,15 @@
 """Spectral augmentation of training chunks (the original's SpecAug, with its bugs fixed).
-
 Every function takes a chunk ``feat [frames, bins]`` (dB <= 0, -100 dB end padding) and an
 explicit ``numpy.random.Generator`` and returns a new array of the same shape and dtype.
 Fixes (coverhunter-facts 4.2, 13.2.1-2): erase boxes lie wholly inside the array (the
 original's centre draw gave empty slices) and are filled with the chunk's minimum (not a
-uniform draw in [-128, 0) dB, which could be louder than its surroundings).
-"""
+uniform draw in [-128, 0) dB, which could be louder than its surroundings)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from chlib.core.config import RandomEraseConfig, RollPitchConfig, SpecAugConfig
+from chlib.core.config import SpecAugConfig
 from chlib.core.errors import ConfigError
 
 __all__ = ["PAD_DB", "FLEX_FILL_DB", "random_erase", "erase_boxes", "roll_pitch",
@@ -30,15 +28,12 @@ def _check_2d(feat: np.ndarray, what: str) -> None:
 def erase_boxes(n_frames: int, n_bins: int, *, rng: np.random.Generator, erase_num: int = 4,
                 region_size: tuple[float, float] = (0.25, 0.1)) -> list[tuple[int, int, int, int]]:
     """``erase_num`` half-open boxes ``(t0, t1, f0, f1)`` wholly inside ``[n_frames, n_bins]``.
-
     Sizes are the original's fractions ``region_size`` (time, frequency), at least 1; the
-    corner is uniform over every position that keeps the box inside.
-    """
+    corner is uniform over every position that keeps the box inside."""
     rt, rf = region_size
     if not (0 < rt <= 1 and 0 < rf <= 1):
         raise ConfigError(f"random_erase.region_size fractions must be in (0, 1], got {region_size}")
-    h = min(n_frames, max(1, int(n_frames * rt)))
-    w = min(n_bins, max(1, int(n_bins * rf)))
+    h, w = min(n_frames, max(1, int(n_frames * rt))), min(n_bins, max(1, int(n_bins * rf)))
     boxes = []
     for _ in range(erase_num):
         t0 = int(rng.integers(0, n_frames - h + 1))
@@ -65,14 +60,12 @@ def roll_pitch_default(feat: np.ndarray, *, rng: np.random.Generator, shift_num:
     """The original's pitch roll: shift s uniform in {-shift_num, 0, +shift_num} bins, circular
     (the top octave may land below the lowest one; kept for fidelity)."""
     _check_2d(feat, "roll_pitch")
-    s = int(rng.choice([-shift_num, 0, shift_num]))
-    return np.roll(feat, s, axis=1)
+    return np.roll(feat, int(rng.choice([-shift_num, 0, shift_num])), axis=1)
 
 
 def roll_pitch_low_melody(feat: np.ndarray, *, rng: np.random.Generator,
                           shift_num: int = 12) -> np.ndarray:
     """The fork's ``low_melody`` roll: move everything up by s in [1, shift_num] bins, no wrap.
-
     The top s bins are discarded; the s vacated bottom bins are filled with noise shaped like
     the band just above them:
 
@@ -85,31 +78,24 @@ def roll_pitch_low_melody(feat: np.ndarray, *, rng: np.random.Generator,
        m + sd;
     4. the top min(5, s) noise bins are blended with the mirror image of the bins above the
        boundary, mirror weight rising linearly from 0.1 to 0.6 towards the boundary;
-    5. padding rows get -100 dB in the vacated bins.
-
-    If s >= bins nothing happens.
-    """
+    5. padding rows get -100 dB in the vacated bins. If s >= bins nothing happens."""
     _check_2d(feat, "roll_pitch")
     n_frames, n_bins = feat.shape
     s = int(rng.integers(1, shift_num + 1)) if shift_num >= 1 else 0
     if s == 0 or s >= n_bins:
         return np.array(feat, copy=True)
     x = feat.astype(np.float64, copy=False)
-    pad_rows = np.all(x == PAD_DB, axis=1)  # [frames]
-    real = ~pad_rows
+    real = ~np.all(x == PAD_DB, axis=1)  # [frames]: not a padding row
     out = np.empty_like(x)
     out[:, s:] = x[:, : n_bins - s]  # bins move up by s; the top s are dropped
     if not real.any():
         out[:, :s] = PAD_DB
         return out.astype(feat.dtype)
     target = float(x[real].mean(axis=0).min())
-
-    band_hi = min(n_bins, s + 6 + int(rng.integers(0, 3)))
-    band = out[:, s:band_hi]  # [frames, 6..8]
+    band = out[:, s:min(n_bins, s + 6 + int(rng.integers(0, 3)))]  # [frames, 6..8]
     m = band.mean(axis=1, keepdims=True)  # [frames, 1]
     sd = band.std(axis=1, keepdims=True)
-    noise = rng.normal(0.0, 1.0, size=(n_frames, s)) * (0.5 * sd) + m  # [frames, s]
-    noise = np.maximum(noise, m - sd)
+    noise = np.maximum(rng.normal(0.0, 1.0, size=(n_frames, s)) * (0.5 * sd) + m, m - sd)
     if s > 2:
         w = 0.5 * (1.0 + np.cos(np.pi * np.arange(s) / (s - 1)))  # 1 at bin 0 -> 0 at bin s-1
         noise = noise - (m - target) * w[None, :]
@@ -126,15 +112,12 @@ def roll_pitch_low_melody(feat: np.ndarray, *, rng: np.random.Generator,
 def roll_pitch_flex_melody(feat: np.ndarray, *, rng: np.random.Generator,
                            shift_num: int = 12) -> np.ndarray:
     """The fork's ``flex_melody`` roll (its author marks it "not recommended").
-
     The tonal centre c is the integer mean bin index of all cells above the chunk's 90th
     percentile (bins // 2 if none). The shift s is uniform in
-    [-min(shift_num, c), +min(shift_num, bins - c)], without wrapping; vacated bins get -128 dB.
-    """
+    [-min(shift_num, c), +min(shift_num, bins - c)], without wrapping; vacated bins get -128 dB."""
     _check_2d(feat, "roll_pitch")
     n_bins = feat.shape[1]
-    thr = np.percentile(feat, 90)
-    _, cols = np.nonzero(feat > thr)
+    _, cols = np.nonzero(feat > np.percentile(feat, 90))
     c = int(cols.mean()) if cols.size else n_bins // 2
     lo, hi = -min(shift_num, c), min(shift_num, n_bins - c)
     return _shift_bins(feat, int(rng.integers(lo, hi + 1)), np.full_like(feat, FLEX_FILL_DB))
@@ -145,8 +128,7 @@ def roll_pitch_random(feat: np.ndarray, *, rng: np.random.Generator, shift_num: 
     bins get their frame's minimum (padding rows stay -100 dB)."""
     _check_2d(feat, "roll_pitch")
     n_bins = feat.shape[1]
-    s = int(rng.integers(-shift_num, shift_num + 1))
-    if s == 0 or abs(s) >= n_bins:
+    if (s := int(rng.integers(-shift_num, shift_num + 1))) == 0 or abs(s) >= n_bins:
         return np.array(feat, copy=True)
     return _shift_bins(feat, s, np.repeat(feat.min(axis=1, keepdims=True), n_bins,
                                           axis=1).astype(feat.dtype))
@@ -179,11 +161,9 @@ def tempo_resample(feat: np.ndarray, n_out: int) -> np.ndarray:
     """Linear interpolation of ``feat`` [frames, bins] to float32 ``[n_out, bins]`` along time
     (feature-domain tempo jitter; pitch untouched)."""
     _check_2d(feat, "tempo_resample")
-    n_in = feat.shape[0]
-    if n_in == n_out:
+    if (n_in := feat.shape[0]) == n_out:
         return np.array(feat, dtype=np.float32, copy=True)
-    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # frame centres, aligned
-    pos = np.clip(pos, 0.0, n_in - 1)
+    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)  # centres
     i0 = np.floor(pos).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_in - 1)
     frac = (pos - i0)[:, None].astype(np.float32)
@@ -203,13 +183,9 @@ def random_eq(feat: np.ndarray, depth_db: float, *, rng: np.random.Generator) ->
 
 def spec_augment(feat: np.ndarray, cfg: SpecAugConfig, *, rng: np.random.Generator) -> np.ndarray:
     """roll_pitch, then random_erase, each with its own ``prob``; a new array, as the original."""
-    rp: RollPitchConfig = cfg.roll_pitch
-    re: RandomEraseConfig = cfg.random_erase
-    out = feat
+    rp, re, out = cfg.roll_pitch, cfg.random_erase, feat
     if rp.prob > 0 and rng.random() < rp.prob:
         out = roll_pitch(out, rng=rng, shift_num=rp.shift_num, method=rp.method)
     if re.prob > 0 and rng.random() < re.prob:
         out = random_erase(out, rng=rng, erase_num=re.erase_num, region_size=re.region_size)
-    if out is feat:
-        out = np.array(feat, copy=True)
-    return out
+    return np.array(feat, copy=True) if out is feat else out

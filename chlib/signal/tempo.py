@@ -1,9 +1,7 @@
 """Pitch-preserving tempo change of a mono signal (the original's "speed" augmentation).
-
 Backends: ``sox`` (the binary, WSOLA as the original), ``pedalboard`` (Rubber Band) and
 ``librosa`` (phase vocoder); ``auto`` picks the first available. They differ in artefacts, not
-in pitch or length: augment a dataset with one backend throughout (``tempo_backend``).
-"""
+in pitch or length: augment a dataset with one backend throughout (``tempo_backend``)."""
 
 from __future__ import annotations
 
@@ -25,15 +23,12 @@ BACKENDS: tuple[str, ...] = ("sox", "pedalboard", "librosa")
 
 #: Factors within this distance of 1.0 return the input unchanged (the original's rule).
 IDENTITY_TOLERANCE: float = 0.01
-
-#: Seconds one sox call may take before it is killed (hours of audio take seconds).
-_SOX_TIMEOUT_S: float = 600.0
+_SOX_TIMEOUT_S: float = 600.0  # seconds one sox call may take (hours of audio take seconds)
 
 
 def _installed(backend: str) -> bool:
-    if backend == "sox":
-        return shutil.which("sox") is not None
-    return importlib.util.find_spec(backend) is not None
+    found = shutil.which("sox") if backend == "sox" else importlib.util.find_spec(backend)
+    return found is not None
 
 
 def available_backends() -> list[str]:
@@ -44,8 +39,7 @@ def available_backends() -> list[str]:
 def resolve_backend(backend: str = "auto") -> str:
     """The concrete backend for ``backend`` (``auto``: the first available); ConfigError if
     unknown or not installed."""
-    name = str(backend).lower()
-    if name != "auto" and name not in BACKENDS:
+    if (name := str(backend).lower()) != "auto" and name not in BACKENDS:
         raise ConfigError(f"tempo backend {backend!r} is unknown: use 'auto', "
                           + ", ".join(repr(b) for b in BACKENDS))
     have = available_backends()
@@ -101,21 +95,17 @@ _IMPL = {"sox": _stretch_sox, "pedalboard": _stretch_pedalboard, "librosa": _str
 def time_stretch(y: np.ndarray, factor: float, *, sample_rate: int,
                  backend: str = "auto") -> np.ndarray:
     """Change the tempo of mono ``y [n_samples]`` by ``factor``, keeping the pitch.
-
     ``factor`` > 1 is faster (about ``n_samples / factor`` float32 samples back);
     ``|factor - 1| <= 0.01`` returns ``y`` itself. :class:`ConfigError` for a bad factor or
-    backend, :class:`AudioError` when the backend fails on this signal.
-    """
-    factor = float(factor)
-    if not np.isfinite(factor) or factor <= 0:
+    backend, :class:`AudioError` when the backend fails on this signal."""
+    if not np.isfinite(factor := float(factor)) or factor <= 0:
         raise ConfigError(f"tempo factor must be a positive number, got {factor}")
     if not 0.25 <= factor <= 4.0:
         raise ConfigError(f"tempo factor {factor} is outside 0.25..4; the original uses 0.8..1.2")
     name = resolve_backend(backend)
     if abs(factor - 1.0) <= IDENTITY_TOLERANCE + 1e-9:  # 1.01 counts as within 0.01
         return y
-    y = np.asarray(y, dtype=np.float32)
-    if y.ndim != 1:
+    if (y := np.asarray(y, dtype=np.float32)).ndim != 1:
         raise AudioError(f"time_stretch expects a mono signal [samples], got shape {y.shape}")
     if y.shape[0] < 4096:
         raise AudioError(f"time_stretch: {y.shape[0]} samples is too short to stretch "

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from chlib.core.config import HParams
-from chlib.core.errors import ConfigError, FeatureError
+from chlib.core.errors import FeatureError
 from chlib.core.manifest import FULL_KEYS, read_manifest
+from chlib.core.schema import check
 from chlib.data.dataset import ChunkDataset, feature_lengths, find_missing_features, worker_init
 from chlib.data.features import feature_path, load_feature
 from chlib.data.sampler import MPerClassBatchSampler, grouped_batches
@@ -40,10 +41,8 @@ def _read_split(path_str: str | None, what: str, hp: HParams) -> tuple[list[dict
     if not path_str:
         return [], None
     path = hp.resolve_path(path_str)
-    if not path.is_file():
-        raise ConfigError(
-            f"{hp.source}: {what} {path_str!r} not found (paths are relative to the current "
-            f"directory {os.getcwd()}); check the path or run the split step first")
+    check(path.is_file(), hp.source, f"{what} {path_str!r} not found (paths are relative to the "
+          f"current directory {os.getcwd()}); check the path or run the split step first")
     return read_manifest(path, FULL_KEYS), path
 
 
@@ -68,12 +67,10 @@ def _check_chunks(lengths: np.ndarray, hp: HParams, notes: list[str]) -> None:
     for chunk_frames, raw in zip(hp.chunk_frame, hp.chunk_len, strict=True):
         short = int((lengths < raw).sum())
         secs = raw / hp.frames_per_second
-        if short == len(lengths):
-            raise ConfigError(
-                f"{hp.source}: chunk_frame {chunk_frames} x mean_size {hp.mean_size} = {raw} frames "
-                f"({secs:.0f} s) is longer than every training track (longest: {int(lengths.max())} "
-                f"frames, {lengths.max() / hp.frames_per_second:.0f} s); every chunk would be mostly "
-                "-100 dB padding. Lower chunk_frame (or mean_size)")
+        check(short < len(lengths), hp.source, f"chunk_frame {chunk_frames} x mean_size "
+              f"{hp.mean_size} = {raw} frames ({secs:.0f} s) is longer than every training track "
+              f"(longest: {int(lengths.max())} frames, {lengths.max() / hp.frames_per_second:.0f} "
+              "s); every chunk would be mostly -100 dB padding. Lower chunk_frame (or mean_size)")
         if short > len(lengths) / 2:
             notes.append(
                 f"chunk {raw} frames ({secs:.0f} s) is longer than {short} of {len(lengths)} "
@@ -84,13 +81,10 @@ def prepare_training_data(hp: HParams) -> TrainingData:
     """Read and check the training and validation splits named in ``hp``: a ConfigError or
     FeatureError with the remedy for each problem, warnings (also in ``.warnings``) for a chunk
     longer than most tracks or fewer works than a batch takes."""
-    if not hp.train_path:
-        raise ConfigError(
-            f"{hp.source}: train_path is not set; point it at the training split, e.g. "
-            "datasets/<name>/train.txt (see chlib.train.loop.make_run_config)")
+    check(bool(hp.train_path), hp.source, "train_path is not set; point it at the training "
+          "split, e.g. datasets/<name>/train.txt (see chlib.train.loop.make_run_config)")
     train, train_path = _read_split(hp.train_path, "train_path", hp)
-    if not train:
-        raise ConfigError(f"{train_path}: the training split is empty; check the split step")
+    check(bool(train), str(train_path), "the training split is empty; check the split step")
     val, val_path = _read_split(hp.val_path, "val_path", hp)
     _check_features([(train, train_path), (val, val_path)], hp)
     notes: list[str] = []
@@ -98,11 +92,9 @@ def prepare_training_data(hp: HParams) -> TrainingData:
     n_works = len({int(r["work_id"]) for r in train})
     max_label = max(int(r["work_id"]) for r in train + val)
     num_classes = max_label + 1 if hp.num_classes_auto else hp.model.num_classes
-    if max_label >= num_classes:
-        raise ConfigError(
-            f"{hp.source}: work_id {max_label} does not fit foc.output_dims = {num_classes} "
-            "classes (labels must be < foc.output_dims); set foc.output_dims: auto to size "
-            "the head to the data")
+    check(max_label < num_classes, hp.source, f"work_id {max_label} does not fit "
+          f"foc.output_dims = {num_classes} classes (labels must be < foc.output_dims); set "
+          "foc.output_dims: auto to size the head to the data")
     if n_works < hp.works_per_batch:
         notes.append(
             f"the training set has {n_works} works but a batch takes {hp.works_per_batch} "

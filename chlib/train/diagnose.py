@@ -1,13 +1,7 @@
-"""Is the run learning the tunes, or memorising its recordings?
-
-Two checks that training runs and ``03_train`` prints, so nobody mistakes a model at chance
-for a working one:
-
-* :func:`memorising` - after a few epochs, the training loss has fallen a lot while the mAP of
-  the works held out from training has not risen above its first-epoch level;
-* :func:`model_free_scores` - the 2D-FTM baseline (no learning) on the run's test sets, printed
-  beside the model's mAP at the end of training.
-"""
+"""Is the run learning the tunes, or memorising its recordings? Two checks that training runs
+and ``03_train`` prints, so nobody mistakes a model at chance for a working one: :func:`memorising`
+(the loss fell, held-out mAP did not rise) and :func:`model_free_scores` (the 2D-FTM baseline,
+no learning, printed beside the model's mAP at the end of training)."""
 
 from __future__ import annotations
 
@@ -67,8 +61,7 @@ def model_free_scores(hp: Any) -> dict[str, dict[str, float]]:
         r = q if r_path == q_path else read_manifest(r_path, required=("perf", "work", "feat"))
         qw = model_free_windows(q, hp, manifest_path=q_path)
         rw = qw if r is q else model_free_windows(r, hp, manifest_path=r_path)
-        keep_q = [i for i, w in enumerate(qw) if w is not None]
-        keep_r = [i for i, w in enumerate(rw) if w is not None]
+        keep_q, keep_r = ([i for i, w in enumerate(ws) if w is not None] for ws in (qw, rw))
         whole = len(keep_q) == len(q) and len(keep_r) == len(r)  # positions of query_in_ref hold
         scores = score_windows([q[i] for i in keep_q], [r[i] for i in keep_r],
                                [qw[i] for i in keep_q], [rw[i] for i in keep_r], rule="mean",

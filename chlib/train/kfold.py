@@ -32,6 +32,7 @@ from chlib.core.io import (
     write_json,
 )
 from chlib.core.manifest import FULL_KEYS, read_manifest, resolve_path, source_perf, write_manifest
+from chlib.core.schema import check
 from chlib.data.splits import kfold_groups
 from chlib.model.checkpoint import checkpoint_name, list_checkpoints, load_train_state
 from chlib.train.loop import train
@@ -51,11 +52,9 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
     kept between ``min_lr`` and the anchor (unlike the original)."""
     if k < 2:
         raise ConfigError(f"k_folds must be >= 2, got {k}")
-    if not (anchor > 0 and min_lr > 0):
-        raise ConfigError(
-            f"production LR plan: anchor ({anchor}) and min_lr ({min_lr}) must be > 0 (the fold "
-            "learning rates descend log-linearly from the anchor toward min_lr); set min_lr > 0"
-        )
+    check(anchor > 0 and min_lr > 0, "production LR plan", f"anchor ({anchor}) and min_lr "
+          f"({min_lr}) must be > 0 (the fold learning rates descend log-linearly from the anchor "
+          "toward min_lr); set min_lr > 0")
     ratio = (min_lr / anchor) ** (1.0 / (k - 1))
     pos = k - 0.5 if final_fold_position is None else float(final_fold_position)
     final = anchor * ratio ** (pos - 2)
@@ -63,12 +62,6 @@ def lr_plan(*, learning_rate: float, anchor: float, min_lr: float, k: int,
     return {"ratio": ratio,
             "folds": [learning_rate] + [anchor * ratio ** (j - 2) for j in range(2, k + 1)],
             "final": min(max(final, lo), hi)}
-
-
-def _load_state(prod_dir: Path) -> dict:
-    path = prod_dir / STATE_FILE
-    return read_json(path) if path.is_file() else {"version": 1, "folds": {}, "anchor": None,
-                                                   "ratio": None, "global_best": None, "final": None}
 
 
 def _manifests(hp: HParams, dataset_dir: str | os.PathLike | None,
@@ -83,8 +76,7 @@ def _manifests(hp: HParams, dataset_dir: str | os.PathLike | None,
     if full is None or not full.is_file():
         raise ConfigError(f"production training needs the whole dataset's manifest: pass "
                           f"dataset_dir= (uses its full.txt) or full_manifest= (got {full})")
-    if held is not None and not held.is_file():
-        raise ConfigError(f"{held}: held-out manifest not found")
+    check(held is None or held.is_file(), str(held), "held-out manifest not found")
     if held is None and hp.early_stop_metric != "mAP":
         raise ConfigError(
             "production training with early_stop_metric: val_loss needs a held-out set to "
@@ -108,26 +100,21 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
     kept = [dict(r, feat=os.path.abspath(resolve_path(r["feat"], full)))
             for r in records if source_perf(r) not in held_sources]
     removed = len(records) - len(kept)
-    if not kept:
-        raise ConfigError(f"{full}: no records left after removing the held-out recordings")
-
+    check(bool(kept), str(full), "no records left after removing the held-out recordings")
     folds_path = data_dir / "folds.json"
-    sha = file_sha256(full)
-    held_sha = None if held is None else file_sha256(held)
+    sha, held_sha = file_sha256(full), None if held is None else file_sha256(held)
     if folds_path.is_file():
         info = read_json(folds_path)
-        if (info["manifest_sha256"], info.get("heldout_sha256"), info["k"]) != (
-                sha, held_sha, hp.k_folds):
-            raise ConfigError(
-                f"{folds_path}: the folds were drawn from another manifest, held-out set or k "
-                f"({info['manifest']}, {info.get('heldout')}, k={info['k']}); use a new "
-                "production folder for changed data")
+        same = (info["manifest_sha256"], info.get("heldout_sha256"), info["k"]) == (
+            sha, held_sha, hp.k_folds)
+        check(same, str(folds_path), f"the folds were drawn from another manifest, held-out set "
+              f"or k ({info['manifest']}, {info.get('heldout')}, k={info['k']}); use a new "
+              "production folder for changed data")
         folds = info["folds"]
     else:
         folds = kfold_groups(kept, hp.k_folds, seed=hp.seed)
-        if any(len(f) == 0 for f in folds):
-            raise ConfigError(f"{full}: {len(kept)} recordings are too few for {hp.k_folds} folds "
-                              "(a fold would be empty); lower k_folds")
+        check(all(folds), str(full), f"{len(kept)} recordings are too few for {hp.k_folds} "
+              "folds (a fold would be empty); lower k_folds")
         for i, fold in enumerate(folds, start=1):
             in_val = set(fold)
             write_manifest(data_dir / f"fold_{i}_train.txt",
@@ -136,8 +123,7 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
         write_manifest(data_dir / "full_train.txt", kept)
         write_json(folds_path, {"manifest": str(full), "manifest_sha256": sha, "k": hp.k_folds,
                                 "seed": hp.seed, "heldout": None if held is None else str(held),
-                                "heldout_sha256": held_sha,
-                                "removed_heldout_records": removed,
+                                "heldout_sha256": held_sha, "removed_heldout_records": removed,
                                 "n_records": len(kept), "folds": folds})
     return {"folds": folds, "n_records": len(kept), "removed": removed,
             "num_classes": max(ids.values()) + 1, "heldout": held}
@@ -146,12 +132,10 @@ def _prepare_data(prod_dir: Path, hp: HParams, full: Path, held: Path | None) ->
 def _seed_checkpoint(src_run: Path, epoch: int, dst_run: Path) -> None:
     """Copy ``src_run``'s checkpoint of ``epoch`` into ``dst_run`` as its epoch 0, not begun:
     weights and optimizer state kept; step, epoch, LR schedule and early stopping start afresh."""
-    src = src_run / "checkpoints"
-    dst = dst_run / "checkpoints"
+    src, dst = src_run / "checkpoints", dst_run / "checkpoints"
     g_path, do_path = src / checkpoint_name(epoch, "g_"), src / checkpoint_name(epoch, "do_")
-    if not g_path.is_file() or not do_path.is_file():
-        raise ConfigError(f"{src}: checkpoint of epoch {epoch} (g_ and do_) not found; the "
-                          "production state points at it. Was it deleted?")
+    check(g_path.is_file() and do_path.is_file(), str(src), f"checkpoint of epoch {epoch} (g_ "
+          "and do_) not found; the production state points at it. Was it deleted?")
     state = load_train_state(do_path)
     state.update(steps=0, epoch=0, early_stopping={})
     state["chlib"] = {**state.get("chlib", {}), "epoch_complete": False, "batch_in_epoch": 0,
@@ -225,9 +209,8 @@ def _train_run(run_dir: Path, hp: HParams, info: dict, train_kw: dict, *, requir
         return False
     epoch = r.best_epoch if r.best_epoch is not None else \
         max(list_checkpoints(run_dir / "checkpoints"), default=None)
-    if epoch is None and required:
-        raise ConfigError(f"{run_dir}: the run finished without a checkpoint; check "
-                          "max_epochs and every_n_epoch_to_save")
+    check(epoch is not None or not required, str(run_dir), "the run finished without a "
+          "checkpoint; check max_epochs and every_n_epoch_to_save")
     recs = [e for e in read_metrics(run_dir, "epoch") if e.get("epoch") == epoch]
     info.update(status="done", best_epoch=epoch, best_value=r.best_value,
                 metric=r.best_metric if r.best_epoch is not None else hp.early_stop_metric,
@@ -236,51 +219,52 @@ def _train_run(run_dir: Path, hp: HParams, info: dict, train_kw: dict, *, requir
     return True
 
 
-def _begin_run(prod_dir: Path, hp: HParams, state: dict, name: str, init: dict | None,
-               over: dict, entry: dict) -> dict:
-    """Write run ``name``'s config (and its starting checkpoint when ``init``), mark it started
-    in ``state.json``; returns its state entry."""
-    run_dir, what = prod_dir / name, "the final run" if name == "final" else name.replace("_", " ")
-    if (run_dir / "metrics.jsonl").is_file():
-        raise ConfigError(f"{run_dir}: has training logs but {STATE_FILE} does not list {what} "
-                          f"as started; the folder and the state disagree. Delete {run_dir} to "
-                          "retrain it")
+def _start_run(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
+               base_over: dict) -> dict:
+    """Begin fold ``i`` (``i > 1``: from the global best at its planned LR) or, for ``i = k + 1``,
+    the final run (every record, from the global best): write its config (and its starting
+    checkpoint), mark it started in ``state.json``; returns its state entry."""
+    data_dir, final = prod_dir / "data", i > hp.k_folds
+    init, over = state.get("global_best") if i > 1 else None, dict(base_over)
+    if final:
+        lr = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"], min_lr=hp.min_lr,
+                     k=hp.k_folds, final_fold_position=hp.final_fold_position)["final"]
+        held = data["heldout"]
+        over.update(train_path=str(data_dir / "full_train.txt"),
+                    val_path=None if held is None else str(held), learning_rate=lr,
+                    lr_decay=hp.final_lr_decay, hold_steps=hp.fold_hold_steps, warmup=False,
+                    early_stopping_patience=hp.final_early_stopping_patience)
+        entry = {"start_lr": lr, "n_train": data["n_records"]}
+    else:
+        if i == 1:
+            lr, decay, hold = hp.learning_rate, hp.lr_decay, 0
+        else:  # the fold starts at its LR directly: no second warm-up
+            lr = state["anchor"] * state["ratio"] ** (i - 2)
+            decay, hold, over["warmup"] = hp.fold_lr_decay, hp.fold_hold_steps, False
+        over.update(train_path=str(data_dir / f"fold_{i}_train.txt"),
+                    val_path=str(data_dir / f"fold_{i}_val.txt"), learning_rate=lr,
+                    lr_decay=decay, hold_steps=hold)
+        n_val = len(data["folds"][i - 1])
+        entry = {"fold": i, "start_lr": lr, "lr_decay": decay, "hold_steps": hold,
+                 "n_train": data["n_records"] - n_val, "n_val": n_val}
+    run_dir = prod_dir / ("final" if final else f"fold_{i}")
+    check(not (run_dir / "metrics.jsonl").is_file(), str(run_dir), f"has training logs but "
+          f"{STATE_FILE} does not list {'the final run' if final else f'fold {i}'} as started; "
+          f"the folder and the state disagree. Delete {run_dir} to retrain it")
     if init is not None:
         _seed_checkpoint(prod_dir / init["run"], init["epoch"], run_dir)
-    save_hparams(hp.updated({**over, "max_epochs": hp.max_epochs}),
-                 run_dir / "config" / "hparams.yaml")
-    entry = {**entry, "status": "started", "init_from": init, "started_at": time.time()}
-    if name == "final":
+    save_hparams(hp.updated(over), run_dir / "config" / "hparams.yaml")
+    entry.update(status="started", init_from=init, started_at=time.time())
+    if final:
         state["final"] = entry
     else:
-        state["folds"][name.removeprefix("fold_")] = entry
+        state["folds"][str(i)] = entry
     write_json(prod_dir / STATE_FILE, state)
     return entry
 
 
-def _start_fold(prod_dir: Path, hp: HParams, state: dict, data: dict, i: int,
-                base_over: dict) -> dict:
-    """Begin fold ``i``: from the global best (``i > 1``) at its planned LR."""
-    init = state.get("global_best") if i > 1 else None
-    over = dict(base_over)
-    if i == 1:
-        start_lr, decay, hold = hp.learning_rate, hp.lr_decay, 0
-    else:  # the fold starts at its LR directly: no second warm-up
-        start_lr = state["anchor"] * state["ratio"] ** (i - 2)
-        decay, hold = hp.fold_lr_decay, hp.fold_hold_steps
-        over["warmup"] = False
-    data_dir = prod_dir / "data"
-    over.update({"train_path": str(data_dir / f"fold_{i}_train.txt"),
-                 "val_path": str(data_dir / f"fold_{i}_val.txt"), "learning_rate": start_lr,
-                 "lr_decay": decay, "hold_steps": hold})
-    n_val = len(data["folds"][i - 1])
-    return _begin_run(prod_dir, hp, state, f"fold_{i}", init, over, {
-        "fold": i, "start_lr": start_lr, "lr_decay": decay, "hold_steps": hold,
-        "n_train": data["n_records"] - n_val, "n_val": n_val})
-
-
 def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> None:
-    """After fold ``i``: fix the LR anchor (fold 1) and update the global best."""
+    """After fold ``i``: fix the LR anchor (fold 1), update the global best, save the state."""
     fold_dir = prod_dir / f"fold_{i}"
     if i == 1 and state.get("anchor") is None:
         anchor = hp.lr_initial_fold2
@@ -304,31 +288,13 @@ def _fold_done(prod_dir: Path, hp: HParams, state: dict, i: int, fs: dict) -> No
     write_json(prod_dir / STATE_FILE, state)
 
 
-def _start_final(prod_dir: Path, hp: HParams, state: dict, data: dict, base_over: dict) -> dict:
-    """Begin the final run: every record, from the global best."""
-    init, held = state["global_best"], data["heldout"]
-    plan = lr_plan(learning_rate=hp.learning_rate, anchor=state["anchor"], min_lr=hp.min_lr,
-                   k=hp.k_folds, final_fold_position=hp.final_fold_position)
-    over = {**base_over, "train_path": str(prod_dir / "data" / "full_train.txt"),
-            "val_path": None if held is None else str(held), "learning_rate": plan["final"],
-            "lr_decay": hp.final_lr_decay, "hold_steps": hp.fold_hold_steps, "warmup": False,
-            "early_stopping_patience": hp.final_early_stopping_patience}
-    return _begin_run(prod_dir, hp, state, "final", init, over,
-                      {"start_lr": plan["final"], "n_train": data["n_records"]})
-
-
-def run_production(
-    prod_dir: str | os.PathLike,
-    *,
-    hp: HParams | str | os.PathLike | None = None,
-    dataset_dir: str | os.PathLike | None = None,
-    full_manifest: str | os.PathLike | None = None,
-    heldout_manifest: str | os.PathLike | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    callbacks: Sequence[Callable[[dict], Any]] | None = None,
-    on_event: Callable[[str, dict], Any] | None = None,
-) -> ProdResult:
+def run_production(prod_dir: str | os.PathLike, *, hp: HParams | str | os.PathLike | None = None,
+                   dataset_dir: str | os.PathLike | None = None,
+                   full_manifest: str | os.PathLike | None = None,
+                   heldout_manifest: str | os.PathLike | None = None, device: str = "auto",
+                   progress: bool = True,
+                   callbacks: Sequence[Callable[[dict], Any]] | None = None,
+                   on_event: Callable[[str, dict], Any] | None = None) -> ProdResult:
     """Run (or resume) k-fold production training in ``prod_dir`` (see the module docstring).
 
     ``hp``: None resumes with the saved config. The data: ``full_manifest`` / ``heldout_manifest``,
@@ -337,11 +303,15 @@ def run_production(
     ``fold_done``, ``folds_done``, ``final_start``, ``final_done``.
     """
     prod_dir = Path(prod_dir)
+    state_path = prod_dir / STATE_FILE
     remedy = "use a new production folder, or pass hp=None to resume with the saved config"
     hp = run_config(prod_dir, hp, "no production config; pass hp= (an HParams or a YAML path)",
-                    remedy if (prod_dir / STATE_FILE).is_file() else None)  # started: kept
-    data = _prepare_data(prod_dir, hp, *_manifests(hp, dataset_dir, full_manifest, heldout_manifest))
-    state = _load_state(prod_dir)
+                    remedy if state_path.is_file() else None)  # started: kept
+    data = _prepare_data(prod_dir, hp,
+                         *_manifests(hp, dataset_dir, full_manifest, heldout_manifest))
+    state = read_json(state_path) if state_path.is_file() else {
+        "version": 1, "folds": {}, "anchor": None, "ratio": None, "global_best": None,
+        "final": None}
     state.setdefault("k", hp.k_folds)
     notes = [f"{data['removed']} record(s) of held-out recordings were left out of the fold "
              "data"] if data["removed"] else []
@@ -351,31 +321,28 @@ def run_production(
     emit = on_event or (lambda name, info: None)
     train_kw = {"device": device, "progress": progress, "callbacks": callbacks}
 
-    for i in range(1, hp.k_folds + 1):
-        fold_dir, fs = prod_dir / f"fold_{i}", state["folds"].get(str(i))
+    for i in range(1, hp.k_folds + 2):  # the folds, then the final run on every record
+        final = i > hp.k_folds
+        kind, run_dir = ("final", prod_dir / "final") if final else ("fold", prod_dir / f"fold_{i}")
+        if final:
+            emit("folds_done", {"global_best": state["global_best"], "anchor": state["anchor"],
+                                "ratio": state["ratio"]})
+        fs = state.get("final") if final else state["folds"].get(str(i))
         if fs is None:
-            fs = _start_fold(prod_dir, hp, state, data, i, base_over)
-            emit("fold_start", dict(fs))
+            fs = _start_run(prod_dir, hp, state, data, i, base_over)
+            emit(f"{kind}_start", dict(fs))
         elif fs["status"] == "done":
-            _prune(fold_dir, fs["best_epoch"])  # again: a kill may have come before the pruning
+            if not final:  # again: a kill may have come before the pruning
+                _prune(run_dir, fs["best_epoch"])
             continue
-        if not _train_run(fold_dir, hp, fs, train_kw, required=True):
+        if not _train_run(run_dir, hp, fs, train_kw, required=not final):
             return _result(prod_dir, state, notes, complete=False)
-        _fold_done(prod_dir, hp, state, i, fs)
-        _prune(fold_dir, fs["best_epoch"])
-        emit("fold_done", dict(fs))
-    emit("folds_done", {"global_best": state["global_best"], "anchor": state["anchor"],
-                        "ratio": state["ratio"]})
-
-    fin = state.get("final")  # the final run on everything, validated on the held-out set
-    if fin is None:
-        fin = _start_final(prod_dir, hp, state, data, base_over)
-        emit("final_start", dict(fin))
-    if fin["status"] != "done":
-        if not _train_run(prod_dir / "final", hp, fin, train_kw, required=False):
-            return _result(prod_dir, state, notes, complete=False)
-        write_json(prod_dir / STATE_FILE, state)
-        emit("final_done", dict(fin))
+        if final:
+            write_json(prod_dir / STATE_FILE, state)
+        else:
+            _fold_done(prod_dir, hp, state, i, fs)
+            _prune(run_dir, fs["best_epoch"])
+        emit(f"{kind}_done", dict(fs))
     out = _result(prod_dir, state, notes, complete=True)
     atomic_write_text(prod_dir / "report.txt", out.report + "\n")
     return out
@@ -426,16 +393,8 @@ def production_rows(prod_dir: str | os.PathLike) -> list[dict]:
 def _hms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = int(round(seconds))
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _top_lines(rows: list[dict], what: str, label: str, value: Callable[[dict], float | None],
-               top: int) -> list[str]:
-    ranked = sorted((r for r in rows if value(r) is not None), key=lambda r: -value(r))[:top]
-    return [f"\ntop {top} epochs {what}:"] + [
-        f"  {r['run']:<8} epoch {r['epoch']:>4}  {label} {value(r):.4f}  "
-        f"elapsed {_hms(r['elapsed_s'])}" for r in ranked]
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60:02d}:{m % 60:02d}:{s:02d}"
 
 
 def report_production(prod_dir: str | os.PathLike, *, top: int = 3) -> str:
@@ -450,15 +409,15 @@ def report_production(prod_dir: str | os.PathLike, *, top: int = 3) -> str:
                                  state.get("final"))
     sets = sorted({s for r in rows for s in r["mAP"]})
     if not sets:
-        lines.append("no test-set mAP logged yet")
-        return "\n".join(lines)
-    for s in sets:
-        lines += _top_lines(rows, f"for test set {s!r}", "mAP", lambda r, s=s: r["mAP"].get(s), top)
-    lines += _top_lines(rows, f"by average mAP over {', '.join(sets)}", "average",
-                        lambda r: r["average"], top)
-    best = max((r for r in rows if r["average"] is not None), key=lambda r: r["average"],
-               default=None)
-    if best:
-        lines.append(f"\nbest average: {best['run']} epoch {best['epoch']}: " +
-                     ", ".join(f"{s} {v:.4f}" for s, v in best["mAP"].items()))
+        return "\n".join([*lines, "no test-set mAP logged yet"])
+    rankings = [(f"for test set {s!r}", "mAP", lambda r, s=s: r["mAP"].get(s)) for s in sets]
+    rankings.append((f"by average mAP over {', '.join(sets)}", "average", lambda r: r["average"]))
+    for what, label, value in rankings:  # the average comes last: ``ranked`` then holds its ranks
+        ranked = sorted((r for r in rows if value(r) is not None), key=value, reverse=True)
+        lines += [f"\ntop {top} epochs {what}:"] + [
+            f"  {r['run']:<8} epoch {r['epoch']:>4}  {label} {value(r):.4f}  "
+            f"elapsed {_hms(r['elapsed_s'])}" for r in ranked[:top]]
+    if ranked:
+        lines.append(f"\nbest average: {ranked[0]['run']} epoch {ranked[0]['epoch']}: " +
+                     ", ".join(f"{s} {v:.4f}" for s, v in ranked[0]["mAP"].items()))
     return "\n".join(lines)

@@ -119,13 +119,11 @@ def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device,
 
 def _rng_state(device: torch.device) -> dict:
     """Every global RNG state, in types that ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], [int(v) for v in np_state[1]], *[
-            float(v) if isinstance(v, float) else int(v) for v in np_state[2:]]],
-        "torch": torch.get_rng_state(),
-    }
+    name, key, *rest = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, [int(v) for v in key],
+                       *[float(v) if isinstance(v, float) else int(v) for v in rest]],
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -157,17 +155,14 @@ class TrainState:
     def train_state(self, epoch: int, hp: HParams, num_classes: int, device: torch.device, *,
                     complete: bool) -> dict:
         """The ``do_`` content: the original's keys plus chlib's resume state under ``"chlib"``."""
-        return {
-            "optim_g": self.optimizer.state_dict(), "steps": self.step, "epoch": epoch,
-            "early_stopping": self.stopper.state_dict(),
-            "chlib": {
-                "version": 1, "epoch_complete": complete,
-                "batch_in_epoch": 0 if complete else self.batch_in_epoch,
-                "lr": lr_at(max(self.step, 1), epoch, hp), "num_classes": num_classes,
-                "rng": _rng_state(device), "samplers": [s.state_dict() for s in self.samplers],
-                "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False),
-            },
-        }
+        return {"optim_g": self.optimizer.state_dict(), "steps": self.step, "epoch": epoch,
+                "early_stopping": self.stopper.state_dict(), "chlib": {
+                    "version": 1, "epoch_complete": complete,
+                    "batch_in_epoch": 0 if complete else self.batch_in_epoch,
+                    "lr": lr_at(max(self.step, 1), epoch, hp), "num_classes": num_classes,
+                    "rng": _rng_state(device),
+                    "samplers": [s.state_dict() for s in self.samplers],
+                    "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False)}}
 
     def resume(self, ckpt_dir: Path, device: torch.device) -> int | None:
         """Load the newest checkpoint with both g_ and do_ files; its epoch, or None."""
@@ -213,10 +208,6 @@ class _Log:
         append_jsonl(self.jsonl, rec)
         return rec
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
 
 def _optimizer(model: torch.nn.Module, hp: HParams) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,9 +230,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float, hp: HParams) -> float:
     scale = lr / hp.learning_rate if hp.optimizer == "prodigy" else lr
     for g in optimizer.param_groups:
         g["lr"] = scale
-    if hp.optimizer == "prodigy":
-        return float(optimizer.param_groups[0].get("d", scale))
-    return lr
+    return float(optimizer.param_groups[0].get("d", scale)) if hp.optimizer == "prodigy" else lr
 
 
 @contextlib.contextmanager
@@ -390,7 +379,7 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
 
 def _early_stopping(hp: HParams, st: TrainState, epoch: int, rec: dict, tests: dict) -> bool:
     """Update the early-stopping state with this epoch's metric; True for a new best epoch."""
-    stopper, value = st.stopper, None
+    stopper = st.stopper
     if stopper.metric == "mAP":
         maps = [tests[n]["mAP"] for n in hp.map_stopping_testsets if n in tests]
         value = float(np.mean(maps)) if len(maps) == len(hp.map_stopping_testsets) else None
@@ -426,34 +415,29 @@ def _end_of_epoch(run: _Run, st: TrainState, train_means: dict, t_epoch: float) 
     return run.log.record("epoch", **rec), saved
 
 
-def _held_out(hp: HParams) -> list[str]:
-    """The test sets of works never trained on: the mAP-stopping sets and any named *unseen*."""
-    return list(dict.fromkeys([*hp.map_stopping_testsets,
-                               *(n for n in hp.testsets if "unseen" in n)]))
-
-
 def _check_learning(run: _Run, rec: dict, warned: bool) -> bool:
-    """Warn once per call when the run memorises instead of learning (:func:`memorising`)."""
-    if warned or not (msg := memorising(read_metrics(run.run_dir, "epoch"), _held_out(run.hp))):
+    """Warn once per call when the run memorises instead of learning (:func:`memorising`) on
+    the test sets of works never trained on: the mAP-stopping sets and any named *unseen*."""
+    held_out = dict.fromkeys([*run.hp.map_stopping_testsets,
+                              *(n for n in run.hp.testsets if "unseen" in n)])
+    if warned or not (msg := memorising(read_metrics(run.run_dir, "epoch"), list(held_out))):
         return warned
     warnings.warn(msg, stacklevel=3)
     run.log.record("diagnosis", epoch=rec["epoch"], step=rec["step"], message=msg)
     return True
 
 
-def _model_free_baseline(run_dir: Path, hp: HParams, last: dict, progress: bool) -> None:
+def _model_free_baseline(run: _Run, last: dict) -> None:
     """Once per run: the 2D-FTM mAP of each test set, recorded and printed beside the model's."""
-    if read_metrics(run_dir, "baseline"):
+    if read_metrics(run.run_dir, "baseline"):
         return
     try:
-        scores = model_free_scores(hp)
+        scores = model_free_scores(run.hp)
     except ChlibError as e:  # a baseline must never fail a finished training
         warnings.warn(f"model-free baseline not computed: {e}", stacklevel=3)
         return
-    append_jsonl(run_dir / "metrics.jsonl", {"kind": "baseline", "method": "2D-FTM",
-                                              "step": last["step"], "scores": scores,
-                                              "time": time.time()})
-    if progress:
+    run.log.record("baseline", method="2D-FTM", step=last["step"], scores=scores)
+    if run.progress:
         for name, sc in scores.items():
             model = last.get(f"mAP/{name}")
             print(f"{name}: mAP {model:.3f} (last epoch) vs {sc['mAP']:.3f} for the model-free "
@@ -476,15 +460,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # epoch records of this call
 
 
-def train(
-    run_dir: str | os.PathLike,
-    *,
-    hp: HParams | None = None,
-    device: str | torch.device = "auto",
-    max_epochs: int | None = None,
-    progress: bool = True,
-    callbacks: Sequence[Callable[[dict], Any]] | None = None,
-) -> TrainResult:
+def train(run_dir: str | os.PathLike, *, hp: HParams | None = None,
+          device: str | torch.device = "auto", max_epochs: int | None = None,
+          progress: bool = True,
+          callbacks: Sequence[Callable[[dict], Any]] | None = None) -> TrainResult:
     """Train (or resume training) the run in ``run_dir``; see the module docstring.
 
     ``hp``: instead of ``<run>/config/hparams.yaml`` (then written there). ``device``: "auto"
@@ -523,7 +502,8 @@ def train(
             print(f"\ninterrupted: saved {last_ckpt} (epoch {st.epoch}, step {st.step}); "
                   "call train() again to continue")
         finally:
-            run.log.close()
+            if run.log.tb is not None:
+                run.log.tb.close()
     if progress and sp.should_stop:
         print("early stopping had already triggered" if already_stopped else f"early stopping: "
               f"no improvement of {sp.metric} for {sp.counter} evaluations (patience {sp.patience})")
@@ -531,7 +511,7 @@ def train(
         print(f"done in {time.time() - t_start:.0f} s: {st.epoch} epochs, {st.step} steps; "
               f"best epoch {sp.best_checkpoint_epoch} ({sp.metric} {sp.best_checkpoint_value})")
     if not interrupted and history:
-        _model_free_baseline(run_dir, hp, history[-1], progress)
+        _model_free_baseline(run, history[-1])
     return TrainResult(run_dir=run_dir, epochs_done=st.epoch, steps=st.step,
                        best_epoch=sp.best_checkpoint_epoch, best_value=sp.best_checkpoint_value,
                        best_metric=sp.metric, stopped_early=sp.should_stop,

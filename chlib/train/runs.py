@@ -13,6 +13,7 @@ from chlib.core.config import HParams, deep_merge, input_bins, load_hparams, loa
 from chlib.core.errors import ConfigError
 from chlib.core.io import read_json, read_jsonl
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
+from chlib.core.schema import check
 from chlib.data.features import feature_path
 
 __all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "check_saved_config",
@@ -26,12 +27,9 @@ _FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), (
 
 def recipe_path(recipe: str | os.PathLike) -> Path:
     """The YAML of a recipe name ("laptop", "coverhunter") or a path to a YAML file."""
-    p = Path(recipe)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    candidate = RECIPES_DIR / f"{recipe}.yaml"
-    if candidate.is_file():
-        return candidate
+    for p in (Path(recipe), RECIPES_DIR / f"{recipe}.yaml"):
+        if p.suffix in (".yaml", ".yml") and p.is_file():
+            return p
     known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
     raise ConfigError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(known)} or a .yaml path")
 
@@ -65,8 +63,8 @@ def _testset(path: Path) -> dict:
 
 def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
     """Set the data paths, CQT settings and test sets of dataset folder ``ds`` in ``d``."""
-    if not (ds / "train.txt").is_file():
-        raise ConfigError(f"{ds}: no train.txt; run the split step on this dataset first")
+    check((ds / "train.txt").is_file(), str(ds), "no train.txt; run the split step on this "
+          "dataset first")
     d["train_path"] = str(ds / "train.txt")
     val = ds / "val.txt"
     if val.is_file() and read_manifest(val, FULL_KEYS):
@@ -88,13 +86,9 @@ def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
         d["val_unseen"] = _testset(val_unseen)
 
 
-def make_run_config(
-    run_dir: str | os.PathLike,
-    recipe: str | os.PathLike = "laptop",
-    overrides: dict | None = None,
-    *,
-    dataset_dir: str | os.PathLike | None = None,
-) -> Path:
+def make_run_config(run_dir: str | os.PathLike, recipe: str | os.PathLike = "laptop",
+                    overrides: dict | None = None, *,
+                    dataset_dir: str | os.PathLike | None = None) -> Path:
     """Write ``<run_dir>/config/hparams.yaml`` from a recipe and a dataset's split files.
 
     With ``dataset_dir``: the split paths, CQT settings from ``features.json`` and the test sets
@@ -131,9 +125,8 @@ def check_saved_config(path: Path, hp: HParams, remedy: str) -> bool:
         return False
     old, new = load_hparams(path).to_dict(), hp.to_dict()
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        raise ConfigError(f"{path}: made with other settings (differing: {', '.join(diff)}); "
-                          + remedy)
+    check(not diff, str(path), f"made with other settings (differing: {', '.join(diff)}); "
+          + remedy)
     return True
 
 
@@ -144,8 +137,7 @@ def run_config(folder: Path, hp: HParams | str | os.PathLike | None, missing: st
     one, else a ConfigError saying ``missing``."""
     cfg = folder / "config" / "hparams.yaml"
     if hp is None:
-        if not cfg.is_file():
-            raise ConfigError(f"{cfg}: {missing}")
+        check(cfg.is_file(), str(cfg), missing)
         return load_hparams(cfg)
     hp = hp if isinstance(hp, HParams) else load_hparams(hp)
     if remedy is None or not check_saved_config(cfg, hp, remedy):
@@ -155,8 +147,8 @@ def run_config(folder: Path, hp: HParams | str | os.PathLike | None, missing: st
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """Records of ``<run>/metrics.jsonl`` (all, or those of one ``kind``: train/val/test/epoch)."""
-    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    return [r for r in recs if kind is None or r.get("kind") == kind]
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl")
+            if kind is None or r.get("kind") == kind]
 
 
 def epoch_table(run_dir: str | os.PathLike) -> Any:

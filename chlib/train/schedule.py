@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from chlib.core.config import HParams
 
@@ -26,11 +26,8 @@ def lr_at(step: int, epoch: int, hp: HParams) -> float:
         return base * step / warm
     if step <= warm + hp.hold_steps:
         return base
-    if hp.lr_decay_unit == "steps":
-        n = (step - warm - hp.hold_steps) // hp.lr_decay_every
-    else:
-        n = max(0, epoch) // hp.lr_decay_every
-    return max(hp.min_lr, base * hp.lr_decay**n)
+    elapsed = step - warm - hp.hold_steps if hp.lr_decay_unit == "steps" else max(0, epoch)
+    return max(hp.min_lr, base * hp.lr_decay ** (elapsed // hp.lr_decay_every))
 
 
 @dataclass
@@ -56,10 +53,6 @@ class EarlyStopping:
     best_checkpoint_epoch: int | None = None
     best_checkpoint_value: float | None = None
 
-    _STATE = ("metric", "best_validation_loss", "best_raw_map", "best_smoothed_map",
-              "smoothed_map", "early_stopping_counter", "map_stopping_counter",
-              "best_checkpoint_epoch", "best_checkpoint_value")
-
     @property
     def counter(self) -> int:
         return self.map_stopping_counter if self.metric == "mAP" else self.early_stopping_counter
@@ -77,15 +70,12 @@ class EarlyStopping:
             self.smoothed_map = value if self.smoothed_map is None else (
                 self.alpha * value + (1.0 - self.alpha) * self.smoothed_map)
             is_best = value > self.best_raw_map
-            if is_best:
-                self.best_raw_map = value
             improved = self.smoothed_map > self.best_smoothed_map
-            if improved:
-                self.best_smoothed_map = self.smoothed_map
+            self.best_raw_map = max(self.best_raw_map, value)
+            self.best_smoothed_map = max(self.best_smoothed_map, self.smoothed_map)
         else:
             is_best = improved = value < self.best_validation_loss
-            if is_best:
-                self.best_validation_loss = value
+            self.best_validation_loss = min(self.best_validation_loss, value)
         if is_best:
             self.best_checkpoint_epoch, self.best_checkpoint_value = int(epoch), float(value)
         name = "map_stopping_counter" if is_map else "early_stopping_counter"
@@ -96,7 +86,9 @@ class EarlyStopping:
         return is_best
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self._STATE}
+        """The fields a resume restores (all but the settings ``patience`` and ``alpha``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("patience", "alpha")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():

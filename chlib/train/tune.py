@@ -11,11 +11,12 @@ the effects, so TPE and pruners gain little.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 from chlib.core.config import HParams, load_hparams, save_hparams
 from chlib.core.errors import ChlibError, ConfigError
 from chlib.core.io import atomic_write_text, stable_hash, write_json
+from chlib.core.schema import check
 from chlib.train.loop import make_run_config, train
 from chlib.train.runs import run_config
 from chlib.train.tune_plan import (
@@ -47,11 +49,9 @@ from chlib.train.tune_summary import (
 )
 
 # re-exported: the notebooks and tests use the tuning API from this one module
-__all__ = [
-    "READING_GUIDE", "Experiment", "TunePlan", "TuneResult", "parse_plan", "load_plan",
-    "expand_plan", "run_overrides", "run_plan", "batch_commands", "seed_series", "ls_slope",
-    "reading", "summarise",
-]
+__all__ = ["READING_GUIDE", "Experiment", "TunePlan", "TuneResult", "parse_plan", "load_plan",
+           "expand_plan", "run_overrides", "run_plan", "batch_commands", "seed_series",
+           "ls_slope", "reading", "summarise"]
 
 
 def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None,
@@ -74,15 +74,10 @@ def _merge_aliases(plan: TunePlan, exps: list[Experiment],
     """one_factor mode: experiments whose config equals an earlier one's become its aliases."""
     if plan.mode != "one_factor":
         return exps
-    first: dict[str, int] = {}
-    out: list[Experiment] = []
+    same: dict[str, list[Experiment]] = {}
     for e in exps:
-        i = first.setdefault(_config_key(configs[e.name]), len(out))
-        if i == len(out):
-            out.append(e)
-        else:
-            out[i] = replace(out[i], aliases=out[i].aliases + (e.name,))
-    return out
+        same.setdefault(_config_key(configs[e.name]), []).append(e)
+    return [replace(g[0], aliases=tuple(e.name for e in g[1:])) for g in same.values()]
 
 
 @dataclass
@@ -100,22 +95,11 @@ class TuneResult:
         counts = Counter(r["status"] for r in self.runs)
         lines = [f"tuning folder {self.tune_dir}: " +
                  ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-        for r in self.runs:
-            if r["status"] in ("failed", "diverged"):
-                lines.append(f"  {r['experiment']} seed {r['seed']}: {r['status']}: {r['error']}")
+        lines += [f"  {r['experiment']} seed {r['seed']}: {r['status']}: {r['error']}"
+                  for r in self.runs if r["status"] in ("failed", "diverged")]
         if self.stopped_early:
             lines.append("  stopped early (max_runs); run again to continue")
         return "\n".join(lines)
-
-
-def _notebook_03(cwd: str | os.PathLike | None) -> Path:
-    """``notebooks/03_train.ipynb``: searched from ``cwd`` upwards, then beside the package."""
-    here = Path(cwd or Path.cwd()).resolve()
-    for d in [here, *here.parents, Path(__file__).resolve().parents[2]]:
-        if (d / "notebooks" / "03_train.ipynb").is_file():
-            return d / "notebooks" / "03_train.ipynb"
-    raise ConfigError(f"no notebooks/03_train.ipynb found from {here} upwards; run from the "
-                      "chlib repository root")
 
 
 def _notebook_params(plan: TunePlan, exp: Experiment, seed: int | None, dataset_dir: str | None,
@@ -134,10 +118,16 @@ def _notebook_params(plan: TunePlan, exp: Experiment, seed: int | None, dataset_
 
 def _train_papermill(seed_dir: Path, params: dict[str, Any], progress: bool,
                      cwd: str | os.PathLike | None) -> None:
-    """Execute ``03_train`` with papermill into ``<seed_dir>/notebooks/03_train.ipynb``."""
+    """Execute ``03_train`` with papermill into ``<seed_dir>/notebooks/03_train.ipynb``; the
+    notebook is searched from ``cwd`` upwards, then beside the package."""
     import papermill as pm
 
-    path = _notebook_03(cwd)
+    here = Path(cwd or Path.cwd()).resolve()
+    path = next((p for d in [here, *here.parents, Path(__file__).resolve().parents[2]]
+                 if (p := d / "notebooks" / "03_train.ipynb").is_file()), None)
+    if path is None:
+        raise ConfigError(f"no notebooks/03_train.ipynb found from {here} upwards; run from the "
+                          "chlib repository root")
     declared = pm.inspect_notebook(str(path))
     params = {**params, "run_dir": str(seed_dir)}
     out = seed_dir / "notebooks" / path.name
@@ -154,7 +144,6 @@ def _prepare_plan(plan: TunePlan, tune_dir: Path, dataset_dir: str | None
                   ) -> tuple[list[Experiment], dict[str, HParams], list[int]]:
     """Resolve and check every experiment's config, merge aliases, write the plan files."""
     exps = expand_plan(plan)
-
     tune_dir.mkdir(parents=True, exist_ok=True)
     configs: dict[str, HParams] = {}
     for e in exps:  # every setting is checked before any training starts
@@ -170,15 +159,13 @@ def _prepare_plan(plan: TunePlan, tune_dir: Path, dataset_dir: str | None
     seeds = plan.seeds if plan.seeds is not None else [base_hp.seed]
     exps = _merge_aliases(plan, exps, configs)
     test_names = sorted(base_hp.testsets)
-    if plan.test_name is not None and plan.test_name not in test_names:
-        raise ConfigError(f"{plan.source}: test_name {plan.test_name!r} is not a test set of the "
-                          f"base config (test sets: {', '.join(test_names) or 'none'})")
-
+    check(plan.test_name is None or plan.test_name in test_names, plan.source, f"test_name "
+          f"{plan.test_name!r} is not a test set of the base config (test sets: "
+          f"{', '.join(test_names) or 'none'})")
     atomic_write_text(tune_dir / "plan.yaml",
                       yaml.safe_dump(plan.raw, sort_keys=False, allow_unicode=True))
     write_json(tune_dir / "plan.json", {
-        "source": plan.source, "mode": plan.mode, "seeds": seeds,
-        "test_name": plan.test_name,
+        "source": plan.source, "mode": plan.mode, "seeds": seeds, "test_name": plan.test_name,
         "window": plan.early_stopping_patience or base_hp.early_stopping_patience,
         "flat_map_slope": plan.flat_map_slope, "flat_loss_slope": plan.flat_loss_slope,
         "experiments": [{"name": e.name, "settings": e.settings, "aliases": list(e.aliases)}
@@ -187,20 +174,12 @@ def _prepare_plan(plan: TunePlan, tune_dir: Path, dataset_dir: str | None
     return exps, configs, seeds
 
 
-def run_plan(
-    plan: TunePlan | str | os.PathLike,
-    tune_dir: str | os.PathLike,
-    *,
-    dataset_dir: str | None = None,
-    device: str = "auto",
-    launch: str = "inprocess",
-    progress: bool = True,
-    max_runs: int | None = None,
-    cwd: str | os.PathLike | None = None,
-    summarise_after: bool = True,
-    callbacks: Sequence[Callable[[dict], Any]] | None = None,
-    train_fn: Callable[[Path], None] | None = None,
-) -> TuneResult:
+def run_plan(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLike, *,
+             dataset_dir: str | None = None, device: str = "auto", launch: str = "inprocess",
+             progress: bool = True, max_runs: int | None = None,
+             cwd: str | os.PathLike | None = None, summarise_after: bool = True,
+             callbacks: Sequence[Callable[[dict], Any]] | None = None,
+             train_fn: Callable[[Path], None] | None = None) -> TuneResult:
     """Run (or resume) every experiment x seed of ``plan`` (a TunePlan or a YAML path).
 
     Finished runs (``done.json``) are skipped, half-finished ones resume; a diverged run is not
@@ -214,10 +193,9 @@ def run_plan(
         raise ConfigError(f"launch must be 'inprocess' or 'papermill', got {launch!r}")
     tune_dir = Path(tune_dir)
     dataset_dir = dataset_dir or plan.dataset_dir
-    if launch == "papermill" and plan.base_config is not None and dataset_dir is None:
-        raise ConfigError(
-            f"{plan.source}: launch='papermill' with a config base needs dataset_dir (03_train "
-            "builds its config from a dataset folder; the base config's settings then override it)")
+    check(launch != "papermill" or plan.base_config is None or dataset_dir is not None,
+          plan.source, "launch='papermill' with a config base needs dataset_dir (03_train builds "
+          "its config from a dataset folder; the base config's settings then override it)")
     exps, configs, seeds = _prepare_plan(plan, tune_dir, dataset_dir)
 
     def train_one(seed_dir: Path, e: Experiment, seed: int, hp: HParams) -> None:
@@ -233,20 +211,18 @@ def run_plan(
 
     runs: list[dict] = []
     started = 0
-    for e, seed, seed_dir in _seed_dirs(tune_dir, exps, seeds):
+    for seed, e in itertools.product(seeds, exps):  # seed-major: a first look at each comes early
+        seed_dir = tune_dir / "experiments" / e.name / f"seed_{seed}"
         hp = configs[e.name].updated({"seed": seed})
         run_config(seed_dir, hp, "", "the plan changed under an existing experiment. Use a new "
                    "tuning folder, or delete this experiment's folder to rerun it")
-        status = seed_status(seed_dir)
-        idle = {"experiment": e.name, "seed": seed, "seconds": 0.0, "error": None}
-        if status in _FINISHED:
-            runs.append({**idle, "status": f"skipped ({status})"})
-        elif max_runs is not None and started >= max_runs:
-            runs.append({**idle, "status": "not started"})
+        who, status = {"experiment": e.name, "seed": seed}, seed_status(seed_dir)
+        if status in _FINISHED or (max_runs is not None and started >= max_runs):
+            runs.append({**who, "status": f"skipped ({status})" if status in _FINISHED
+                         else "not started", "seconds": 0.0, "error": None})
         else:
             started += 1
-            runs.append(_run_one(seed_dir, {"experiment": e.name, "seed": seed},
-                                 partial(train_one, seed_dir, e, seed, hp),
+            runs.append(_run_one(seed_dir, who, partial(train_one, seed_dir, e, seed, hp),
                                  {"config_key": _config_key(hp), "launch": launch}))
     result = TuneResult(tune_dir=tune_dir, experiments=exps, runs=runs, stopped_early=any(
         r["status"] == "not started" for r in runs))
@@ -256,15 +232,6 @@ def run_plan(
 
 
 _FINISHED = ("ok", "diverged")  # a diverged run is not retried
-
-
-def _seed_dirs(tune_dir: Path, exps: list[Experiment], seeds: Sequence[int | None]
-               ) -> Iterator[tuple[Experiment, int | None, Path]]:
-    """Every run's experiment, seed and folder, seed-major: a first look at every experiment
-    comes early."""
-    for seed in seeds:
-        for e in exps:
-            yield e, seed, tune_dir / "experiments" / e.name / f"seed_{seed}"
 
 
 def _run_one(seed_dir: Path, who: dict, train_it: Callable[[], None], done_info: dict) -> dict:
@@ -293,13 +260,13 @@ def batch_commands(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLi
     03_train`` each (recipe bases only). Copy the finished ``experiments/`` folders back and
     :func:`summarise` reads them (their status shows as ``unmarked``: no done.json)."""
     plan = plan if isinstance(plan, TunePlan) else load_plan(plan)
-    if plan.base_config is not None:
-        raise ConfigError(f"{plan.source}: batch_commands needs a recipe base (base: {{recipe: "
-                          "...}}); with a config base use run_plan(launch='papermill')")
+    check(plan.base_config is None, plan.source, "batch_commands needs a recipe base (base: "
+          "{recipe: ...}); with a config base use run_plan(launch='papermill')")
     dataset_dir = dataset_dir or plan.dataset_dir
     out = []
-    for e, seed, seed_dir in _seed_dirs(Path(tune_dir), expand_plan(plan),
-                                        plan.seeds if plan.seeds is not None else [None]):
+    seeds = plan.seeds if plan.seeds is not None else [None]
+    for seed, e in itertools.product(seeds, expand_plan(plan)):  # in run_plan's order
+        seed_dir = Path(tune_dir) / "experiments" / e.name / f"seed_{seed}"
         if seed is not None and seed_status(seed_dir) in _FINISHED:
             continue
         params = _notebook_params(plan, e, seed, dataset_dir, device)

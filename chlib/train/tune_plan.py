@@ -9,12 +9,14 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 from chlib.core.config import HParams, deep_merge, load_yaml
 from chlib.core.errors import ConfigError
 from chlib.core.io import stable_hash
+from chlib.core.schema import check
 from chlib.train.tune_summary import FLAT_LOSS_SLOPE, FLAT_MAP_SLOPE
 
 __all__ = ["ORIGINAL_SWEEP_KEYS", "Factor", "Experiment", "TunePlan", "parse_plan", "load_plan",
@@ -25,12 +27,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 _INT_1 = (int, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_SLOPE = (float, lambda v: _is_num(v) and v >= 0, "a number >= 0")
+_SLOPE = (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+          "a number >= 0")
 # plain plan keys -> (conversion, check, what the value must be); null keeps the TunePlan default
 _SCALARS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
     "dataset_dir": (str, lambda v: True, ""),
@@ -88,14 +87,17 @@ class Factor:
             return copy.deepcopy(dict(value))
         out: dict = {}
         for key, v in self._pairs(value):
-            out = deep_merge(out, _nest(key, v))
+            for part in reversed(key.split(".")):  # "a.b": v -> {"a": {"b": v}}
+                v = {part: v}
+            out = deep_merge(out, v)  # deep_merge copies v
         return out
 
     def label(self, value: Any) -> str:
         """Readable name part, e.g. ``lrate0.001`` or ``chunk_frame375_300_225_mean_size3``."""
         if self.name in _LABELS:
             return f"{_LABELS[self.name]}{_fmt(value)}"
-        return "_".join(f"{_key_label(k)}{_fmt(v)}" for k, v in self._pairs(value))
+        return "_".join(re.sub(r"^(spec_augmentation|encoder)\.", "", k).replace(".", "_") + _fmt(v)
+                        for k, v in self._pairs(value))
 
 
 @dataclass(frozen=True)
@@ -149,13 +151,6 @@ class TunePlan:
         return "\n".join(lines)
 
 
-def _nest(dotted: str, value: Any) -> dict:
-    out: Any = copy.deepcopy(value)
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
 def _fmt(value: Any) -> str:
     """Value -> name text: 0.001 -> '0.001', [375, 300] -> '375_300', True -> 'true'."""
     if isinstance(value, bool) or value is None:
@@ -169,10 +164,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "_".join(_fmt(v) for v in value)
     return str(value)
-
-
-def _key_label(dotted: str) -> str:
-    return re.sub(r"^(spec_augmentation|encoder)\.", "", dotted).replace(".", "_")
 
 
 def _safe_name(text: str, salt: Any) -> str:
@@ -191,9 +182,8 @@ def _check_key(dotted: str, where: str) -> None:
     node: Any = HParams().to_dict()  # the key tree of a training config
     walked: list[str] = []
     for part in dotted.split("."):
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: factor key {dotted!r}: {'.'.join(walked)} is a value, "
-                              "not a mapping; vary it directly")
+        check(isinstance(node, dict), where, f"factor key {dotted!r}: {'.'.join(walked)} is a "
+              "value, not a mapping; vary it directly")
         if part not in node:
             raise ConfigError(f"{where}: factor key {dotted!r}: unknown config key {part!r}"
                               f"{' under ' + '.'.join(walked) if walked else ''}."
@@ -205,22 +195,21 @@ def _check_key(dotted: str, where: str) -> None:
 def _make_factor(name: str, values: Any, where: str) -> Factor | None:
     if values in (None, {}, []):
         return None  # an empty sweep is disabled (the original's convention)
-    if not isinstance(values, list):
-        raise ConfigError(f"{where}: factor {name!r} must be a list of values, got {values!r}")
+    check(isinstance(values, list), where,
+          f"factor {name!r} must be a list of values, got {values!r}")
     keys = ("",) if name == "losses" else tuple(k.strip() for k in name.split(","))
     for v in values:
-        if name == "losses" and (not isinstance(v, dict) or not set(v) <= set(_LOSS_BLOCKS)):
-            raise ConfigError(f"{where}: each 'losses' value must be a mapping of "
-                              f"{', '.join(_LOSS_BLOCKS)} blocks, got {v!r}")
-        if len(keys) > 1 and (not isinstance(v, (list, tuple)) or len(v) != len(keys)):
-            raise ConfigError(f"{where}: factor {name!r} varies {len(keys)} keys together; "
-                              f"each value must be a list of {len(keys)}, got {v!r}")
+        check(name != "losses" or (isinstance(v, dict) and set(v) <= set(_LOSS_BLOCKS)), where,
+              f"each 'losses' value must be a mapping of {', '.join(_LOSS_BLOCKS)} blocks, "
+              f"got {v!r}")
+        check(len(keys) == 1 or (isinstance(v, (list, tuple)) and len(v) == len(keys)), where,
+              f"factor {name!r} varies {len(keys)} keys together; each value must be a list "
+              f"of {len(keys)}, got {v!r}")
     if name != "losses":
         for k in keys:
             _check_key(k, where)
     for i, v in enumerate(values):
-        if v in values[:i]:
-            raise ConfigError(f"{where}: factor {name!r} lists the value {v!r} twice")
+        check(v not in values[:i], where, f"factor {name!r} lists the value {v!r} twice")
     return Factor(name, keys, tuple(tuple(v) if len(keys) > 1 else v for v in values))
 
 
@@ -228,8 +217,7 @@ def _clean_overrides(d: Any, where: str, what: str) -> dict:
     """Drop null entries (the original's 'not set') from an overrides mapping."""
     if d is None:
         return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: {what} must be a mapping, got {d!r}")
+    check(isinstance(d, dict), where, f"{what} must be a mapping, got {d!r}")
     return {k: _clean_overrides(v, where, what) if isinstance(v, dict) else v
             for k, v in d.items() if v is not None}
 
@@ -245,12 +233,11 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _parse_base(plan: TunePlan, d: dict, where: str) -> None:
     base = d.get("base") or {"recipe": "laptop"}
-    if not isinstance(base, dict) or not set(base) <= {"recipe", "config", "overrides"}:
-        raise ConfigError(f"{where}: base must be a mapping with 'recipe' or 'config' "
-                          f"(+ optional 'overrides'), got {base!r}")
-    if ("recipe" in base) == ("config" in base):
-        raise ConfigError(f"{where}: base needs exactly one of 'recipe' (a recipe name) or "
-                          "'config' (a run's config/hparams.yaml)")
+    check(isinstance(base, dict) and set(base) <= {"recipe", "config", "overrides"}, where,
+          f"base must be a mapping with 'recipe' or 'config' (+ optional 'overrides'), "
+          f"got {base!r}")
+    check(("recipe" in base) != ("config" in base), where, "base needs exactly one of 'recipe' "
+          "(a recipe name) or 'config' (a run's config/hparams.yaml)")
     plan.base_recipe = base.get("recipe")
     plan.base_config = str(base["config"]) if "config" in base else None
     plan.base_overrides = _clean_overrides(base.get("overrides"), where, "base.overrides")
@@ -258,8 +245,8 @@ def _parse_base(plan: TunePlan, d: dict, where: str) -> None:
 
 def _parse_factors(d: dict, where: str) -> list[Factor]:
     given = d.get("factors") or {}
-    if not isinstance(given, dict):
-        raise ConfigError(f"{where}: factors must be a mapping of key: [values], got {given!r}")
+    check(isinstance(given, dict), where,
+          f"factors must be a mapping of key: [values], got {given!r}")
     factors = [_make_factor(str(name), values, where) for name, values in given.items()]
     for orig, key in ORIGINAL_SWEEP_KEYS.items():
         values = d.get(orig)
@@ -269,12 +256,12 @@ def _parse_factors(d: dict, where: str) -> list[Factor]:
             else:
                 key = "chunk_frame"
         factors.append(_make_factor(key, values, where))
-    names = [f.name for f in factors if f is not None]
+    factors = [f for f in factors if f is not None]
+    names = [f.name for f in factors]
     dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"{where}: factor(s) {', '.join(dup)} given twice "
-                          "(under factors: and as an original sweep key?)")
-    return [f for f in factors if f is not None]
+    check(not dup, where, f"factor(s) {', '.join(dup)} given twice (under factors: and as an "
+          "original sweep key?)")
+    return factors
 
 
 def _parse_hp_overrides(plan: TunePlan, d: dict, where: str) -> None:
@@ -287,30 +274,26 @@ def _parse_hp_overrides(plan: TunePlan, d: dict, where: str) -> None:
     leaves = {k for k, v in _flat(hp_over).items() if not isinstance(v, dict)}
     for f in plan.factors:
         clash = sorted(leaves & set(_flat(f.overrides(f.values[0]))))
-        if clash:
-            raise ConfigError(f"{where}: hp_overrides sets {', '.join(clash)}, which factor "
-                              f"{f.name!r} varies; remove it from hp_overrides")
+        check(not clash, where, f"hp_overrides sets {', '.join(clash)}, which factor {f.name!r} "
+              "varies; remove it from hp_overrides")
 
 
 def parse_plan(data: Mapping, *, where: str = "<plan>") -> TunePlan:
     """Validate a plan mapping (as read from YAML) into a :class:`TunePlan`; a ConfigError
     names ``where`` and the key."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: a plan must be a mapping, got {type(data).__name__}")
+    check(isinstance(data, Mapping), where,
+          f"a plan must be a mapping, got {type(data).__name__}")
     d = dict(data)
     for k in d:
-        if k not in _PLAN_KEYS:
-            raise ConfigError(f"{where}: unknown plan key {k!r}.{_hint(k, sorted(_PLAN_KEYS))} "
-                              f"Allowed: {', '.join(sorted(_PLAN_KEYS))}")
-    if d.get("foundation_checkpoint") is not None:
-        raise ConfigError(f"{where}: foundation_checkpoint {d['foundation_checkpoint']!r}: warm "
-                          "starts from a foundation model are not supported by chlib's tuning "
-                          "yet; set it to null (every experiment trains from scratch)")
+        check(k in _PLAN_KEYS, where, f"unknown plan key {k!r}.{_hint(k, sorted(_PLAN_KEYS))} "
+              f"Allowed: {', '.join(sorted(_PLAN_KEYS))}")
+    check(d.get("foundation_checkpoint") is None, where, f"foundation_checkpoint "
+          f"{d.get('foundation_checkpoint')!r}: warm starts from a foundation model are not "
+          "supported by chlib's tuning yet; set it to null (every experiment trains from scratch)")
     plan = TunePlan(source=where, raw=copy.deepcopy(d))
     for key, (convert, ok, what) in _SCALARS.items():
         if d.get(key) is not None:
-            if not ok(d[key]):
-                raise ConfigError(f"{where}: {key} must be {what}, got {d[key]!r}")
+            check(ok(d[key]), where, f"{key} must be {what}, got {d[key]!r}")
             setattr(plan, key, convert(d[key]))
     _parse_base(plan, d, where)
     plan.factors = _parse_factors(d, where)
@@ -350,16 +333,12 @@ def expand_plan(plan: TunePlan) -> list[Experiment]:
         combos = [list(zip(plan.factors, vals, strict=True))
                   for vals in itertools.product(*[f.values for f in plan.factors])]
     out: list[Experiment] = []
-    names: set[str] = set()
     for combo in combos:
         name = experiment_name(combo)
-        if name in names:  # two settings that read the same: keep both, distinguish by hash
+        if any(e.name == name for e in out):  # two settings that read the same: add a hash
             name = _safe_name(f"{name}_{stable_hash([(f.name, v) for f, v in combo], 6)}", name)
-        names.add(name)
-        over: dict = {}
-        for f, v in combo:
-            over = deep_merge(over, f.overrides(v))
-        out.append(Experiment(name=name, settings={f.name: v for f, v in combo}, overrides=over))
+        out.append(Experiment(name=name, settings={f.name: v for f, v in combo},
+                              overrides=reduce(deep_merge, (f.overrides(v) for f, v in combo), {})))
     return out
 
 

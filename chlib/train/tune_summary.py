@@ -47,6 +47,7 @@ READING_GUIDE: dict[str, str] = {
     "no data": "no metrics yet",
 }
 
+
 def seed_status(seed_dir: str | os.PathLike) -> str:
     """``ok`` / ``diverged`` (done.json), ``failed`` (failed.json), ``unmarked`` (metrics but no
     marker: running, killed, or launched elsewhere) or ``pending`` (nothing yet)."""
@@ -58,9 +59,7 @@ def seed_status(seed_dir: str | os.PathLike) -> str:
             return "unmarked"
     if (seed_dir / "failed.json").is_file():
         return "failed"
-    if (seed_dir / "metrics.jsonl").is_file():
-        return "unmarked"
-    return "pending"
+    return "unmarked" if (seed_dir / "metrics.jsonl").is_file() else "pending"
 
 
 def _val_loss_of(rec: Mapping) -> float | None:
@@ -128,16 +127,17 @@ def _seed_stats(series: dict, test_name: str | None, window: int, *, flat_map_sl
     val = series["val_loss"]
     maps = series["mAP"].get(test_name, {}) if test_name else {}
     out: dict[str, Any] = {"last_epoch": max([*val, *maps], default=None)}
-    for pre, curve, best in (("val", val, np.argmin), ("map", maps, np.argmax)):
+    for pre, slope, curve, best in (("val_loss", "val_slope", val, np.argmin),
+                                    ("mAP", "mAP_slope", maps, np.argmax)):
         if curve:
             ep, vals = list(curve), list(curve.values())
             i = int(best(vals))
             out.update({f"{pre}_final": vals[-1], f"{pre}_best": vals[i],
-                        f"{pre}_best_epoch": ep[i], f"{pre}_slope": ls_slope(ep, vals, window)})
+                        f"{pre}_best_epoch": ep[i], slope: ls_slope(ep, vals, window)})
     if val:
         out["val_level"] = float(np.mean(list(val.values())[-window:]))
     out["reading"] = "no data" if not val and not maps else reading(
-        out.get("map_slope"), out.get("val_slope"), val_level=out.get("val_level"),
+        out.get("mAP_slope"), out.get("val_slope"), val_level=out.get("val_level"),
         flat_map_slope=flat_map_slope, flat_loss_slope=flat_loss_slope)
     return out
 
@@ -158,14 +158,14 @@ class TuneSummary:
         return self.table
 
 
-_ROW_FIELDS = [
-    "rank", "experiment", "seeds_ok", "seeds_total", "seeds_diverged", "seeds_failed",
-    "seeds_unmarked", "val_loss_final_mean", "val_loss_final_std", "val_loss_best_mean",
-    "val_loss_best_std", "val_loss_best_epoch_mean", "val_slope_mean", "mAP_final_mean",
-    "mAP_final_std", "mAP_best_mean", "mAP_best_std", "mAP_best_epoch_mean", "mAP_slope_mean",
-    "last_epoch_mean", "mAP_final_n", "vs_top", "reading", "seeds_disagree", "advice", "aliases", "settings",
-    "problems",
-]
+# the columns of summary.csv, in order
+_ROW_FIELDS = ["rank", "experiment", "seeds_ok", "seeds_total", "seeds_diverged", "seeds_failed",
+               "seeds_unmarked", "val_loss_final_mean", "val_loss_final_std",
+               "val_loss_best_mean", "val_loss_best_std", "val_loss_best_epoch_mean",
+               "val_slope_mean", "mAP_final_mean", "mAP_final_std", "mAP_best_mean",
+               "mAP_best_std", "mAP_best_epoch_mean", "mAP_slope_mean", "last_epoch_mean",
+               "mAP_final_n", "vs_top", "reading", "seeds_disagree", "advice", "aliases",
+               "settings", "problems"]
 
 
 def _discover(tune_dir: Path) -> dict[str, dict[int, Path]]:
@@ -215,15 +215,9 @@ def _problems(seed_dirs: dict[int, Path], statuses: dict[int, str]) -> str:
     return "; ".join(out)
 
 
-def summarise(
-    tune_dir: str | os.PathLike,
-    *,
-    test_name: str | None = None,
-    window: int | None = None,
-    flat_map_slope: float | None = None,
-    flat_loss_slope: float | None = None,
-    save: bool = True,
-) -> TuneSummary:
+def summarise(tune_dir: str | os.PathLike, *, test_name: str | None = None,
+              window: int | None = None, flat_map_slope: float | None = None,
+              flat_loss_slope: float | None = None, save: bool = True) -> TuneSummary:
     """Summarise every experiment under ``<tune_dir>/experiments/`` from its metrics files.
 
     Seeds ``ok`` or ``unmarked`` enter the statistics. Ranked by mean final mAP of ``test_name``
@@ -264,19 +258,14 @@ def summarise(
     return summary
 
 
-# per-seed statistic -> row column; the first four also get a sample std and a count
-_STAT_COLUMNS = {
-    "val_final": "val_loss_final", "val_best": "val_loss_best", "map_final": "mAP_final",
-    "map_best": "mAP_best", "val_best_epoch": "val_loss_best_epoch",
-    "map_best_epoch": "mAP_best_epoch", "val_slope": "val_slope", "map_slope": "mAP_slope",
-    "last_epoch": "last_epoch", "val_level": "val_level",
-}
+# the per-seed statistics averaged into a row; the first four also get a sample std and a count
+_STATS = ["val_loss_final", "val_loss_best", "mAP_final", "mAP_best", "val_loss_best_epoch",
+          "mAP_best_epoch", "val_slope", "mAP_slope", "last_epoch", "val_level"]
 
 
 def _experiment_row(name: str, per_seed: list[dict], statuses: dict[int, str],
                     fm: float, fl: float) -> dict:
-    stats = pd.DataFrame(per_seed, columns=list(_STAT_COLUMNS), dtype=float) \
-        .replace([np.inf, -np.inf], np.nan).rename(columns=_STAT_COLUMNS)
+    stats = pd.DataFrame(per_seed, columns=_STATS, dtype=float).replace([np.inf, -np.inf], np.nan)
     counts = Counter(statuses.values())
     row: dict[str, Any] = {"experiment": name, "seeds_total": len(statuses),
                            **{f"seeds_{st}": counts[st] for st in ("ok", "diverged", "failed",
@@ -316,14 +305,13 @@ def _rank(rows: list[dict]) -> None:
             r["vs_top"] = "~top" if abs(top[f"{key}_mean"] - m) <= 2 * se else "below"
 
 
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    if not math.isfinite(mean):
-        return "-"
-    return f"{mean:.{digits}f}" + (f"±{std:.{digits}f}" if math.isfinite(std) else "")
-
-
-def _num(v: float, fmt: str) -> str:
+def _num(v: float | None, fmt: str) -> str:
     return format(v, fmt) if v is not None and math.isfinite(v) else "-"
+
+
+def _pm(mean: float, std: float) -> str:
+    shown = math.isfinite(mean) and math.isfinite(std)
+    return _num(mean, ".3f") + (f"±{std:.3f}" if shown else "")
 
 
 def _seeds_cell(r: dict) -> str:

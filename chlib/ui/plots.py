@@ -52,8 +52,7 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (folders are created); returns the path."""
     _register_notebook_display()  # so that a Figure made elsewhere also shows as a PNG
-    path = Path(path)
-    if path.suffix.lower() != ".png":
+    if (path := Path(path)).suffix.lower() != ".png":
         raise ConfigError(f"save_figure: {path} should end in .png")
     atomic_write_bytes(path, figure_png(fig, dpi=120))
     return path
@@ -100,11 +99,10 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
     for ax in axes.flat[len(arrays):]:
         ax.set_visible(False)
     for i, (ax, cqt) in enumerate(zip(axes.flat, arrays, strict=False)):
-        n_frames, n_bins = cqt.shape
         im = ax.imshow(cqt.T, origin="lower", aspect="auto", cmap="magma", vmin=-80.0, vmax=0.0,
-                       extent=(0.0, n_frames / frames_per_second, -0.5, n_bins - 0.5),
+                       extent=(0.0, len(cqt) / frames_per_second, -0.5, cqt.shape[1] - 0.5),
                        interpolation="nearest")
-        ticks = list(range(0, n_bins, bins_per_octave))
+        ticks = list(range(0, cqt.shape[1], bins_per_octave))
         ax.set_yticks(ticks, [note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
         ax.set(xlabel="time (s)", ylabel="" if i % ncols else "CQT bin (note)")
         ax.set_title(titles[i] if titles else "", fontsize=9)
@@ -123,8 +121,7 @@ _LOSS_KEYS = ("loss", "foc_loss", "total_loss", "total", "tri_loss", "cen_loss")
 def _losses_of(row: Mapping, prefix: str = "") -> dict[str, float]:
     """Loss values of a metrics row: a ``losses`` mapping, else top-level ``<prefix>*loss`` /
     ``<prefix>total`` keys (prefix stripped)."""
-    src = row.get("losses")
-    if not isinstance(src, Mapping):
+    if not isinstance(src := row.get("losses"), Mapping):
         src = {k[len(prefix):]: v for k, v in row.items()
                if k.startswith(prefix) and (k.endswith("loss") or k == f"{prefix}total")}
     return {k: float(v) for k, v in src.items()
@@ -196,8 +193,7 @@ def project_embeddings(emb: np.ndarray, method: str = "tsne", *, seed: int = 0) 
     """2-D coordinates [N, 2] of embeddings ``emb`` [N, D] by "pca", "tsne" or "umap" (cosine;
     umap's first import compiles with numba, ~20 s). Neighbourhoods shrink for small N so a tiny
     test set still gets a map; N < 3 falls back to PCA."""
-    x = np.asarray(emb, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
+    if (x := np.asarray(emb, dtype=np.float64)).ndim != 2 or x.shape[0] == 0:
         raise ConfigError(f"project_embeddings: expected [N, D] embeddings, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ConfigError("project_embeddings: embeddings contain NaN or inf values")
@@ -337,11 +333,10 @@ def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first
                      label_names: Mapping | None = None) -> Figure:
     """Average precision of ``top`` works as bars, worst first; ``per_work`` maps work -> AP,
     or holds ``(work, ap)`` pairs or dicts with ``work`` and ``ap``. Bars under 0.5 are red."""
-    if isinstance(per_work, Mapping):
-        per_work = per_work.items()
-    items = [(p["work"], p["ap"]) if isinstance(p, Mapping) else p for p in per_work]
-    items = sorted([(k, float(v)) for k, v in items], key=lambda t: t[1], reverse=not worst_first)
-    items = items[:top]
+    pairs = per_work.items() if isinstance(per_work, Mapping) else per_work
+    items = [(p["work"], p["ap"]) if isinstance(p, Mapping) else p for p in pairs]
+    items = sorted([(k, float(v)) for k, v in items], key=lambda t: t[1],
+                   reverse=not worst_first)[:top]
     names = dict(label_names or {})
     return _hbars([(str(names.get(k, k)), v) for k, v in items],
                   ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],

@@ -1,8 +1,6 @@
 """Figures and tables of retrieval results: ``05_evaluate``, ``06_identify``, ``07_explore``.
-
 Functions take the result objects of :mod:`chlib.retrieval` (which never import the UI) and
-return matplotlib figures (or a DataFrame for the metrics table).
-"""
+return matplotlib figures (or a DataFrame for the metrics table)."""
 
 from __future__ import annotations
 
@@ -59,10 +57,8 @@ def projection_figure(result: TestSetResult, method: str = "tsne", *, seed: int 
 def testset_figure(result: TestSetResult, kind: str, *, save_dir: str | os.PathLike | None = None,
                    top: int = 20, seed: int = 0) -> Any:
     """One chart of a test set; saved as ``<save_dir>/<testset>_<kind>.png`` if given.
-
     ``kind``: "tsne", "umap", "pca" (maps), "ranks" (rank histogram), "confused" (work pairs
-    confused at rank 1), "per_work" (per-work AP, worst first).
-    """
+    confused at rank 1), "per_work" (per-work AP, worst first)."""
     if kind in ("tsne", "umap", "pca"):
         fig = projection_figure(result, kind, seed=seed)
     elif kind == "ranks":
@@ -86,8 +82,7 @@ def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
                        max_seconds: float = 30.0, device: str = "cpu") -> Any:
     """CQT of a query file (computed as identification does) beside the stored CQT of its best
     match (an index record with ``feat``)."""
-    arrays = [query_features(query, hp, device)]
-    titles = [f"query: {Path(query).name}"]
+    arrays, titles = [query_features(query, hp, device)], [f"query: {Path(query).name}"]
     if match.get("feat"):
         arrays.append(np.asarray(load_feature(resolve_path(match["feat"]))))
         titles.append(f"best match: {match.get('perf')} ({match.get('work')})")
@@ -99,14 +94,12 @@ def summary_text(summary: Mapping) -> str:
     s = summary
     lines = [f"{s['n_queries']} queries identified ({s['n_failed']} could not be read)."]
     if s["n_with_truth"]:
-        lines.append(
-            f"Of {s['n_with_truth']} queries whose work is known: true work first "
-            f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.")
-        lines.append(
-            f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
-            f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
-            f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the right "
-            "answer for them is 'no confident match').")
+        lines += [f"Of {s['n_with_truth']} queries whose work is known: true work first "
+                  f"{s['top1']:.0%}, in the top 10 {s['top10']:.0%}.",
+                  f"Of the {s['n_truth_indexed']} whose work has reference recordings: first "
+                  f"{s['top1_indexed']:.0%}, top 10 {s['top10_indexed']:.0%} (the other "
+                  f"{s['n_with_truth'] - s['n_truth_indexed']} are works never indexed: the "
+                  "right answer for them is 'no confident match')."]
     if s["best_verdicts"]:
         lines.append("Verdicts of the best match: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
@@ -115,8 +108,7 @@ def summary_text(summary: Mapping) -> str:
 
 def explorer_projection(data: ExplorerData, method: str, seed: int = 0) -> np.ndarray:
     """2-D coordinates [N, 2] of the explorer's points (kept in ``data.projections``)."""
-    key = (method, seed)
-    if key not in data.projections:
+    if (key := (method, seed)) not in data.projections:
         data.projections[key] = plots.project_embeddings(data.embeddings, method, seed=seed)
     return data.projections[key]
 

@@ -49,11 +49,11 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
             ax.plot(eps, mean, color=color, label=name, marker="o", markersize=3)
             if len(seeds) > 1:
                 ax.fill_between(eps, lo, hi, color=color, alpha=0.2, linewidth=0)
-    for ax, ylabel in ((ax_map, "mAP"), (ax_val, "loss")):
+    for ax, ylabel, title in ((ax_map, "mAP", f"mAP ({summary.test_name or 'no test set'})"),
+                              (ax_val, "loss", "validation loss (focal)")):
         ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_map.set_title(f"mAP ({summary.test_name or 'no test set'})", fontsize=10)
-    ax_val.set_title("validation loss (focal)", fontsize=10)
     if names:
         ax_val.legend(fontsize=8, loc="best")
     fig.suptitle("mean over seeds; band = seed range", fontsize=9)

@@ -61,8 +61,7 @@ def interactive_session() -> bool:
 def use_project_root() -> Path:
     """Leave ``notebooks/`` (where JupyterLab starts) for the project folder, so relative paths
     mean the same as headless; returns the working directory."""
-    cwd = Path.cwd()
-    if (cwd / "01_prepare.ipynb").is_file() and cwd.name == "notebooks":
+    if ((cwd := Path.cwd()) / "01_prepare.ipynb").is_file() and cwd.name == "notebooks":
         os.chdir(cwd.parent)
     return Path.cwd()
 
@@ -179,8 +178,7 @@ def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
                       max_seconds: float = 30.0) -> bytes:
     """A mono 16-bit WAV (bytes) of ``max_seconds`` of ``path`` from ``start_s`` at the file's
     sample rate, for players (an excerpt keeps notebooks small)."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise AudioError(f"{path}: audio file not found")
     try:
         with sf.SoundFile(str(path)) as f:
@@ -321,8 +319,7 @@ class IdentifyApp:
             folder.mkdir(parents=True, exist_ok=True)
             (target := folder / Path(item["name"]).name).write_bytes(bytes(item["content"]))
             return [str(target)]
-        p = Path(self.path.value.strip())
-        if str(p) in ("", "."):
+        if str(p := Path(self.path.value.strip())) in ("", "."):
             raise ConfigError("upload an audio file or type the path of one")
         if not p.exists():
             raise ConfigError(f"{p}: no such file or folder")
