@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_query.py
 	$(PY) bench/bench_demo.py
+	$(PY) bench/long_files.py --hours 2
 
 lint: $(STAMP)
 	$(PY) -m ruff check chlib tests bench tools

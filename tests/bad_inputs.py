@@ -168,3 +168,215 @@ def fake_decode_job(wav: str, factor: float, sample_rate: int, backend: str, min
     if "crash" in name:
         os._exit(3)
     return tone(1.0, sample_rate=sample_rate), 0.0
+
+
+# ----------------------------------------------------------- data-side hostile inputs (issue 10)
+
+
+def write_bom_manifest(path: str | Path, records: list[dict]) -> Path:
+    """A JSON-lines manifest saved with a UTF-8 byte-order mark (as Windows Notepad does)."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    return p
+
+
+def make_unreadable_file(path: str | Path) -> Path:
+    """``chmod 000`` an existing file (root can still read it: tests must simulate that case)."""
+    p = Path(path)
+    p.chmod(0)
+    return p
+
+
+def write_torn_jsonl(path: str | Path, records: list[dict], torn: str = '{"epoch": 3, "lo') -> Path:
+    """A JSON-lines log whose last line was cut short by a power cut (no final newline)."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("".join(json.dumps(r) + "\n" for r in records) + torn, encoding="utf-8")
+    return p
+
+
+def write_object_npy(path: str | Path) -> Path:
+    """A ``.npy`` holding a pickled object array (numpy says: set allow_pickle=True)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.save(p, np.array([{"not": "features"}, None], dtype=object), allow_pickle=True)
+    return p
+
+
+def write_pickle_as_npy(path: str | Path) -> Path:
+    """A plain pickle file with a ``.npy`` name (numpy says: load it unsafely with allow_pickle)."""
+    import pickle
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(pickle.dumps({"not": "features"}))
+    return p
+
+
+#: Work names that must be read as the same work (NFC/NFD, trailing/leading space).
+LOOKALIKE_WORK_PAIRS: list[tuple[str, str]] = [
+    ("Caf\u00e9", "Cafe\u0301"),  # NFC vs NFD
+    ("Song", "Song "),
+    ("Blue", "\u00a0Blue"),  # no-break space in front
+]
+#: Work names that stay different works but are reported as near-duplicates.
+NEAR_DUPLICATE_WORK_PAIRS: list[tuple[str, str]] = [("Yesterday", "yesterday"),
+                                                    ("Big  Band", "big band")]
+#: Work names with a control character (each must be refused when the manifest is read).
+CONTROL_CHAR_WORK_NAMES: list[str] = ["Line\nbreak", "Tab\there", "Bell\x07", "CR\rname"]
+
+
+# ------------------------------------------------------- training-side hostile inputs (issue 10)
+
+
+def write_single_work_split(folder: str | Path, n_perfs: int = 4) -> Path:
+    """A ``full.txt`` whose recordings all belong to ONE work (nothing to tell apart)."""
+    from helpers import write_toy_dataset
+
+    return write_toy_dataset(folder, n_works=1, n_perfs=n_perfs, frames=(30, 60))
+
+
+def write_stale_checkpoint_temps(ckpt_dir: str | Path) -> list[Path]:
+    """Partial checkpoint temp files that a killed ``atomic_torch_save`` leaves behind."""
+    d = Path(ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    out = [d / ".g_00000000.k2j3x9.tmp", d / ".do_00000001.a8f0q1.tmp", d / ".best.json.zz1.tmp"]
+    for p in out:
+        p.write_bytes(b"PK\x03\x04 half a checkpoint")
+    return out
+
+
+class PickledIntruder:
+    """Not a tensor: an object a weights-only unpickler must refuse (its class is a global)."""
+
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def write_checkpoint_with_object(path: str | Path, state: dict | None = None) -> Path:
+    """A ``g_`` file that pickles a callable beside the weights (a tampered checkpoint)."""
+    import torch
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    gen = dict(state) if state is not None else {"w": torch.zeros(2)}
+    torch.save({"generator": gen, "extra": PickledIntruder()}, p)
+    return p
+
+
+def write_metrics_with_bad_middle_line(path: str | Path) -> Path:
+    """A ``metrics.jsonl`` whose 2nd of 3 lines is not JSON (hand-edited, not a torn tail)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text('{"kind": "epoch", "epoch": 0}\n{"kind": "epoch", "epo\n'
+                 '{"kind": "epoch", "epoch": 1}\n', encoding="utf-8")
+    return p
+
+
+# ------------------------------------------------------------ long recordings (issue 10, memory)
+
+
+def write_long_stereo_wav(folder: str | Path, name: str = "long_stereo.wav",
+                          seconds: float = 120.0, sample_rate: int = 44100) -> Path:
+    """A long 16-bit stereo WAV (two different tones over noise), written a second at a time:
+    decoding it whole as float32 takes ``seconds * sample_rate * 8`` bytes."""
+    p = Path(folder) / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    with sf.SoundFile(p, "w", samplerate=sample_rate, channels=2, subtype="PCM_16") as f:
+        for s in range(int(np.ceil(seconds))):
+            n = int(min(1.0, seconds - s) * sample_rate)
+            t = (s * sample_rate + np.arange(n)) / sample_rate
+            left, right = 0.3 * np.sin(2 * np.pi * 330 * t), 0.2 * np.sin(2 * np.pi * 550 * t)
+            f.write(np.stack([left, right], axis=1) + 0.01 * rng.standard_normal((n, 2)))
+    return p
+
+
+# ----------------------------------------------- retrieval / runner hostile inputs (issue 10)
+
+
+def write_unreadable_query_folder(folder: str | Path) -> list[Path]:
+    """A folder of audio-named files none of which decodes (corrupt mp3, text, zero bytes)."""
+    return [write_corrupt_mp3(folder, "q_corrupt.mp3"), write_text_as_wav(folder, "q_text.wav"),
+            write_zero_byte(folder, "q_empty.flac")]
+
+
+def make_damaged_index_meta(index_dir: str | Path, how: str) -> Path:
+    """Damage a saved index's ``meta.json``: ``how`` = "truncated" (cut mid-file), "no_rule" /
+    "no_files" (a key deleted), "no_sha" (a file entry without its hash), "a_list" (not an
+    object). Returns the meta.json path."""
+    import json
+
+    meta_path = Path(index_dir) / "meta.json"
+    text = meta_path.read_text(encoding="utf-8")
+    meta = json.loads(text)
+    if how == "truncated":
+        meta_path.write_text(text[: len(text) // 2], encoding="utf-8")
+        return meta_path
+    if how == "no_rule":
+        del meta["rule"]
+    elif how == "no_files":
+        del meta["files"]
+    elif how == "no_sha":
+        del meta["files"]["embeddings.npy"]["sha256"]
+    elif how == "a_list":
+        meta = [meta]
+    else:
+        raise ValueError(how)
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return meta_path
+
+
+def make_index_file_entry_outside(index_dir: str | Path, entry: str) -> Path:
+    """List ``entry`` (``../../etc/passwd``, an absolute path) among a saved index's files in
+    its ``meta.json``, with a plausible hash, as an edited index could."""
+    import json
+
+    meta_path = Path(index_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["files"][entry] = {"sha256": "0" * 64}
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return meta_path
+
+
+def make_index_feat_outside(index_dir: str | Path, feat: str, row: int = 0) -> Path:
+    """Point record ``row`` of a saved index's ``records.jsonl`` at ``feat`` and update its
+    SHA-256 in ``meta.json`` (a careful edit: the hashes still match). Returns records.jsonl."""
+    import hashlib
+    import json
+
+    folder = Path(index_dir)
+    rec_path, meta_path = folder / "records.jsonl", folder / "meta.json"
+    rows = [json.loads(line) for line in rec_path.read_text(encoding="utf-8").splitlines()]
+    rows[row]["feat"] = feat
+    rec_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["files"]["records.jsonl"]["sha256"] = hashlib.sha256(rec_path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return rec_path
+
+
+def write_kernel_killing_notebook(path: str | Path, params_src: str = 'run_dir: str = "runs/x"'
+                                  ) -> Path:
+    """A notebook (parameters cell, a harmless cell, then a cell that kills its own kernel with
+    SIGKILL, as the out-of-memory killer does, then one that must never run)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(params_src)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1 + 1"),
+                nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
+                nbformat.v4.new_code_cell("print('never reached')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(p))
+    return p

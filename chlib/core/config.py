@@ -17,14 +17,12 @@ from chlib.core.errors import ConfigError
 from chlib.core.io import atomic_write_text
 from chlib.core.schema import check, deep_merge, load_yaml, opt
 
-__all__ = [
-    "FeatureSettings", "PrepConfig", "ModelConfig", "RandomEraseConfig", "RollPitchConfig",
-    "SpecAugConfig", "TestSetConfig", "HParams", "load_yaml", "load_prep_config", "load_hparams",
-    "save_hparams", "deep_merge", "INPUT_TRANSFORM_BINS", "input_bins",
-]
+__all__ = ["FeatureSettings", "PrepConfig", "ModelConfig", "RandomEraseConfig", "RollPitchConfig",
+           "SpecAugConfig", "TestSetConfig", "HParams", "load_yaml", "load_prep_config",
+           "load_hparams", "save_hparams", "deep_merge", "INPUT_TRANSFORM_BINS", "input_bins"]
 
-# model-input transforms of CQT windows (``input_transform``): bins of the model input, None =
-# the CQT's own; the transforms themselves live in chlib.data.features (INPUT_TRANSFORMS)
+# bins of the model input per ``input_transform`` (None: the CQT's own); the transforms
+# themselves are chlib.data.features.INPUT_TRANSFORMS
 INPUT_TRANSFORM_BINS: dict[str, int | None] = {"none": None, "keyed_chroma": 12}
 
 
@@ -37,6 +35,8 @@ def input_bins(n_bins: int, transform: str = "none") -> int:
 
 # ranges used below (a list field's range applies to each entry)
 _POSITIVE, _AT_LEAST_1, _FRACTION, _PROB = "(0, inf)", "[1, inf)", "[0, 1)", "[0, 1]"
+_AT_LEAST_0, _DECAY, _SEED = "[0, inf)", "(0, 1]", "[0, 4294967295]"  # numpy seeds: 32 bits
+_ODD = (lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1")
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class PrepConfig:
     val_unseen: float = opt(0.0, rng=_FRACTION)  # fraction of works held out entirely for val
     test_data_split: float = opt(0.0, rng=_FRACTION)  # ... of each seen work's recordings -> test
     test_data_unseen: float = opt(0.0, rng=_FRACTION)  # fraction of works held out for test
-    seed: int = opt(1234)  # split and augmentation seed
-    num_workers: int = opt(2, rng="[0, inf)")  # parallel decoding processes
+    seed: int = opt(1234, rng=_SEED)  # split and augmentation seed
+    num_workers: int = opt(2, rng=_AT_LEAST_0)  # parallel decoding processes
     batch_size: int = opt(16, rng=_AT_LEAST_1)  # tracks per CQT batch
 
     @classmethod
@@ -117,39 +117,48 @@ def load_prep_config(path: str | os.PathLike) -> PrepConfig:
 class ModelConfig:
     """Architecture and loss settings: everything the network and its losses need."""
 
-    input_dim: int = opt(96, rng="[7, inf)", hint="two stride-2 3x3 convs")  # CQT bins (= n_bins)
-    embed_dim: int = opt(128, rng=_AT_LEAST_1)  # size of the retrieval embedding
-    output_dims: int = opt(128, key="encoder.output_dims")  # conformer width
-    num_blocks: int = opt(6, key="encoder.num_blocks", rng=_AT_LEAST_1)  # conformer blocks
-    attention_dim: int = opt(256, key="encoder.attention_dim")  # feed-forward hidden size
-    num_heads: int = opt(4, key="encoder.num_heads", rng=_AT_LEAST_1)  # 4 in the original
-    dropout: float = opt(0.1, key="encoder.dropout")  # residual / feed-forward / positional
-    conv_kernel: int = opt(15, key="encoder.conv_kernel")  # depthwise conv kernel
-    num_classes: int = opt(30000, key="foc.output_dims", rng=_AT_LEAST_1)  # focal-head classes
-    foc_weight: float = opt(1.0, key="foc.weight")
-    foc_gamma: float = opt(2.0, key="foc.gamma")
-    triplet_margin: float = opt(0.3, key="triplet.margin")
-    triplet_weight: float = opt(0.1, key="triplet.weight")
-    center_weight: float = opt(0.0, key="center.weight")
+    # fixed: the shape of the network (a run's checkpoints hold exactly these)
+    input_dim: int = opt(96, rng="[7, inf)", fixed=True,
+                         hint="two stride-2 3x3 convs")  # CQT bins (= n_bins)
+    embed_dim: int = opt(128, rng=_AT_LEAST_1, fixed=True)  # size of the retrieval embedding
+    output_dims: int = opt(128, key="encoder.output_dims", rng=_AT_LEAST_1,
+                           fixed=True)  # conformer width
+    num_blocks: int = opt(6, key="encoder.num_blocks", rng=_AT_LEAST_1, fixed=True)
+    attention_dim: int = opt(256, key="encoder.attention_dim", rng=_AT_LEAST_1,
+                             fixed=True)  # feed-forward hidden size
+    num_heads: int = opt(4, key="encoder.num_heads", rng=_AT_LEAST_1, fixed=True)  # original: 4
+    dropout: float = opt(0.1, key="encoder.dropout", rng=_FRACTION)  # residual / ff / positional
+    conv_kernel: int = opt(15, key="encoder.conv_kernel", valid=_ODD, fixed=True)  # depthwise
+    num_classes: int = opt(30000, key="foc.output_dims", rng=_AT_LEAST_1,
+                           fixed=True)  # focal-head classes
+    foc_weight: float = opt(1.0, key="foc.weight", rng=_AT_LEAST_0)
+    foc_gamma: float = opt(2.0, key="foc.gamma", rng=_AT_LEAST_0)
+    triplet_margin: float = opt(0.3, key="triplet.margin", rng=_AT_LEAST_0)
+    triplet_weight: float = opt(0.1, key="triplet.weight", rng=_AT_LEAST_0)
+    center_weight: float = opt(0.0, key="center.weight", rng=_AT_LEAST_0)
 
     def validate(self, where: str = "model") -> ModelConfig:
         schema.check_fields(self, where)
         check(self.output_dims % self.num_heads == 0, where,
                f"encoder.output_dims ({self.output_dims}) must be divisible by {self.num_heads} heads")
+        check(self.foc_weight + self.triplet_weight + self.center_weight > 0, where, "the loss "
+              "weights foc.weight, triplet.weight and center.weight are all 0: nothing to learn "
+              "from; set foc.weight: 1")
         return self
 
 
 @dataclass(frozen=True)
 class RandomEraseConfig:
     prob: float = opt(0.0, rng=_PROB)
-    erase_num: int = opt(4)
-    region_size: tuple[float, float] = opt((0.25, 0.1), hint="[time fraction, frequency fraction]")
+    erase_num: int = opt(4, rng=_AT_LEAST_0)
+    region_size: tuple[float, float] = opt((0.25, 0.1), rng="(0, 1]",
+                                           hint="[time fraction, frequency fraction]")
 
 
 @dataclass(frozen=True)
 class RollPitchConfig:
     prob: float = opt(0.0, rng=_PROB)
-    shift_num: int = opt(12)
+    shift_num: int = opt(12, rng=_AT_LEAST_0)
     method: str = opt("default", choices=("default", "low_melody", "flex_melody", "random"))
 
 
@@ -200,52 +209,54 @@ class HParams:
     test_path: str | None = opt(None)
     early_stop_metric: str = opt("val_loss", choices=("val_loss", "mAP"))
     distance_rule: str = opt("mean", choices=("min", "mean"))  # chlib: track distance of a run
-    input_transform: str = opt("none", choices=tuple(INPUT_TRANSFORM_BINS))  # chlib: model input
+    input_transform: str = opt("none", choices=tuple(INPUT_TRANSFORM_BINS),
+                               fixed=True)  # chlib: model input
     every_n_epoch_to_test: int = opt(1, rng=_AT_LEAST_1)
     every_n_epoch_to_save: int = opt(1, rng=_AT_LEAST_1)
     mode: str = opt("random", choices=("random", "defined"))  # training crop start
-    mean_size: int = opt(3, rng=_AT_LEAST_1)  # average this many CQT frames into one model frame
+    mean_size: int = opt(3, rng=_AT_LEAST_1, fixed=True)  # CQT frames averaged per model frame
     m_per_class: int = opt(8, rng=_AT_LEAST_1)
     device: str = opt("auto")
-    seed: int = opt(1234)
-    num_workers: int = opt(1)
+    seed: int = opt(1234, rng=_SEED)
+    num_workers: int = opt(1, rng=_AT_LEAST_0)
     batch_size: int = opt(32, rng=_AT_LEAST_1)
     learning_rate: float = opt(0.001, rng=_POSITIVE)
     optimizer: str = opt("adamw", choices=("adamw", "prodigy"))
-    adam_b1: float = opt(0.8)
-    adam_b2: float = opt(0.99)
-    weight_decay: float = opt(0.01)  # chlib: the original's implicit AdamW default, explicit
-    prodigy_d_coef: float = opt(1.0)
+    adam_b1: float = opt(0.8, rng=_FRACTION)
+    adam_b2: float = opt(0.99, rng=_FRACTION)
+    weight_decay: float = opt(0.01, rng=_AT_LEAST_0)  # chlib: the original's implicit default
+    prodigy_d_coef: float = opt(1.0, rng=_POSITIVE)
     prodigy_safeguard_warmup: bool = opt(False)
-    lr_decay: float = opt(0.9, rng="(0, 1]")
+    lr_decay: float = opt(0.9, rng=_DECAY)
     lr_decay_every: int = opt(1000, rng=_AT_LEAST_1)  # chlib: decay interval, in lr_decay_unit
     lr_decay_unit: str = opt("steps", choices=("steps", "epochs"))  # chlib; original: steps
-    min_lr: float = opt(0.0001, rng="[0, inf)")
+    min_lr: float = opt(0.0001, rng=_AT_LEAST_0)
     warmup: bool = opt(False)  # chlib makes these work: linear warm-up over warmup_steps
-    warmup_steps: int = opt(0)
-    hold_steps: int = opt(0)  # after warm-up, hold the LR this many steps before decaying
-    grad_clip: float = opt(1.0)  # chlib: global-norm clip (the original's hard-wired 1.0)
-    early_stopping_patience: int = opt(20)
+    warmup_steps: int = opt(0, rng=_AT_LEAST_0)
+    hold_steps: int = opt(0, rng=_AT_LEAST_0)  # after warm-up, hold the LR this many steps
+    grad_clip: float = opt(1.0, rng=_AT_LEAST_0)  # chlib: global-norm clip (0: off; original 1)
+    early_stopping_patience: int = opt(20, rng=_AT_LEAST_1)
     max_epochs: int = opt(100, rng=_AT_LEAST_1)
-    map_smoothing_alpha: float = opt(0.3, rng="(0, 1]")
-    bootstrap: int = opt(0)
+    map_smoothing_alpha: float = opt(0.3, rng=_DECAY)
+    bootstrap: int = opt(0, rng=_AT_LEAST_0)
     amp: str = opt("none", choices=("none", "bf16"))  # chlib: CUDA bf16 autocast
     compile: bool = opt(False)  # chlib: torch.compile the model
     deterministic: bool = opt(False)  # chlib: deterministic algorithms
-    log_every_steps: int = opt(100)
-    eval_batch_size: int = opt(64)
+    log_every_steps: int = opt(100, rng=_AT_LEAST_1)
+    eval_batch_size: int = opt(64, rng=_AT_LEAST_1)
     # chlib: feature-domain tempo factors in [1 - j, 1 + j]; 0 = off
     tempo_jitter: float = opt(0.0, rng=_FRACTION, hint="0.1 = tempo factors 0.9..1.1")
     timbre_eq_db: float = opt(0.0, rng="[0, 40]", hint="random spectral envelopes up to this depth")
     # production (k-fold) training, section 10.2 of the fact sheet
     k_folds: int = opt(5, rng="[2, inf)")
-    fold_lr_decay: float = opt(0.98)
-    final_lr_decay: float = opt(0.98)
-    fold_hold_steps: int = opt(0)
-    final_fold_position: float | None = opt(None)
-    final_early_stopping_patience: int = opt(3)
-    lr_initial_fold2: float | None = opt(None)
-    features: FeatureSettings = opt(FeatureSettings, key="")
+    fold_lr_decay: float = opt(0.98, rng=_DECAY)
+    final_lr_decay: float = opt(0.98, rng=_DECAY)
+    fold_hold_steps: int = opt(0, rng=_AT_LEAST_0)
+    final_fold_position: float | None = opt(None, rng="[1, inf)",
+                                            hint="a fold number; default k_folds - 0.5")
+    final_early_stopping_patience: int = opt(3, rng=_AT_LEAST_1)
+    lr_initial_fold2: float | None = opt(None, rng=_POSITIVE)
+    features: FeatureSettings = opt(FeatureSettings, key="", fixed=True)
     chunk_frame: list[int] = opt([1125, 900, 675], rng="[15, inf)", nonempty=True,
                                  hint="model frames; the conv subsampling needs 7")
     map_stopping_testsets: list[str] = opt([])
@@ -308,10 +319,9 @@ class HParams:
             del flat["foc.output_dims"]
         if isinstance(flat.get("chunk_frame"), int):
             flat["chunk_frame"] = [flat["chunk_frame"]]
-        transform = flat.get("input_transform") or "none"
-        if "input_dim" not in flat and (flat.get("n_bins") is not None or transform != "none"):
-            n_bins = flat.get("n_bins")  # None keeps the default
-            flat["input_dim"] = input_bins(FeatureSettings().n_bins if n_bins is None else n_bins,
+        n_bins, transform = flat.get("n_bins"), flat.get("input_transform") or "none"
+        if "input_dim" not in flat and (n_bins is not None or transform != "none"):
+            flat["input_dim"] = input_bins(FeatureSettings.n_bins if n_bins is None else n_bins,
                                            transform)
         hp = schema.build(cls, flat, where, source=where, num_classes_auto=auto,
                     testsets={n: TestSetConfig.from_dict(n, v, where) for n, v in tests.items()})

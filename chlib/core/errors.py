@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["ChlibError", "ConfigError", "ManifestError", "AudioError", "FeatureError",
-           "CheckpointError", "IndexMismatchError"]
+           "CheckpointError", "IndexMismatchError", "FolderLockedError"]
 
 
 class ChlibError(Exception):
@@ -32,3 +32,7 @@ class CheckpointError(ChlibError):
 
 class IndexMismatchError(ChlibError):
     """A reference index was built by another model or with other feature settings."""
+
+
+class FolderLockedError(ChlibError):
+    """Another running job holds the folder's lock (``chlib.core.io.folder_lock``)."""

@@ -1,9 +1,10 @@
 """Reading and writing manifests: dataset.txt, full.txt, split files and query/ref lists.
 
 One record per line: a JSON object or the legacy TAB-separated ``key:value`` pairs (known keys
-cast; the original's key names mapped by :data:`KEY_RENAMES`). Writers emit JSON lines
-atomically; an empty list is a valid manifest (the original raised).
-"""
+cast; the original's key names mapped by :data:`KEY_RENAMES`). Names (perf, work, source_perf)
+are one line of text: a control character is a bad line; work names are read Unicode-NFC and
+stripped, and names that differ only in case or spacing are warned about. Writers emit JSON
+lines atomically; an empty list is a valid manifest (the original raised)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import math
 import os
 import re
+import unicodedata
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +23,12 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from chlib.core.errors import ManifestError
-from chlib.core.io import atomic_write_text
+from chlib.core.io import atomic_write_text, json_text
 
-__all__ = [
-    "DATASET_KEYS", "FULL_KEYS", "KEY_RENAMES", "MAX_LISTED_PROBLEMS", "ManifestProblem",
-    "parse_line", "read_manifest", "write_manifest", "read_work_id_map", "write_work_id_map",
-    "assign_work_ids", "read_query_in_ref", "write_query_in_ref", "resolve_path", "source_perf",
-]
+__all__ = ["DATASET_KEYS", "FULL_KEYS", "KEY_RENAMES", "MAX_LISTED_PROBLEMS", "ManifestProblem",
+           "parse_line", "read_manifest", "write_manifest", "read_work_id_map",
+           "write_work_id_map", "assign_work_ids", "read_query_in_ref", "write_query_in_ref",
+           "resolve_path", "source_perf"]
 
 #: Required keys of a dataset.txt line.
 DATASET_KEYS: tuple[str, ...] = ("perf", "wav", "work")
@@ -44,6 +46,17 @@ _TYPES: dict[str, type] = {
     **dict.fromkeys(("dur_s", "start_s", "tempo"), float),
 }
 _WORDS = {str: "a non-empty string", int: "an integer", float: "a finite number"}
+_NAME_KEYS = ("perf", "work", "source_perf")  # one line of text each
+
+
+def _normalise_work(work: str) -> str:
+    """A work name as compared: Unicode NFC (composed accents), no surrounding whitespace."""
+    return unicodedata.normalize("NFC", work).strip()
+
+
+def _control_char(text: str) -> str | None:
+    """The first control character (tab, newline, ... or a line separator) in ``text``."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,6 @@ class ManifestProblem:
 
     def __str__(self) -> str:
         return f"{self.path} line {self.line}: {self.message}"
-
 
 
 def _parse_legacy(line: str) -> dict:
@@ -89,6 +101,11 @@ def _check_types(rec: dict) -> list[str]:
             out.append(f"{key} must be {_WORDS[typ]}, got {v!r}")
             continue
         rec[key] = v = typ(v)
+        if key in _NAME_KEYS and (c := _control_char(v)) is not None:
+            out.append(f"{key} {v!r} contains the control character {c!r}; a name must be one "
+                       "line of text without tabs: fix it in the manifest")
+        if key == "work":
+            rec[key] = _normalise_work(v)
         if typ is not str and (v <= 0 if key == "tempo" else v < 0):
             out.append(f"{key} must be {'>' if key == 'tempo' else '>='} 0, got {v!r}")
     return out
@@ -120,7 +137,6 @@ def parse_line(line: str, *, required: Sequence[str] = ()) -> dict:
     return rec
 
 
-
 def _raise_problems(path: Path, problems: list[ManifestProblem], what: str) -> None:
     """One ManifestError listing ``problems`` (at most MAX_LISTED_PROBLEMS), if there are any."""
     if not problems:
@@ -141,10 +157,22 @@ def _lines(path: Path, what: str) -> Iterable[tuple[int, str]]:
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder, not a {what} file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of line 1
     except UnicodeDecodeError as e:
         raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [(i, line) for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def _warn_similar_works(path: Path, first_line: dict[str, int]) -> None:
+    """Warn about work names equal after casefold and whitespace collapse (likely one work)."""
+    groups: dict[str, list[str]] = {}
+    for work in first_line:
+        groups.setdefault(" ".join(work.casefold().split()), []).append(work)
+    for names in (g for g in groups.values() if len(g) > 1):
+        listed = " and ".join(f"{w!r} (line {first_line[w]})" for w in names)
+        warnings.warn(f"{path}: work names {listed} differ only in case or spacing and count as "
+                      "different works; write them the same way if they are one work",
+                      UserWarning, stacklevel=3)
 
 
 @overload
@@ -169,6 +197,7 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = DATASET_KEY
     records: list[dict] = []
     problems: list[ManifestProblem] = []
     seen: dict[Any, int] = {}
+    first_line: dict[str, int] = {}  # work -> first line
     for lineno, line in _lines(path, "manifest"):
         try:
             rec = parse_line(line, required=required)
@@ -182,6 +211,9 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = DATASET_KEY
                 continue
             seen[value] = lineno
         records.append(rec)
+        if "work" in rec:
+            first_line.setdefault(rec["work"], lineno)
+    _warn_similar_works(path, first_line)
     if not strict:
         return records, problems
     _raise_problems(path, problems, "manifest")
@@ -203,11 +235,10 @@ def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> None:
         if not isinstance(rec, dict):
             raise ManifestError(f"{path}: record {i} is a {type(rec).__name__}, not a dict")
         try:
-            lines.append(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+            lines.append(json_text(rec, default=_json_default) + "\n")
         except (TypeError, ValueError) as e:
             raise ManifestError(f"{path}: record {i} cannot be written as JSON: {e}") from None
     atomic_write_text(path, "".join(lines))
-
 
 
 def read_work_id_map(path: str | os.PathLike) -> dict[str, int]:
@@ -218,6 +249,7 @@ def read_work_id_map(path: str | os.PathLike) -> dict[str, int]:
     problems = []
     for lineno, line in _lines(path, "work_id.map"):
         head, _, work = line.strip().partition(" ")
+        work = _normalise_work(work)
         wid = int(head) if re.fullmatch(r"-?\d+", head) else None
         if wid is None or not work:
             msg = f"expected '<work_id> <work>', got {line.strip()[:60]!r}"
@@ -273,7 +305,7 @@ def read_query_in_ref(path: str | os.PathLike) -> list[tuple[int, int]]:
 def write_query_in_ref(path: str | os.PathLike, pairs: Iterable[tuple[int, int]]) -> None:
     """Write ``{"query_in_ref": [[qi, ri], ...]}`` as a single line, atomically."""
     body = {"query_in_ref": [[int(a), int(b)] for a, b in pairs]}
-    atomic_write_text(path, json.dumps(body, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json_text(body) + "\n")
 
 
 def resolve_path(value: str | os.PathLike, manifest_path: str | os.PathLike | None = None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -44,15 +45,49 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(0)  # the main process died (kill -9, killed kernel): do not linger
 
 
+_RAW_PIPE = sys.platform != "win32"  # a socket pair: its fd is read straight into the array
+
+
+def _send(conn, obj: Any) -> None:
+    """Pickle protocol 5, large buffers (a decoded signal) out of band: no copy into the message."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    conn.send((head, [r.nbytes for r in raws]))
+    for r in raws:
+        if not _RAW_PIPE:
+            conn.send_bytes(r)
+            continue
+        while r:
+            r = r[os.write(conn.fileno(), r):]
+
+
+def _recv(conn) -> Any:
+    """What :func:`_send` sent; each out-of-band buffer is read in 1 MB pieces into its array."""
+    head, sizes = conn.recv()
+    buffers = [bytearray(n) for n in sizes]
+    for b in buffers:
+        if not _RAW_PIPE:  # Windows: one more copy of each buffer
+            conn.recv_bytes_into(b)
+            continue
+        view = memoryview(b)
+        while view:
+            if not (piece := os.read(conn.fileno(), min(len(view), 1 << 20))):
+                raise EOFError("worker closed its pipe mid-result")
+            view[:len(piece)] = piece
+            view = view[len(piece):]
+    return pickle.loads(head, buffers=buffers)
+
+
 def _worker(conn, fn: Callable, parent_pid: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)  # the workers already run in parallel
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    conn.send("ready")
+    _send(conn, "ready")
     while (msg := conn.recv()) is not None:
-        conn.send((msg[0], _call(fn, msg[1])))
+        _send(conn, (msg[0], _call(fn, msg[1])))
 
 
 def run_jobs(fn: Callable, jobs: Sequence[tuple], *, num_workers: int,
@@ -101,7 +136,7 @@ def _feed(fn: Callable, jobs: Sequence[tuple], num_workers: int, timeout_s: floa
             for conn, (proc, ready, job, t0) in list(slots.items()):
                 msg, late = None, timeout_s is not None and time.monotonic() - t0 > timeout_s
                 with contextlib.suppress(EOFError, OSError):
-                    msg = conn.recv() if conn.poll() else None
+                    msg = _recv(conn) if conn.poll() else None
                 if msg is not None:  # ready or done: hand the worker its next job
                     if msg != "ready":
                         put(msg)

@@ -4,6 +4,7 @@ generic YAML loader (:func:`flatten`, :func:`reject_unknown`, :func:`build`), ch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -20,8 +21,8 @@ import yaml
 
 from chlib.core.errors import ConfigError
 
-__all__ = ["opt", "keys", "coerce", "flatten", "reject_unknown", "rename", "build",
-           "check_fields", "dump", "check", "load_yaml", "deep_merge"]
+__all__ = ["opt", "keys", "fixed_keys", "differences", "coerce", "flatten", "reject_unknown",
+           "rename", "build", "check_fields", "dump", "check", "load_yaml", "deep_merge"]
 
 _NAME = object()  # opt(key=...) default: the YAML key is the field name
 _LE = {True: operator.le, False: operator.lt}  # a closed / open end of a range
@@ -29,11 +30,15 @@ _LE = {True: operator.le, False: operator.lt}  # a closed / open end of a range
 
 def opt(default: Any = dataclasses.MISSING, *, key: str | None | object = _NAME,
         choices: tuple | None = None, rng: str | None = None, nonempty: bool = False,
+        valid: tuple[Callable[[Any], bool], str] | None = None, fixed: bool = False,
         hint: str = "") -> Any:
     """A config field: ``default`` (a class: a nested section; none: required) plus its YAML
     ``key`` (dotted in a block; ``""``: a section at the top level; None: not in the YAML) and
-    checks; ``rng``: an interval such as ``"[0, 1)"`` (of every entry of a list)."""
-    meta = {"key": key, "rule": _rule(choices, rng), "nonempty": nonempty, "hint": hint}
+    checks; ``rng``: an interval such as ``"[0, 1)"`` (of every entry of a list); ``valid``:
+    (test, words) instead; ``fixed``: a run's checkpoints depend on it (see
+    :func:`fixed_keys`)."""
+    meta = {"key": key, "rule": valid or _rule(choices, rng), "nonempty": nonempty,
+            "fixed": fixed, "hint": hint}
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
@@ -59,19 +64,48 @@ def keys(cls: type, prefix: str = "") -> list[str]:
             for k in (keys(typ, sub) if is_dataclass(typ) else [key])]
 
 
+def fixed_keys(cls: type, prefix: str = "") -> list[str]:
+    """The dotted YAML keys of ``cls`` declared ``fixed`` (every key of a fixed section)."""
+    out: list[str] = []
+    for f, key, typ, sub in _walk(cls, prefix):
+        fixed = f.metadata.get("fixed")
+        if is_dataclass(typ):
+            out += keys(typ, sub) if fixed else fixed_keys(typ, sub)
+        elif fixed:
+            out.append(key)
+    return out
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` where two nested mappings differ."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(differences(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
 def coerce(value: Any, typ: Any, where: str, key: str, hint: str = "") -> Any:
-    """Coerce a YAML value to ``typ`` (int -> float allowed, lists per entry), else ConfigError."""
+    """Coerce a YAML value to ``typ`` (int -> float allowed, lists per entry; a numeric string,
+    as YAML 1.1 reads ``1e-3``, is a number), else ConfigError."""
     args, origin = typing.get_args(typ), typing.get_origin(typ)
     if type(None) in args:  # X | None
         typ = next(a for a in args if a is not type(None))
         return None if value is None else coerce(value, typ, where, key, hint)
+    num = value
+    if typ in (int, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            num = float(value)
     if origin in (list, tuple):
         if isinstance(value, (list, tuple)) and (origin is list or len(value) == len(args)):
             return origin(coerce(v, args[0], where, key, hint) for v in value)
-    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+    elif typ is float and isinstance(num, (int, float)) and not isinstance(num, bool):
+        return float(num)
+    elif typ is int and isinstance(num, float) and num.is_integer():
+        return int(num)
     elif isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     what = {list: "a list", tuple: f"a list of {len(args)} values"}.get(origin, typ.__name__)

@@ -3,8 +3,7 @@
 :class:`ChunkDataset` item = ``(feat [chunk_len // mean_size, bins] float32 tensor, work_id)``,
 the original's (coverhunter-facts 4.1; start drawn from the true row count, bug 13.1.6). An
 index ``(int, item_seed)`` (from the sampler) seeds crop and augmentation; a plain int seeds
-from ``(dataset seed, index)``: the same crop every time (a stable validation loss).
-"""
+from ``(dataset seed, index)``: the same crop every time (a stable validation loss)."""
 
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ class ChunkDataset(Dataset):
 
     ``chunk_len``: raw CQT frames per crop; ``mode``: "random" start or "defined" (the record's
     ``start``); ``spec_aug`` None for validation; ``tempo_jitter`` j: crops of
-    ``round(chunk_len x f)``, f uniform in [1 - j, 1 + j], resampled to the chunk length.
-    """
+    ``round(chunk_len x f)``, f uniform in [1 - j, 1 + j], resampled to the chunk length."""
 
     def __init__(self, records: Sequence[dict], *, chunk_len: int, mean_size: int = 1,
                  mode: str = "random", spec_aug: SpecAugConfig | None = None,
@@ -85,17 +83,11 @@ class ChunkDataset(Dataset):
         """Model frames per item: ``chunk_len // mean_size``."""
         return self.chunk_len // self.mean_size
 
-    def _rng(self, key: int | tuple[int, int]) -> tuple[int, np.random.Generator]:
-        if isinstance(key, (tuple, list)):
-            return int(key[0]), np.random.default_rng(int(key[1]))
-        return int(key), item_rng(self.seed, int(key))
-
     def crop(self, idx: int, rng: np.random.Generator) -> np.ndarray:
         """The (unaugmented) chunk of item ``idx``: [chunk_len // mean_size, bins] float32."""
         feat = load_feature(self.paths[idx])
-        factor = 1.0
-        if self.tempo_jitter > 0:
-            factor = float(rng.uniform(1.0 - self.tempo_jitter, 1.0 + self.tempo_jitter))
+        j = self.tempo_jitter
+        factor = float(rng.uniform(1.0 - j, 1.0 + j)) if j > 0 else 1.0
         span = max(self.mean_size, int(round(self.chunk_len * factor)))
         if self.mode == "defined":
             start = int(self.records[idx].get("start", 0))
@@ -111,7 +103,10 @@ class ChunkDataset(Dataset):
         return np.ascontiguousarray(chunk, dtype=np.float32)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        idx, rng = self._rng(key)
+        if isinstance(key, (tuple, list)):  # (index, item seed) from the sampler
+            idx, rng = int(key[0]), np.random.default_rng(int(key[1]))
+        else:
+            idx, rng = int(key), item_rng(self.seed, int(key))
         chunk = self.crop(idx, rng)
         if self.spec_aug is not None:
             chunk = spec_augment(chunk, self.spec_aug, rng=rng)

@@ -36,7 +36,7 @@ class DatasetOverlap:
     same_audio: list[dict] = field(default_factory=list)
     duplicates_a: list[dict] = field(default_factory=list)
     duplicates_b: list[dict] = field(default_factory=list)
-    missing_audio_a: int = 0  # recordings whose wav file was not found (not hashed)
+    missing_audio_a: int = 0  # recordings whose wav file was not found or unreadable
     missing_audio_b: int = 0
     hashed: bool = True
 
@@ -68,8 +68,8 @@ class DatasetOverlap:
             lines.append(f"identical audio under several perf ids: {len(self.duplicates_a)} in A, "
                          f"{len(self.duplicates_b)} in B")
             if self.missing_audio_a or self.missing_audio_b:
-                lines.append(f"audio files not found (not compared): {self.missing_audio_a} in A, "
-                             f"{self.missing_audio_b} in B")
+                lines.append(f"audio files not found or unreadable (not compared): "
+                             f"{self.missing_audio_a} in A, {self.missing_audio_b} in B")
         else:
             lines.append("audio content not compared (hash_audio=False)")
         lines.append("LEAKAGE: some recordings are in both sets" if self.leaks
@@ -81,16 +81,19 @@ class DatasetOverlap:
 
 def _hash_recordings(records: list[dict], manifest: Path,
                      cache: dict[Path, str | None]) -> tuple[dict[str, list[str]], int]:
-    """sha256 -> source perf ids of the recordings whose wav exists; and the missing count."""
-    by_hash: dict[str, list[str]] = {}
+    """sha256 -> source perf ids of the recordings whose wav can be read; and the rest's count."""
     # the first record of each recording wins (later ones are overwritten first)
     wav_of = {source_perf(r): r["wav"] for r in reversed(records) if "wav" in r}
+    by_hash: dict[str, list[str]] = {}
     missing = 0
     for perf, wav in sorted(wav_of.items()):
         p = resolve_path(wav, manifest)
         key = p.resolve() if p.exists() else p
         if key not in cache:
-            cache[key] = file_sha256(p) if p.is_file() else None
+            try:
+                cache[key] = file_sha256(p) if p.is_file() else None
+            except OSError:  # no permission: counted like a missing file, the rest goes on
+                cache[key] = None
         if cache[key] is None:
             missing += 1
         else:
@@ -125,28 +128,24 @@ def works_histogram(records: Sequence[dict] | str | os.PathLike) -> pd.Series:
     """Number of works (values) with each number of recordings (index, ascending).
 
     ``records``: manifest dicts with ``perf`` and ``work``, or a manifest path; tempo copies
-    count as their source recording. Drawing is :mod:`chlib.ui`'s business.
-    """
+    count as their source recording. Drawing is :mod:`chlib.ui`'s business."""
     if isinstance(records, (str, os.PathLike)):
         records = read_manifest(records, required=("perf", "work"))
     if not records:
         raise ManifestError("works_histogram: no records to count")
     recs = pd.DataFrame({"work": [r["work"] for r in records],
                          "recording": [source_perf(r) for r in records]})
-    per_work = recs.groupby("work")["recording"].nunique()
-    counts = per_work.value_counts().sort_index()
+    counts = recs.groupby("work")["recording"].nunique().value_counts().sort_index()
     counts.index.name, counts.name = "recordings per work", "works"
     return counts
 
 
-def make_query_in_ref(
-    query_path: str | os.PathLike, ref_path: str | os.PathLike, out_path: str | os.PathLike
-) -> list[tuple[int, int]]:
+def make_query_in_ref(query_path: str | os.PathLike, ref_path: str | os.PathLike,
+                      out_path: str | os.PathLike) -> list[tuple[int, int]]:
     """Write (and return) the ``query_in_ref`` pairs ``[query_index, ref_index]`` (0-based, file
     order) of every perf in both lists, which evaluation excludes from the ranking (the
     original crashed whenever a perf matched, fact sheet 13.4.5)."""
-    query = read_manifest(query_path, required=("perf",))
-    ref = read_manifest(ref_path, required=("perf",))
+    query, ref = (read_manifest(p, required=("perf",)) for p in (query_path, ref_path))
     ref_index = {r["perf"]: i for i, r in enumerate(ref)}
     pairs = [(qi, ref_index[q["perf"]]) for qi, q in enumerate(query) if q["perf"] in ref_index]
     write_query_in_ref(out_path, pairs)

@@ -1,20 +1,21 @@
 """dataset.txt -> CQT features -> full.txt, work_id.map and splits: resumable and cached by key.
 
-:func:`extract_dataset` reads ``dataset.txt`` ({perf, wav, dur_s, work, version?} per line)
-and the optional ``hparams.yaml`` (PrepConfig) of one folder and writes there
-``cqt_feat/<perf>.cqt.npy`` ([frames, bins] float32 dB, max 0) with its cache sidecar
-``.cqt.json``, full.txt (+ feat, feat_len, work_id), work_id.map (ids over sorted work names),
-features.json, the split files and extract_report.json (every skipped item with its reason).
-
-Cache key: audio SHA-256 + feature settings + tempo factor and backend, so a re-run recomputes
-only what changed and a killed run resumes. Decoding runs in spawn workers (a crashing or
-hanging file fails alone), the CQT in batches here. One run per folder.
-"""
+:func:`extract_dataset` reads one folder's ``dataset.txt`` ({perf, wav, dur_s, work, version?}
+per line) and optional ``hparams.yaml`` (PrepConfig) and writes there ``cqt_feat/<perf>.cqt.npy``
+([frames, bins] float32 dB, max 0) with its cache sidecar ``.cqt.json``, full.txt (+ feat,
+feat_len, work_id), work_id.map (ids over sorted work names), features.json, the split files and
+extract_report.json (every skipped item with its reason). Cache key: audio SHA-256 + feature
+settings + tempo factor and backend, so a re-run recomputes only what changed and a killed run
+resumes. Decoding runs in spawn workers (a crashing or hanging file fails alone), the CQT in
+batches bounded by padded samples (a long file alone). One run per folder at a time (a lock);
+a run that yields much less than the previous full.txt keeps the old outputs unless asked."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,14 @@ import numpy as np
 from chlib.core.config import FeatureSettings, PrepConfig, load_prep_config
 from chlib.core.device import pick_device
 from chlib.core.errors import AudioError, ChlibError, ConfigError, FeatureError, ManifestError
-from chlib.core.io import atomic_save_npy, file_sha256, read_json, stable_hash, write_json
+from chlib.core.io import (
+    atomic_save_npy,
+    file_sha256,
+    folder_lock,
+    read_json,
+    stable_hash,
+    write_json,
+)
 from chlib.core.manifest import (
     DATASET_KEYS,
     assign_work_ids,
@@ -41,12 +49,16 @@ from chlib.signal.audio import load_audio, peak_normalise
 from chlib.signal.cqt import compute_cqt_db_batch, min_samples
 from chlib.signal.tempo import resolve_backend, time_stretch
 
-__all__ = ["CACHE_VERSION", "ExtractReport", "extract_dataset", "expand_tempo"]
+__all__ = ["CACHE_VERSION", "BATCH_MAX_SECONDS", "ExtractReport", "extract_dataset",
+           "expand_tempo"]
 
 #: Bumped whenever the decoding/CQT pipeline changes in a way that changes the arrays.
 CACHE_VERSION = 1
 #: Tempo factors within this distance of 1.0 mean "the original recording".
 TEMPO_ONE_TOLERANCE = 0.01
+#: A CQT batch holds at most this much audio once zero-padded to its longest signal (16 tracks
+#: of 10 minutes); a longer signal is computed alone.
+BATCH_MAX_SECONDS = 16 * 600.0
 _MAX_PERF_CHARS = 200
 _OUTPUT_NAMES = ("full.txt", "work_id.map", "features.json", "extract_report.json", "train.txt",
                  "val.txt", "test.txt", "test-only-work-ids.txt", "val-only-work-ids.txt")
@@ -100,8 +112,11 @@ class _Item:
     factor: float  # 1.0 for the original recording
     npy: Path
     meta: Path
-    key: str = ""
-    sha256: str = ""
+    key: str = ""  # cache key
+    sha256: str = ""  # of the audio file
+    stat: tuple[str, int, int] = ("", 0, 0)  # audio (resolved path, size, mtime_ns)
+    frames: int | None = None  # frames of the cached or computed array
+    error: str | None = None  # why the item failed
 
 
 def _is_one(factor: float) -> bool:
@@ -142,8 +157,11 @@ def _bad_perf_reason(perf: str) -> str | None:
 def _read_items(dataset_txt: Path, factors: Sequence[float], feat_dir: Path,
                 report: ExtractReport) -> list[_Item]:
     """Step 1: dataset.txt -> one item per (record, tempo factor), in full.txt order."""
-    records, problems = read_manifest(dataset_txt, required=DATASET_KEYS, strict=False,
-                                      unique_key=None)
+    with warnings.catch_warnings(record=True) as caught:  # near-duplicate work names
+        warnings.simplefilter("always")
+        records, problems = read_manifest(dataset_txt, required=DATASET_KEYS, strict=False,
+                                          unique_key=None)
+    report.notes += [str(w.message) for w in caught]
     for p in problems:
         report.skip(None, None, str(p))
     kept: dict[str, dict] = {}
@@ -177,36 +195,24 @@ def _cache_key(sha256: str, settings: FeatureSettings, factor: float, backend: s
                         "tempo_backend": None if same else backend}, n_chars=32)
 
 
-def _cache_lookup(npy: Path, meta: Path, key: str, n_bins: int) -> int | str | None:
-    """Frames of a valid cached array (float32, the sidecar's shape), or the remembered reason a
-    file failed, or None."""
+def _cache_lookup(it: _Item, n_bins: int) -> None:
+    """Set ``it.frames`` from a valid cached array (float32, the sidecar's shape) or ``it.error``
+    to the remembered reason its file failed; neither: it must be computed."""
     try:
-        info = read_json(meta) if meta.is_file() else None
+        info = read_json(it.meta) if it.meta.is_file() else None
     except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("key") != key:
-        return None
+        return
+    if not isinstance(info, dict) or info.get("key") != it.key:
+        return
     if isinstance(info.get("error"), str):
-        return info["error"]
-    try:
-        arr = load_feature(npy)
-    except FeatureError:
-        return None
-    ok = (arr.dtype == np.float32 and arr.shape[1] == n_bins
-          and list(arr.shape) == list(info.get("shape", [])))
-    return int(arr.shape[0]) if ok else None
-
-
-def _hash_memo_from_sidecars(metas: Sequence[Path]) -> dict[tuple[str, int, int], str]:
-    """(path, size, mtime_ns) -> sha256 remembered in existing sidecars (saves re-hashing)."""
-    memo: dict[tuple[str, int, int], str] = {}
-    for m in metas:
-        try:
-            st = (info := read_json(m))["audio_stat"]
-            memo[(str(st[0]), int(st[1]), int(st[2]))] = str(info["audio_sha256"])
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue
-    return memo
+        it.error = (f"{info['error']} [remembered from an earlier run: fix or replace the file "
+                    "to retry]")
+        return
+    with contextlib.suppress(FeatureError):
+        arr = load_feature(it.npy)
+        if (arr.dtype == np.float32 and arr.shape[1] == n_bins
+                and list(arr.shape) == list(info.get("shape", []))):
+            it.frames = int(arr.shape[0])
 
 
 def _remove_stale_temp_files(dataset_dir: Path, feat_dir: Path) -> int:
@@ -218,50 +224,53 @@ def _remove_stale_temp_files(dataset_dir: Path, feat_dir: Path) -> int:
     return len(stale)
 
 
-def _hash_audio(items: Sequence[_Item], report: ExtractReport,
-                progress: bool) -> tuple[list[_Item], dict[Path, tuple[str, int, int]]]:
-    """Step 2a: content hash of every audio file; items whose file is missing are skipped."""
-    memo = _hash_memo_from_sidecars([it.meta for it in items])
+def _hash_audio(items: Sequence[_Item], report: ExtractReport, progress: bool) -> list[_Item]:
+    """Step 2a: content hash of every audio file (reusing the ones remembered in sidecars by
+    (path, size, mtime_ns)); items whose file is missing or unreadable are skipped."""
+    memo: dict[tuple[str, int, int], str] = {}
+    for it in items:
+        try:
+            st = (info := read_json(it.meta))["audio_stat"]
+            memo[(str(st[0]), int(st[1]), int(st[2]))] = str(info["audio_sha256"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
     stats: dict[Path, tuple[str, int, int]] = {}
+    why: dict[Path, str] = {}  # files that cannot be used
     for wav in progress_bar(sorted({it.wav for it in items}, key=str), desc="hashing audio",
                             unit="file", enabled=progress):
-        if wav.is_file():
+        try:
+            if not wav.is_file():
+                why[wav] = ("not a regular file" if wav.exists() else "audio file not found"
+                            ) + " (check the wav path in dataset.txt)"
+                continue
             st = wav.stat()
-            stats[wav] = key = (str(wav.resolve()), st.st_size, st.st_mtime_ns)
+            key = (str(wav.resolve()), st.st_size, st.st_mtime_ns)
             memo[key] = memo.get(key) or file_sha256(wav)
+            stats[wav] = key
+        except OSError as e:  # e.g. no permission: this file only
+            why[wav] = (f"cannot read it ({type(e).__name__}: {e.strerror or e}); check that "
+                        "this user may read the file and its folders")
     ok = []
     for it in items:
-        if it.wav not in stats:
-            reason = "audio file not found" if not it.wav.exists() else "not a regular file"
-            report.skip(it.record["perf"], it.record["wav"],
-                        f"{it.wav}: {reason} (check the wav path in dataset.txt)")
+        if it.wav in why:
+            report.skip(it.record["perf"], it.record["wav"], f"{it.wav}: {why[it.wav]}")
             continue
-        it.sha256 = memo[stats[it.wav]]
+        it.stat, it.sha256 = stats[it.wav], memo[stats[it.wav]]
         ok.append(it)
-    return ok, stats
+    return ok
 
 
 def _plan(items: Sequence[_Item], settings: FeatureSettings, backend: str,
-          report: ExtractReport) -> tuple[list[_Item], dict[int, int], dict[int, str]]:
-    """Step 2b: cache keys and look-ups -> (items to compute, cached frames, remembered failures)."""
-    frames: dict[int, int] = {}
-    failed: dict[int, str] = {}
-    todo: list[_Item] = []
+          report: ExtractReport) -> list[_Item]:
+    """Step 2b: cache keys and look-ups -> the items to compute."""
     for it in items:
         it.key = _cache_key(it.sha256, settings, it.factor, backend)
-        found = _cache_lookup(it.npy, it.meta, it.key, settings.n_bins)
-        if found is None:
-            todo.append(it)
-        elif isinstance(found, str):
-            failed[it.index] = (found + " [remembered from an earlier run: fix or replace the "
-                                "file to retry]")
-        else:
-            frames[it.index] = found
-    report.n_cached = len(frames)
-    if failed:
-        report.notes.append(f"{len(failed)} item(s) failed in an earlier run on the same audio and "
+        _cache_lookup(it, settings.n_bins)
+    report.n_cached = sum(it.frames is not None for it in items)
+    if n_failed := sum(it.error is not None for it in items):
+        report.notes.append(f"{n_failed} item(s) failed in an earlier run on the same audio and "
                             "settings and were not retried")
-    return todo, frames, failed
+    return [it for it in items if it.frames is None and it.error is None]
 
 
 @dataclass
@@ -287,7 +296,7 @@ def _decode_job(wav: str, factor: float, sample_rate: int, backend: str,
             raise AudioError(
                 f"{wav}: {what} is {y.shape[0] / sample_rate:.2f} s long; the CQT needs at least "
                 f"{min_samples / sample_rate:.2f} s ({min_samples} samples at {sample_rate} Hz)")
-        return peak_normalise(y), time.perf_counter() - t0
+        return peak_normalise(y, out=y), time.perf_counter() - t0
     except ChlibError as e:  # remembered until the file changes, but a ConfigError (e.g. a
         # tempo backend problem) is retried next run
         failure = _Failure(str(e) if isinstance(e, AudioError) else f"{wav}: {e}",
@@ -331,86 +340,98 @@ def _cqt_batch(signals: list[np.ndarray], settings: FeatureSettings, device,
     return [f for y in signals for f in _cqt_batch([y], settings, device, batch_size)]
 
 
-@dataclass
-class _Writer:
-    """Turns decoded signals into cached arrays + sidecars; collects frames and failures."""
-
-    settings: FeatureSettings
-    device: object
-    batch_size: int
-    backend: str
-    stats: dict[Path, tuple[str, int, int]]
-    frames: dict[int, int]
-    failed: dict[int, str]
-    timings: dict[str, float]
-    batch: list[tuple[_Item, np.ndarray]] = field(default_factory=list)
-
-    def _sidecar(self, it: _Item, **extra: object) -> None:
+def _compute(todo: Sequence[_Item], settings: FeatureSettings, device, batch_size: int,
+             backend: str, timings: dict[str, float], *, num_workers: int, timeout_s: float,
+             progress: bool) -> None:
+    """Step 3: decode ``todo`` in the pool, CQT in batches, write arrays and sidecars; sets each
+    item's ``frames`` or ``error`` (a permanent failure goes to the sidecar too, so that re-runs
+    do not decode the file again)."""
+    def sidecar(it: _Item, **extra: object) -> None:
         write_json(it.meta, {"key": it.key, "perf": it.record["perf"], **extra,
-                             "audio_sha256": it.sha256, "audio_stat": list(self.stats[it.wav]),
+                             "audio_sha256": it.sha256, "audio_stat": list(it.stat),
                              "cache_version": CACHE_VERSION}, indent=None)
 
-    def fail(self, it: _Item, failure: _Failure) -> int:
-        """Record a failure; a permanent one goes to the sidecar so re-runs do not decode it."""
-        self.failed[it.index] = failure.reason
-        if failure.permanent:
-            it.npy.unlink(missing_ok=True)
-            self._sidecar(it, error=failure.reason)
-        return 1
-
-    def add(self, it: _Item, signal: np.ndarray) -> int:
-        """Queue a signal; returns how many items were finished (a full batch is flushed)."""
-        self.batch.append((it, signal))
-        return self.flush() if len(self.batch) >= self.batch_size else 0
-
-    def flush(self) -> int:
-        if not self.batch:
+    def flush() -> int:  # CQT and save the queued signals; returns how many items finished
+        if not batch:
             return 0
         t0 = time.perf_counter()
-        feats = _cqt_batch([y for _, y in self.batch], self.settings, self.device, self.batch_size)
+        feats = _cqt_batch([y for _, y in batch], settings, device, batch_size)
         t1 = time.perf_counter()
-        for (it, _), feat in zip(self.batch, feats, strict=True):
+        for (it, _), feat in zip(batch, feats, strict=True):
             if isinstance(feat, str):
-                self.failed[it.index] = f"{it.wav}: {feat}"
+                it.error = f"{it.wav}: {feat}"
                 continue
             atomic_save_npy(it.npy, np.ascontiguousarray(feat, dtype=np.float32))
-            self._sidecar(it, shape=list(feat.shape), dtype="float32", wav=str(it.wav),
-                          tempo=it.factor, tempo_backend=None if _is_one(it.factor)
-                          else self.backend, features=self.settings.key())
-            self.frames[it.index] = int(feat.shape[0])
-        self.timings["cqt"] += t1 - t0
-        self.timings["save"] += time.perf_counter() - t1
-        n, self.batch = len(self.batch), []
+            sidecar(it, shape=list(feat.shape), dtype="float32", wav=str(it.wav), tempo=it.factor,
+                    tempo_backend=None if _is_one(it.factor) else backend,
+                    features=settings.key())
+            it.frames = int(feat.shape[0])
+        timings["cqt"] += t1 - t0
+        timings["save"] += time.perf_counter() - t1
+        n = len(batch)
+        batch.clear()
         return n
 
-    def run(self, todo: Sequence[_Item], *, num_workers: int, timeout_s: float,
-            progress: bool) -> None:
-        """Decode ``todo`` in the pool, CQT in batches, write arrays and sidecars."""
-        bar = progress_bar(total=len(todo), desc="extracting CQT", unit="item",
-                           enabled=progress and bool(todo))
-        try:
-            for it, res, sec in _decode_all(
-                    todo, num_workers=num_workers, timeout_s=timeout_s, backend=self.backend,
-                    sample_rate=self.settings.sample_rate, min_samples=min_samples(self.settings)):
-                self.timings["decode_workers_sum"] += sec
-                bar.update(self.fail(it, res) if isinstance(res, _Failure) else self.add(it, res))
-            bar.update(self.flush())
-        finally:
-            bar.close()
+    def padded(n: int, longest: int) -> bool:  # would n signals padded to longest fit?
+        return n <= batch_size and n * longest <= BATCH_MAX_SECONDS * settings.sample_rate
+
+    batch: list[tuple[_Item, np.ndarray]] = []
+    bar = progress_bar(total=len(todo), desc="extracting CQT", unit="item",
+                       enabled=progress and bool(todo))
+    try:
+        for it, res, sec in _decode_all(todo, num_workers=num_workers, timeout_s=timeout_s,
+                                        sample_rate=settings.sample_rate, backend=backend,
+                                        min_samples=min_samples(settings)):
+            timings["decode_workers_sum"] += sec
+            if isinstance(res, _Failure):
+                it.error = res.reason
+                if res.permanent:
+                    it.npy.unlink(missing_ok=True)
+                    sidecar(it, error=res.reason)
+                bar.update(1)
+            else:
+                longest = max([len(res), *(len(y) for _, y in batch)])
+                if batch and not padded(len(batch) + 1, longest):
+                    bar.update(flush())
+                batch.append((it, res))
+                full = not padded(len(batch) + 1, max(len(y) for _, y in batch))
+                bar.update(flush() if full else 0)
+        bar.update(flush())
+    finally:
+        bar.close()
 
 
-def _write_outputs(dataset_dir: Path, items: Sequence[_Item], frames: dict[int, int],
-                   failed: dict[int, str], config: PrepConfig, feat_paths: str,
-                   report: ExtractReport) -> None:
+def _check_shrink(dataset_dir: Path, n_new: int, report: ExtractReport) -> None:
+    """FeatureError if ``n_new`` items would replace a full.txt more than twice as long."""
+    try:
+        text = (dataset_dir / "full.txt").read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return
+    if (n_old := sum(1 for line in text.split("\n") if line.strip())) <= 2 * n_new:
+        return
+    why = f"; e.g. {report.skipped[0]['reason']}" if report.skipped else ""
+    raise FeatureError(
+        f"{dataset_dir}: this run extracted {n_new} item(s) but the previous full.txt has "
+        f"{n_old}, so full.txt, work_id.map, the split files and extract_report.json were kept "
+        f"as they were. {len(report.skipped)} item(s) were skipped{why}. Check that "
+        "dataset.txt is complete and its audio reachable (a drive unmounted?); if the dataset "
+        "really shrank, run again with extract_dataset(..., allow_shrink=True) (notebook "
+        "02_extract: parameter allow_shrink = True)")
+
+
+def _write_outputs(dataset_dir: Path, items: Sequence[_Item], config: PrepConfig,
+                   feat_paths: str, report: ExtractReport, allow_shrink: bool) -> None:
     for it in items:
-        if it.index in failed:
-            report.skip(it.record["perf"], it.record["wav"], failed[it.index])
-    good = [it for it in items if it.index in frames]
+        if it.error is not None:
+            report.skip(it.record["perf"], it.record["wav"], it.error)
+    good = [it for it in items if it.frames is not None]
     work_ids = assign_work_ids(it.record["work"] for it in good)
     full = [{**it.record, "feat": str(Path("cqt_feat") / it.npy.name) if feat_paths == "relative"
-             else str(it.npy.resolve()), "feat_len": frames[it.index],
+             else str(it.npy.resolve()), "feat_len": it.frames,
              "work_id": work_ids[it.record["work"]]} for it in good]
     report.n_ok = len(full)
+    if not allow_shrink:
+        _check_shrink(dataset_dir, len(full), report)
     paths = report.paths
     paths.update({"full": dataset_dir / "full.txt", "work_id_map": dataset_dir / "work_id.map",
                   "features": dataset_dir / "features.json", "cqt_feat": dataset_dir / "cqt_feat",
@@ -426,18 +447,47 @@ def _write_outputs(dataset_dir: Path, items: Sequence[_Item], frames: dict[int, 
     report.notes += splits.notes
 
 
+def _extract(dataset_dir: Path, config: PrepConfig, backend: str, device: str | None,
+             progress: bool, num_workers: int | None, file_timeout_s: float, feat_paths: str,
+             allow_shrink: bool) -> ExtractReport:
+    """Steps 1-4 of :func:`extract_dataset`, under its lock."""
+    dataset_txt = dataset_dir / "dataset.txt"
+    feat_dir = dataset_dir / "cqt_feat"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    report = ExtractReport(dataset_dir=dataset_dir)
+    timings = report.timings_s
+    if n_tmp := _remove_stale_temp_files(dataset_dir, feat_dir):
+        report.notes.append(f"removed {n_tmp} temporary file(s) left by an interrupted run")
+
+    t0 = time.perf_counter()
+    items = _hash_audio(_read_items(dataset_txt, config.aug_speed_mode, feat_dir, report),
+                        report, progress)
+    timings["hash"] = (t1 := time.perf_counter()) - t0
+    todo = _plan(items, config.features, backend, report)
+    timings["cache_check"] = (t0 := time.perf_counter()) - t1
+    timings.update(decode_workers_sum=0.0, cqt=0.0, save=0.0)
+    _compute(todo, config.features, pick_device(device if device is not None else config.device),
+             config.batch_size, backend, timings, timeout_s=file_timeout_s, progress=progress,
+             num_workers=config.num_workers if num_workers is None else num_workers)
+    report.n_computed = sum(it.frames is not None for it in todo)
+    timings["extract_wall"] = time.perf_counter() - t0
+    _write_outputs(dataset_dir, items, config, feat_paths, report, allow_shrink)
+    return report
+
+
 def extract_dataset(dataset_dir: str | os.PathLike, *, config: PrepConfig | None = None,
                     device: str | None = None, progress: bool = True,
                     num_workers: int | None = None, file_timeout_s: float = 300.0,
-                    feat_paths: str = "relative") -> ExtractReport:
+                    feat_paths: str = "relative", allow_shrink: bool = False) -> ExtractReport:
     """Extract CQT features for ``dataset_dir/dataset.txt`` and write full.txt, maps and splits.
 
     ``config`` defaults to ``dataset_dir/hparams.yaml``; ``device`` and ``num_workers``
     (decoding processes, 0 = here) to the config's; ``file_timeout_s``: per file to decode and
-    stretch; ``feat_paths``: ``"relative"`` or ``"absolute"``. Returns the report (also in
-    ``extract_report.json``); ManifestError without dataset.txt, FeatureError (after writing the
-    report) if no item could be extracted.
-    """
+    stretch; ``feat_paths``: ``"relative"`` or ``"absolute"``; ``allow_shrink``: let a run that
+    yields under half the items of the previous full.txt (or none) replace its outputs (else
+    FeatureError, outputs kept). Holds the folder's lock (FolderLockedError while another run
+    works there). Returns the report (also in ``extract_report.json``); ManifestError without
+    dataset.txt, FeatureError (after writing the report) if no item could be extracted."""
     t_start = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     if feat_paths not in ("relative", "absolute"):
@@ -451,29 +501,11 @@ def extract_dataset(dataset_dir: str | os.PathLike, *, config: PrepConfig | None
     backend = config.tempo_backend
     if any(not _is_one(f) for f in config.aug_speed_mode):  # a missing backend fails here, once
         backend = str(resolve_backend(backend))
-    feat_dir = dataset_dir / "cqt_feat"
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    report = ExtractReport(dataset_dir=dataset_dir)
-    timings = report.timings_s
-    if n_tmp := _remove_stale_temp_files(dataset_dir, feat_dir):
-        report.notes.append(f"removed {n_tmp} temporary file(s) left by an interrupted run")
-
-    t0 = time.perf_counter()
-    items = _read_items(dataset_txt, config.aug_speed_mode, feat_dir, report)
-    items, stats = _hash_audio(items, report, progress)
-    timings["hash"] = (t1 := time.perf_counter()) - t0
-    todo, frames, failed = _plan(items, config.features, backend, report)
-    timings["cache_check"] = (t0 := time.perf_counter()) - t1
-    timings.update(decode_workers_sum=0.0, cqt=0.0, save=0.0)
-    writer = _Writer(config.features, pick_device(device if device is not None else config.device),
-                     config.batch_size, backend, stats, frames, failed, timings)
-    writer.run(todo, num_workers=config.num_workers if num_workers is None else num_workers,
-               timeout_s=file_timeout_s, progress=progress)
-    report.n_computed = len(frames) - report.n_cached
-    timings["extract_wall"] = time.perf_counter() - t0
-    _write_outputs(dataset_dir, items, frames, failed, config, feat_paths, report)
-    timings["total"] = time.perf_counter() - t_start
-    write_json(report.paths["report"], report.to_dict())
+    with folder_lock(dataset_dir, "feature extraction (extract_dataset)"):
+        report = _extract(dataset_dir, config, backend, device, progress, num_workers,
+                          file_timeout_s, feat_paths, allow_shrink)
+        report.timings_s["total"] = time.perf_counter() - t_start
+        write_json(report.paths["report"], report.to_dict())
     if report.n_ok == 0:
         raise FeatureError(f"{dataset_txt}: no item could be extracted ({len(report.skipped)} "
                            f"skipped); see {report.paths['report']} for the reason of each")

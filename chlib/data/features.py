@@ -11,6 +11,7 @@ import numpy as np
 
 from chlib.core.config import input_bins
 from chlib.core.errors import ConfigError, FeatureError
+from chlib.core.io import load_npy
 from chlib.core.manifest import resolve_path
 from chlib.signal.chroma import keyed_chroma_db
 from chlib.signal.specaug import PAD_DB
@@ -58,11 +59,9 @@ def load_feature(source: np.ndarray | str | os.PathLike) -> np.ndarray:
     else:
         name = str(source)
         try:
-            arr = np.load(source, mmap_mode="r", allow_pickle=False)
+            arr = load_npy(source, mmap_mode="r")
         except FileNotFoundError:
             raise FeatureError(f"{name}: feature file not found; re-run feature extraction") from None
-        except (ValueError, OSError, EOFError) as e:
-            raise FeatureError(f"{name}: not a readable .npy feature file ({e}); re-extract it") from None
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise FeatureError(f"{name}: expected a [frames, bins] array, got shape {arr.shape}")
     return arr

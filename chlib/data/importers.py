@@ -1,12 +1,10 @@
 """Turn folders of audio into a dataset.txt: covers80 as downloaded (``covers32k/<work>/
-<recording>.mp3``, 80 works), or any ``<work>/<recording>.<ext>`` tree, e.g. tune families.
-"""
+<recording>.mp3``, 80 works), or any ``<work>/<recording>.<ext>`` tree, e.g. tune families."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,6 @@ __all__ = ["AUDIO_EXTENSIONS", "PREP_DEFAULTS", "ImportReport", "import_covers80
 #: File name endings treated as audio (case-insensitive).
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aif", ".aiff",
                     ".aifc", ".wv")
-
-
 #: Data-prep settings (over the PrepConfig defaults) per kind of source, no tempo copies. demo
 #: (40 works x 6 versions, +-25 % tempo): 4 works test-only, 2 val-only, one version of every
 #: other work each in val and test. covers80 (~2 recordings a work): whole works held out.
@@ -96,22 +92,16 @@ def import_covers80(root: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Write ``out_dir/dataset.txt`` for covers80's ``covers32k/<work>/<recording>.mp3`` tree.
 
     ``root``: ``covers32k`` or its parent. Perf ids are the original's ``cover80_<running
-    index:08d>_<work index>_<version index>``; see :func:`import_folder_tree`.
-    """
+    index:08d>_<work index>_<version index>``; see :func:`import_folder_tree`."""
     return import_folder_tree(find_covers80_root(root), out_dir, "*/*", relative_to=relative_to,
                               perf_prefix="cover80", return_report=return_report)
 
 
-def import_folder_tree(
-    root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    pattern: str = "*/*.*",
-    *,
-    relative_to: str | os.PathLike | None = None,
-    perf_prefix: str | None = None,
-    extensions: tuple[str, ...] = AUDIO_EXTENSIONS,
-    return_report: bool = False,
-) -> Path | ImportReport:
+def import_folder_tree(root: str | os.PathLike, out_dir: str | os.PathLike,
+                       pattern: str = "*/*.*", *, relative_to: str | os.PathLike | None = None,
+                       perf_prefix: str | None = None,
+                       extensions: tuple[str, ...] = AUDIO_EXTENSIONS,
+                       return_report: bool = False) -> Path | ImportReport:
     """Write ``out_dir/dataset.txt`` for a tree ``root/<work>/<recording>.<ext>``.
 
     ``pattern``: glob under ``root`` (the work is each file's parent folder); ``relative_to``:
@@ -120,8 +110,7 @@ def import_folder_tree(
     :class:`ImportReport`, not the path. Works are numbered over sorted folder names, recordings
     over sorted file names: perf = ``<prefix>_<running index:08d>_<work index>_<version
     index>``, version = file name, dur_s from the header. Unreadable or non-audio files are
-    skipped and listed in ``import_report.json``; their indices stay reserved.
-    """
+    skipped and listed in ``import_report.json``; their indices stay reserved."""
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: folder not found")
@@ -137,12 +126,11 @@ def import_folder_tree(
         raise ManifestError(f"{root}: no audio files match {pattern!r} (endings {', '.join(exts)}"
                             "); expected one folder per work holding its recordings")
     work_index = {w: i for i, w in enumerate(sorted({p.parent.name for p in audio}))}
-    version_counter: Counter[str] = Counter()
+    first: dict[str, int] = {}  # work -> running index of its first file (a work's are adjacent)
     records = []
     for running, p in enumerate(audio):
         w = p.parent.name
-        v = version_counter[w]
-        version_counter[w] += 1
+        v = running - first.setdefault(w, running)
         try:
             dur_s, _sr, _ch = audio_info(p)
         except (AudioError, OSError, RuntimeError, ValueError) as e:  # keep going; report it
@@ -156,7 +144,6 @@ def import_folder_tree(
     write_manifest(out_dir / "dataset.txt", records)
     report = ImportReport(out_dir / "dataset.txt", len(records),
                           len({r["work"] for r in records}), skipped)
-    write_json(out_dir / "import_report.json", {
-        "root": str(root), "pattern": pattern, "n_records": report.n_records,
-        "n_works": report.n_works, "skipped": skipped})
+    write_json(out_dir / "import_report.json", {"root": str(root), "pattern": pattern,
+               "n_records": report.n_records, "n_works": report.n_works, "skipped": skipped})
     return report if return_report else report.dataset_txt

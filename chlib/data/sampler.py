@@ -2,8 +2,7 @@
 
 :class:`MPerClassBatchSampler` replaces the original's MPerClassSampler (coverhunter-facts 4.3,
 bug 13.2.3): every work is in exactly one batch per epoch, every batch holds ``batch_size`` real
-items, each with its own 63-bit seed; a pure function of ``(seed, stream, epoch)``.
-"""
+items, each with its own 63-bit seed; a pure function of ``(seed, stream, epoch)``."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ class MPerClassBatchSampler:
     """Yield batches of ``(item_index, item_seed)``: ``batch_size // m`` works x ``m`` items.
 
     ``labels``: work id per dataset item; ``stream`` keeps several samplers of one run
-    independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left.
-    """
+    independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left."""
 
     def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0):
         if m < 1 or batch_size < 1 or batch_size % m:
@@ -64,18 +62,12 @@ class MPerClassBatchSampler:
         """Positions (into self.works) of the k works of each batch of one epoch: shuffled, a
         short last group completed with other works (repeats only when there are too few)."""
         order = rng.permutation(self.n_works)
-        groups = []
-        for b in range(self.batches_per_epoch):
-            g = order[b * self.k : (b + 1) * self.k]
-            short = self.k - len(g)
-            if short > 0:
-                others = np.setdiff1d(np.arange(self.n_works), g)
-                if len(others) >= short:
-                    extra = rng.choice(others, size=short, replace=False)
-                else:  # fewer works than a batch needs: repeat works
-                    extra = rng.choice(self.n_works, size=short, replace=True)
-                g = np.concatenate([g, extra])
-            groups.append(g)
+        groups = [order[i : i + self.k] for i in range(0, self.n_works, self.k)]
+        if short := self.k - len(groups[-1]):
+            others = np.setdiff1d(np.arange(self.n_works), groups[-1])
+            extra = (rng.choice(others, size=short, replace=False) if len(others) >= short
+                     else rng.choice(self.n_works, size=short, replace=True))
+            groups[-1] = np.concatenate([groups[-1], extra])
         return groups
 
     def _draw_items(self, pos: int, rng: np.random.Generator) -> np.ndarray:

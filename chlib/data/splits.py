@@ -2,8 +2,7 @@
 
 Unlike the original (unseeded splits of full.txt lines that leaked tempo copies across splits,
 13.1.1-2), every record sits with its recording (``source_perf``, else ``perf``) in one split or
-fold, drawn from a ``numpy.random.Generator`` seeded by ``seed``.
-"""
+fold, drawn from a ``numpy.random.Generator`` seeded by ``seed``."""
 
 from __future__ import annotations
 
@@ -53,8 +52,8 @@ class Splits:
 def _group_recordings(records: Sequence[dict]) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
     """``(recording -> indices of its records, work -> its sorted recordings)``; a recording is
     ``source_perf`` or ``perf``."""
-    groups: dict[str, list[int]] = {}
-    work_of: dict[str, str] = {}
+    groups: dict[str, list[int]] = {}  # recording -> its records
+    work_of: dict[str, str] = {}  # recording -> its work
     for i, rec in enumerate(records):
         if "perf" not in rec or "work" not in rec:
             raise ManifestError(f"record {i} ({rec.get('perf', '?')!r}) has no 'perf' or 'work'")
@@ -90,8 +89,7 @@ def _largest_remainder(sizes: list[int], capacity: list[int], fraction: float,
         return [0] * len(sizes)
     quotas = [n * fraction for n in sizes]
     counts = [min(math.floor(q), c) for q, c in zip(quotas, capacity, strict=True)]
-    missing = round(sum(sizes) * fraction) - sum(counts)
-    if missing <= 0:
+    if (missing := round(sum(sizes) * fraction) - sum(counts)) <= 0:
         return counts
     tie = rng.random(len(sizes))
     order = sorted(range(len(sizes)), key=lambda j: (-(quotas[j] - math.floor(quotas[j])), tie[j]))
@@ -120,8 +118,7 @@ def split_by_work(records: Sequence[dict], *, val_data_split: float = 0.0,
     ``test_data_unseen`` / ``val_unseen``: fraction of *all* works held out (at least one when
     > 0, never every work). ``val_data_split`` / ``test_data_split``: about that fraction of the
     seen recordings (per work rounded down, the rest by largest remainder); one recording of
-    every seen work stays in train. Each list keeps the input's record order.
-    """
+    every seen work stays in train. Each list keeps the input's record order."""
     for name, v in (("val_data_split", val_data_split), ("val_unseen", val_unseen),
                     ("test_data_split", test_data_split), ("test_data_unseen", test_data_unseen)):
         if not 0.0 <= v < 1.0:
@@ -129,11 +126,9 @@ def split_by_work(records: Sequence[dict], *, val_data_split: float = 0.0,
     if val_data_split + test_data_split >= 1.0:
         raise ConfigError("split: val_data_split + test_data_split must be < 1")
 
-    rng = np.random.default_rng(seed)
+    rng, notes = np.random.default_rng(seed), []
     groups, work_recs = _group_recordings(records)
-    ids = _work_ids(records)
-    works = sorted(work_recs)
-    notes: list[str] = []
+    ids, works = _work_ids(records), sorted(work_recs)
     test_only = _hold_out(works, len(works), test_data_unseen, "test_data_unseen", rng, notes)
     rest = [w for w in works if w not in test_only]
     val_only = _hold_out(rest, len(works), val_unseen, "val_unseen", rng, notes)
@@ -153,9 +148,8 @@ def split_by_work(records: Sequence[dict], *, val_data_split: float = 0.0,
             where[src] = "val" if k < nv else "test" if k < nv + nt else "train"
 
     split_of = {i: where[src] for src, idxs in groups.items() for i in idxs}
-    out = {name: [r for i, r in enumerate(records) if split_of[i] == name]
-           for name in ("train", "val", "test")}
-    return Splits(train=out["train"], val=out["val"], test=out["test"],
+    return Splits(**{name: [r for i, r in enumerate(records) if split_of[i] == name]
+                     for name in ("train", "val", "test")},
                   test_only_work_ids=sorted(ids[w] for w in test_only),
                   val_only_work_ids=sorted(ids[w] for w in val_only), notes=notes)
 
@@ -179,8 +173,7 @@ def read_split(path_or_dataset_dir: str | os.PathLike, split: str | None = None,
     """Records of a split file with absolute ``wav`` / ``feat`` paths.
 
     ``read_split(dataset_dir, "test")``: ``dataset_dir/test.txt``, [] when absent;
-    ``read_split(manifest_path)``: that file, ManifestError when absent.
-    """
+    ``read_split(manifest_path)``: that file, ManifestError when absent."""
     path = Path(path_or_dataset_dir)
     if split is not None:
         path = path / f"{split}.txt"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +32,9 @@ from chlib.core.io import atomic_torch_save, read_json
 from chlib.model.network import CoverHunterNet
 
 __all__ = ["CHECKPOINT_DIR_NAMES", "checkpoint_name", "list_checkpoints", "latest_epoch",
-           "find_checkpoint_dir", "save_checkpoint", "load_generator_state", "load_train_state",
-           "load_state_into", "model_fingerprint", "read_best_epoch", "resolve_epoch", "load_model"]
+           "find_checkpoint_dir", "remove_temp_files", "save_checkpoint", "load_generator_state",
+           "load_train_state", "load_state_into", "model_fingerprint", "read_best_epoch",
+           "resolve_epoch", "load_model"]
 
 # Sub-folders holding g_/do_ files, in search order: chlib's and CoverHunterMPS's training, the
 # fork's production training, the original's (same module names: keys load without renaming).
@@ -57,6 +59,15 @@ def list_checkpoints(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> dict[in
     found = {int(m.group(1)): p for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else ())
              if (m := pattern.match(p.name)) and p.is_file()}
     return dict(sorted(found.items()))
+
+
+def remove_temp_files(ckpt_dir: str | os.PathLike) -> int:
+    """Delete the temporary files (``.g_00000003.xxx.tmp``) a killed save left in ``ckpt_dir``
+    (call it only while no one else writes there: under the run's lock); how many."""
+    stale = [p for p in Path(ckpt_dir).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def latest_epoch(ckpt_dir: str | os.PathLike, prefix: str = "g_") -> int | None:
@@ -102,6 +113,11 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many types for corrupt or foreign files
+        if weights_only and (isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)):
+            # torch's text advises loading it unsafely (weights_only=False): not passed on
+            raise CheckpointError(f"{path}: this file holds objects other than tensors; it is "
+                                  "not a chlib checkpoint or was tampered with (or is damaged). "
+                                  "Do not load it; delete it or pick another epoch") from None
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
                               f"{e}). The file may be truncated or not a checkpoint; delete it or "
                               "pick another epoch") from e

@@ -52,9 +52,8 @@ class Calibration:
         return z if z.ndim else float(z)
 
     def p_value(self, d: np.ndarray | float) -> np.ndarray | float:
-        """Empirical P(unrelated distance <= d), interpolated on the ECDF anchors, in
-        [:attr:`p_floor`, 1]; anchors sharing a distance take the largest probability (the ECDF
-        is right-continuous)."""
+        """Empirical P(unrelated distance <= d) in [:attr:`p_floor`, 1], interpolated on the ECDF
+        anchors (right-continuous: anchors sharing a distance take the largest probability)."""
         q = self.quantiles.astype(np.float64)
         last = q.size - 1 - np.unique(q[::-1], return_index=True)[1]  # last anchor per value
         out = np.interp(np.asarray(d, dtype=np.float64), q[last],
@@ -63,8 +62,7 @@ class Calibration:
         return out if out.ndim else float(out)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "quantiles": self.quantiles.tolist(),
-                "probs": self.probs.tolist()}
+        return {**asdict(self), "quantiles": self.quantiles.tolist(), "probs": self.probs.tolist()}
 
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
@@ -81,8 +79,8 @@ def sample_cross_work_pairs(works: Sequence, n_pairs: int = DEFAULT_N_PAIRS,
                             rng: np.random.Generator | int = DEFAULT_SEED, *,
                             enumerate_limit: int = 2_000_000
                             ) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(i, j, method)``: up to ``n_pairs`` distinct pairs i < j of recordings of different
-    works, int64 sorted by (i, j), uniform over such pairs; ``method`` "all" or "sampled". Up to
+    """``(i, j, method)``: up to ``n_pairs`` distinct pairs i < j (int64, sorted) of recordings
+    of different works, uniform over such pairs; ``method`` "all" or "sampled". Up to
     ``enumerate_limit`` pairs are enumerated, beyond random pairs are drawn and rejected."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     codes = work_codes(works)
@@ -102,8 +100,7 @@ def sample_cross_work_pairs(works: Sequence, n_pairs: int = DEFAULT_N_PAIRS,
     want = min(n_pairs, total_cross)
     keys = np.zeros(0, np.int64)
     for _ in range(1000):
-        need = want - keys.size
-        if need <= 0:
+        if (need := want - keys.size) <= 0:
             break
         a = rng.integers(0, n, size=2 * need + 16)
         b = rng.integers(0, n, size=2 * need + 16)
@@ -164,7 +161,7 @@ def compute_centroids(embeddings: np.ndarray, works: Sequence) -> Centroids:
     groups = np.split(embeddings[np.argsort(codes, kind="stable")].astype(np.float64),
                       np.cumsum(sizes)[:-1])
     vecs = np.zeros((names.size, embeddings.shape[1]), np.float32)
-    coh, rad = np.zeros(names.size), np.zeros(names.size)
+    coh, rad = np.zeros((2, names.size))
     for k, members in enumerate(groups):
         m = members.mean(axis=0)
         norm = float(np.linalg.norm(m))

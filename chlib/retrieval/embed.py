@@ -1,18 +1,17 @@
 """Whole-track window embeddings: the one embedding path of chlib (evaluation, index, identify).
 
 A CQT ``[frames, bins]`` is cut into windows of ``window`` raw frames (``hp.chunk_len[0]``),
-padded with -100 dB and averaged over ``mean_size`` frames (:func:`prepare_window`), and
-embedded (``[B, window // mean_size, bins] -> [B, D]``). :func:`window_starts` covers the true
-feature length: ``tail="shift"`` (default) non-overlapping windows from 0 plus one aligned to the
-end when the leftover is longer than ``min_tail`` of a window; ``"drop"`` the original (starts
-0, hop, ... while ``start + window < n_frames``); ``"pad"`` like "shift" but the extra window starts
-where the previous one ended. A track shorter than one window gives one padded window at 0.
-"""
+padded with -100 dB, averaged over ``mean_size`` frames (:func:`prepare_window`) and embedded
+(``[B, window // mean_size, bins] -> [B, D]``). :func:`window_starts`: ``tail="shift"``
+(default) non-overlapping windows from 0 plus one aligned to the end when the leftover exceeds
+``min_tail`` of a window; ``"drop"`` the original (starts 0, hop, ... while ``start + window <
+n_frames``); ``"pad"`` like "shift" but the extra window starts where the previous one ended. A
+track shorter than one window gives one padded window at 0."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -83,20 +82,21 @@ def _name(src: Any) -> str:
     return "feature array" if isinstance(src, np.ndarray) else str(src)
 
 
-def _track_windows(src: Any, settings: dict, n_bins: int | None) -> list[np.ndarray]:
-    """The model inputs [window // mean_size, bins] of one track (FeatureError if unusable)."""
+def _track_windows(src: Any, settings: dict, n_bins: int | None) -> Iterator[np.ndarray]:
+    """The model inputs [window // mean_size, bins] of one track, made one at a time (memory
+    stays bounded on a long track); FeatureError, before the first, if the track is unusable."""
     feat = load_feature(src)
     if n_bins is not None and feat.shape[1] != n_bins:
         raise FeatureError(f"{_name(src)}: {feat.shape[1]} CQT bins but the model expects "
                            f"{n_bins}; re-extract the features with this run's feature settings")
+    step = max(1, (1 << 22) // feat.shape[1])  # rows checked at once (a memory map is paged in)
+    if not all(np.isfinite(feat[a:a + step]).all() for a in range(0, feat.shape[0], step)):
+        raise FeatureError(f"{_name(src)}: features hold NaN or inf values; re-extract them")
     starts = window_starts(feat.shape[0], settings["window"], hop=settings["hop"],
                            tail=settings["tail"], min_tail=settings["min_tail"])
-    wins = [prepare_window(feat, s, settings["window"], settings["mean_size"],
+    return (prepare_window(feat, s, settings["window"], settings["mean_size"],
                            transform=settings.get("transform", "none"),
-                           bins_per_octave=settings.get("bins_per_octave", 12)) for s in starts]
-    if not all(np.isfinite(w).all() for w in wins):
-        raise FeatureError(f"{_name(src)}: features hold NaN or inf values; re-extract them")
-    return wins
+                           bins_per_octave=settings.get("bins_per_octave", 12)) for s in starts)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -113,9 +113,9 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
                   ) -> list[np.ndarray | None]:
     """Raw window embeddings, float32 [n_windows, D] per track of ``features`` ([frames, bins]
     arrays or ``.npy`` paths), the model in eval mode on ``device`` (None = where it is), in
-    batches of ``batch_size`` windows. ``n_bins``: CQT bins every track must have.
-    ``failures``: None = an unusable feature file raises FeatureError; a list = it gets
-    ``{"index", "feat", "reason"}`` and the track's result is None."""
+    batches of ``batch_size`` windows; ``n_bins``: CQT bins every track must have. An unusable
+    feature file raises FeatureError, or with a ``failures`` list adds ``{"index", "feat",
+    "reason"}`` to it and gives None."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     settings = window_settings(window, mean_size, hop=hop, tail=tail, min_tail=min_tail,
@@ -133,8 +133,7 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
         pending.clear()
 
     was_training = model.training
-    model.eval()
-    model.to(device)
+    model.eval().to(device)
     bar = progress_bar(total=len(features), desc="embedding", unit="track", enabled=progress,
                        leave=False)
     try:
@@ -156,8 +155,7 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
     finally:
         bar.close()
         model.train(was_training)
-    return [None if rows is None else np.stack(rows).astype(np.float32, copy=False)
-            for rows in out]
+    return [None if rows is None else np.stack(rows).astype(np.float32, copy=False) for rows in out]
 
 
 def _feature_key(src: str | os.PathLike, key_by: str) -> dict | None:
@@ -167,9 +165,8 @@ def _feature_key(src: str | os.PathLike, key_by: str) -> dict | None:
         st = p.stat()
     except FileNotFoundError:
         return None
-    if key_by == "content":
-        return {"path": str(p), "size": st.st_size, "sha256": file_sha256(p)}
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    extra = {"sha256": file_sha256(p)} if key_by == "content" else {"mtime_ns": st.st_mtime_ns}
+    return {"path": str(p), "size": st.st_size, **extra}
 
 
 def _cache_folder(model: torch.nn.Module, fingerprint: str | None, settings: dict, hp: Any,
@@ -211,8 +208,7 @@ def embed_recordings(model: torch.nn.Module,
     if cache_dir is None:
         return run(srcs, failures=failures)
     folder = _cache_folder(model, fingerprint, settings, hp, cache_dir)
-    keys = {i: _feature_key(p, key_by) for i, p in enumerate(srcs)
-            if not isinstance(p, np.ndarray)}
+    keys = {i: _feature_key(p, key_by) for i, p in enumerate(srcs) if not isinstance(p, np.ndarray)}
     files = {i: folder / f"{stable_hash(k, 24)}.npy" for i, k in keys.items() if k is not None}
     result: list[np.ndarray | None] = [None] * len(srcs)
     for i, f in files.items():

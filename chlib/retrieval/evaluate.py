@@ -1,7 +1,5 @@
-"""Evaluate a trained run on its test sets: the procedure behind ``05_evaluate``.
-
-:func:`evaluate_run` embeds each test set through the one embedding path and scores it with
-the one scorer (:mod:`chlib.retrieval.scoring`), adding bootstrap CIs, baselines and chart data.
+"""Evaluate a trained run on its test sets (``05_evaluate``): :func:`evaluate_run` embeds and
+scores each (:mod:`chlib.retrieval.scoring`), adding bootstrap CIs, baselines and chart data.
 
 Files written by :meth:`Evaluation.save` (``run_dir/evaluation/`` by default)::
 
@@ -36,16 +34,9 @@ from chlib.model.checkpoint import (
     model_fingerprint,
     read_best_epoch,
 )
-from chlib.retrieval import metrics
+from chlib.retrieval import metrics, scoring
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.protocol import check_rule, track_distances, track_vectors
-from chlib.retrieval.scoring import (
-    MODEL_FREE,
-    ScoringInputs,
-    model_free_windows,
-    rule_of,
-    score_inputs,
-)
 
 __all__ = ["TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets",
            "load_checkpoint", "top1_confusions", "random_embedding_baseline", "score_testset",
@@ -104,21 +95,19 @@ def resolve_testsets(hp: Any, testsets: Any = None, *, root: str | os.PathLike |
         testsets = [testsets]
     if isinstance(testsets, Mapping):
         return [_spec_from(str(k), v, root_p) for k, v in testsets.items()]
-    specs, seen = [], set()
+    specs: dict[str, TestSetSpec] = {}
     for v in testsets:
         name = Path(v).stem if isinstance(v, (str, os.PathLike)) else str(v)
-        while name in seen:
+        while name in specs:
             name += "_"
-        seen.add(name)
-        specs.append(_spec_from(name, v, root_p))
-    return specs
+        specs[name] = _spec_from(name, v, root_p)
+    return list(specs.values())
 
 
 def load_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "best",
                     device: str = "auto") -> tuple[Any, Any, int, str]:
-    """``chlib.model.checkpoint.load_model``, but ``"best"`` falls back to ``"latest"`` when the
-    run has no ``best.json``. Returns ``(model in eval mode, hp, epoch, note)``; the note is ""
-    or says what was chosen."""
+    """``chlib.model.checkpoint.load_model``, but ``"best"`` falls back to ``"latest"`` without
+    a ``best.json``: ``(model in eval mode, hp, epoch, note)``, the note "" or what was chosen."""
     if isinstance(checkpoint, str) and checkpoint.isdigit():
         checkpoint = int(checkpoint)
     if checkpoint not in ("best", "latest") and not isinstance(checkpoint, int):
@@ -127,8 +116,7 @@ def load_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "best",
     note = ""
     if checkpoint == "best" and read_best_epoch(find_checkpoint_dir(run_dir)) is None:
         checkpoint, note = "latest", "no best.json in the run: evaluated the latest checkpoint"
-    model, hp, epoch = load_model(run_dir, checkpoint, device)
-    return model, hp, epoch, note
+    return (*load_model(run_dir, checkpoint, device), note)
 
 
 def top1_confusions(dist: np.ndarray, q_labels: Sequence, r_labels: Sequence, *,
@@ -149,12 +137,12 @@ def top1_confusions(dist: np.ndarray, q_labels: Sequence, r_labels: Sequence, *,
             found.setdefault(tuple(sorted((ql[i], rl[j]), key=str)), []).append(float(d[i, j]))
     rows = [{"work_a": a, "work_b": b, "count": len(ds), "min_distance": min(ds)}
             for (a, b), ds in found.items()]
-    rows.sort(key=lambda r: (-r["count"], r["min_distance"], str(r["work_a"]), str(r["work_b"])))
-    return rows
+    return sorted(rows, key=lambda r: (-r["count"], r["min_distance"], str(r["work_a"]),
+                                       str(r["work_b"])))
 
 
 @dataclass
-class TestSetResult(ScoringInputs):
+class TestSetResult(scoring.ScoringInputs):
     """Everything computed for one test set: the scoring inputs (distances, exclusions, labels,
     perf ids, rule; rows = queries, columns = references) and what came of them."""
 
@@ -271,8 +259,8 @@ def _usable(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list
     skipped = [{"perf": r.get("perf"), "role": role, "reason": "no usable features"}
                for role, recs, wins in roles
                for r, w in zip(recs, wins, strict=True) if w is None]
-    q_keep = [i for i, w in enumerate(q_windows) if w is not None]
-    r_keep = [i for i, w in enumerate(r_windows) if w is not None]
+    q_keep, r_keep = ([i for i, w in enumerate(ws) if w is not None]
+                      for ws in (q_windows, r_windows))
     for what, kept, path in (("query", q_keep, spec.query_path),
                              ("reference", r_keep, spec.ref_path)):
         if not kept:
@@ -285,7 +273,7 @@ def _usable(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list
     return q_keep, r_keep, skipped
 
 
-def _chart_data(s: ScoringInputs, no_relevant: str, top_pairs: int) -> dict:
+def _chart_data(s: scoring.ScoringInputs, no_relevant: str, top_pairs: int) -> dict:
     """Ranks, per-work AP, confused work pairs and closest wrong recordings of one test set."""
     d, ql, rl, ex = s.dist, s.q_labels, s.r_labels, s.exclude
     per_work = [dict(row, name=s.name_of(row["work"]))
@@ -311,16 +299,15 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
     training; ``baseline_windows``: name -> (query, ref) windows of another model, scored too."""
     qi, ri, skipped = _usable(name, spec, q_records, r_records, q_windows, r_windows)
     qw, rw = [q_windows[i] for i in qi], [r_windows[j] for j in ri]
-    s = score_inputs([q_records[i] for i in qi], [r_records[j] for j in ri], qw, rw, rule=rule,
-                     query_in_ref_path=spec.query_in_ref_path,
-                     where=f"test set {name!r} ({spec.query_path}, {spec.ref_path})")
+    s = scoring.score_inputs([q_records[i] for i in qi], [r_records[j] for j in ri], qw, rw,
+                             rule=rule, query_in_ref_path=spec.query_in_ref_path,
+                             where=f"test set {name!r} ({spec.query_path}, {spec.ref_path})")
     labels = (s.q_labels, s.r_labels, s.exclude)
     baselines = {"random embeddings": random_embedding_baseline(
         qw, rw, *labels, same=s.q_perfs == s.r_perfs, rule=rule, seed=seed,
         no_relevant=no_relevant)}
     for b, (bq, br) in (baseline_windows or {}).items():
-        baselines[b] = _scores([bq[i] for i in qi], [br[j] for j in ri], *labels, rule,
-                               no_relevant)
+        baselines[b] = _scores([bq[i] for i in qi], [br[j] for j in ri], *labels, rule, no_relevant)
     # one point per distinct recording: queries, then references not already among them
     seen = set(s.q_perfs)
     extra = [j for j, p in enumerate(s.r_perfs) if p not in seen]
@@ -356,38 +343,34 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
                  ) -> Evaluation:
     """Evaluate one checkpoint (:func:`load_checkpoint`) on the run's test sets or ``testsets``
     (:func:`resolve_testsets`); nothing is written (see :meth:`Evaluation.save`), but with
-    ``cache`` **this function caches** embeddings in ``run_dir/embeddings``.
-
-    ``rule``: None = the run's ``distance_rule``. ``seed`` seeds the bootstrap and the
-    baselines: random embeddings, random weights (``untrained_baseline``) and the features'
-    2D-FTM (``model_free_baseline``, :data:`~chlib.retrieval.scoring.MODEL_FREE`).
-    """
+    ``cache`` **this function caches** embeddings in ``run_dir/embeddings``. ``rule``: None =
+    the run's ``distance_rule``. ``seed`` seeds the bootstrap and the baselines: random
+    embeddings, random weights (``untrained_baseline``) and the features' 2D-FTM
+    (``model_free_baseline``, :data:`~chlib.retrieval.scoring.MODEL_FREE`)."""
     run_dir = Path(run_dir)
     model, hp, epoch, note = load_checkpoint(run_dir, checkpoint, device)
-    rule = check_rule(rule_of(hp) if rule is None else rule)
+    rule = check_rule(scoring.rule_of(hp) if rule is None else rule)
     dev = next(model.parameters()).device
     fingerprint = model_fingerprint(model.state_dict())
     root_p = Path(root) if root is not None else None
     train_works = _train_works(hp, root_p)
-    untrained = None
+    embedders = {"model": partial(embed_recordings, model, hp=hp, device=dev, failures=[],
+                                  fingerprint=fingerprint, progress=progress,
+                                  cache_dir=run_dir / "embeddings" if cache else None)}
     if untrained_baseline:
         torch.manual_seed(seed)
         untrained = CoverHunterNet(model.cfg).to(dev).eval()
+        embedders["untrained model"] = partial(embed_recordings, untrained, hp=hp, device=dev,
+                                               failures=[], progress=False)
+    if model_free_baseline:
+        embedders[scoring.MODEL_FREE] = partial(scoring.model_free_windows, hp=hp)
     results: dict[str, TestSetResult] = {}
     for spec in resolve_testsets(hp, testsets, root=root_p):
         q_records = read_manifest(spec.query_path, required=("perf", "feat"))
         r_records = (q_records if spec.ref_path == spec.query_path
                      else read_manifest(spec.ref_path, required=("perf", "feat")))
-        qw, rw = _both(partial(embed_recordings, model, hp=hp, device=dev, failures=[],
-                               fingerprint=fingerprint, progress=progress,
-                               cache_dir=run_dir / "embeddings" if cache else None),
-                       spec, q_records, r_records)
-        others = {} if untrained is None else {"untrained model": _both(partial(
-            embed_recordings, untrained, hp=hp, device=dev, failures=[], progress=False),
-            spec, q_records, r_records)}
-        if model_free_baseline:
-            others[MODEL_FREE] = _both(partial(model_free_windows, hp=hp), spec, q_records,
-                                       r_records)
+        others = {k: _both(e, spec, q_records, r_records) for k, e in embedders.items()}
+        qw, rw = others.pop("model")
         results[spec.name] = score_testset(
             spec.name, spec, q_records, r_records, qw, rw, rule=rule, train_works=train_works,
             n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant,

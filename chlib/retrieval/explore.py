@@ -1,5 +1,5 @@
 """The embedding explorer's data (``07_explore``): the run index's reference recordings and
-embedded query recordings as points with their metadata, neighbours ranked by the index's rule."""
+embedded queries as points with metadata, neighbours ranked by the index's rule."""
 
 from __future__ import annotations
 
@@ -36,15 +36,14 @@ class ExplorerData:
         return len(self.records)
 
     def columns(self, max_values: int = 20) -> list[str]:
-        """Metadata columns usable for colouring: ``work``, ``role`` and every other column with
-        at most ``max_values`` distinct values and at most one per two recordings (a column
-        unique per recording colours nothing)."""
+        """Metadata columns to colour by: ``work``, ``role`` and every other column with at most
+        ``max_values`` distinct values and at most one per two recordings."""
         skip = {"wav", "feat", "perf", "feat_len", "source_perf", "work_id", "work", "role",
                 "n_windows"}
-        cols = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
+        cols = dict.fromkeys(k for r in self.records for k in r if k not in skip)
         limit = min(max_values, max(2, len(self.records) // 2))
-        few = [c for c in cols if len({str(r.get(c, "")) for r in self.records}) <= limit]
-        return ["work", "role"] + few
+        return ["work", "role"] + [c for c in cols
+                                   if len({str(r.get(c, "")) for r in self.records}) <= limit]
 
     def labels(self, column: str) -> list:
         if column not in self.columns():
@@ -75,10 +74,10 @@ class ExplorerData:
         d = d.astype(np.float64)
         d[i] = np.inf
         order = np.argsort(d, kind="stable")[: max(0, min(k, len(self) - 1))]
-        me = self.records[i]
-        return [{"rank": n + 1, "perf": self.records[j]["perf"], "work": self.records[j]["work"],
-                 "role": self.records[j].get("role"), "distance": float(d[j]),
-                 "same_work": self.records[j]["work"] == me["work"], "row": int(j)}
+        rec = self.records
+        return [{"rank": n + 1, "perf": rec[j]["perf"], "work": rec[j]["work"],
+                 "role": rec[j].get("role"), "distance": float(d[j]),
+                 "same_work": rec[j]["work"] == rec[i]["work"], "row": int(j)}
                 for n, j in enumerate(order)]
 
     def row_of(self, point: str = "") -> int:
@@ -102,9 +101,8 @@ def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any
     refs = set(index.perfs)
     qrecs = [r for r in query_records if not is_tempo_copy(r) and str(r["perf"]) not in refs]
     dev = next(model.parameters()).device if device == "auto" else device
-    failures: list = []
     wins = embed_recordings(model, qrecs, hp, cache_dir=Path(run_dir) / "embeddings", device=dev,
-                            progress=progress, failures=failures) if qrecs else []
+                            progress=progress, failures=[]) if qrecs else []  # failed: None
     records = [{**meta.get(r["perf"], {}), **{k: x for k, x in r.items() if x is not None},
                 "role": "reference"} for r in index.records]
     vecs = list(index.embeddings)
@@ -117,5 +115,4 @@ def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any
                 sets.append(unit_rows(w))
     if not records:
         raise ManifestError("explorer_data: no reference or query recording to show")
-    return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule,
-                        windows=sets)
+    return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule, windows=sets)

@@ -1,10 +1,9 @@
 """Identify unknown recordings against a reference index (and the procedures of ``06_identify``).
 
 Queries are embedded over the whole track (not only the first 135 s, bug 13.4.3) and searched
-by the index's rule; a hit's verdict: ``p < threshold_p`` (0.001) "likely the same work",
-``p < possible_p`` (0.05) "possibly related", else "no confident match". An unreadable query
-gets an ``error`` row and the batch goes on.
-"""
+by the index's rule; verdict: ``p < threshold_p`` (0.001) "likely the same work", ``p <
+possible_p`` (0.05) "possibly related", else "no confident match". An unreadable query gets an
+``error`` row and the batch goes on."""
 
 from __future__ import annotations
 
@@ -54,6 +53,7 @@ CSV_COLUMNS = ("query", "rank", "perf", "work", "work_id", "distance", "z", "p_v
                "n_work_recordings", "query_duration_s", "query_windows", "error")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a")
 QUERY_CHUNK = 16  # queries embedded and searched together (bounds memory for big folders)
+QUERY_FRAMES = 90_000  # feature frames held at once (~1 h): bounds memory for long queries
 
 
 def verdict(p_value: float, threshold_p: float = 0.001, possible_p: float = 0.05) -> str:
@@ -68,8 +68,8 @@ def verdict(p_value: float, threshold_p: float = 0.001, possible_p: float = 0.05
 @dataclass
 class IdentifyReport:
     """What :func:`identify` found: ``rows`` (one per query and rank, :data:`CSV_COLUMNS`; a
-    failed query has one row with ``rank`` None and its ``error``) and ``timings`` (seconds per
-    stage summed over queries, ``total_s``, ``n_queries``, ``n_failed``)."""
+    failed query: one row, ``rank`` None, its ``error``) and ``timings`` (seconds per stage
+    summed over queries, ``total_s``, ``n_queries``, ``n_failed``)."""
 
     rows: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -82,6 +82,21 @@ class IdentifyReport:
     def best(self) -> list[dict]:
         """The rank-1 row of every query (and the error row of failed ones)."""
         return [r for r in self.rows if r["rank"] in (1, None)]
+
+    def first_match(self) -> dict:
+        """The rank-1 row of the first identified query; FeatureError naming every query and
+        why it could not be read when none could (ConfigError when there were none)."""
+        if (best := next((r for r in self.rows if r["rank"] == 1), None)) is not None:
+            return best
+        if not self.rows:
+            raise ConfigError("no queries to identify: give query_path (an audio file, a folder "
+                              "of audio files or a manifest)")
+        listed = "\n".join(f"  {e['query']}: {e['error'].removeprefix(e['query'] + ': ')}"
+                           for e in self.errors)
+        raise FeatureError(
+            f"no query could be read ({len(self.errors)} file(s)):\n{listed}\nGive query_path "
+            "audio that decodes (wav, flac, ogg, mp3, ...), is not silent and lasts a few "
+            "seconds; convert other files first (e.g. ffmpeg -i in.xyz out.wav)")
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the rows as CSV (columns :data:`CSV_COLUMNS`), atomically."""
@@ -136,35 +151,24 @@ def _window_mismatch(ws: Mapping, hp: Any) -> str | None:
             f"{hp.chunk_len[0]}, mean_size {hp.mean_size} and input_transform {transform}")
 
 
-def _identify_chunk(paths: list[str], model: torch.nn.Module, hp: Any, index: ReferenceIndex,
-                    dev: torch.device, timings: dict, search: dict) -> list[dict]:
-    """Rows of a few queries, in input order (``search``: top_k, by and verdict bounds)."""
-    feats: dict[int, np.ndarray] = {}
-    rows: list[list[dict]] = [[] for _ in paths]
-    for k, p in enumerate(paths):
-        try:
-            feats[k] = query_features(p, hp, dev, timings=timings)
-        except ChlibError as e:
-            rows[k].append(_empty_row(p) | {"error": str(e)})
-    ok = sorted(feats)
-    if ok:
-        t0 = time.perf_counter()
-        windows = embed_windows(model, [feats[k] for k in ok], **index.window_settings,
-                                device=dev, batch_size=hp.eval_batch_size, progress=False)
-        synchronize(dev)
-        _add_time(timings, "model_s", t0)
-        t0 = time.perf_counter()
-        results = index.search(windows, k=search["top_k"], by=search["by"])
-        _add_time(timings, "search_s", t0)
-        fps = hp.features.frames_per_second
-        for k, wins, hits in zip(ok, windows, results, strict=True):
-            for hit in hits:
-                row = _empty_row(paths[k]) | {c: hit[c] for c in CSV_COLUMNS if c in hit}
-                row["verdict"] = verdict(hit["p_value"], *search["bounds"])
-                row["query_duration_s"] = round(feats[k].shape[0] / fps, 3)
-                row["query_windows"] = len(wins)
-                rows[k].append(row)
-    return [r for per_query in rows for r in per_query]
+def _embed_and_search(batch: list[tuple[str, np.ndarray]], model: torch.nn.Module, hp: Any,
+                      index: ReferenceIndex, dev: torch.device, timings: dict, search: dict
+                      ) -> list[list[dict]]:
+    """Rows of each query of ``batch`` (path, features) (``search``: top_k, by, verdict bounds)."""
+    t0 = time.perf_counter()
+    windows = embed_windows(model, [f for _, f in batch], **index.window_settings, device=dev,
+                            batch_size=hp.eval_batch_size, progress=False)
+    synchronize(dev)
+    _add_time(timings, "model_s", t0)
+    t0 = time.perf_counter()
+    results = index.search(windows, k=search["top_k"], by=search["by"])
+    _add_time(timings, "search_s", t0)
+    fps = hp.features.frames_per_second
+    return [[_empty_row(path) | {c: hit[c] for c in CSV_COLUMNS if c in hit}
+             | {"verdict": verdict(hit["p_value"], *search["bounds"]),
+                "query_duration_s": round(feat.shape[0] / fps, 3), "query_windows": len(wins)}
+             for hit in hits] for (path, feat), wins, hits in zip(batch, windows, results,
+                                                                  strict=True)]
 
 
 def identify(paths: Sequence[str | os.PathLike], *, model: torch.nn.Module, hp: Any,
@@ -179,26 +183,40 @@ def identify(paths: Sequence[str | os.PathLike], *, model: torch.nn.Module, hp: 
     if not 0 < threshold_p <= possible_p <= 1:
         raise ConfigError(f"need 0 < threshold_p <= possible_p <= 1, got {threshold_p} and "
                           f"{possible_p}")
-    index.check_compatible(fingerprint=model_fingerprint(model.state_dict()),
-                           features=hp.features)
+    index.check_compatible(fingerprint=model_fingerprint(model.state_dict()), features=hp.features)
     if (why := _window_mismatch(index.window_settings, hp)) is not None:
         raise IndexMismatchError(f"{why}; rebuild the index with this run's settings")
     dev = pick_device(device)
     t_all = time.perf_counter()
     timings = {"decode_s": 0.0, "features_s": 0.0, "model_s": 0.0, "search_s": 0.0}
     search = {"top_k": top_k, "by": by, "bounds": (threshold_p, possible_p)}
-    rows: list[dict] = []
     paths = [str(p) for p in paths]
+    per_query: list[list[dict]] = [[] for _ in paths]
+    batch: list[tuple[int, np.ndarray]] = []  # queries whose features wait to be embedded
     bar = progress_bar(total=len(paths), desc="identify", unit="file", enabled=progress,
                        leave=False)
-    for c0 in range(0, len(paths), QUERY_CHUNK):
-        group = paths[c0:c0 + QUERY_CHUNK]
-        rows += _identify_chunk(group, model, hp, index, dev, timings, search)
-        bar.update(len(group))
+
+    def flush() -> None:
+        done = _embed_and_search([(paths[k], f) for k, f in batch], model, hp, index, dev,
+                                 timings, search)
+        for (k, _), r in zip(batch, done, strict=True):
+            per_query[k] = r
+        bar.update(len(batch))
+        batch.clear()
+
+    for k, p in enumerate(paths):
+        try:
+            batch.append((k, query_features(p, hp, dev, timings=timings)))
+        except ChlibError as e:
+            per_query[k] = [_empty_row(p) | {"error": str(e)}]
+            bar.update(1)
+        if batch and (len(batch) >= QUERY_CHUNK
+                      or sum(len(f) for _, f in batch) >= QUERY_FRAMES or k == len(paths) - 1):
+            flush()
     bar.close()
-    timings["total_s"] = time.perf_counter() - t_all
-    timings["n_queries"] = len(paths)
-    timings["n_failed"] = len({r["query"] for r in rows if r["error"]})
+    rows = [r for rs in per_query for r in rs]
+    timings |= {"total_s": time.perf_counter() - t_all, "n_queries": len(paths),
+                "n_failed": len({r["query"] for r in rows if r["error"]})}
     return IdentifyReport(rows, timings)
 
 
@@ -242,14 +260,17 @@ def reference_records(dataset_dir: str | os.PathLike, reference_manifest: str | 
     return recs
 
 
-def _why_not_reuse(folder: Path, fingerprint: str, hp: Any, wanted: list[str]
+def _why_not_reuse(folder: Path, fingerprint: str, hp: Any, records: Sequence[dict]
                    ) -> tuple[ReferenceIndex | None, str]:
-    """The saved index when it fits the run, else None and why not."""
+    """The saved index when it fits the run, else None and why not (a damaged or tampered one
+    among them: its feature paths must lie in the run folder or beside the records' own)."""
     if not (folder / "meta.json").is_file():
         return None, "no index yet"
+    roots = {folder.parent, *(Path(r["feat"]).resolve().parent for r in records if r.get("feat"))}
+    wanted = sorted(str(r["perf"]) for r in records if not is_tempo_copy(r))
     try:
         idx = ReferenceIndex.load(folder, expect_fingerprint=fingerprint,
-                                  expect_features=hp.features)
+                                  expect_features=hp.features, feature_roots=sorted(map(str, roots)))
     except IndexMismatchError as e:
         return None, str(e)
     if _window_mismatch(idx.window_settings, hp) is not None:
@@ -265,13 +286,12 @@ def reference_index_for_run(run_dir: str | os.PathLike, model: Any, hp: Any,
                             records: Sequence[dict], *, rebuild: bool = False,
                             device: str = "auto", progress: bool = True) -> tuple[Any, str]:
     """``(index, status)``: ``run_dir/index`` loaded when it is this model's, with the run's
-    settings and rule, of exactly these recordings; else (or with ``rebuild``) built from the
-    records (embeddings cached in ``run_dir/embeddings``) and saved."""
+    settings and rule, of exactly these recordings; else (or with ``rebuild``; a damaged or
+    tampered index too) built from the records (embeddings cached in ``run_dir/embeddings``)
+    and saved."""
     folder = Path(run_dir) / "index"
-    wanted = sorted(str(r["perf"]) for r in records if not is_tempo_copy(r))
-    idx, why = None, "rebuild asked for"
-    if not rebuild:
-        idx, why = _why_not_reuse(folder, model_fingerprint(model.state_dict()), hp, wanted)
+    fp = model_fingerprint(model.state_dict())
+    idx, why = (None, "rebuild asked for") if rebuild else _why_not_reuse(folder, fp, hp, records)
     if idx is not None:
         return idx, f"loaded {folder}: {len(idx)} reference recordings"
     dev = next(model.parameters()).device if device == "auto" else device
@@ -315,7 +335,10 @@ def identification_queries(query_path: str | os.PathLike, dataset_dir: str | os.
         return _queries_of(recs, f"{Path(dataset_dir) / 'test.txt'} (held-out recordings)")
     p = Path(query_path)
     if p.is_dir():
-        return Queries([str(f) for f in find_audio_files(p)], {}, str(p))
+        if not (files := find_audio_files(p)):
+            raise ConfigError(f"query_path {p}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) "
+                              "in this folder; give a folder of audio files, a file or a manifest")
+        return Queries([str(f) for f in files], {}, str(p))
     if p.suffix.lower() in (".txt", ".jsonl"):
         return _queries_of(read_split(p, required=DATASET_KEYS), str(p))
     if not p.is_file():
@@ -348,12 +371,11 @@ def identification_summary(rows: Sequence[Mapping], truth: Mapping[str, str], *,
 
     def share(top: int, indexed_only: bool) -> float:
         ranks = [p["rank_of_true_work"] for p in per_query if p["in_index"] or not indexed_only]
-        found = sum(r is not None and r <= top for r in ranks)
-        return found / len(ranks) if ranks else float("nan")
+        return sum(r is not None and r <= top for r in ranks) / len(ranks) if ranks else np.nan
 
+    n_indexed = sum(p["in_index"] for p in per_query)
     return {"n_queries": len(set(by_query) | failed), "n_failed": len(failed),
-            "n_with_truth": len(per_query),
-            "n_truth_indexed": sum(p["in_index"] for p in per_query),
+            "n_with_truth": len(per_query), "n_truth_indexed": n_indexed,
             "top1": share(1, False), "top10": share(10, False),
             "top1_indexed": share(1, True), "top10_indexed": share(10, True),
             "best_verdicts": dict(Counter(p["verdict"] for p in per_query)),

@@ -1,12 +1,10 @@
 """The reference index: embeddings of known recordings, their works, calibration and search.
 
-Track vectors cover all windows (the original used only the first 135 s, bug 13.4.3); one
-distance rule serves search and calibration.
-
-On disk: a folder of plain files, never pickles: ``embeddings.npy``, optional ``windows.npy``,
-``window_owner.npy``, ``centroids.npy``, ``records.jsonl`` and ``meta.json`` (settings,
-calibration, centroid table, shape + SHA-256 of every other file), each written atomically and
-``meta.json`` last; ``load`` checks the hashes, so an interrupted save is detected.
+Track vectors cover all windows (the original: the first 135 s only, bug 13.4.3); one distance
+rule serves search and calibration. On disk: a folder of plain files, never pickles:
+``embeddings.npy``, optional ``windows.npy``, ``window_owner.npy``, ``centroids.npy``,
+``records.jsonl`` and ``meta.json`` (settings, calibration, centroid table, shape + SHA-256 of
+every other file), each written atomically, ``meta.json`` last; ``load`` checks the hashes.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import torch
 from chlib.core.errors import ConfigError, IndexMismatchError, ManifestError
 from chlib.core.io import atomic_save_npy, atomic_write_text, file_sha256, read_json, write_json
 from chlib.model.checkpoint import model_fingerprint
+from chlib.retrieval import protocol
 from chlib.retrieval.calibration import (
     DEFAULT_N_PAIRS,
     DEFAULT_SEED,
@@ -39,15 +38,6 @@ from chlib.retrieval.calibration import (
     work_codes,
 )
 from chlib.retrieval.embed import DEFAULT_MIN_TAIL, embed_recordings, hp_window_settings
-from chlib.retrieval.protocol import (
-    check_rule,
-    cosine_distances,
-    pair_distances,
-    track_distances,
-    track_vector,
-    track_vectors,
-    unit_rows,
-)
 from chlib.retrieval.scoring import rule_of
 
 __all__ = ["INDEX_FORMAT", "DEFAULT_N_PAIRS", "DEFAULT_SEED", "ecdf_probabilities", "Calibration",
@@ -59,6 +49,7 @@ FAISS_MIN_REFS = 200_000  # below this the exact numpy search is fast enough
 BLOCK_ELEMENTS = 1 << 25  # cap on one query block x references distance matrix
 _TEMPO_PERF = re.compile(r"^sp_[0-9.]+-.+")
 _RECORD_KEYS = ("perf", "work", "work_id", "wav", "feat", "duration_s", "n_windows")
+_META_KEYS = ("model_fingerprint", "feature_settings", "window_settings", "rule", "n_pairs", "seed")
 
 
 def is_tempo_copy(record: dict) -> bool:
@@ -105,8 +96,7 @@ def _faiss_topk(q_unit: np.ndarray, refs_unit: np.ndarray, k: int) -> tuple[np.n
 
 @dataclass
 class ReferenceIndex:
-    """Reference recordings, their unit embeddings, works, centroids and calibration (built by
-    :func:`build_index` or :func:`index_from_windows`)."""
+    """Reference recordings with unit embeddings, works, centroids and calibration."""
 
     embeddings: np.ndarray  # [N, D] float32 unit rows
     records: list[dict]  # N metadata rows (_RECORD_KEYS)
@@ -141,7 +131,8 @@ class ReferenceIndex:
     def window_sets(self) -> list[np.ndarray]:
         """The unit window embeddings of each recording, [n_windows_i, D] each."""
         if self.windows is None or self.window_owner is None:
-            raise ConfigError("this index stores no window embeddings (built with keep_windows=False)")
+            raise ConfigError("this index stores no window embeddings (built with "
+                              "keep_windows=False)")
         return np.split(self.windows, np.searchsorted(self.window_owner, np.arange(1, len(self))))
 
     def check_compatible(self, *, fingerprint: str | None = None,
@@ -168,21 +159,17 @@ class ReferenceIndex:
                 raise ConfigError(f"query must be [D] or [M, D] with D={self.dim}, got {q.shape}")
             query = np.atleast_2d(q)[:, None]  # one single-window set per vector
         sets = [np.atleast_2d(np.asarray(s, dtype=np.float32)) for s in query]
-        for s in sets:
-            if s.shape[1] != self.dim or len(s) == 0:
-                raise ConfigError(f"each query window set must be [n >= 1, {self.dim}], got {s.shape}")
-        vecs = np.stack([track_vector(s) for s in sets]) if sets else np.zeros((0, self.dim))
-        return vecs, sets
+        if bad := [s.shape for s in sets if s.shape[1] != self.dim or len(s) == 0]:
+            raise ConfigError(f"each query window set must be [n >= 1, {self.dim}], got {bad[0]}")
+        return protocol.track_vectors(sets) if sets else np.zeros((0, self.dim)), sets
 
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
                use_faiss: bool | None = None) -> list[list[dict]]:
         """Per query (a vector [D], vectors [M, D] or window sets [n_windows, D]), the top-``k``
         rows ``{"rank", "perf", "work", "work_id", "distance", "z", "p_value"}``, closest first.
-
         ``by="work"`` ranks works by their closest recording, adds ``n_work_recordings`` and
         takes the p-value of the closest of m, 1 - (1 - p)^m, so big works are not favoured.
-        ``use_faiss``: None = FAISS if installed, for rule "mean" over FAISS_MIN_REFS refs.
-        """
+        ``use_faiss``: None = FAISS if installed, for rule "mean" over FAISS_MIN_REFS refs."""
         if by not in ("perf", "work"):
             raise ConfigError(f"by must be 'perf' or 'work', got {by!r}")
         if k < 1:
@@ -201,8 +188,10 @@ class ReferenceIndex:
         out: list[list[dict]] = []
         step = max(1, BLOCK_ELEMENTS // len(self))
         for a in range(0, len(sets), step):
-            d = (track_distances(sets[a:a + step], self.window_sets(), rule="min")
-                 if self.rule == "min" else cosine_distances(vecs[a:a + step], self.embeddings))
+            if self.rule == "min":
+                d = protocol.track_distances(sets[a:a + step], self.window_sets(), rule="min")
+            else:
+                d = protocol.cosine_distances(vecs[a:a + step], self.embeddings)
             if by == "perf":
                 out += [self._rows(i, dd) for i, dd in zip(*_topk_rows(d, min(k, len(self))),
                                                            strict=True)]
@@ -236,8 +225,7 @@ class ReferenceIndex:
     def _row(self, i: int, dist: float, rank: int) -> dict:
         r, cal = self.records[i], self.calibration
         return {"rank": rank, "perf": r["perf"], "work": r["work"], "work_id": r.get("work_id"),
-                "distance": float(dist),
-                "z": float(cal.z_score(dist)) if cal else float("nan"),
+                "distance": float(dist), "z": float(cal.z_score(dist)) if cal else float("nan"),
                 "p_value": float(cal.p_value(dist)) if cal else float("nan")}
 
     def _rows(self, idx: np.ndarray, dist: np.ndarray) -> list[dict]:
@@ -248,7 +236,8 @@ class ReferenceIndex:
         """Recompute the calibration over the whole index (seeded: deterministic)."""
         i, j, method = sample_cross_work_pairs(self.works, self.n_pairs, self.seed)
         sets = self.window_sets() if self.rule == "min" else []
-        d = pair_distances(sets, self.embeddings, i, j, rule=self.rule) if i.size >= 2 else []
+        d = [] if i.size < 2 else protocol.pair_distances(sets, self.embeddings, i, j,
+                                                          rule=self.rule)
         self.calibration = calibrate_distances(d, seed=self.seed, method=method, rule=self.rule)
 
     def _refresh(self) -> None:
@@ -277,15 +266,18 @@ class ReferenceIndex:
         if not rows:
             return
         n0, dim = len(self), sets[0].shape[1]
-        self.embeddings = np.concatenate([self.embeddings.reshape(-1, dim), track_vectors(sets)])
+        self.embeddings = np.concatenate([self.embeddings.reshape(-1, dim),
+                                          protocol.track_vectors(sets)])
         self.records = self.records + rows
         if self.windows is not None:
-            self.windows = np.concatenate([self.windows.reshape(-1, dim), *map(unit_rows, sets)])
+            self.windows = np.concatenate([self.windows.reshape(-1, dim),
+                                           *map(protocol.unit_rows, sets)])
             owners = np.repeat(np.arange(n0, n0 + len(sets)), [len(w) for w in sets])
             self.window_owner = np.concatenate([self.window_owner, owners]).astype(np.int64)
         self._refresh()
 
-    def remove(self, *, perfs: Sequence[str] | None = None, works: Sequence[str] | None = None) -> int:
+    def remove(self, *, perfs: Sequence[str] | None = None,
+               works: Sequence[str] | None = None) -> int:
         """Remove recordings by perf id and/or whole works (the others keep their order);
         centroids and calibration are recomputed. Returns how many were removed."""
         drop_p = {str(p) for p in (perfs or [])}
@@ -341,9 +333,7 @@ class ReferenceIndex:
         write_json(folder / "meta.json", {
             "format": INDEX_FORMAT, "kind": "chlib reference index",
             "n_recordings": len(self), "embed_dim": self.dim,
-            "model_fingerprint": self.model_fingerprint,
-            "feature_settings": self.feature_settings, "window_settings": self.window_settings,
-            "rule": self.rule, "n_pairs": self.n_pairs, "seed": self.seed,
+            **{k: getattr(self, k) for k in _META_KEYS},
             "calibration": self.calibration.to_json() if self.calibration else None,
             "centroids": self.centroids.to_json() if self.centroids is not None else None,
             "skipped": self.skipped, "files": files,
@@ -355,46 +345,83 @@ class ReferenceIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, expect_fingerprint: str | None = None,
-             expect_features: Any | None = None, verify: bool = True) -> ReferenceIndex:
-        """Read an index written by :meth:`save`. Another model's index or other feature
-        settings (``expect_*``) are an IndexMismatchError; ``verify`` checks every file against
-        its SHA-256 in ``meta.json`` (interrupted saves, edits)."""
+             expect_features: Any | None = None, verify: bool = True,
+             feature_roots: Sequence[str | os.PathLike] | None = None) -> ReferenceIndex:
+        """Read an index written by :meth:`save`; another model or feature settings than
+        ``expect_*`` is an IndexMismatchError, and so is a damaged or tampered index: a file
+        listed in ``meta.json`` that resolves outside ``folder``, or (given ``feature_roots``) a
+        record whose ``feat`` resolves outside them (neither is opened). ``verify`` checks the
+        files' SHA-256."""
         folder = Path(folder)
-        if not (folder / "meta.json").is_file():
+        where = meta_path = folder / "meta.json"
+        if not meta_path.is_file():
             raise IndexMismatchError(f"{folder}: no meta.json, so no chlib index here; build one "
                                      "with chlib.retrieval.index.build_index(...) and save it")
-        meta = read_json(folder / "meta.json")
-        if meta.get("format") != INDEX_FORMAT:
-            raise IndexMismatchError(f"{folder}: index format {meta.get('format')!r}, this chlib "
-                                     f"reads format {INDEX_FORMAT}; rebuild the index")
-        files = meta["files"]
-        for name, info in files.items():
-            if not (p := folder / name).is_file() or (verify and file_sha256(p) != info["sha256"]):
-                raise IndexMismatchError(f"{p}: missing or unlike meta.json (an interrupted save "
-                                         "or an edit); save or rebuild the index")
-
-        def arr(name: str) -> np.ndarray | None:
-            return np.load(folder / name, allow_pickle=False) if name in files else None
-
-        text = (folder / "records.jsonl").read_text(encoding="utf-8")
-        cal, cen = meta.get("calibration"), meta.get("centroids")
-        idx = cls(
-            embeddings=arr("embeddings.npy"),
-            records=[json.loads(line) for line in text.splitlines() if line.strip()],
-            model_fingerprint=meta["model_fingerprint"],
-            feature_settings=meta["feature_settings"], window_settings=meta["window_settings"],
-            rule=meta["rule"], windows=arr("windows.npy"), window_owner=arr("window_owner.npy"),
-            calibration=Calibration.from_json(cal) if cal else None,
-            centroids=None if cen is None else Centroids.from_json(cen, arr("centroids.npy")),
-            n_pairs=int(meta["n_pairs"]), seed=int(meta["seed"]),
-            skipped=list(meta.get("skipped") or []),
-        )
-        if len(idx.records) != len(idx):
-            raise IndexMismatchError(f"{folder}: {len(idx.records)} records but {len(idx)} "
-                                     "embeddings; rebuild")
+        try:
+            _refuse_outside(meta_path, [folder], "meta.json")
+            meta = read_json(meta_path)
+            if meta.get("format") != INDEX_FORMAT:
+                raise IndexMismatchError(f"{folder}: index format {meta.get('format')!r}, this "
+                                         f"chlib reads format {INDEX_FORMAT}; rebuild the index")
+            files = {str(name): str(info["sha256"]) for name, info in meta["files"].items()}
+            for name in dict.fromkeys(("embeddings.npy", "records.jsonl", *files)):
+                _refuse_outside(p := folder / name, [folder], f"{meta_path}: file entry {name!r}")
+                if not p.is_file() or (verify and file_sha256(p) != files[name]):
+                    raise IndexMismatchError(f"{p}: missing or unlike meta.json (an interrupted "
+                                             "save or an edit); save or rebuild the index")
+            where = folder / "records.jsonl"
+            records = _read_records(where, feature_roots)
+            arrays = {}
+            for name in (n for n in files if n.endswith(".npy")):
+                where = folder / name
+                arrays[name] = np.load(where, allow_pickle=False)
+            where, cal, cen = meta_path, meta.get("calibration"), meta.get("centroids")
+            idx = cls(
+                embeddings=arrays["embeddings.npy"], records=records,
+                **{k: meta[k] for k in _META_KEYS}, windows=arrays.get("windows.npy"),
+                window_owner=arrays.get("window_owner.npy"),
+                calibration=Calibration.from_json(cal) if cal else None,
+                centroids=None if cen is None else Centroids.from_json(
+                    cen, arrays.get("centroids.npy")),
+                skipped=list(meta.get("skipped") or []))
+            if idx.embeddings.ndim != 2 or len(records) != len(idx):
+                raise ValueError(f"{len(records)} records but embeddings of shape "
+                                 f"{idx.embeddings.shape}")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, EOFError) as e:
+            raise IndexMismatchError(f"{where}: damaged index ({type(e).__name__}: {e}); rebuild "
+                                     "it (06_identify does, or build_index(...).save(folder))"
+                                     ) from None
         idx.check_compatible(fingerprint=expect_fingerprint, features=expect_features,
                              where=str(folder))
         return idx
+
+
+def _refuse_outside(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str
+                    ) -> None:
+    """IndexMismatchError (tampering) unless ``path`` resolves inside one of ``roots``
+    (symlinks followed; the file itself is not opened)."""
+    p = Path(path).resolve()
+    if not any(p.is_relative_to(Path(r).resolve()) for r in roots):
+        raise IndexMismatchError(f"{what} resolves to {p}, outside {', '.join(map(str, roots))}; "
+                                 "treated as tampering (not opened): rebuild the index")
+
+
+def _read_records(path: Path, feature_roots: Sequence[str | os.PathLike] | None) -> list[dict]:
+    """The rows of ``records.jsonl`` (ValueError naming the line of a torn or foreign one); a
+    ``feat`` outside ``feature_roots`` (when given) is refused as tampering."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            if line.strip():
+                rows.append(row := json.loads(line))
+                if not (isinstance(row, dict) and "perf" in row and "work" in row):
+                    raise ValueError("not a record with perf and work")
+        except ValueError as e:
+            raise ValueError(f"line {n}: {e}") from None
+        if line.strip() and feature_roots is not None and row.get("feat"):
+            _refuse_outside(row["feat"], feature_roots,
+                            f"{path}, line {n}: feature path {row['feat']!r} of {row['perf']!r}")
+    return rows
 
 
 def index_from_windows(records: Sequence[dict], windows: Sequence[np.ndarray], *,
@@ -404,7 +431,7 @@ def index_from_windows(records: Sequence[dict], windows: Sequence[np.ndarray], *
                        skipped: list[dict] | None = None) -> ReferenceIndex:
     """An index (centroids and calibration included) from reference records and their raw
     window embeddings ([n_windows, D] each). ``rule="min"`` needs ``keep_windows=True``."""
-    check_rule(rule)
+    protocol.check_rule(rule)
     if rule == "min" and not keep_windows:
         raise ConfigError("rule 'min' compares window embeddings: keep_windows must be True")
     if len(records) != len(windows):
@@ -424,8 +451,7 @@ def index_from_windows(records: Sequence[dict], windows: Sequence[np.ndarray], *
 
 def _embed_records(model: torch.nn.Module, records: Sequence[dict], hp: Any, wset: dict,
                    **kw: Any) -> tuple[list[dict], list[np.ndarray], list[dict]]:
-    """(embedded records, their window embeddings, ``{"perf", "feat", "reason"}`` failures);
-    ``kw``: device, manifest_path, cache_dir, progress of :func:`embed_recordings`."""
+    """:func:`embed_recordings`: (records, window embeddings, ``{"perf", "feat", "reason"}``)."""
     failures: list[dict] = []
     wins = embed_recordings(model, list(records), hp, hop=wset["hop"], tail=wset["tail"],
                             min_tail=wset["min_tail"], failures=failures, **kw)
@@ -444,14 +470,13 @@ def build_index(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
                 cache_dir: str | os.PathLike | None = None,
                 progress: bool = True) -> ReferenceIndex:
     """Embed every window of reference recordings (full.txt records; ``cache_dir`` caches them)
-    with ``model`` and index them under ``rule`` (None = ``hp.distance_rule``). Tempo copies are
-    left out unless ``drop_tempo_copies=False``; unreadable features go to ``index.skipped``."""
-    rule = check_rule(rule_of(hp) if rule is None else rule)
+    and index them under ``rule`` (None = ``hp.distance_rule``), tempo copies left out unless
+    ``drop_tempo_copies=False``; unreadable features go to ``index.skipped``."""
+    rule = protocol.check_rule(rule_of(hp) if rule is None else rule)
     recs = [r for r in records if not (drop_tempo_copies and is_tempo_copy(r))]
     for r in recs:
         _meta_row(r, 0)  # perf and work present
-    dup = sorted(p for p, n in Counter(str(r["perf"]) for r in recs).items() if n > 1)
-    if dup:
+    if dup := sorted(p for p, n in Counter(str(r["perf"]) for r in recs).items() if n > 1):
         raise ManifestError(f"duplicate perf ids in the reference records: {dup[:5]}")
     wset = hp_window_settings(hp, hop=hop, tail=tail, min_tail=min_tail)
     recs, wins, failed = _embed_records(model, recs, hp, wset, device=device, progress=progress,

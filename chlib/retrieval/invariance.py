@@ -1,8 +1,6 @@
-"""Invariance diagnostics: what is a trained model blind to?
-
-Each recording is changed in ONE factor (in the feature domain) and used as a query against
-all the unchanged recordings; the model passes when it finds its source. Covers differ in
-exactly these factors (``FACTORS``):
+"""Invariance diagnostics: what is a trained model blind to? Each recording is changed in ONE
+factor (in the feature domain) and used as a query against all the unchanged recordings; the
+model passes when it finds its source. Covers differ in exactly these factors (``FACTORS``):
 
 * ``transpose`` - semitones; the CQT moves by whole bins, vacated bins get -100 dB;
 * ``tempo`` - playing-speed factor, frames resampled (0.7 = slower, longer);
@@ -43,11 +41,9 @@ FACTORS: dict[str, list[float]] = {
 
 def change_one_factor(feat: np.ndarray, factor: str, value: float, *, bins_per_octave: int = 12,
                       rng: np.random.Generator) -> np.ndarray:
-    """``feat`` [frames, bins] (dB, max 0) with one factor changed; float32, same bins.
-
-    The identity values (transpose 0, tempo 1, timbre 0, excerpt 1) return a copy; ``noise``
-    always adds a floor at ``value`` dB below the track's mean level.
-    """
+    """``feat`` [frames, bins] (dB, max 0) with one factor changed; float32, same bins. The
+    identity values (transpose 0, tempo 1, timbre 0, excerpt 1) return a copy; ``noise`` always
+    adds a floor at ``value`` dB below the track's mean level."""
     x = np.array(feat, dtype=np.float32)
     frames, n_bins = x.shape
     if factor == "transpose":
@@ -76,13 +72,10 @@ def change_one_factor(feat: np.ndarray, factor: str, value: float, *, bins_per_o
 def invariance_curves(model: torch.nn.Module, features: Sequence[Any], hp: Any, *,
                       factors: dict[str, Sequence[float]] | None = None, rule: str | None = None,
                       device: str | torch.device | None = None, seed: int = 0) -> pd.DataFrame:
-    """Top-1 rate of finding the unchanged recording, per factor and value.
-
-    ``features``: [frames, bins] arrays or ``.npy`` paths (a few dozen recordings of different
-    works; chance is 1 / N). One row per (factor, value): ``top1`` (share of queries nearest
-    their own source), ``mean_rank`` (1 = always first), ``distance`` (mean query-to-source
-    distance), ``chance``.
-    """
+    """Top-1 rate of finding the unchanged recording, per factor and value, of ``features``
+    ([frames, bins] arrays or ``.npy`` paths: a few dozen recordings of different works). One
+    row per (factor, value): ``top1`` (share of queries nearest their own source), ``mean_rank``
+    (1 = always first), ``distance`` (mean query-to-source distance), ``chance`` (1 / N)."""
     rule = rule or rule_of(hp)
     feats = [np.asarray(load_feature(f)) for f in features]
     if len(feats) < 2:
@@ -112,9 +105,7 @@ def invariance_for_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "b
     """:func:`invariance_curves` of a run's checkpoint on ``n`` recordings of its test set
     ``testset`` (default: the first), one recording per work (the first of each, by perf id)."""
     model, hp, _, _ = load_checkpoint(run_dir, checkpoint, device)
-    specs = {s.name: s for s in resolve_testsets(hp)}
-    if not specs:
-        raise ConfigError(f"{run_dir}: the run config has no test set to draw recordings from")
+    specs = {s.name: s for s in resolve_testsets(hp)}  # ConfigError if there is none
     spec = specs[testset] if testset in specs else next(iter(specs.values()))
     first: dict[str, dict] = {}
     for rec in sorted(read_manifest(spec.query_path, required=("perf", "work", "feat")),

@@ -1,18 +1,17 @@
 """Retrieval metrics for cover-song identification: mAP, MR1, HR1, HR10, P@10, bootstrap CIs.
 
-Conventions of the original ``calc_map`` (fact sheet 8.3): ``dist[q, r]`` is a distance
-(smaller = closer); references are ranked by ascending distance with a **stable** sort; a ref is
-relevant when its label (work) equals the query's; ranks are 1-based among non-excluded refs.
-Cells that must not be ranked (self matches, tempo copies, ``query_in_ref`` pairs) are removed
-with a boolean ``exclude`` mask [Q, R]; unlike the original's ``-1`` sentinels a genuinely
-negative or zero distance is never dropped.
+Conventions of the original ``calc_map`` (fact sheet 8.3): ``dist[q, r]`` is a distance; refs
+are ranked by ascending distance with a **stable** sort, 1-based among non-excluded refs; a ref
+is relevant when its label (work) equals the query's. Cells not to rank (self matches, tempo
+copies, ``query_in_ref`` pairs) are True in a bool ``exclude`` [Q, R]; unlike the original's
+``-1`` sentinels a genuinely negative or zero distance is never dropped.
 
-Per query: AP = (1 / c) x sum over relevant refs at rank k <= topk of (relevant refs up to k) / k
-with c = relevant refs within topk (the original's normalisation); rank1 = rank of the first
-relevant ref (0 = none); top10 = relevant refs in ranks 1..10; hit = top-1 is relevant.
-Aggregates: mAP, MR1 = mean rank1, HR1 = mean hit, HR10 = share with rank1 in 1..10,
-P@10 = mean top10 / 10. ``no_relevant="count_as_zero"`` (the original) keeps queries without a
-relevant ref in every mean (AP 0, rank1 0: this *lowers* MR1); ``"skip"`` leaves them out.
+Per query: AP = (1 / c) x sum over relevant refs at rank k <= topk of (relevant refs up to k) / k,
+c = relevant refs within topk (the original's normalisation); rank1 = rank of the first relevant
+ref (0 = none); top10 = relevant refs in ranks 1..10; hit = top-1 is relevant. Aggregates: mAP,
+MR1 = mean rank1, HR1 = mean hit, HR10 = share with rank1 in 1..10, P@10 = mean top10 / 10.
+``no_relevant="count_as_zero"`` (the original) keeps queries without a relevant ref in every
+mean (AP 0, rank1 0: this *lowers* MR1); ``"skip"`` leaves them out.
 """
 
 from __future__ import annotations
@@ -36,17 +35,17 @@ Labels = Sequence | np.ndarray
 def _check_inputs(dist: np.ndarray, query_labels: Labels, ref_labels: Labels,
                   exclude: np.ndarray | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(dist [Q, R], q label codes [Q], r label codes [R], valid bool [Q, R]); equal labels
-    get equal int codes."""
+    """(dist [Q, R], q label codes [Q], r label codes [R], valid bool [Q, R]); equal labels:
+    equal int codes."""
     d = np.asarray(dist)
     if d.ndim != 2:
         raise ConfigError(f"distance matrix must be 2-D [queries, refs], got shape {d.shape}")
     n_q, n_r = d.shape
     ql, rl = np.asarray(query_labels), np.asarray(ref_labels)
-    for name, lab, n, what in (("query_labels", ql, n_q, "query rows"),
-                               ("ref_labels", rl, n_r, "ref columns")):
+    for name, lab, n, what in (("query", ql, n_q, "query rows"), ("ref", rl, n_r, "ref columns")):
         if lab.shape != (n,):
-            raise ConfigError(f"{name} has shape {lab.shape} but the distance matrix has {n} {what}")
+            raise ConfigError(f"{name}_labels has shape {lab.shape} but the distance matrix has "
+                              f"{n} {what}")
     if np.isnan(d).any():
         q, r = np.argwhere(np.isnan(d))[0]
         raise ConfigError(f"distance matrix holds NaN (first at query {q}, ref {r}); the "
@@ -55,9 +54,7 @@ def _check_inputs(dist: np.ndarray, query_labels: Labels, ref_labels: Labels,
     both = (np.concatenate([ql.astype(object), rl.astype(object)]).astype(str)
             if ql.dtype != rl.dtype or ql.dtype.kind not in "iub" else np.concatenate([ql, rl]))
     codes = np.unique(both, return_inverse=True)[1]
-    if exclude is None:
-        return d, codes[:n_q], codes[n_q:], np.ones((n_q, n_r), dtype=bool)
-    ex = np.asarray(exclude)
+    ex = np.zeros((n_q, n_r), dtype=bool) if exclude is None else np.asarray(exclude)
     if ex.shape != (n_q, n_r) or ex.dtype != bool:
         raise ConfigError(f"exclude must be a boolean mask of shape {(n_q, n_r)}, got {ex.dtype} "
                           f"{ex.shape}")
@@ -91,8 +88,7 @@ def per_query_stats(dist: np.ndarray, query_labels: Labels, ref_labels: Labels, 
     rel = (ql[:, None] == rl[None, :]) & valid  # [Q, R]
     n_rel = rel.sum(axis=1).astype(np.int64)
     ap = np.zeros(d.shape[0])
-    rank1 = np.zeros(d.shape[0], dtype=np.int64)
-    top10 = np.zeros(d.shape[0], dtype=np.int64)
+    rank1, top10 = np.zeros((2, d.shape[0]), dtype=np.int64)
     for i in np.flatnonzero(n_rel):
         ranks = np.sort(_relevant_ranks(d[i], valid[i], np.flatnonzero(rel[i])))
         rank1[i] = ranks[0]
@@ -105,7 +101,7 @@ def per_query_stats(dist: np.ndarray, query_labels: Labels, ref_labels: Labels, 
 
 
 def _per_query_values(stats: dict[str, np.ndarray]) -> np.ndarray:
-    """float64 [Q, len(METRIC_NAMES)]: each query's contribution to each metric's mean."""
+    """float64 [Q, len(METRIC_NAMES)]: each query's term in each metric's mean."""
     r1 = stats["rank1"]
     return np.stack([stats["ap"], r1, stats["hit"], (r1 >= 1) & (r1 <= 10),
                      stats["top10"] / 10.0], axis=1).astype(np.float64)
@@ -135,11 +131,8 @@ def retrieval_metrics(dist: np.ndarray, query_labels: Labels, ref_labels: Labels
     and ``n_queries_without_relevant`` of a distance matrix [Q, R]. ``topk``: depth of the AP
     sum (the original: 10 000; None = all); ``no_relevant``: see the module docstring."""
     stats, keep = _scored_stats(dist, query_labels, ref_labels, exclude, topk, no_relevant)
-    out: dict[str, float | int] = dict(_means(stats, keep))
-    out["n_queries"] = int(keep.size)
-    out["n_queries_scored"] = int(keep.sum())
-    out["n_queries_without_relevant"] = int((stats["n_relevant"] == 0).sum())
-    return out
+    return {**_means(stats, keep), "n_queries": int(keep.size), "n_queries_scored": int(keep.sum()),
+            "n_queries_without_relevant": int((stats["n_relevant"] == 0).sum())}
 
 
 def per_query_ap(dist: np.ndarray, query_labels: Labels, ref_labels: Labels, *,
@@ -214,23 +207,21 @@ def self_exclusion_mask(query_ids: Sequence[str], ref_ids: Sequence[str], *,
     if query_sources is not None or ref_sources is not None:
         pairs.append((_sources(q_ids, query_sources, "query"), _sources(r_ids, ref_sources, "ref")))
     mask = np.zeros((len(q_ids), len(r_ids)), dtype=bool)
-    for a, b in pairs:  # compare int codes over one shared vocabulary
-        codes = np.unique(np.asarray(a + b, dtype=str), return_inverse=True)[1]
+    for a, b in pairs:
+        codes = np.unique(np.asarray(a + b, dtype=str), return_inverse=True)[1]  # shared codes
         mask |= codes[:len(a), None] == codes[None, len(a):]
     return mask
 
 
 def _sources(ids: list[str], sources: Sequence[str | None] | None, what: str) -> list[str]:
-    if sources is None:
-        return list(ids)
+    sources = ids if sources is None else sources
     if len(sources) != len(ids):
         raise ConfigError(f"{what}_sources has {len(sources)} entries but there are {len(ids)} ids")
     return [str(s) if s is not None and s != "" else i for i, s in zip(ids, sources, strict=True)]
 
 
 def query_in_ref_mask(pairs: Sequence[Sequence[int]], n_queries: int, n_refs: int) -> np.ndarray:
-    """Bool [Q, R] with True at each (query index, ref index) pair (of
-    :func:`read_query_in_ref`); out-of-range indices are a ManifestError."""
+    """Bool [Q, R], True at each (query, ref) index pair; out-of-range pairs: ManifestError."""
     mask = np.zeros((n_queries, n_refs), dtype=bool)
     arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     bad = (arr < 0).any(axis=1) | (arr[:, 0] >= n_queries) | (arr[:, 1] >= n_refs)
@@ -268,16 +259,14 @@ def bootstrap_ci(dist: np.ndarray, q_labels: Labels, r_labels: Labels,
                        for j in range(len(METRIC_NAMES))], axis=1)  # [works, metrics]
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     draws = rng.integers(0, n_w, size=(n_boot, n_w))
-    flat = (draws + (np.arange(n_boot, dtype=np.int64) * n_w)[:, None]).ravel()
-    times = np.bincount(flat, minlength=n_boot * n_w).reshape(n_boot, n_w).astype(np.float64)
+    times = np.apply_along_axis(np.bincount, 1, draws, minlength=n_w).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):  # times: draws of each work per replicate
         reps = (times @ sums_w) / (times @ count_w)[:, None]  # [n_boot, metrics]
     out: dict[str, dict[str, float]] = {}
     for j, m in enumerate(METRIC_NAMES):
         col = reps[:, j][np.isfinite(reps[:, j])]
-        low, high = (np.percentile(col, [50 * (1 - confidence), 50 * (1 + confidence)])
-                     if col.size else (np.nan, np.nan))
-        out[m] = {"point": point[m], "mean": float(col.mean()) if col.size else float("nan"),
-                  "low": float(low), "high": float(high),
-                  "std": float(col.std()) if col.size else float("nan")}
+        col = col if col.size else np.array([np.nan])  # no finite replicate: all NaN
+        low, high = np.percentile(col, [50 * (1 - confidence), 50 * (1 + confidence)])
+        out[m] = {"point": point[m], "mean": float(col.mean()), "low": float(low),
+                  "high": float(high), "std": float(col.std())}
     return out

@@ -1,11 +1,10 @@
 """The distance rule: window embeddings -> track representation -> track distance.
 
-The one owner of how two recordings are compared (evaluation, the index, its calibration and
-identification), so a metric measures exactly what identification does. A recording is a set
-of window embeddings ``[n_windows, D]``; windows are L2-normalised and ``1 - cos`` apart, in
-[0, 2]. Rules (:data:`DISTANCE_RULES`): ``"min"`` = the minimum over all window pairs (the
-original's evaluation rule: the best-matching passages decide); ``"mean"`` = the distance of
-the tracks' unit mean window vectors (:func:`track_vector`): one vector per recording, FAISS-able.
+The one owner of how two recordings are compared (evaluation, index, calibration, identify).
+A recording is a set of L2-normalised window embeddings ``[n_windows, D]``, ``1 - cos`` apart
+(in [0, 2]). :data:`DISTANCE_RULES`: ``"min"`` = minimum over all window pairs (the original's
+rule: the best-matching passages decide); ``"mean"`` = distance of the unit mean window vectors
+(:func:`track_vector`: one vector per recording, FAISS-able).
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ def unit_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def track_vector(windows: np.ndarray) -> np.ndarray:
-    """Unit vector [D] of a track: the mean of its unit windows [n_windows, D], renormalised
-    (the first unit window if they cancel out)."""
+    """Unit mean [D] of a track's unit windows [n_windows, D] (the first if they cancel out)."""
     w = unit_rows(np.atleast_2d(np.asarray(windows, dtype=np.float32)))
     m = w.mean(axis=0)
     n = float(np.linalg.norm(m))
@@ -69,19 +67,17 @@ def _stack_windows(tracks: Sequence[np.ndarray], what: str) -> tuple[np.ndarray,
 
 def _min_distances(q: np.ndarray, q_off: np.ndarray, r: np.ndarray, r_off: np.ndarray,
                    block_elements: int) -> np.ndarray:
-    """Min over window pairs, in blocks of whole query tracks under ``block_elements`` cells."""
-    n_q = len(q_off)
-    ends = np.append(q_off[1:], q.shape[0])
-    out = np.empty((n_q, len(r_off)), dtype=np.float32)
-    rows_per_block = max(1, block_elements // max(1, r.shape[0]))
-    t0 = 0
-    while t0 < n_q:  # tracks t0..t1-1 hold at most rows_per_block windows (at least one track)
-        t1 = max(t0 + 1, int(np.searchsorted(ends, q_off[t0] + rows_per_block, side="right")))
-        a, b = q_off[t0], ends[t1 - 1]
-        dist = 1.0 - np.clip(q[a:b] @ r.T, -1.0, 1.0)  # [block windows, all ref windows]
-        per_q = np.minimum.reduceat(dist, q_off[t0:t1] - a, axis=0)
-        out[t0:t1] = np.minimum.reduceat(per_q, r_off, axis=1)
-        t0 = t1
+    """Min over window pairs, in blocks of query windows under ``block_elements`` cells (a long
+    query is split over blocks too, so memory stays bounded)."""
+    owner = np.repeat(np.arange(len(q_off)), np.diff(np.append(q_off, q.shape[0])))
+    out = np.full((len(q_off), len(r_off)), np.inf, dtype=np.float32)
+    step = max(1, block_elements // max(1, r.shape[0]))
+    for a in range(0, q.shape[0], step):
+        dist = 1.0 - np.clip(q[a:a + step] @ r.T, -1.0, 1.0)  # [block windows, all ref windows]
+        own = owner[a:a + step]
+        firsts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])  # each track's first row
+        per_q = np.minimum.reduceat(np.minimum.reduceat(dist, firsts, axis=0), r_off, axis=1)
+        out[own[firsts]] = np.minimum(out[own[firsts]], per_q)
     return out
 
 
@@ -104,21 +100,21 @@ def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarra
                    j: np.ndarray, *, rule: str, chunk: int = 8192) -> np.ndarray:
     """Distances float64 [P] of track pairs ``(i[p], j[p])`` from unit window ``sets`` (rule
     "min") or unit track ``vectors`` [N, D] (rule "mean"), for the index calibration."""
-    check_rule(rule)
-    out = np.empty(i.size, np.float64)
-    if rule == "mean":
+    if check_rule(rule) == "mean":
         e = np.asarray(vectors, np.float64)
-        for a in range(0, i.size, chunk):
-            dots = np.einsum("pd,pd->p", e[i[a:a + chunk]], e[j[a:a + chunk]])
-            out[a:a + chunk] = 1.0 - np.clip(dots, -1.0, 1.0)
-        return out
-    sizes = np.array([len(s) for s in sets])
-    mask = np.arange(sizes.max())[None, :] < sizes[:, None]  # [N, w_max] real windows
-    pad = np.zeros((*mask.shape, sets[0].shape[1]), np.float64)
-    pad[mask] = np.concatenate(sets)
+    else:
+        sizes = np.array([len(s) for s in sets])
+        mask = np.arange(sizes.max())[None, :] < sizes[:, None]  # [N, w_max] real windows
+        pad = np.zeros((*mask.shape, sets[0].shape[1]), np.float64)
+        pad[mask] = np.concatenate(sets)
+    out = np.empty(i.size, np.float64)
     for a in range(0, i.size, chunk):
         ii, jj = i[a:a + chunk], j[a:a + chunk]
-        sims = np.einsum("pad,pbd->pab", pad[ii], pad[jj])
-        valid = mask[ii][:, :, None] & mask[jj][:, None, :]
-        out[a:a + chunk] = 1.0 - np.clip(np.where(valid, sims, -np.inf).max(axis=(1, 2)), -1, 1)
+        if rule == "mean":
+            sims = np.einsum("pd,pd->p", e[ii], e[jj])
+        else:
+            valid = mask[ii][:, :, None] & mask[jj][:, None, :]
+            sims = np.where(valid, np.einsum("pad,pbd->pab", pad[ii], pad[jj]), -np.inf)
+            sims = sims.max(axis=(1, 2))
+        out[a:a + chunk] = 1.0 - np.clip(sims, -1.0, 1.0)
     return out

@@ -1,9 +1,7 @@
-"""The one scorer of a retrieval test set (training-time evaluation, ``05_evaluate``, k-fold,
-tuning): distances under the run's rule (:mod:`chlib.retrieval.protocol`), labels (``work_id``
-ints when every record has one, else work names) and exclusions: a recording is never ranked
-against itself or a tempo copy of the same source (``source_perf``), and an original-style
-``query_in_ref`` file adds its (query index, ref index) pairs.
-"""
+"""The one scorer of a retrieval test set (training, ``05_evaluate``, k-fold, tuning):
+distances under the run's rule (:mod:`chlib.retrieval.protocol`), labels and exclusions: a
+recording is never ranked against itself or a tempo copy of its source (``source_perf``), nor
+against the (query index, ref index) pairs of an original-style ``query_in_ref`` file."""
 
 from __future__ import annotations
 
@@ -29,8 +27,8 @@ MODEL_FREE = "2D-FTM (no learning)"  # the name of the model-free baseline in ev
 
 def model_free_windows(records: Sequence[dict], hp: Any, *,
                        manifest_path: str | os.PathLike | None = None) -> list[np.ndarray | None]:
-    """The 2D-FTM vector of each record's features as a one-window set [1, 900] (None when its
-    feature file is unusable), scored like a model's windows: the baseline no model may lose to."""
+    """The 2D-FTM vector of each record's features as a one-window set [1, 900] (None for an
+    unusable feature file), scored like a model's windows: the baseline no model may lose to."""
     out: list[np.ndarray | None] = []
     for r in records:
         try:
@@ -67,8 +65,7 @@ class ScoringInputs:
 
 
 def record_labels(records: Sequence[dict], where: Any = "records") -> tuple[np.ndarray, dict]:
-    """Work labels [N] of records (work_id ints when every record has one, else work names) and
-    the label -> work name map."""
+    """Work labels [N] (work_id ints if every record has one, else names), label -> name map."""
     if all("work_id" in r for r in records):
         labels = np.array([int(r["work_id"]) for r in records], dtype=np.int64)
         return labels, {int(r["work_id"]): str(r.get("work", r["work_id"])) for r in records}
@@ -81,8 +78,7 @@ def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
                  q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
                  query_in_ref_path: str | os.PathLike | None = None,
                  where: str = "test set") -> ScoringInputs:
-    """Distances [Q, R] under ``rule`` (from one [n_windows, D] array per record), labels and
-    exclusions of one test set."""
+    """Distances [Q, R] under ``rule`` (windows [n_windows, D] per record), labels, exclusions."""
     q_labels, q_names = record_labels(q_records, f"{where} queries")
     r_labels, r_names = record_labels(r_records, f"{where} references")
     if q_labels.dtype != r_labels.dtype:
@@ -96,17 +92,15 @@ def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
     if query_in_ref_path:
         pairs = metrics.read_query_in_ref(query_in_ref_path)
         exclude |= metrics.query_in_ref_mask(pairs, len(q_perfs), len(r_perfs))
-    dist = track_distances(q_windows, r_windows, rule=rule)
-    return ScoringInputs(dist, exclude, q_labels, r_labels, {**r_names, **q_names}, q_perfs,
-                         r_perfs, rule)
+    return ScoringInputs(track_distances(q_windows, r_windows, rule=rule), exclude, q_labels,
+                         r_labels, {**r_names, **q_names}, q_perfs, r_perfs, rule)
 
 
 def score_windows(q_records: Sequence[dict], r_records: Sequence[dict],
                   q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
                   query_in_ref_path: str | os.PathLike | None = None,
                   no_relevant: str = "count_as_zero") -> dict:
-    """mAP, MR1, HR1, HR10, P@10 and query counts of one test set
-    (:func:`chlib.retrieval.metrics.retrieval_metrics` of :func:`score_inputs`)."""
+    """``retrieval_metrics`` (mAP, MR1, HR1, HR10, P@10, counts) of :func:`score_inputs`."""
     s = score_inputs(q_records, r_records, q_windows, r_windows, rule=rule,
                      query_in_ref_path=query_in_ref_path)
     return metrics.retrieval_metrics(s.dist, s.q_labels, s.r_labels, exclude=s.exclude,

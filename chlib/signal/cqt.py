@@ -26,13 +26,19 @@ from chlib.core.config import FeatureSettings
 from chlib.core.device import device_dtype_ok, pick_device
 from chlib.core.errors import AudioError, ConfigError
 
-__all__ = ["DB_EPS", "CQTExtractor", "amplitude_to_db", "compute_cqt_db", "compute_cqt_db_batch",
+__all__ = ["DB_EPS", "BLOCK_SAMPLES", "BATCH_SAMPLES", "CQTExtractor", "amplitude_to_db",
+           "compute_cqt_db", "compute_cqt_db_batch",
            "n_frames", "min_samples", "kernel_length", "coverhunter_spectral_kernel",
            "get_extractor", "group_runs", "nonzero_runs"]
 
 #: Added to magnitudes before the logarithm (the original's constant).
 DB_EPS: float = 1e-9
 _KERNEL_THRESHOLD: float = 0.01  # the original zeroes spectral-kernel entries below it
+#: Signals longer than this (samples; 4.4 min at 16 kHz) are transformed in blocks of frames.
+BLOCK_SAMPLES: int = 2 ** 22
+#: Most samples, padding included, in one transform call of :func:`compute_cqt_db_batch`.
+BATCH_SAMPLES: int = 2 ** 24
+_MAX_PADDING = 0.25  # most of a sub-batch that may be zero padding
 
 
 def _quality(settings: FeatureSettings) -> float:
@@ -150,6 +156,9 @@ class _CoverHunterCQT(nn.Module):
                                              settings.n_bins)
         self.pad_left = math.ceil((self.n_fft - self.hop) / 2)
         self.pad_right = (self.n_fft - self.hop) // 2
+        # a frame j reads samples [j * hop - left, j * hop - left + width) of the track,
+        # padded with pad_mode outside it (what pad_one does to the whole track)
+        self.left, self.width, self.pad_mode = self.pad_left, self.n_fft, "constant"
         w = _fold_to_real_fft(coverhunter_spectral_kernel(settings))
         self.groups = group_runs(_bin_runs(w))
         for i, (start, end, lo, hi) in enumerate(self.groups):
@@ -196,6 +205,8 @@ class _NnAudioCQT(nn.Module):
                              bins_per_octave=settings.bins_per_octave,
                              center=False, verbose=False)  # center: pad_one pads each track
         self.half = int(self.cqt.kernel_width) // 2
+        self.hop, self.left, self.width = settings.hop_length, self.half, 2 * self.half
+        self.pad_mode = "reflect"
 
     def pad_one(self, y: torch.Tensor) -> torch.Tensor:
         """Reflect-pad one track ``[n]`` by half a kernel on both sides (nnAudio's ``center``)."""
@@ -265,38 +276,101 @@ def get_extractor(settings: FeatureSettings, device: str | torch.device | None =
     return _cached_extractor(settings, str(pick_device(device)), dtype or torch.float32)
 
 
+def _all_finite(y: np.ndarray, step: int = 1 << 20) -> bool:
+    return all(np.isfinite(y[i:i + step]).all() for i in range(0, len(y), step))
+
+
+def _span(impl: nn.Module, y: np.ndarray, f0: int, f1: int, device: torch.device) -> torch.Tensor:
+    """The samples frames ``[f0, f1)`` of ``y`` read, padded as the flavour pads a whole track:
+    float32 ``[(f1 - f0 - 1) * hop + width]``."""
+    a = f0 * impl.hop - impl.left
+    b = (f1 - 1) * impl.hop + impl.width - impl.left
+    seg = torch.as_tensor(np.asarray(y[max(a, 0):min(b, len(y))], dtype=np.float32), device=device)
+    pads = (max(0, -a), max(0, b - len(y)))
+    if pads == (0, 0):
+        return seg
+    return F.pad(seg[None, None], pads, mode=impl.pad_mode)[0, 0]
+
+
+def _sub_batches(sizes: list[int], batch_size: int, max_samples: int) -> list[list[int]]:
+    """Group items of ``sizes`` samples, longest first, into sub-batches of at most
+    ``batch_size`` items and ``max_samples`` samples once padded to the longest, at most
+    ``_MAX_PADDING`` of which padding (an item longer than ``max_samples`` goes alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if groups and len(g := groups[-1]) < batch_size:
+            cells = sizes[g[0]] * (len(g) + 1)
+            if cells <= max_samples and cells - total - sizes[i] <= _MAX_PADDING * cells:
+                g.append(i)
+                total += sizes[i]
+                continue
+        groups.append([i])
+        total = sizes[i]
+    return groups
+
+
+def _magnitude_to_db(mag: torch.Tensor) -> np.ndarray:
+    """:func:`amplitude_to_db` of one track's magnitude ``[frames, bins]``, in place."""
+    db = mag.add_(DB_EPS).log10_().mul_(20.0)
+    return db.sub_(db.max()).to(torch.float32).numpy()
+
+
 def compute_cqt_db_batch(signals: list[np.ndarray], settings: FeatureSettings,
                          device: str | torch.device | None = None, batch_size: int = 16,
-                         dtype: torch.dtype | None = None) -> list[np.ndarray]:
+                         dtype: torch.dtype | None = None, *, block_samples: int = BLOCK_SAMPLES,
+                         max_batch_samples: int = BATCH_SAMPLES) -> list[np.ndarray]:
     """CQT in dB of many mono signals ``[n_samples]`` (at ``settings.sample_rate``); returns, in
     input order, float32 ``[n_frames(len), bins]``, 0 dB = each track's maximum.
-    Batches of similar lengths are zero-padded and each result cropped to its own frames, so
-    batched output equals per-track output. :class:`AudioError` for a signal that is not 1-D,
-    not finite or shorter than :func:`min_samples`."""
+    A signal longer than ``block_samples`` is cut into blocks of frames, each read with the
+    kernel span around its frames (so neighbours overlap by a kernel less one hop) and stitched
+    into the whole-signal result; signals and blocks of similar lengths share sub-batches of at
+    most ``batch_size`` items and ``max_batch_samples`` samples (a quarter of them padding at
+    most), each result cropped to its own frames. So the output equals per-track output and
+    memory stays bounded whatever the lengths: the results, plus one sub-batch.
+    :class:`AudioError` for a signal that is not 1-D, not finite or shorter than
+    :func:`min_samples`."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    signals = [np.asarray(y) for y in signals]
     for i, y in enumerate(signals):
-        if (y := np.asarray(y)).ndim != 1:
+        if y.ndim != 1:
             raise AudioError(f"signal {i}: expected a mono signal [samples], got shape {y.shape}; "
                              "mix to mono first (chlib.signal.audio.to_mono)")
         _check_length(y.shape[0], settings, f"signal {i}")
-        if not np.isfinite(y).all():
+        if not _all_finite(y):
             raise AudioError(f"signal {i}: contains NaN or infinite samples; decode it again with "
                              "chlib.signal.audio.load_audio, which rejects damaged files")
     extractor = get_extractor(settings, device, dtype)
-    order = sorted(range(len(signals)), key=lambda i: -len(signals[i]))
+    impl, hop, dev = extractor.impl, settings.hop_length, extractor.device
+    block_frames = max(4, block_samples // hop)
+    pieces: list[tuple[int, int, int]] = []  # (signal, first frame, end frame)
+    for i, y in enumerate(signals):
+        total = n_frames(len(y), settings)
+        k = 1 if len(y) <= block_samples else -(-total // block_frames)
+        pieces += [(i, j * total // k, (j + 1) * total // k) for j in range(k)]
+    todo = [0] * len(signals)  # pieces left per signal
+    for i, _, _ in pieces:
+        todo[i] += 1
+    mags: list[torch.Tensor | None] = [None] * len(signals)
     results: list[np.ndarray | None] = [None] * len(signals)
+    sizes = [(f1 - f0 - 1) * hop + impl.width for _, f0, f1 in pieces]
     with torch.no_grad():
-        for b0 in range(0, len(order), batch_size):
-            idx = order[b0:b0 + batch_size]
-            padded = [extractor.impl.pad_one(torch.as_tensor(
-                np.asarray(signals[i], dtype=np.float32), device=extractor.device)) for i in idx]
-            width = max(p.shape[0] for p in padded)
-            batch = torch.stack([F.pad(p, (0, width - p.shape[0])) for p in padded])
-            mag = extractor.impl.transform(batch)
-            for row, i in enumerate(idx):
-                crop = mag[row, : n_frames(len(signals[i]), settings)]
-                results[i] = amplitude_to_db(crop).to(torch.float32).cpu().numpy()
+        for group in _sub_batches(sizes, batch_size, max_batch_samples):
+            batch = torch.zeros(len(group), sizes[group[0]], device=dev)
+            for row, p in enumerate(group):
+                batch[row, : sizes[p]] = _span(impl, signals[pieces[p][0]], *pieces[p][1:], dev)
+            mag = impl.transform(batch).cpu()
+            del batch
+            for row, p in enumerate(group):
+                i, f0, f1 = pieces[p]
+                if mags[i] is None:
+                    mags[i] = torch.empty(n_frames(len(signals[i]), settings), settings.n_bins,
+                                          dtype=mag.dtype)
+                mags[i][f0:f1] = mag[row, : f1 - f0]
+                todo[i] -= 1
+                if todo[i] == 0:
+                    results[i], mags[i] = _magnitude_to_db(mags[i]), None
     return results  # type: ignore[return-value]
 
 

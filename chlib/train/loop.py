@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from chlib.core.config import HParams, load_hparams
 from chlib.core.device import pick_device
 from chlib.core.errors import ChlibError, ConfigError
-from chlib.core.io import append_jsonl, write_json
+from chlib.core.io import append_jsonl, folder_lock, write_json
 from chlib.core.manifest import FULL_KEYS, read_manifest
 from chlib.core.progress import progress as progress_bar
 from chlib.data.sampler import MPerClassBatchSampler, item_rng
@@ -42,6 +42,7 @@ from chlib.model.checkpoint import (
     load_generator_state,
     load_state_into,
     load_train_state,
+    remove_temp_files,
     save_checkpoint,
 )
 from chlib.retrieval.embed import embed_recordings
@@ -53,7 +54,14 @@ from chlib.train.data import (
     train_loaders,
 )
 from chlib.train.diagnose import memorising, model_free_scores
-from chlib.train.runs import epoch_table, load_recipe, make_run_config, read_metrics, run_config
+from chlib.train.runs import (
+    epoch_table,
+    load_recipe,
+    make_run_config,
+    read_metrics,
+    run_config,
+    setting_changes,
+)
 from chlib.train.schedule import EarlyStopping, lr_at
 
 # re-exported here for the notebooks, bench scripts and tests that import them from the loop
@@ -164,8 +172,9 @@ class TrainState:
                     "samplers": [s.state_dict() for s in self.samplers],
                     "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False)}}
 
-    def resume(self, ckpt_dir: Path, device: torch.device) -> int | None:
-        """Load the newest checkpoint with both g_ and do_ files; its epoch, or None."""
+    def resume(self, ckpt_dir: Path, device: torch.device) -> tuple[int, dict] | None:
+        """Load the newest checkpoint with both g_ and do_ files: its epoch and the settings it
+        was trained with (``{}``: unknown, or a start not yet trained from), or None."""
         done = list_checkpoints(ckpt_dir, "do_")
         epoch = max(set(done) & set(list_checkpoints(ckpt_dir, "g_")), default=None)
         if epoch is None:
@@ -181,7 +190,7 @@ class TrainState:
         self.batch_in_epoch = 0 if complete else int(extra.get("batch_in_epoch", 0))
         if "rng" in extra:
             _set_rng_state(extra["rng"], device)
-        return epoch
+        return epoch, yaml.safe_load(extra["hparams"]) if self.step and "hparams" in extra else {}
 
 
 class _Log:
@@ -270,7 +279,11 @@ class _Run:
         stopper = EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
                                 alpha=hp.map_smoothing_alpha)
         self.state = st = TrainState(model, _optimizer(model, hp), stopper, samplers)
-        resumed = st.resume(self.ckpt_dir, device)
+        resumed, trained_with = st.resume(self.ckpt_dir, device) or (None, {})
+        if trained_with and (changes := setting_changes(trained_with, hp, str(run_dir))):
+            warnings.warn(f"{run_dir}: resuming from {checkpoint_name(resumed)} with settings "
+                          f"other than those it was trained with: {changes} (training goes on "
+                          "with the new ones)", stacklevel=3)
         if resumed is not None and progress:
             print(f"resuming {run_dir} from {checkpoint_name(resumed)} "
                   f"(epoch {st.epoch}, step {st.step})")
@@ -468,11 +481,21 @@ def train(run_dir: str | os.PathLike, *, hp: HParams | None = None,
 
     ``hp``: instead of ``<run>/config/hparams.yaml`` (then written there). ``device``: "auto"
     (= ``hp.device``) or a name. ``max_epochs``: stop before this epoch index. ``callbacks``:
-    called with each epoch record. Ctrl-C saves and returns with ``interrupted=True``.
+    called with each epoch record. Ctrl-C saves and returns with ``interrupted=True``. A second
+    training of the same folder meanwhile stops at once (FolderLockedError naming this one).
     """
     run_dir = Path(run_dir)
+    with folder_lock(run_dir, "training", wait=False):
+        return _train_locked(run_dir, hp, device, max_epochs, progress, callbacks)
+
+
+def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
+                  max_epochs: int | None, progress: bool,
+                  callbacks: Sequence[Callable[[dict], Any]] | None) -> TrainResult:
+    read_metrics(run_dir)  # a damaged log stops the run now, not after its first epoch
     hp = run_config(run_dir, hp, "no training config; write one with "  # saved: what it trained with
                     "chlib.train.loop.make_run_config(...) or pass hp=")
+    remove_temp_files(run_dir / "checkpoints")  # left by a killed save (we hold the lock)
     max_epochs = hp.max_epochs if max_epochs is None else int(max_epochs)
     dev = pick_device(hp.device if device in (None, "auto") else device)
     run = _Run(run_dir, hp, dev, max_epochs, progress)

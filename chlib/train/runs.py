@@ -9,15 +9,17 @@ from typing import Any
 
 import pandas as pd
 
+from chlib.core import schema
 from chlib.core.config import HParams, deep_merge, input_bins, load_hparams, load_yaml, save_hparams
 from chlib.core.errors import ConfigError
-from chlib.core.io import read_json, read_jsonl
+from chlib.core.io import folder_lock, read_json, read_jsonl
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.core.schema import check
 from chlib.data.features import feature_path
+from chlib.model.checkpoint import list_checkpoints
 
-__all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "check_saved_config",
-           "run_config", "read_metrics", "epoch_table"]
+__all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "setting_changes",
+           "check_saved_config", "run_config", "read_metrics", "epoch_table"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), ("fmin", "fmin"),
@@ -30,8 +32,13 @@ def recipe_path(recipe: str | os.PathLike) -> Path:
     for p in (Path(recipe), RECIPES_DIR / f"{recipe}.yaml"):
         if p.suffix in (".yaml", ".yml") and p.is_file():
             return p
+    text = os.fspath(recipe)
+    if Path(text).suffix in (".yaml", ".yml") or "/" in text or os.sep in text:
+        raise ConfigError(f"recipe file {Path(text).resolve()} does not exist (paths are relative "
+                          f"to the current directory {os.getcwd()}); check the path")
     known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(known)} or a .yaml path")
+    raise ConfigError(f"unknown recipe {text!r}: the built-in recipes are {', '.join(known)}; "
+                      "or give the path of a .yaml file")
 
 
 def load_recipe(recipe: str | os.PathLike = "laptop") -> dict:
@@ -39,10 +46,10 @@ def load_recipe(recipe: str | os.PathLike = "laptop") -> dict:
     return load_yaml(recipe_path(recipe))
 
 
-def _held_out_list(dataset_dir: Path, split: str, out: Path, *, keep_if_all: bool) -> Path | None:
-    """Write the ``<split>.txt`` records of works held out entirely (``<split>-only-work-ids.txt``)
-    to ``out``; None when fewer than 2 such works (or, unless ``keep_if_all``, when the split
-    holds nothing else)."""
+def _held_out_list(dataset_dir: Path, split: str, *, keep_if_all: bool) -> list[dict] | None:
+    """The ``<split>.txt`` records of works held out entirely (``<split>-only-work-ids.txt``);
+    None when fewer than 2 such works (or, unless ``keep_if_all``, when the split holds nothing
+    else)."""
     ids_file, split_file = dataset_dir / f"{split}-only-work-ids.txt", dataset_dir / f"{split}.txt"
     if not ids_file.is_file() or not split_file.is_file():
         return None
@@ -53,16 +60,16 @@ def _held_out_list(dataset_dir: Path, split: str, out: Path, *, keep_if_all: boo
             if int(r["work_id"]) in ids]
     if len({r["work_id"] for r in recs}) < 2 or (len(recs) == len(every) and not keep_if_all):
         return None
-    write_manifest(out, recs)
-    return out
+    return recs
 
 
 def _testset(path: Path) -> dict:
     return {"query_path": str(path), "ref_path": str(path), "every_n_epoch_to_test": 1}
 
 
-def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
-    """Set the data paths, CQT settings and test sets of dataset folder ``ds`` in ``d``."""
+def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> dict[Path, list[dict]]:
+    """Set the data paths, CQT settings and test sets of dataset folder ``ds`` in ``d``;
+    returns the held-out lists to write into the run's ``config/`` (path: records)."""
     check((ds / "train.txt").is_file(), str(ds), "no train.txt; run the split step on this "
           "dataset first")
     d["train_path"] = str(ds / "train.txt")
@@ -71,19 +78,20 @@ def _dataset_settings(d: dict, ds: Path, run_dir: Path) -> None:
         d["val_path"] = str(val)
     else:
         d.pop("val_path", None)
+    lists: dict[Path, list[dict]] = {}
     if (ds / "features.json").is_file():
         f = read_json(ds / "features.json")
         d.update({yk: f[fk] for yk, fk in _FEATURE_KEYS if fk in f})
     test = ds / "test.txt"
     if test.is_file() and read_manifest(test, FULL_KEYS):
         d["test"] = _testset(test)
-        unseen = _held_out_list(ds, "test", run_dir / "config" / "test_unseen.txt",
-                                keep_if_all=False)
-        if unseen is not None:
-            d["unseen"] = _testset(unseen)
-    val_unseen = _held_out_list(ds, "val", run_dir / "config" / "val_unseen.txt", keep_if_all=True)
-    if val_unseen is not None:
-        d["val_unseen"] = _testset(val_unseen)
+        if (unseen := _held_out_list(ds, "test", keep_if_all=False)) is not None:
+            d["unseen"] = _testset(out := run_dir / "config" / "test_unseen.txt")
+            lists[out] = unseen
+    if (val_unseen := _held_out_list(ds, "val", keep_if_all=True)) is not None:
+        d["val_unseen"] = _testset(out := run_dir / "config" / "val_unseen.txt")
+        lists[out] = val_unseen
+    return lists
 
 
 def make_run_config(run_dir: str | os.PathLike, recipe: str | os.PathLike = "laptop",
@@ -96,10 +104,10 @@ def make_run_config(run_dir: str | os.PathLike, recipe: str | os.PathLike = "lap
     mAP`` stops on; without it mAP stopping falls back to val_loss with a warning).
     ``overrides`` (nested, YAML key names) are merged last. Returns the YAML path.
     """
-    run_dir = Path(run_dir)
+    run_dir, lists = Path(run_dir), {}
     d = load_recipe(recipe)
     if dataset_dir is not None:
-        _dataset_settings(d, Path(dataset_dir), run_dir)
+        lists = _dataset_settings(d, Path(dataset_dir), run_dir)
     if overrides:
         d = deep_merge(d, overrides)
     if dataset_dir is not None and "n_bins" in d:  # the model input follows the features
@@ -113,9 +121,35 @@ def make_run_config(run_dir: str | os.PathLike, recipe: str | os.PathLike = "lap
             "the data-prep config); using val_loss instead", stacklevel=2)
         d["early_stop_metric"], d["map_stopping_testsets"] = "val_loss", []
     hp = HParams.from_dict(d, where=f"recipe {recipe} + overrides")
-    out = run_dir / "config" / "hparams.yaml"
-    save_hparams(hp, out)
+    with folder_lock(run_dir, "writing the run config", wait=False):  # not under a training
+        _check_run_change(run_dir, hp)  # before anything is written
+        for path, recs in lists.items():
+            write_manifest(path, recs)
+        save_hparams(hp, out := run_dir / "config" / "hparams.yaml")
     return out
+
+
+def setting_changes(old: dict, hp: HParams, where: str) -> str:
+    """``"key old -> new, ..."`` for each setting of ``hp`` that differs from ``old`` (a saved
+    config mapping); a ConfigError naming ``where`` when one of them is a setting the run's
+    checkpoints depend on (the network's shape and input, :func:`schema.fixed_keys`)."""
+    diff = schema.differences(old, hp.to_dict())
+    fixed = [k for k in diff if k in schema.fixed_keys(HParams)]
+
+    def words(keys: list[str]) -> str:
+        return ", ".join(f"{k} {diff[k][0]} -> {diff[k][1]}" for k in keys)
+
+    check(not fixed, where, f"its checkpoints were trained with other model settings "
+          f"({words(fixed)}) and would no longer load with this config; train in a new run "
+          "folder (or delete its checkpoints/ to start this one again)")
+    return words(list(diff))
+
+
+def _check_run_change(run_dir: Path, hp: HParams) -> None:
+    """Refuse ``hp`` for a run folder with checkpoints whose config differs in a fixed key."""
+    cfg = run_dir / "config" / "hparams.yaml"
+    if cfg.is_file() and list_checkpoints(run_dir / "checkpoints"):
+        setting_changes(load_hparams(cfg).to_dict(), hp, str(run_dir))
 
 
 def check_saved_config(path: Path, hp: HParams, remedy: str) -> bool:
@@ -141,6 +175,7 @@ def run_config(folder: Path, hp: HParams | str | os.PathLike | None, missing: st
         return load_hparams(cfg)
     hp = hp if isinstance(hp, HParams) else load_hparams(hp)
     if remedy is None or not check_saved_config(cfg, hp, remedy):
+        _check_run_change(folder, hp)
         save_hparams(hp, cfg)
     return hp
 

@@ -13,6 +13,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+from chlib.core import schema
 from chlib.core.config import HParams, deep_merge, load_yaml
 from chlib.core.errors import ConfigError
 from chlib.core.io import stable_hash
@@ -23,21 +24,16 @@ __all__ = ["ORIGINAL_SWEEP_KEYS", "Factor", "Experiment", "TunePlan", "parse_pla
            "expand_plan", "experiment_name", "run_overrides"]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_INT_1 = (int, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_SLOPE = (float, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-          "a number >= 0")
-# plain plan keys -> (conversion, check, what the value must be); null keeps the TunePlan default
-_SCALARS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool], str]] = {
+_INT_1 = (int, lambda v: v >= 1, "an integer >= 1")
+_SLOPE = (float, lambda v: v >= 0, "a number >= 0")
+# plain plan keys -> (type, check, what the value must be); null keeps the TunePlan default
+_SCALARS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "dataset_dir": (str, lambda v: True, ""),
     "test_name": (str, lambda v: True, ""),
     "include_base": (bool, lambda v: True, ""),
     "mode": (str, lambda v: v in ("one_factor", "grid"), "'one_factor' or 'grid'"),
-    "seeds": (list, lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v))
-              and len(set(v)) == len(v), "a non-empty list of distinct integers"),
+    "seeds": (list[int], lambda v: bool(v) and len(set(v)) == len(v),
+              "a non-empty list of distinct integers"),
     "max_epochs": _INT_1,
     "early_stopping_patience": _INT_1,
     "flat_map_slope": _SLOPE,
@@ -291,10 +287,11 @@ def parse_plan(data: Mapping, *, where: str = "<plan>") -> TunePlan:
           f"{d.get('foundation_checkpoint')!r}: warm starts from a foundation model are not "
           "supported by chlib's tuning yet; set it to null (every experiment trains from scratch)")
     plan = TunePlan(source=where, raw=copy.deepcopy(d))
-    for key, (convert, ok, what) in _SCALARS.items():
-        if d.get(key) is not None:
-            check(ok(d[key]), where, f"{key} must be {what}, got {d[key]!r}")
-            setattr(plan, key, convert(d[key]))
+    for key, (typ, ok, what) in _SCALARS.items():
+        if d.get(key) is not None:  # the config's coercion (numeric strings are numbers)
+            value = str(d[key]) if typ is str else schema.coerce(d[key], typ, where, key, what)
+            check(ok(value), where, f"{key} must be {what}, got {d[key]!r}")
+            setattr(plan, key, value)
     _parse_base(plan, d, where)
     plan.factors = _parse_factors(d, where)
     _parse_hp_overrides(plan, d, where)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import papermill as pm
+from nbclient.exceptions import DeadKernelError
 
 from chlib.core.errors import ConfigError
 
@@ -94,6 +96,22 @@ class RunRecord:
             for e in self.executed])
 
 
+def _kernel_died(out: Path) -> str:
+    """What to say when a notebook's kernel died: which cell (the last one papermill started,
+    read from the partly written output notebook), the likely cause and that re-running resumes."""
+    try:
+        code = [c for c in nbformat.read(str(out), as_version=4).cells if c.cell_type == "code"]
+    except (OSError, ValueError):
+        code = []
+    started = [(n, c) for n, c in enumerate(code, 1)
+               if c.metadata.get("papermill", {}).get("start_time")]
+    cell = (f"cell {started[-1][0]} ({' '.join(started[-1][1].source.split())[:80]!r})"
+            if started else "an unknown cell")
+    return (f"the kernel died in {cell}: it was killed, most likely out of memory (or by a "
+            f"signal); lower batch sizes or free memory, then re-run the same command: finished "
+            f"steps (features, checkpoints, index) are reused and training resumes (see {out})")
+
+
 def run_notebooks(names: Sequence[str], *, run: str | None = None,
                   run_dir: str | Path | None = None, parameters: dict[str, Any] | None = None,
                   runs_root: str | Path = "runs", cwd: str | Path | None = None,
@@ -124,6 +142,8 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
                                 progress_bar=progress)
         except pm.PapermillExecutionError as e:
             error = f"{e.ename}: {e.evalue} (cell {e.exec_count}; see {out})"
+        except DeadKernelError:
+            error = _kernel_died(out)
         record.executed.append({"notebook": path.stem, "output": str(out), "error": error,
                                 "seconds": time.perf_counter() - t0, "parameters": mine})
         if error and stop_on_error:
