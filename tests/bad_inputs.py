@@ -380,3 +380,9 @@ def write_kernel_killing_notebook(path: str | Path, params_src: str = 'run_dir: 
     p.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(p))
     return p
+
+
+def make_pool_result_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A worker job's result (for chlib.core.parallel tests): a large float32 array of 0.5, a
+    strided (non-contiguous) view and an empty array."""
+    return np.full(n, 0.5, dtype=np.float32), np.arange(5)[::2], np.zeros(0, np.float32)

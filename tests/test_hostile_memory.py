@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from bad_inputs import write_long_stereo_wav
+from bad_inputs import make_pool_result_arrays, write_long_stereo_wav
 
 from chlib.core.config import FeatureSettings
+from chlib.core.parallel import run_jobs
 from chlib.signal import audio, cqt
 from chlib.signal.cqt import (
     compute_cqt_db,
@@ -187,3 +188,20 @@ def test_mem3_long_files_benchmark_runs_and_reports(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("GB target") == 4 and "FAILED" not in out.stdout
     assert "4 of 4 cases within their targets" in out.stdout
+
+
+
+def test_mem4_a_workers_large_result_arrives_in_one_copy():
+    """A decoded 2-hour signal came back from a decoding worker as two full copies in the main
+    process (the pickled message, then the array): now it is read straight into its array."""
+    n = 20_000_000
+    tracemalloc.start()
+    try:
+        [(_, out)] = list(run_jobs(make_pool_result_arrays, [(n,)], num_workers=1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    big, strided, empty = out
+    assert big.shape == (n,) and float(big[-1]) == 0.5 and big.flags.writeable
+    assert strided.tolist() == [0, 2, 4] and empty.shape == (0,)
+    assert peak < 1.4 * big.nbytes, f"the result took {peak / big.nbytes:.2f} x its size here"
