@@ -1,5 +1,6 @@
-"""Command line: ``python -m chlib run NOTEBOOK... --run NAME -p KEY VALUE ...`` runs notebooks
-headless; ``python -m chlib params NOTEBOOK`` lists a notebook's parameters."""
+"""Command line (``chlib`` once installed, or ``python -m chlib``): ``chlib run NOTEBOOK... --run
+NAME -p KEY VALUE ...`` runs notebooks headless; ``chlib params NOTEBOOK`` lists a notebook's
+parameters."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from chlib.ui import runner
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chlib", description=__doc__)
+    parser = argparse.ArgumentParser(prog="chlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute numbered notebooks headless with papermill")
     run.add_argument("notebooks", nargs="+", help="e.g. 01_prepare 02_extract (or 01 02)")

@@ -1,6 +1,9 @@
 """chlib.ui.runner: papermill batch runs into runs/<name>/notebooks/, parameters checked."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -69,3 +72,13 @@ def test_unknown_notebook_name_is_a_clear_error(fake_repo):
                                          ("[1, 2]", [1, 2]), ("datasets/demo", "datasets/demo")])
 def test_cli_values_are_parsed_as_literals(text, value):
     assert parse_cli_value(text) == value
+
+
+def test_chlib_console_script_is_installed_and_lists_parameters():
+    """``pip install`` puts a ``chlib`` command beside the interpreter ([project.scripts])."""
+    script = Path(sys.executable).with_name("chlib")
+    assert script.exists(), f"no console script at {script}: reinstall with pip install -e ."
+    out = subprocess.run([str(script), "params", "01_prepare"], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "dataset_dir" in out.stdout and "source" in out.stdout
