@@ -4,6 +4,7 @@ scores each (:mod:`chlib.retrieval.scoring`), adding bootstrap CIs, baselines an
 Files written by :meth:`Evaluation.save` (``run_dir/evaluation/`` by default)::
 
     metrics.json                  checkpoint, epoch, fingerprint, metrics and CIs per test set
+    metrics.csv                   the metrics table (05's): one row per test set and metric
     <testset>.npy                 distance matrix [Q, R] float32, -1 in excluded cells
                                   (the original's ``-dist_name`` export)
     <testset>.reflabels.npy       work labels of the columns [R]   (the original's export)
@@ -14,6 +15,8 @@ Files written by :meth:`Evaluation.save` (``run_dir/evaluation/`` by default)::
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from chlib.core.errors import CheckpointError, ConfigError, ManifestError
-from chlib.core.io import atomic_save_npy, write_json
+from chlib.core.io import atomic_save_npy, atomic_write_text, write_json
 from chlib.core.manifest import read_manifest
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import (
@@ -38,9 +41,19 @@ from chlib.retrieval import metrics, scoring
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.protocol import check_rule, track_distances, track_vectors
 
-__all__ = ["TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets",
+__all__ = ["TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets", "write_csv",
            "load_checkpoint", "top1_confusions", "random_embedding_baseline", "score_testset",
            "evaluate_run"]
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping], columns: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with ``columns`` (None and missing keys as ""), atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,7 @@ class TestSetResult(scoring.ScoringInputs):
     metrics: dict  # retrieval_metrics output
     ci: dict  # bootstrap_ci output: metric -> {point, mean, low, high, std}
     ranks: np.ndarray  # [Q] rank of the first correct reference, 0 = none
-    per_work: list[dict]  # per_work_ap rows, worst first, with "name"
+    per_work: list[dict]  # per_work_ap rows, worst first, with "name"; scorable queries only
     confusions: list[dict]  # top1_confusions rows, with names
     closest_wrong: list[dict]  # most_confused_pairs rows (recording pairs), with perf ids
     points: np.ndarray  # [N, D] one unit vector per distinct recording (queries, then refs)
@@ -192,15 +205,43 @@ class Evaluation:
     rule: str = "min"  # the run's distance rule (hp.distance_rule), used for every test set
 
     def result(self, name: str | None = None) -> TestSetResult:
-        """The named test set's result (default: the first one)."""
-        if not name:
-            return next(iter(self.results.values()))
-        if name not in self.results:
+        """The named test set's result (default: see :meth:`pick`)."""
+        return self.pick(name)[0]
+
+    def pick(self, name: str | None = None) -> tuple[TestSetResult, str]:
+        """``(result, note)``: the named test set's, note ""; with no name the first in which
+        every query has a relevant reference (else the first), the note naming those passed
+        over and their queries that cannot be scored."""
+        if name and name not in self.results:
             raise ConfigError(f"no test set {name!r}; evaluated: {', '.join(self.results)}")
-        return self.results[name]
+        if name:
+            return self.results[name], ""
+        names = list(self.results)
+        ms = {n: self.results[n].metrics for n in names}
+        chosen = next((n for n in names if not ms[n].get("n_queries_without_relevant")), names[0])
+        if not (passed := names[:names.index(chosen)]):
+            return self.results[chosen], ""
+        why = ", ".join(f"{n!r} ({ms[n]['n_queries_without_relevant']} of {ms[n]['n_queries']} "
+                        "queries have no other recording of their work)" for n in passed)
+        return self.results[chosen], (f"test set {chosen!r} shown, where every query has another "
+                                      f"recording of its work; passed over: {why}")
+
+    def metrics_rows(self) -> tuple[list[dict], list[str]]:
+        """The metrics table's rows, one per (test set, metric) with the CI bounds, baselines and
+        counts, and its columns (05's table and ``metrics.csv``)."""
+        results = self.results.values()
+        rows = [{"testset": r.name, "rule": r.rule, "metric": m, "value": r.metrics.get(m),
+                 "low": r.ci.get(m, {}).get("low"), "high": r.ci.get(m, {}).get("high"),
+                 "queries": r.metrics.get("n_queries"), "refs": len(r.r_perfs),
+                 **{b: scores.get(m) for b, scores in r.baselines.items()}}
+                for r in results for m in metrics.METRIC_NAMES]
+        extra = list(dict.fromkeys(b for r in results for b in r.baselines))
+        return rows, ["testset", "rule", "metric", "value", "low", "high", *extra, "queries",
+                      "refs"]
 
     def save(self, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-        """Write ``metrics.json`` and each test set's arrays (default ``run_dir/evaluation``)."""
+        """Write ``metrics.json``, ``metrics.csv`` and each test set's arrays (default
+        ``run_dir/evaluation``)."""
         out = Path(out_dir) if out_dir is not None else self.run_dir / "evaluation"
         paths = {f"{name}.{k}": p for name, r in self.results.items()
                  for k, p in r.save(out).items()}
@@ -213,6 +254,7 @@ class Evaluation:
                              "metrics": r.metrics, "ci": r.ci, "baselines": r.baselines,
                              "n_skipped": len(r.skipped)} for n, r in self.results.items()},
         })
+        paths["metrics_csv"] = write_csv(out / "metrics.csv", *self.metrics_rows())
         return paths
 
 
@@ -276,8 +318,8 @@ def _usable(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list
 def _chart_data(s: scoring.ScoringInputs, no_relevant: str, top_pairs: int) -> dict:
     """Ranks, per-work AP, confused work pairs and closest wrong recordings of one test set."""
     d, ql, rl, ex = s.dist, s.q_labels, s.r_labels, s.exclude
-    per_work = [dict(row, name=s.name_of(row["work"]))
-                for row in metrics.per_work_ap(d, ql, rl, exclude=ex, no_relevant=no_relevant)]
+    per_work = [dict(row, name=s.name_of(row["work"]))  # queries that cannot be scored left out
+                for row in metrics.per_work_ap(d, ql, rl, exclude=ex, no_relevant="skip")]
     confusions = [dict(row, name_a=s.name_of(row["work_a"]), name_b=s.name_of(row["work_b"]))
                   for row in top1_confusions(d, ql, rl, exclude=ex)]
     one_list = s.q_perfs == s.r_perfs  # report each unordered pair once

@@ -7,8 +7,6 @@ possible_p`` (0.05) "possibly related", else "no confident match". An unreadable
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections import Counter
@@ -28,12 +26,12 @@ from chlib.core.errors import (
     IndexMismatchError,
     ManifestError,
 )
-from chlib.core.io import atomic_write_text
 from chlib.core.manifest import DATASET_KEYS
 from chlib.core.progress import progress as progress_bar
 from chlib.data.splits import read_split
 from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval.embed import embed_windows
+from chlib.retrieval.evaluate import write_csv
 from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
 from chlib.retrieval.scoring import rule_of
 from chlib.signal.audio import try_load_audio
@@ -100,12 +98,7 @@ class IdentifyReport:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the rows as CSV (columns :data:`CSV_COLUMNS`), atomically."""
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.rows)  # None and missing keys are written as ""
-        atomic_write_text(path, buf.getvalue())
-        return Path(path)
+        return write_csv(path, self.rows, CSV_COLUMNS)
 
 
 def _empty_row(query: str) -> dict:

@@ -5,7 +5,8 @@ batch of every chunk length's sampler, in a seeded order), then val loss, the te
 early stopping (``best.json``) and the checkpoints ``g_0000000e`` / ``do_0000000e``. Resume is
 exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds optimizer, step,
 epoch, early stopping, RNG and sampler states; the LR is a pure function of step and epoch.
-Logs: TensorBoard (the original's tags) under ``<run>/logs/<runid>/`` and ``metrics.jsonl``.
+Logs: TensorBoard (the original's tags) under ``<run>/logs/<runid>/`` (one per run: a resumed
+run appends to it) and ``metrics.jsonl``; with ``progress``, one printed line per epoch.
 """
 
 from __future__ import annotations
@@ -196,13 +197,18 @@ class TrainState:
 class _Log:
     """TensorBoard (original tag names) + ``metrics.jsonl``; TensorBoard is optional."""
 
-    def __init__(self, run_dir: Path, run_id: str):
+    def __init__(self, run_dir: Path, step: int):
+        """A resumed run (``step`` updates done) appends to the run's newest TensorBoard folder
+        and hides the steps after ``step`` that an earlier call logged (``purge_step``)."""
         self.jsonl = run_dir / "metrics.jsonl"
         self.tb = None
+        logs = run_dir / "logs"
+        old = sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "logs" / run_id))
+            self.tb = SummaryWriter(log_dir=str(old[-1] if old else logs / time.strftime(
+                "%Y%m%d-%H%M%S")), purge_step=step + 1 if old else None)
         except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
             warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=3)
 
@@ -292,7 +298,7 @@ class _Run:
             warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {device.type}",
                           stacklevel=3)
         self.loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
-        self.log = _Log(run_dir, time.strftime("%Y%m%d-%H%M%S"))
+        self.log = _Log(run_dir, st.step)
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -457,6 +463,20 @@ def _model_free_baseline(run: _Run, last: dict) -> None:
                   "2D-FTM baseline" if model is not None else f"{name}: 2D-FTM {sc['mAP']:.3f}")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" \
+        if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _epoch_line(rec: dict, took: float, eta: float) -> str:
+    """The printed line of an epoch: losses, lr, mAPs, its time (with evaluation) and the time
+    left (at most: early stopping may end sooner)."""
+    shown = {k: v for k, v in rec.items()
+             if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
+    return (f"epoch {rec['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            + f"; {took:.1f} s, ETA {_duration(eta)}")
+
+
 @dataclass
 class TrainResult:
     """What a :func:`train` call did."""
@@ -513,10 +533,10 @@ def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
                 history.append(rec)
                 warned = _check_learning(run, rec, warned)
                 if progress:
-                    shown = {k: v for k, v in rec.items()
-                             if k in ("train_total", "val_loss", "lr") or k.startswith("mAP/")}
-                    print(f"epoch {rec['epoch']}: "
-                          + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                    left = 0 if sp.should_stop else max_epochs - st.epoch
+                    now = time.time()
+                    print(_epoch_line(rec, now - t_epoch, (now - t_start) / len(history) * left),
+                          flush=True)
                 for cb in callbacks or ():
                     cb(rec)
         except KeyboardInterrupt:

@@ -12,14 +12,15 @@ import pandas as pd
 from chlib.core import schema
 from chlib.core.config import HParams, deep_merge, input_bins, load_hparams, load_yaml, save_hparams
 from chlib.core.errors import ConfigError
-from chlib.core.io import folder_lock, read_json, read_jsonl
+from chlib.core.io import atomic_write_text, folder_lock, read_json, read_jsonl
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.core.schema import check
 from chlib.data.features import feature_path
 from chlib.model.checkpoint import list_checkpoints
 
 __all__ = ["RECIPES_DIR", "recipe_path", "load_recipe", "make_run_config", "setting_changes",
-           "check_saved_config", "run_config", "read_metrics", "epoch_table"]
+           "check_saved_config", "run_config", "read_metrics", "epoch_table",
+           "save_epoch_table", "stopping_text"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _FEATURE_KEYS = (("sample_rate", "sample_rate"), ("hop_length", "hop_length"), ("fmin", "fmin"),
@@ -194,3 +195,24 @@ def epoch_table(run_dir: str | os.PathLike) -> Any:
         return pd.DataFrame()
     return pd.DataFrame(rows).drop_duplicates("epoch", keep="last").sort_values("epoch") \
         .set_index("epoch")
+
+
+def save_epoch_table(run_dir: str | os.PathLike) -> Path:
+    """Write :func:`epoch_table` as ``<run>/epochs.csv`` (beside metrics.jsonl), atomically."""
+    atomic_write_text(out := Path(run_dir) / "epochs.csv", epoch_table(run_dir).to_csv())
+    return out
+
+
+def stopping_text(hp: HParams) -> str:
+    """How the run names its best epoch and when it stops, in words, read from ``hp``
+    (``early_stop_metric``, ``map_stopping_testsets``, ``early_stopping_patience``)."""
+    n, sets = hp.early_stopping_patience, ", ".join(map(repr, hp.map_stopping_testsets))
+    if hp.early_stop_metric == "mAP":
+        what = "mAP" if len(hp.map_stopping_testsets) == 1 else "mean mAP"
+        return (f"The best epoch is the one with the highest {what} on test set(s) {sets}; "
+                f"training stops when the smoothed {what} (alpha {hp.map_smoothing_alpha:g}) has "
+                f"not improved for {n} evaluations in a row, or after max_epochs "
+                f"{hp.max_epochs}.")
+    loss = "validation loss" if hp.val_path else "training loss (no validation data)"
+    return (f"The best epoch is the one with the lowest {loss}; training stops after {n} "
+            f"epochs without a lower one, or after max_epochs {hp.max_epochs}.")

@@ -9,6 +9,8 @@ import io
 import math
 import os
 import sys
+import textwrap
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from chlib.core.io import atomic_write_bytes
 __all__ = ["new_figure", "figure_png", "save_figure", "note_name", "plot_cqt", "plot_cqts",
            "training_curves", "plot_training_curves", "project_embeddings",
            "plot_embedding_projection", "plot_rank_histogram", "plot_confused_pairs",
-           "plot_per_work_ap"]
+           "plot_per_work_ap", "plot_count_histogram"]
 
 _NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "p")
+_MAX_KEYED = 40  # works a map styles and names in its legend; the rest are grey "others"
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (8, 4),
@@ -105,7 +108,7 @@ def plot_cqts(cqts: Sequence[np.ndarray], titles: Sequence[str] | None = None, *
         ticks = list(range(0, cqt.shape[1], bins_per_octave))
         ax.set_yticks(ticks, [note_name(fmin * 2 ** (b / bins_per_octave)) for b in ticks])
         ax.set(xlabel="time (s)", ylabel="" if i % ncols else "CQT bin (note)")
-        ax.set_title(titles[i] if titles else "", fontsize=9)
+        ax.set_title(_wrap(titles[i], int(panel_size[0] * 11)) if titles else "", fontsize=9)
     fig.colorbar(im, ax=list(axes.flat), label="dB", shrink=0.8 if len(arrays) > 1 else 1.0)
     return fig
 
@@ -221,6 +224,11 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _wrap(text: str, width: int, lines: int = 3) -> str:
+    """``text`` on at most ``lines`` lines of ``width`` characters (long words broken)."""
+    return textwrap.fill(text, width, max_lines=lines, placeholder=" …")
+
+
 _MARKS = ("never seen in training", "selected", "neighbours")
 
 
@@ -241,16 +249,21 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     xy = x.astype(np.float64) if method is None else project_embeddings(x, method, seed=seed)
     names, hl, unseen = dict(label_names or {}), set(highlight or ()), set(test_only or ())
     works, lab_arr = list(dict.fromkeys(labels)), np.array([str(v) for v in labels], dtype=object)
-    cmap, order = colormaps["tab20"], [*range(0, 20, 2), *range(1, 20, 2)]  # dark shades first
-    fig, ax = new_figure(figsize=(9, 6))
-    for i, lab in enumerate(works):
+    size = Counter(lab_arr.tolist())  # the most recorded works (and highlighted ones) get styles
+    keyed = set(sorted(works, key=lambda w: (w not in hl, -size[str(w)]))[:_MAX_KEYED])
+    fig, ax = new_figure(figsize=(9 if len(keyed) <= 20 else 11, 6))
+    for i, lab in enumerate(w for w in works if w in keyed):  # colour + shape unique per work
         m, bold, name = lab_arr == str(lab), lab in hl, str(names.get(lab, lab))
-        ax.scatter(xy[m, 0], xy[m, 1], color=cmap(order[i % 20]), s=70 if bold else 28,
-                   marker=_MARKERS[(i // 20) % len(_MARKERS)], zorder=3 if bold else 2,
+        ax.scatter(xy[m, 0], xy[m, 1], color=colormaps["tab10"](i % 10), s=70 if bold else 28,
+                   marker=_MARKERS[(i // 10) % len(_MARKERS)], zorder=3 if bold else 2,
                    alpha=0.2 if hl and not bold else 0.9, edgecolors="black" if bold else "none",
                    label=_short(name))
         for px, py in xy[m] if bold else ():
             ax.annotate(name, (px, py), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if others := [str(w) for w in works if w not in keyed]:
+        m = np.isin(lab_arr, others)
+        ax.scatter(xy[m, 0], xy[m, 1], color="lightgrey", s=16, zorder=1,
+                   label=f"others ({len(others)} works)")
     ring = np.flatnonzero([lab in unseen for lab in labels])
     nb = [int(j) for j in neighbours] if selected is not None else []
     for rows, mark, size, width, z in ((ring, _MARKS[0], 160, 1.0, 4), (nb, _MARKS[2], 60, 1.2, 5)):
@@ -266,11 +279,11 @@ def plot_embedding_projection(emb: np.ndarray, labels: Sequence, *, method: str 
     ax.set_title(title or f"{method or 'projection'}: {len(labels)} recordings, {len(works)} "
                  f"works{ringed}", fontsize=10)
     ax.set(xticks=[], yticks=[])
-    if len(works) <= 20 or hl:
-        shown = {_short(str(names.get(v, v))) for v in hl} | set(_MARKS)
-        handles = [h for h in ax.collections if not hl or h.get_label() in shown]
-        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  borderaxespad=0.0, ncols=1 if len(handles) <= 24 else 2)
+    shown = {_short(str(names.get(v, v))) for v in hl} | set(_MARKS)
+    handles = [h for h in ax.collections if not hl or h.get_label() in shown]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0, ncols=1 if len(handles) <= 22 else 2,
+              title="work (colour + shape)", title_fontsize=8)
     return fig
 
 
@@ -286,9 +299,10 @@ def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20) -> Figure:
                  color="tab:blue", alpha=1.0, ax=ax)
     ax.patches[0].set_facecolor("tab:green")
     ax.patches[-1].set_facecolor("tab:gray")
-    ticks = [1, *range(5, max_rank + 1, 5)]
+    ticks = [1, *range(5, max_rank, 5)]  # max_rank itself would crowd the ">max_rank" label
     ax.set_xticks([*ticks, max_rank + 1], [*map(str, ticks), f">{max_rank}"])
     ax.set(xlabel="rank of the first correct recording", ylabel="queries")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     n_none = int(np.sum(r <= 0))
     ax.set_title(f"{len(r)} queries: {np.mean(r == 1) if len(r) else 0.0:.0%} correct at rank 1"
                  + (f"; {n_none} without any other recording of their work" if n_none else ""),
@@ -300,7 +314,8 @@ def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, ti
            empty: str, xlim: tuple[float, float] | None = None) -> Figure:
     """Horizontal seaborn bars of ``(label, value)`` items, the first at the top (whole-number
     ticks for whole-number values when no ``xlim``)."""
-    fig, ax = new_figure(figsize=(7, 0.35 * max(len(items), 3) + 1.2))
+    longest = max((len(label) for label, _ in items), default=0)  # room for the bars too
+    fig, ax = new_figure(figsize=(max(7.0, 3.5 + 0.065 * longest), 0.35 * max(len(items), 3) + 1.2))
     if not items:
         _note(ax, empty)
         ax.set_axis_off()
@@ -309,8 +324,8 @@ def _hbars(items: list[tuple[str, float]], colours: Sequence, *, xlabel: str, ti
     sns.barplot(df, x="value", y="row", hue="row", orient="h", palette=list(colours),
                 legend=False, ax=ax)
     ax.set_yticks(range(len(items)), [label for label, _ in items], fontsize=8)
-    ax.set(xlabel=xlabel, ylabel="", xlim=xlim)
-    ax.set_title(title, fontsize=10)
+    ax.set(xlabel=_wrap(xlabel, 35), ylabel="", xlim=xlim)
+    ax.set_title(_wrap(title, 60), fontsize=10)
     if xlim is None and all(v.is_integer() for _, v in items):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
@@ -324,7 +339,8 @@ def plot_confused_pairs(pairs: Iterable, *, top: int = 15, value_label: str = "c
     rows = [(p["work_a"], p["work_b"], p["count"]) if isinstance(p, Mapping) else p for p in pairs]
     rows = sorted([(a, b, float(v)) for a, b, v in rows], key=lambda t: -t[2])[:top]
     names = dict(label_names or {})
-    items = [(f"{names.get(a, a)}  ↔  {names.get(b, b)}", v) for a, b, v in rows]
+    items = [(f"{_short(str(names.get(a, a)), 30)}  ↔  {_short(str(names.get(b, b)), 30)}", v)
+             for a, b, v in rows]
     return _hbars(items, ["tab:red"] * len(items), xlabel=value_label,
                   title="most confused work pairs", empty="no confusions")
 
@@ -338,7 +354,26 @@ def plot_per_work_ap(per_work: Mapping | Iterable, *, top: int = 30, worst_first
     items = sorted([(k, float(v)) for k, v in items], key=lambda t: t[1],
                    reverse=not worst_first)[:top]
     names = dict(label_names or {})
-    return _hbars([(str(names.get(k, k)), v) for k, v in items],
+    return _hbars([(_short(str(names.get(k, k))), v) for k, v in items],
                   ["tab:red" if v < 0.5 else "tab:blue" for _, v in items],
                   xlabel="average precision", empty="no works", xlim=(0, 1),
                   title=f"per-work AP, {'worst' if worst_first else 'best'} {len(items)}")
+
+
+def plot_count_histogram(counts: Mapping | pd.Series, *, xlabel: str, ylabel: str,
+                         title: str | None = None) -> Figure:
+    """Bars of how many items (values) have each whole-number count (index), e.g.
+    :func:`chlib.data.datatools.works_histogram`: a bar per count at its place on a whole-number
+    axis, gaps kept, so one count is one narrow bar over its number."""
+    c = pd.Series(counts).sort_index()
+    fig, ax = new_figure(figsize=(6, 3.5))
+    sns.barplot(x=np.asarray(c.index, dtype=np.int64), y=c.to_numpy(), native_scale=True,
+                color="tab:blue", width=0.6, ax=ax)
+    ax.set_xlim(c.index.min() - 1, c.index.max() + 1)
+    if len(c) <= 15:
+        ax.set_xticks(list(c.index), [str(int(v)) for v in c.index])
+    for axis in (ax.xaxis, ax.yaxis) if len(c) > 15 else (ax.yaxis,):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(_wrap(title or "", 60), fontsize=10)
+    return fig

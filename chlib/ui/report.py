@@ -5,7 +5,8 @@ return matplotlib figures (or a DataFrame for the metrics table)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ from chlib.data.features import load_feature
 from chlib.retrieval.evaluate import Evaluation, TestSetResult
 from chlib.retrieval.explore import ExplorerData
 from chlib.retrieval.identify import query_features
-from chlib.retrieval.metrics import METRIC_NAMES
 from chlib.ui import plots
 
 __all__ = ["metrics_table", "projection_figure", "testset_figure", "query_match_figure",
-           "summary_text", "explorer_projection", "explorer_map_figure", "invariance_figure"]
+           "summary_text", "file_names", "per_work_title", "explorer_projection",
+           "explorer_map_figure", "invariance_figure"]
 
 FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")  # of testset_figure
 
@@ -30,15 +31,8 @@ FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")  # of te
 def metrics_table(evaluation: Evaluation) -> pd.DataFrame:
     """The metrics with 95 % CIs and baselines, one row per (test set, metric); the title (the
     column axis name) names the checkpoint, the model, the distance rule and any notes."""
-    ev, results = evaluation, evaluation.results.values()
-    rows = [{"testset": r.name, "rule": r.rule, "metric": m, "value": r.metrics.get(m),
-             "low": r.ci.get(m, {}).get("low"), "high": r.ci.get(m, {}).get("high"),
-             "queries": r.metrics.get("n_queries"), "refs": len(r.r_perfs),
-             **{b: scores.get(m) for b, scores in r.baselines.items()}}
-            for r in results for m in METRIC_NAMES]
-    extra = list(dict.fromkeys(b for r in results for b in r.baselines))
-    df = pd.DataFrame(rows, columns=["testset", "rule", "metric", "value", "low", "high", *extra,
-                                     "queries", "refs"])
+    ev, (rows, columns) = evaluation, evaluation.metrics_rows()
+    df = pd.DataFrame(rows, columns=columns)
     df.columns.name = "; ".join([f"epoch {ev.epoch} ({ev.checkpoint}), model {ev.fingerprint}, "
                                  f"distance rule {ev.rule!r}", *ev.notes])
     return df
@@ -71,11 +65,23 @@ def testset_figure(result: TestSetResult, kind: str, *, save_dir: str | os.PathL
     elif kind == "per_work":
         fig = plots.plot_per_work_ap([(r["work"], r["ap"]) for r in result.per_work], top=top,
                                      label_names=result.work_names)
+        fig.axes[0].set_title(f"{fig.axes[0].get_title()}\n{per_work_title(result)}",
+                              fontsize="small")
     else:
         raise ConfigError(f"figure kind must be one of {FIGURE_KINDS}, got {kind!r}")
     if save_dir is not None:
         plots.save_figure(fig, Path(save_dir) / f"{result.name}_{kind}.png")
     return fig
+
+
+def per_work_title(result: TestSetResult) -> str:
+    """How many works the per-work views show and how many queries they leave out (those with
+    no other recording of their work: nothing to find, no AP)."""
+    m, text = result.metrics, f"{len(result.per_work)} works, worst first"
+    if k := m.get("n_queries_without_relevant"):
+        text += (f"; {k} of {m.get('n_queries')} queries left out (no other recording of their "
+                 "work to find)")
+    return text
 
 
 def query_match_figure(query: str | os.PathLike, match: Mapping, hp: Any, *,
@@ -104,6 +110,21 @@ def summary_text(summary: Mapping) -> str:
         lines.append("Verdicts of the best match: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
     return "\n".join(lines)
+
+
+def file_names(rows: Iterable[Mapping], key: str = "query") -> list[dict]:
+    """``rows`` to display: each path under ``key`` cut to its file name, with as many parent
+    folders as tell files of one name apart (the CSV files keep the full paths)."""
+    rows = [dict(r) for r in rows]
+    todo, short, n = {str(r[key]) for r in rows if r.get(key)}, {}, 1
+    while todo:
+        counts = Counter(Path(p).parts[-n:] for p in todo)
+        for p in list(todo):
+            if counts[(parts := Path(p).parts)[-n:]] == 1 or n >= len(parts):
+                short[p] = str(Path(*parts[-n:]))
+                todo.discard(p)
+        n += 1
+    return [r | {key: short[str(r[key])]} if r.get(key) else r for r in rows]
 
 
 def explorer_projection(data: ExplorerData, method: str, seed: int = 0) -> np.ndarray:

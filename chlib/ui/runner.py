@@ -1,6 +1,8 @@
 """Run the numbered notebooks headless with papermill (``python -m chlib run``) into
 ``runs/<run>/notebooks/``, with their ``parameters`` cells overridden (``run_dir`` =
-``runs/<run>`` where declared); a parameter that no chosen notebook declares is an error."""
+``runs/<run>`` where declared); a parameter that no chosen notebook declares is an error. With
+``progress`` the terminal shows each notebook's live copy and the lines it prints (training: one
+per epoch) as they come; a failure is summarised (notebook, cell, how to resume)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import papermill as pm
 from nbclient.exceptions import DeadKernelError
 
 from chlib.core.errors import ConfigError
+from chlib.core.progress import echo
 
 __all__ = ["NOTEBOOKS", "find_notebooks_dir", "notebook_path", "notebook_parameters",
            "parameter_help", "parse_cli_value", "run_notebooks", "RunRecord"]
@@ -96,20 +99,37 @@ class RunRecord:
             for e in self.executed])
 
 
-def _kernel_died(out: Path) -> str:
-    """What to say when a notebook's kernel died: which cell (the last one papermill started,
-    read from the partly written output notebook), the likely cause and that re-running resumes."""
+_RESUME = ("then re-run the same command: finished steps (features, checkpoints, index) are "
+           "reused and training resumes")
+
+
+def _failed_cell(out: Path) -> str:
+    """The cell that failed (else the last one papermill started), read from the output
+    notebook: ``cell N ('its code')``."""
     try:
         code = [c for c in nbformat.read(str(out), as_version=4).cells if c.cell_type == "code"]
     except (OSError, ValueError):
         code = []
-    started = [(n, c) for n, c in enumerate(code, 1)
-               if c.metadata.get("papermill", {}).get("start_time")]
-    cell = (f"cell {started[-1][0]} ({' '.join(started[-1][1].source.split())[:80]!r})"
+    meta = [(n, c, c.metadata.get("papermill", {})) for n, c in enumerate(code, 1)]
+    started = [(n, c) for n, c, m in meta if m.get("exception")] \
+        or [(n, c) for n, c, m in meta if m.get("start_time")]
+    return (f"cell {started[-1][0]} ({' '.join(started[-1][1].source.split())[:80]!r})"
             if started else "an unknown cell")
-    return (f"the kernel died in {cell}: it was killed, most likely out of memory (or by a "
-            f"signal); lower batch sizes or free memory, then re-run the same command: finished "
-            f"steps (features, checkpoints, index) are reused and training resumes (see {out})")
+
+
+class _Echo:
+    """papermill's ``stdout_file``: each complete line a notebook prints, echoed at once."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.part = prefix, ""
+
+    def write(self, text: str) -> None:
+        *lines, self.part = (self.part + text).split("\n")
+        for line in lines:
+            echo(self.prefix + line.rsplit("\r", 1)[-1])
+
+    def flush(self) -> None:  # lines are echoed as they complete
+        pass
 
 
 def run_notebooks(names: Sequence[str], *, run: str | None = None,
@@ -136,14 +156,21 @@ def run_notebooks(names: Sequence[str], *, run: str | None = None,
     for path in paths:
         mine = {k: v for k, v in given.items() if k in declared[path]}
         out, t0, error = run_dir / "notebooks" / path.name, time.perf_counter(), None
+        if progress:
+            echo(f"executing {path.stem} (live copy: {out})")
         try:
             pm.execute_notebook(str(path), str(out), parameters=mine, kernel_name="python3",
                                 cwd=str(Path(cwd) if cwd else nb_dir.parent),
-                                progress_bar=progress)
+                                progress_bar=progress,
+                                stdout_file=_Echo(f"  {path.stem}: ") if progress else None)
         except pm.PapermillExecutionError as e:
-            error = f"{e.ename}: {e.evalue} (cell {e.exec_count}; see {out})"
+            error = f"{e.ename}: {e.evalue} in {_failed_cell(out)}; fix it, {_RESUME} (see {out})"
         except DeadKernelError:
-            error = _kernel_died(out)
+            error = (f"the kernel died in {_failed_cell(out)}: it was killed, most likely out "
+                     f"of memory (or by a signal); lower batch sizes or free memory, {_RESUME} "
+                     f"(see {out})")
+        except KeyboardInterrupt:
+            error, stop_on_error = f"interrupted in {_failed_cell(out)}; {_RESUME}", True
         record.executed.append({"notebook": path.stem, "output": str(out), "error": error,
                                 "seconds": time.perf_counter() - t0, "parameters": mine})
         if error and stop_on_error:

@@ -54,8 +54,9 @@ def plot_tuning_curves(summary: TuneSummary, *, experiments: Sequence[str] | Non
         ax.set(xlabel="epoch", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if names:
-        ax_val.legend(fontsize=8, loc="best")
+    if handles := ax_val.get_legend_handles_labels()[0] or ax_map.get_legend_handles_labels()[0]:
+        fig.legend(handles=handles, fontsize=8, loc="outside lower center",  # off the curves
+                   ncols=min(len(handles), 2 if max(map(len, names)) > 30 else 4))
     fig.suptitle("mean over seeds; band = seed range", fontsize=9)
     return fig
 
