@@ -9,15 +9,24 @@ RUN    ?= demo
 DEMO_DATASET ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench lint clean-demo
+.PHONY: venv git-filter demo test test-fast bench lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@$(MAKE) --no-print-directory git-filter PY="$(PY)"
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Inside a git checkout: the nbstripout filter that .gitattributes names, so `git add` strips
+# the outputs JupyterLab autosaves into a notebook (cell ids kept). Rerunning it changes nothing.
+git-filter:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id' && \
+		git config filter.nbstripout.smudge cat && \
+		git config filter.nbstripout.required true; fi
 
 # The main job end to end on the built-in demo data: generate the demo dataset, extract
 # features, train, evaluate, identify held-out recordings and draw the explorer's figures.

@@ -1,13 +1,17 @@
 """Command line (``chlib`` once installed, or ``python -m chlib``): ``chlib run NOTEBOOK... --run
 NAME -p KEY VALUE ...`` runs notebooks headless; ``chlib params NOTEBOOK`` lists a notebook's
-parameters."""
+parameters; ``chlib identify FILE... --run runs/NAME`` identifies recordings against a trained
+run's references (its dataset's train + val recordings) and prints the best match of each."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from chlib.core.errors import ChlibError
+from chlib.retrieval import evaluate
+from chlib.retrieval import identify as ident
 from chlib.ui import runner
 
 
@@ -22,11 +26,21 @@ def main(argv: list[str] | None = None) -> int:
                      metavar=("KEY", "VALUE"), help="a notebook parameter (repeatable): a literal or text")
     run.add_argument("--keep-going", action="store_true", help="run later notebooks after a failure")
     sub.add_parser("params", help="list the parameters a notebook declares").add_argument("notebook")
+    idf = sub.add_parser("identify", help="identify audio files with a trained run")
+    idf.add_argument("queries", nargs="+", help="audio files, folders of audio files or manifests")
+    idf.add_argument("--run", required=True, help="the trained run folder (runs/<name>)")
+    idf.add_argument("--dataset", help="references: this dataset's train + val (default: the run's)")
+    idf.add_argument("--checkpoint", default="best", help='"best", "latest" or an epoch number')
+    idf.add_argument("--top-k", type=int, default=10, help="matches kept per query (in --csv)")
+    idf.add_argument("--csv", help="write every query's top-k rows here")
+    idf.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "mps"')
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
             print("\n".join(runner.parameter_help(runner.notebook_path(args.notebook))))
             return 0
+        if args.command == "identify":
+            return identify(args)
         record = runner.run_notebooks(
             args.notebooks, run=args.run, runs_root=args.runs_root,
             parameters={k: runner.parse_cli_value(v) for k, v in args.parameter},
@@ -36,6 +50,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(record.summary())
     return 0 if record.ok else 1
+
+
+def identify(args: argparse.Namespace) -> int:
+    """``chlib identify``: one line per query (file, best work, p-value, verdict); 1 if none
+    could be read."""
+    model, hp, epoch, note = evaluate.load_checkpoint(args.run, args.checkpoint, args.device)
+    dataset = Path(args.dataset) if args.dataset else hp.resolve_path(hp.train_path).parent
+    index, status = ident.reference_index_for_run(args.run, model, hp,
+                                                  ident.reference_records(dataset),
+                                                  device=args.device, progress=False)
+    print(f"model: {args.run} epoch {epoch} {note}; {status}", file=sys.stderr)
+    paths = [p for q in args.queries for p in ident.identification_queries(q, dataset).paths]
+    report = ident.identify(paths, model=model, hp=hp, index=index, device=args.device,
+                            top_k=args.top_k)
+    if args.csv:
+        report.to_csv(args.csv)
+    for row in report.best():
+        found = (f"{row['work']}  p={row['p_value']:.2g}  {row['verdict']}" if not row["error"]
+                 else f"not identified: {row['error']}")
+        print(f"{Path(row['query']).name}: {found}")
+    report.first_match()  # a ChlibError naming each file when none could be read
+    return 0
 
 
 if __name__ == "__main__":

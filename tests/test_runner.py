@@ -1,14 +1,21 @@
 """chlib.ui.runner: papermill batch runs into runs/<name>/notebooks/, parameters checked."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+import soundfile as sf
+import torch
+from helpers import make_tiny_dataset, tiny_config, tone
 
+from chlib.__main__ import main
+from chlib.core.config import HParams, save_hparams
 from chlib.core.errors import ConfigError
+from chlib.train.loop import train
 from chlib.ui.runner import notebook_parameters, parse_cli_value, run_notebooks
 
 
@@ -82,3 +89,26 @@ def test_chlib_console_script_is_installed_and_lists_parameters():
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert "dataset_dir" in out.stdout and "source" in out.stdout
+
+
+def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys):
+    """``chlib identify FILE... --run``: one line per query; unreadable files named, rc 1 if
+    nothing could be read."""
+    torch.set_num_threads(1)
+    ds = make_tiny_dataset(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    save_hparams(HParams.from_dict(tiny_config(ds, max_epochs=1)), run_dir / "config" / "hparams.yaml")
+    train(run_dir, device="cpu", max_epochs=1, progress=False)
+    good, bad = tmp_path / "query.wav", tmp_path / "broken.wav"
+    sf.write(good, tone(6.0), 16000)
+    bad.write_bytes(b"not audio at all")
+    csv_path = tmp_path / "out.csv"
+    rc = main(["identify", str(good), str(bad), "--run", str(run_dir), "--device", "cpu",
+               "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"^query\.wav: \S+  p=", out, re.M), out
+    assert re.search(r"^broken\.wav: not identified: ", out, re.M), out
+    assert csv_path.exists()
+    assert main(["identify", str(bad), "--run", str(run_dir), "--device", "cpu"]) == 2
+    assert "no query could be read" in capsys.readouterr().err

@@ -64,6 +64,15 @@ def _resolve_config(plan: TunePlan, overrides: dict, dataset_dir: str | None,
                                         dataset_dir=dataset_dir))
 
 
+def _in(cwd: str | os.PathLike | None, path: Any) -> Any:
+    """``path`` (None, or relative to the project folder ``cwd``) as the process can open it;
+    unchanged when ``cwd`` is the working directory, so stored configs keep relative paths."""
+    if path is None or cwd is None or Path(path).is_absolute() or \
+            Path(cwd).resolve() == Path.cwd().resolve():
+        return path
+    return str(Path(cwd) / path)
+
+
 def _config_key(hp: HParams) -> str:
     """Hash of a config without its seed (equal settings -> equal key)."""
     return stable_hash({k: v for k, v in hp.to_dict().items() if k != "seed"})
@@ -185,14 +194,17 @@ def run_plan(plan: TunePlan | str | os.PathLike, tune_dir: str | os.PathLike, *,
     Finished runs (``done.json``) are skipped, half-finished ones resume; a diverged run is not
     retried, another failure (``failed.json``) is, next time. ``launch``: ``"inprocess"`` or
     ``"papermill"`` (``03_train`` executed into each run folder). ``max_runs``: start no more
-    runs after that many. ``callbacks`` (in-process): epoch records plus ``experiment`` and
-    ``seed``. ``train_fn(seed_dir)`` replaces the training call.
+    runs after that many. ``cwd``: the project folder that relative paths (the plan, tune_dir,
+    dataset_dir, a base config) are taken from and papermill kernels run in (default: the working
+    directory). ``callbacks`` (in-process): epoch records plus ``experiment`` and ``seed``.
+    ``train_fn(seed_dir)`` replaces the training call.
     """
-    plan = plan if isinstance(plan, TunePlan) else load_plan(plan)
+    plan = plan if isinstance(plan, TunePlan) else load_plan(_in(cwd, plan))
     if launch not in ("inprocess", "papermill"):
         raise ConfigError(f"launch must be 'inprocess' or 'papermill', got {launch!r}")
-    tune_dir = Path(tune_dir)
-    dataset_dir = dataset_dir or plan.dataset_dir
+    tune_dir = Path(_in(cwd, tune_dir))
+    dataset_dir = _in(cwd, dataset_dir or plan.dataset_dir)
+    plan = replace(plan, base_config=_in(cwd, plan.base_config))
     check(launch != "papermill" or plan.base_config is None or dataset_dir is not None,
           plan.source, "launch='papermill' with a config base needs dataset_dir (03_train builds "
           "its config from a dataset folder; the base config's settings then override it)")

@@ -5,11 +5,14 @@ cell drives every computation; a form only edits it in an :func:`interactive_ses
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import html
 import io
 import os
+import re
 import tempfile
+import tokenize
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,22 +24,25 @@ import pandas as pd
 import soundfile as sf
 from IPython import get_ipython
 from IPython.display import Audio, Image, display
+from traitlets import TraitError
 
 from chlib.core.errors import AudioError, ChlibError, ConfigError
+from chlib.core.io import atomic_write_text, json_text, read_json
 from chlib.core.manifest import read_manifest
 from chlib.data.features import feature_path, load_feature
 from chlib.retrieval.identify import find_audio_files, identify
 from chlib.ui.plots import figure_png, plot_cqts, plot_training_curves
-from chlib.ui.report import explorer_map_figure, query_match_figure
+from chlib.ui.report import explorer_map_figure, explorer_projection, query_match_figure
 
 __all__ = ["in_papermill", "interactive_session", "use_project_root", "table", "ParameterForm",
-           "parameter_form", "edit_parameters", "show", "audio_excerpt_wav", "audio_player",
-           "results_table", "TrainingMonitor", "audio", "cqt_examples", "epoch_table",
+           "parameter_form", "parameter_comments", "quoted_choices", "edit_parameters", "show",
+           "audio_excerpt_wav", "audio_player", "results_table", "TrainingMonitor", "audio",
+           "cqt_examples", "epoch_table",
            "IdentifyApp", "EmbeddingExplorer"]
 
 #: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
 INTERACTIVE_ENV = "CHLIB_INTERACTIVE"
-_STYLE = {"description_width": "initial"}
+_STYLE = {"description_width": "13em"}  # one label width: the inputs line up
 _MATCH_COLUMNS = ["rank", "work", "perf", "distance", "p_value", "verdict"]
 
 
@@ -88,11 +94,14 @@ def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
 class ParameterForm:
     """A column of labelled inputs (``widget``), one per parameter, read back by :meth:`values`:
     bool -> checkbox, int / float -> number box, str -> text box (a dropdown with ``choices``),
-    anything else -> a Python literal's text."""
+    anything else -> a Python literal's text. ``help`` (name -> text, e.g. the parameter's
+    comment) is shown beside the input and as its tooltip; a str parameter whose help lists
+    quoted values (:func:`quoted_choices`) gets a dropdown, or a combo box if more is allowed."""
 
     def __init__(self, defaults: Mapping[str, Any], *,
-                 choices: Mapping[str, Sequence] | None = None, title: str | None = None):
-        self.defaults = dict(defaults)
+                 choices: Mapping[str, Sequence] | None = None, title: str | None = None,
+                 help: Mapping[str, str] | None = None):
+        self.defaults, help = dict(defaults), dict(help or {})
         choices = {k: list(v) for k, v in (choices or {}).items()}
         if unknown := sorted(set(choices) - set(self.defaults)):
             raise ConfigError(f"parameter_form: choices given for unknown parameters {unknown}")
@@ -101,20 +110,30 @@ class ParameterForm:
                          if n not in choices and not isinstance(d, (bool, int, float, str))}
         self.inputs: dict[str, Any] = {}
         for name, default in self.defaults.items():
-            kw = {"description": name, "style": _STYLE}
+            kw = {"description": name, "style": _STYLE, "tooltip": help.get(name) or None}
+            wide = {"layout": w.Layout(width="32em"), **kw}
+            listed, closed = quoted_choices(help.get(name, "")) if isinstance(
+                default, str) else ([], True)
             if name in choices:
                 if default not in choices[name]:
                     raise ConfigError(f"parameter_form: default {default!r} of {name} is not "
                                       f"among {choices[name]}")
                 self.inputs[name] = w.Dropdown(options=choices[name], value=default, **kw)
+            elif listed and closed and default in listed:
+                self.inputs[name] = w.Dropdown(options=listed, value=default, **kw)
+            elif listed:  # suggestions, free text still allowed
+                self.inputs[name] = w.Combobox(options=listed, value=default,
+                                               ensure_option=False, **wide)
             elif isinstance(default, bool):
-                self.inputs[name] = w.Checkbox(value=default, indent=False, **kw)
+                self.inputs[name] = w.Checkbox(value=default, indent=True, **kw)
             else:
                 box = {int: w.IntText, float: w.FloatText}.get(type(default), w.Text)
                 self.inputs[name] = box(value=repr(default) if name in self._literal else default,
-                                        layout=w.Layout(width="32em"), **kw)
+                                        **wide)
         head = [w.HTML(f"<b>{html.escape(title)}</b>")] if title else []
-        self.widget = w.VBox(head + list(self.inputs.values()))
+        self.widget = w.VBox(head + [w.HBox([box, w.HTML(
+            f"<span style='color:#666'>&nbsp;{html.escape(help[n])}</span>")]) if help.get(n)
+            else box for n, box in self.inputs.items()])
 
     def value(self, name: str) -> Any:
         """Current value of one parameter, typed like its default (a bad literal: ConfigError)."""
@@ -163,15 +182,131 @@ def edit_parameters(namespace: dict, names: Sequence[str], *,
                     title: str = "Parameters (edit, then run the cells below)",
                     force: bool | None = None) -> ParameterForm | None:
     """In an interactive session, show a form for ``names`` that writes edits into ``namespace``
-    (``edit_parameters(globals(), [...])`` after the parameters cell); else nothing, None."""
+    (``edit_parameters(globals(), [...])`` after the parameters cell); else nothing, None.
+    The parameters' comments are its help; edits that differ from the notebook's values are
+    kept (:class:`_SavedForm`, not under papermill) and applied again when it reruns (Run All)."""
     if not (interactive_session() if force is None else force):
         return None
     if missing := [n for n in names if n not in namespace]:
         raise ConfigError(f"edit_parameters: {missing} are not defined in the parameters cell")
-    form = parameter_form({n: namespace[n] for n in names}, choices=choices, title=title)
-    form.observe(namespace.__setitem__)
+    notebook = _notebook_path(namespace)
+    form = parameter_form({n: namespace[n] for n in names}, choices=choices, title=title,
+                          help=parameter_comments(_parameters_source(namespace, names, notebook)))
+    saved = None if in_papermill() else _SavedForm(notebook, tuple(names))
+    if applied := _apply_saved(form, saved.load() if saved else {}):
+        namespace.update((n, form.value(n)) for n in applied)
+        print(f"from the saved form ({saved.where}): " + ", ".join(
+            f"{n} = {namespace[n]!r} (notebook: {form.defaults[n]!r})" for n in applied)
+              + '; "reset to defaults" below goes back to the notebook\'s values')
+    elif saved and saved.path is None:
+        print(f"form edits are kept {saved.where}: they survive Run All, not a kernel restart")
+    current = {n: namespace[n] for n in names}
+
+    def _edited(name: str, value: Any) -> None:
+        namespace[name] = current[name] = value
+        if saved:
+            saved.save({n: v for n, v in current.items() if v != form.defaults[n]})
+
+    form.observe(_edited)
+    form.reset_button = w.Button(description="reset to defaults", icon="undo")
+    form.reset_button.on_click(lambda _b: form.set_values(form.defaults))
+    form.widget.children += (form.reset_button,)
     show(form.widget)
     return form
+
+
+def parameter_comments(source: str) -> dict[str, str]:
+    """Name -> the comment ending its assignment line, in a parameters cell's ``source``."""
+    try:
+        tree = ast.parse(source)
+        notes = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(
+            io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    except (SyntaxError, tokenize.TokenError):
+        return {}
+    return {t.id: notes[node.end_lineno] for node in tree.body
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.end_lineno in notes
+            for t in getattr(node, "targets", [getattr(node, "target", None)])
+            if isinstance(t, ast.Name)}
+
+
+def quoted_choices(comment: str) -> tuple[list[str], bool]:
+    """The double-quoted values a parameter comment lists (none unless two or more) and whether
+    they are all of them (False once an unquoted alternative follows: "or the path of ...")."""
+    more = re.search(r'\bor (?!")', comment)
+    found = re.findall(r'"([^"]*)"', comment[:more.start()] if more else comment)
+    return (found if len(found) > 1 else []), more is None
+
+
+def _notebook_path(namespace: Mapping) -> Path | None:
+    """The running notebook's path as the kernel knows it (``__session__``, JPY_SESSION_NAME:
+    absolute from jupyter_server); None if unknown (Colab, VS Code, plain IPython)."""
+    name = namespace.get("__session__") or os.environ.get("JPY_SESSION_NAME")
+    return Path(name) if name and str(name).endswith(".ipynb") else None
+
+
+def _parameters_source(namespace: Mapping, names: Sequence[str], notebook: Path | None) -> str:
+    """The latest input cell (IPython's ``In``) commenting all ``names``, else the notebook
+    file's cell tagged ``parameters``, else ""."""
+    for cell in reversed(list(namespace.get("In") or [])):
+        if "#" in cell and set(names) <= set(parameter_comments(cell)):
+            return cell
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        for cell in read_json(notebook)["cells"]:
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                return "".join(cell["source"])
+    return ""
+
+
+_MEMORY_FORMS: dict[tuple, dict] = {}  # a form's edits while its notebook's path is unknown
+
+
+class _SavedForm:
+    """A form's edits between runs: ``.<notebook stem>.form.json`` beside the notebook, or in
+    memory (``_MEMORY_FORMS``) when the kernel does not know the notebook."""
+
+    def __init__(self, notebook: Path | None, key: tuple):
+        self.key = key
+        self.path = notebook.parent / f".{notebook.stem}.form.json" if notebook else None
+        self.where = str(self.path) if self.path else "in memory only (notebook path unknown)"
+
+    def load(self) -> dict:
+        if self.path is None:
+            return dict(_MEMORY_FORMS.get(self.key, {}))
+        try:
+            data = read_json(self.path)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            print(f"note: {self.path} ignored, unreadable ({e})")
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, edits: Mapping[str, Any]) -> None:
+        if self.path is None:
+            _MEMORY_FORMS[self.key] = dict(edits)
+        elif edits:
+            atomic_write_text(self.path, json_text(edits, 2, default=repr) + "\n")
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+def _apply_saved(form: ParameterForm, saved: Mapping[str, Any]) -> list[str]:
+    """Put the saved values that still fit their parameter into ``form``; their names."""
+    applied = []
+    for name, value in saved.items():
+        default = form.defaults.get(name)
+        if name not in form.defaults or value == default or not (
+                name in form._literal or type(value) is type(default)
+                or (type(default) is float and type(value) is int)):
+            continue
+        try:
+            form.set_values({name: value})
+            form.value(name)
+        except (ConfigError, TraitError):
+            form.set_values({name: default})
+            continue
+        applied.append(name)
+    return applied
 
 
 def audio_excerpt_wav(path: str | os.PathLike, *, start_s: float = 0.0,
@@ -306,15 +441,36 @@ class IdentifyApp:
                               "threshold_p": float(threshold_p)})
         self.path, self.top_k, self.threshold = form.inputs.values()
         self.upload = w.FileUpload(accept="audio/*", multiple=False, description="upload audio")
-        button, self.out = w.Button(description="Identify", button_style="primary"), w.Output()
-        button.on_click(lambda _b: self.run())
-        self.widget = w.VBox([self.upload, form.widget, button, self.out])
+        self.clear_button = w.Button(description="clear upload", icon="times")
+        self.button = w.Button(description="Identify", button_style="primary")
+        self.source_note, self.out, self._use_upload = w.HTML(), w.Output(), False
+        self.upload.observe(lambda _c: self._touched(upload=True), names="value")
+        self.path.observe(lambda _c: self._touched(upload=False), names="value")
+        self.clear_button.on_click(lambda _b: setattr(self.upload, "value", ()))
+        self.button.on_click(lambda _b: self.run())
+        self.widget = w.VBox([w.HBox([self.upload, self.clear_button]), form.widget,
+                              self.source_note, self.button, self.out])
+        self._touched(upload=False)
+
+    def _upload_item(self) -> Mapping | None:
+        if not (files := self.upload.value):
+            return None
+        return files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
+
+    def _touched(self, *, upload: bool) -> None:
+        """The last thing edited (an upload or the path box) is the query; say which."""
+        item = self._upload_item()
+        self._use_upload = upload and item is not None
+        self.clear_button.disabled = item is None
+        self.source_note.value = "query: " + (
+            f"the upload <b>{html.escape(item['name'])}</b>" if self._use_upload
+            else f"the typed path <b>{html.escape(self.path.value)}</b>" if self.path.value
+            else "none yet (upload an audio file or type a path)")
 
     def query_paths(self) -> list[str]:
-        """The uploaded file (saved to ``upload_dir`` or a temporary folder), else the file or
-        the audio files of the folder that ``query_path`` names."""
-        if files := self.upload.value:
-            item = files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
+        """The uploaded file (saved to ``upload_dir`` or a temporary folder) if it was touched
+        last, else the file or the audio files of the folder that ``query_path`` names."""
+        if self._use_upload and (item := self._upload_item()):
             folder = Path(self.upload_dir or tempfile.mkdtemp(prefix="chlib_upload_"))
             folder.mkdir(parents=True, exist_ok=True)
             (target := folder / Path(item["name"]).name).write_bytes(bytes(item["content"]))
@@ -326,23 +482,34 @@ class IdentifyApp:
         return [str(f) for f in find_audio_files(p)] if p.is_dir() else [str(p)]
 
     def run(self) -> None:
-        """Identify the chosen query and show the results (called by the button)."""
+        """Identify the chosen query and show the results (called by the button, which is
+        disabled and says so meanwhile)."""
         self.out.clear_output()
-        with self.out:
-            try:
-                paths = self.query_paths()
-                self.report = identify(paths, model=self.model, hp=self.hp, index=self.index,
-                                       device=self.device, top_k=self.top_k.value,
-                                       threshold_p=self.threshold.value)
-            except ChlibError as e:
-                print(f"error: {e}")
-                return
-            for q in paths:
-                display(*self.views(q))
-            if self.report.errors:
-                display(table(self.report.errors, title="could not be read"))
-            if best := [r for r in self.report.best() if r["rank"] == 1]:
-                display(_png(self.match_figure(best[0])))
+        self.button.disabled, self.button.description = True, "Identifying..."
+        self.button.icon = "hourglass-half"
+        try:
+            with self.out:
+                self._run()
+        finally:
+            self.button.disabled, self.button.description, self.button.icon = (
+                False, "Identify", "")
+
+    def _run(self) -> None:
+        try:
+            paths = self.query_paths()
+            print(f"identifying {len(paths)} recording(s)...")
+            self.report = identify(paths, model=self.model, hp=self.hp, index=self.index,
+                                   device=self.device, top_k=self.top_k.value,
+                                   threshold_p=self.threshold.value)
+        except ChlibError as e:
+            print(f"error: {e}")
+            return
+        for q in paths:
+            display(*self.views(q))
+        if self.report.errors:
+            display(table(self.report.errors, title="could not be read"))
+        if best := [r for r in self.report.best() if r["rank"] == 1]:
+            display(_png(self.match_figure(best[0])))
 
     def views(self, query: str) -> list:
         """The query's player and its results grid with a player per match."""
@@ -359,9 +526,35 @@ class IdentifyApp:
                                   self.hp, max_seconds=self.max_seconds)
 
 
+_MAP_INCHES = (11.0, 7.0)  # the explorer's map: 1100 x 700 px at 100 dpi, whatever is shown
+
+
+def projection_note(data: Any, method: str, seed: int = 0) -> str:
+    """What to say while ``data``'s ``method`` map is computed ("" if it is fast or cached)."""
+    if method == "pca" or (method, seed) in data.projections:
+        return ""
+    name = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
+    return f"Computing the {name} map of {len(data)} recordings (can take ~20 s)..."
+
+
+def svg_with_names(fig: Any, xy: np.ndarray, names: Sequence[str]) -> str:
+    """``fig`` as an inline SVG of its PNG, each point of ``xy`` (data coordinates of its first
+    axes) named on hover by an SVG ``<title>`` (no front-end extension needed)."""
+    png = base64.b64encode(figure_png(fig, fig.dpi)).decode()  # draws: the layout is final
+    wd, ht = (round(v * fig.dpi) for v in fig.get_size_inches())
+    px = fig.axes[0].transData.transform(np.asarray(xy, dtype=np.float64))
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{ht - y:.1f}" r="7" fill="#fff" fill-opacity="0">'
+                   f"<title>{html.escape(str(n))}</title></circle>"
+                   for (x, y), n in zip(px, names, strict=True))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{wd}" height="{ht}" '
+            f'viewBox="0 0 {wd} {ht}" style="max-width:100%;height:auto">'
+            f'<image href="data:image/png;base64,{png}" width="{wd}" height="{ht}"/>{dots}</svg>')
+
+
 class EmbeddingExplorer:
     """Map of an ExplorerData's recordings: colour by any column, find a work, pick a recording
-    to list its neighbours, hear it and see its CQT (plain ipywidgets + PNGs); ``widget``."""
+    to list its neighbours, hear it and see its CQT (plain ipywidgets + PNGs); ``widget``: the
+    controls, then the map (full width, fixed size, names on hover), then the details."""
 
     def __init__(self, data: Any, *, projection: str = "umap", colour_by: str = "work",
                  highlight_work: str = "", point: str = "", n_neighbours: int = 10,
@@ -375,8 +568,9 @@ class EmbeddingExplorer:
                      "point": perfs})
         self.projection, self.colour, self.search, self.point, self.k = form.inputs.values()
         form.observe(lambda _name, _value: self.refresh())
-        self.map_out, self.detail_out = w.Output(), w.Output()
-        self.widget = w.VBox([form.widget, w.HBox([self.map_out, self.detail_out])])
+        self.status, self.detail_out = w.HTML(), w.Output()
+        self.map = w.HTML(layout=w.Layout(width="100%"))
+        self.widget = w.VBox([form.widget, self.status, self.map, self.detail_out])
 
     def state(self) -> dict:
         """The current choices as plain values."""
@@ -386,19 +580,26 @@ class EmbeddingExplorer:
 
     def map_figure(self) -> Any:
         """The projection with the current colouring, highlight, selection and neighbours."""
-        return explorer_map_figure(self.data, self.projection.value, self.colour.value,
-                                   row=self.data.index_of(self.point.value),
-                                   highlight_work=self.search.value.strip(),
-                                   n_neighbours=self.k.value, seed=self.seed)
+        fig = explorer_map_figure(self.data, self.projection.value, self.colour.value,
+                                  row=self.data.index_of(self.point.value),
+                                  highlight_work=self.search.value.strip(),
+                                  n_neighbours=self.k.value, seed=self.seed)
+        fig.set_size_inches(*_MAP_INCHES)
+        return fig
 
     def refresh(self) -> None:
         """Redraw the map and the selected recording's details."""
         row = self.data.index_of(self.point.value)
-        rec = self.data.records[row]
-        for out in (self.map_out, self.detail_out):
-            out.clear_output(wait=True)
-        with self.map_out:
-            display(_png(self.map_figure()))
+        rec, method = self.data.records[row], self.projection.value
+        if note := projection_note(self.data, method, self.seed):
+            self.status.value = f"<i>{html.escape(note)}</i>"
+        try:
+            names = [f"{r['work']} - {r['perf']} ({r.get('role')})" for r in self.data.records]
+            self.map.value = svg_with_names(self.map_figure(), explorer_projection(
+                self.data, method, self.seed), names)
+        finally:
+            self.status.value = ""
+        self.detail_out.clear_output(wait=True)
         with self.detail_out:
             print(f"{rec['perf']} - {rec['work']} ({rec.get('role')})")
             if rec.get("wav"):
