@@ -15,7 +15,7 @@ import matplotlib.image as plt_image
 import numpy as np
 from test_widgets import _explorer_data
 
-from chlib.ui import plots, widgets
+from chlib.ui import explorer, plots
 from chlib.ui.report import explorer_projection
 
 
@@ -36,7 +36,7 @@ def _boxes_holding(root, target):
 
 
 def test_map_has_its_own_full_width_row_and_keeps_its_size_after_a_pick(tmp_path):
-    ex = widgets.EmbeddingExplorer(_explorer_data(tmp_path), projection="pca", point="p4")
+    ex = explorer.EmbeddingExplorer(_explorer_data(tmp_path), projection="pca", point="p4")
     ex.refresh()
     assert ex.map in ex.widget.children and ex.detail_out in ex.widget.children
     assert isinstance(ex.widget, w.VBox)
@@ -53,7 +53,7 @@ def test_map_has_its_own_full_width_row_and_keeps_its_size_after_a_pick(tmp_path
 
 def test_points_carry_their_work_names_on_hover(tmp_path):
     data = _explorer_data(tmp_path)
-    ex = widgets.EmbeddingExplorer(data, projection="pca")
+    ex = explorer.EmbeddingExplorer(data, projection="pca")
     ex.refresh()
     dots = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>([^<]*)</title>',
                       ex.map.value)
@@ -81,12 +81,12 @@ def test_a_slow_projection_shows_a_busy_message_while_it_runs(tmp_path, monkeypa
         return np.asarray(emb, dtype=np.float64)[:, :2]
 
     monkeypatch.setattr(plots, "project_embeddings", fake_project)
-    ex = widgets.EmbeddingExplorer(data, projection="tsne")
+    ex = explorer.EmbeddingExplorer(data, projection="tsne")
     ex.refresh()
     assert seen and seen[0][0] == "tsne" and "t-SNE" in seen[0][1] and "9 recordings" in seen[0][1]
     assert ex.status.value == ""  # cleared once the map is drawn
-    assert widgets.projection_note(data, "tsne", 0) == ""  # cached now: no message
-    assert widgets.projection_note(data, "pca", 0) == ""  # fast
+    assert explorer.projection_note(data, "tsne", 0) == ""  # cached now: no message
+    assert explorer.projection_note(data, "pca", 0) == ""  # fast
 
 
 def test_the_notebook_announces_the_projection_before_computing_it():

@@ -8,7 +8,7 @@ import soundfile as sf
 from helpers import write_tone
 
 from chlib.core.errors import AudioError, ConfigError
-from chlib.ui import widgets
+from chlib.ui import explorer, widgets
 
 
 def test_plain_python_is_not_an_interactive_session(monkeypatch):
@@ -305,7 +305,7 @@ def test_embedding_explorer_controls_drive_the_map(tmp_path):
     from chlib.ui.report import explorer_projection
 
     data = _explorer_data(tmp_path)
-    ex = widgets.EmbeddingExplorer(data, projection="pca", point="p4", n_neighbours=2)
+    ex = explorer.EmbeddingExplorer(data, projection="pca", point="p4", n_neighbours=2)
     assert list(ex.colour.options) == ["work", "role", "instrument"]  # "version" is unique
     s = ex.state()
     assert s["row"] == 4 and s["k"] == 2 and s["highlight"] == []

@@ -5,7 +5,6 @@ cell drives every computation; a form only edits it in an :func:`interactive_ses
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
 import html
 import io
@@ -31,14 +30,13 @@ from chlib.core.io import atomic_write_text, json_text, read_json
 from chlib.core.manifest import read_manifest
 from chlib.data.features import feature_path, load_feature
 from chlib.retrieval.identify import find_audio_files, identify
-from chlib.ui.plots import figure_png, plot_cqts, plot_training_curves
-from chlib.ui.report import explorer_map_figure, explorer_projection, query_match_figure
+from chlib.ui.plots import figure_png, plot_training_curves
+from chlib.ui.report import query_match_figure
 
 __all__ = ["in_papermill", "interactive_session", "use_project_root", "table", "ParameterForm",
            "parameter_form", "parameter_comments", "quoted_choices", "edit_parameters", "show",
            "audio_excerpt_wav", "audio_player", "results_table", "TrainingMonitor", "audio",
-           "cqt_examples", "epoch_table",
-           "IdentifyApp", "EmbeddingExplorer"]
+           "cqt_examples", "epoch_table", "png_image", "IdentifyApp"]
 
 #: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
 INTERACTIVE_ENV = "CHLIB_INTERACTIVE"
@@ -422,7 +420,8 @@ def cqt_examples(manifest_path: str | os.PathLike, *, work: str | None = None, n
     return arrays, [str(r["perf"]) for r in chosen]
 
 
-def _png(fig: Any) -> Image:
+def png_image(fig: Any) -> Image:
+    """``fig`` as an IPython PNG image at 90 dpi."""
     return Image(figure_png(fig, 90))
 
 
@@ -509,7 +508,7 @@ class IdentifyApp:
         if self.report.errors:
             display(table(self.report.errors, title="could not be read"))
         if best := [r for r in self.report.best() if r["rank"] == 1]:
-            display(_png(self.match_figure(best[0])))
+            display(png_image(self.match_figure(best[0])))
 
     def views(self, query: str) -> list:
         """The query's player and its results grid with a player per match."""
@@ -524,94 +523,3 @@ class IdentifyApp:
         """CQT of the query beside its best match's."""
         return query_match_figure(best_row["query"], self._by_perf.get(best_row["perf"], {}),
                                   self.hp, max_seconds=self.max_seconds)
-
-
-_MAP_INCHES = (11.0, 7.0)  # the explorer's map: 1100 x 700 px at 100 dpi, whatever is shown
-
-
-def projection_note(data: Any, method: str, seed: int = 0) -> str:
-    """What to say while ``data``'s ``method`` map is computed ("" if it is fast or cached)."""
-    if method == "pca" or (method, seed) in data.projections:
-        return ""
-    name = {"tsne": "t-SNE", "umap": "UMAP"}.get(method, method)
-    return f"Computing the {name} map of {len(data)} recordings (can take ~20 s)..."
-
-
-def svg_with_names(fig: Any, xy: np.ndarray, names: Sequence[str]) -> str:
-    """``fig`` as an inline SVG of its PNG, each point of ``xy`` (data coordinates of its first
-    axes) named on hover by an SVG ``<title>`` (no front-end extension needed)."""
-    png = base64.b64encode(figure_png(fig, fig.dpi)).decode()  # draws: the layout is final
-    wd, ht = (round(v * fig.dpi) for v in fig.get_size_inches())
-    px = fig.axes[0].transData.transform(np.asarray(xy, dtype=np.float64))
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{ht - y:.1f}" r="7" fill="#fff" fill-opacity="0">'
-                   f"<title>{html.escape(str(n))}</title></circle>"
-                   for (x, y), n in zip(px, names, strict=True))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{wd}" height="{ht}" '
-            f'viewBox="0 0 {wd} {ht}" style="max-width:100%;height:auto">'
-            f'<image href="data:image/png;base64,{png}" width="{wd}" height="{ht}"/>{dots}</svg>')
-
-
-class EmbeddingExplorer:
-    """Map of an ExplorerData's recordings: colour by any column, find a work, pick a recording
-    to list its neighbours, hear it and see its CQT (plain ipywidgets + PNGs); ``widget``: the
-    controls, then the map (full width, fixed size, names on hover), then the details."""
-
-    def __init__(self, data: Any, *, projection: str = "umap", colour_by: str = "work",
-                 highlight_work: str = "", point: str = "", n_neighbours: int = 10,
-                 seed: int = 0, features: Any = None, max_seconds: float = 30.0):
-        self.data, self.seed, self.features, self.max_seconds = data, seed, features, max_seconds
-        perfs = [str(r["perf"]) for r in data.records]
-        form = ParameterForm(
-            {"projection": projection, "colour_by": colour_by, "highlight_work": highlight_work,
-             "point": perfs[data.index_of(point) if point else 0], "n_neighbours": n_neighbours},
-            choices={"projection": ["umap", "tsne", "pca"], "colour_by": data.columns(),
-                     "point": perfs})
-        self.projection, self.colour, self.search, self.point, self.k = form.inputs.values()
-        form.observe(lambda _name, _value: self.refresh())
-        self.status, self.detail_out = w.HTML(), w.Output()
-        self.map = w.HTML(layout=w.Layout(width="100%"))
-        self.widget = w.VBox([form.widget, self.status, self.map, self.detail_out])
-
-    def state(self) -> dict:
-        """The current choices as plain values."""
-        return {"projection": self.projection.value, "colour_by": self.colour.value,
-                "highlight": self.data.matching_works(self.search.value.strip()),
-                "row": self.data.index_of(self.point.value), "k": self.k.value}
-
-    def map_figure(self) -> Any:
-        """The projection with the current colouring, highlight, selection and neighbours."""
-        fig = explorer_map_figure(self.data, self.projection.value, self.colour.value,
-                                  row=self.data.index_of(self.point.value),
-                                  highlight_work=self.search.value.strip(),
-                                  n_neighbours=self.k.value, seed=self.seed)
-        fig.set_size_inches(*_MAP_INCHES)
-        return fig
-
-    def refresh(self) -> None:
-        """Redraw the map and the selected recording's details."""
-        row = self.data.index_of(self.point.value)
-        rec, method = self.data.records[row], self.projection.value
-        if note := projection_note(self.data, method, self.seed):
-            self.status.value = f"<i>{html.escape(note)}</i>"
-        try:
-            names = [f"{r['work']} - {r['perf']} ({r.get('role')})" for r in self.data.records]
-            self.map.value = svg_with_names(self.map_figure(), explorer_projection(
-                self.data, method, self.seed), names)
-        finally:
-            self.status.value = ""
-        self.detail_out.clear_output(wait=True)
-        with self.detail_out:
-            print(f"{rec['perf']} - {rec['work']} ({rec.get('role')})")
-            if rec.get("wav"):
-                display(audio_player(rec["wav"], max_seconds=self.max_seconds))
-            display(table(self.data.neighbours(row, self.k.value),
-                          ["rank", "perf", "work", "role", "distance", "same_work"]))
-            if rec.get("feat"):
-                display(_png(plot_cqts([self.data.cqt(row)], [str(rec["perf"])],
-                                       features=self.features, max_seconds=self.max_seconds,
-                                       panel_size=(6, 2.8))))
-
-    def show(self) -> None:
-        """Display the explorer and draw it once."""
-        show(self.widget)
-        self.refresh()
