@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +50,13 @@ def fixtures_dir(shared_dir: Path) -> Path:
 def rng() -> np.random.Generator:
     """A fresh, seeded NumPy generator per test."""
     return np.random.default_rng(20231125)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run several times faster on one thread, above all on a busy 2-core machine
+    (modules that train use it with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

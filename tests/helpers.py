@@ -21,9 +21,11 @@ from chlib.core.io import atomic_save_npy
 from chlib.core.manifest import write_manifest
 
 __all__ = ["tone", "sine", "write_tone", "StandIn", "write_toy_dataset", "make_tiny_dataset",
-           "tiny_config", "N_BINS"]
+           "tiny_config", "N_BINS", "TINY_MODEL"]
 
 N_BINS = 24  # feature bins of make_tiny_dataset and tiny_config
+# a 1-block, width-32 network (config keys), for training tests on 96-bin toy features
+TINY_MODEL = {"encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 64}, "embed_dim": 16}
 
 
 def tone(seconds: float, *, sample_rate: int = 16000, freqs: tuple[float, ...] = (220.0, 330.0),

@@ -10,7 +10,6 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from bad_inputs import (
     write_checkpoint_with_object,
@@ -18,7 +17,7 @@ from bad_inputs import (
     write_single_work_split,
     write_stale_checkpoint_temps,
 )
-from helpers import write_toy_dataset
+from helpers import TINY_MODEL, write_toy_dataset
 
 import chlib.core.io as io_mod
 from chlib.core import config, schema
@@ -43,15 +42,7 @@ from chlib.train.runs import (
 )
 from chlib.train.tune_plan import parse_plan
 
-TINY = {"encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 64}, "embed_dim": 16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +52,7 @@ def toy(tmp_path_factory) -> Path:
 
 def _hp(toy: Path, **over) -> HParams:
     d = {"train_path": str(toy), "val_path": str(toy), "chunk_frame": [15], "mean_size": 2,
-         "batch_size": 4, "m_per_class": 2, "num_workers": 0, **TINY,
+         "batch_size": 4, "m_per_class": 2, "num_workers": 0, **TINY_MODEL,
          "foc": {"output_dims": "auto"}, "learning_rate": 0.003, "log_every_steps": 2,
          "max_epochs": 1}
     return HParams.from_dict(schema.deep_merge(d, over))
@@ -205,7 +196,7 @@ def test_item4_zero_patience_is_refused(toy, tmp_path):
 def test_item4_a_single_training_work_is_refused_before_training(tmp_path):
     one = write_single_work_split(tmp_path / "one")
     hp = HParams.from_dict({"train_path": str(one), "chunk_frame": [15], "mean_size": 2,
-                            "batch_size": 4, "m_per_class": 2, "num_workers": 0, **TINY,
+                            "batch_size": 4, "m_per_class": 2, "num_workers": 0, **TINY_MODEL,
                             "foc": {"output_dims": "auto"}, "max_epochs": 1})
     with pytest.raises(ConfigError, match=r"1 work .*at least 2 works"):
         prepare_training_data(hp)
@@ -325,6 +316,6 @@ def test_item9_training_a_run_with_a_bad_metrics_line_stops_before_training(toy,
 
 
 def test_item2_a_string_number_round_trips_through_save_hparams(tmp_path):
-    hp = HParams.from_dict({"learning_rate": "2e-4", **TINY})
+    hp = HParams.from_dict({"learning_rate": "2e-4", **TINY_MODEL})
     save_hparams(hp, tmp_path / "h.yaml")
     assert load_hparams(tmp_path / "h.yaml").to_dict() == hp.to_dict()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_toy_dataset
+from helpers import TINY_MODEL, write_toy_dataset
 
 import chlib.train.loop as T
 from chlib.core.config import HParams, save_hparams
@@ -24,16 +24,7 @@ from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import list_checkpoints, load_generator_state, load_train_state
 from chlib.train.loop import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train
 
-TINY = {"encoder": {"output_dims": 32, "num_blocks": 1, "attention_dim": 64}, "embed_dim": 16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def _hp(toy: Path, **over) -> HParams:
     d = {
         "train_path": str(toy), "val_path": str(toy),
         "chunk_frame": [20, 15], "mean_size": 2, "batch_size": 8, "m_per_class": 2,
-        "num_workers": 0, **TINY, "foc": {"output_dims": "auto"}, "learning_rate": 0.003,
+        "num_workers": 0, **TINY_MODEL, "foc": {"output_dims": "auto"}, "learning_rate": 0.003,
         "log_every_steps": 2, "deterministic": True, "max_epochs": 2,
     }
     d.update(over)

@@ -7,7 +7,6 @@ import re
 
 import nbformat
 import pytest
-import torch
 from helpers import make_tiny_dataset, tiny_config
 
 from chlib.__main__ import main
@@ -15,13 +14,7 @@ from chlib.core.config import HParams, save_hparams
 from chlib.train.loop import train
 from chlib.ui.runner import run_notebooks
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_nb(path, params_src, *bodies):

@@ -118,10 +118,13 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         end = f.seek(0, os.SEEK_END)
-        f.seek(max(0, end - (1 << 20)))
-        tail = f.read()
-        lead = b""
-        if tail and not tail.endswith(b"\n"):
+        lead, last = b"", b"\n"
+        if end:  # the usual case reads one byte: the last line's newline
+            f.seek(end - 1)
+            last = f.read(1)
+        if last != b"\n":
+            f.seek(max(0, end - (1 << 20)))
+            tail = f.read()
             cut = tail.rfind(b"\n") + 1  # start of the unfinished last line (in the tail)
             try:
                 json.loads(tail[cut:])

@@ -135,7 +135,8 @@ def setting_changes(old: dict, hp: HParams, where: str) -> str:
     config mapping); a ConfigError naming ``where`` when one of them is a setting the run's
     checkpoints depend on (the network's shape and input, :func:`schema.fixed_keys`)."""
     diff = schema.differences(old, hp.to_dict())
-    fixed = [k for k in diff if k in schema.fixed_keys(HParams)]
+    fixed_keys = set(schema.fixed_keys(HParams))
+    fixed = [k for k in diff if k in fixed_keys]
 
     def words(keys: list[str]) -> str:
         return ", ".join(f"{k} {diff[k][0]} -> {diff[k][1]}" for k in keys)
