@@ -9,7 +9,7 @@ RUN    ?= demo
 DEMO_DATASET ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv git-filter demo test test-fast bench lint clean-demo
+.PHONY: venv git-filter demo test test-fast test-ipywidgets7 bench lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,22 @@ demo: $(STAMP)
 	$(PY) -m chlib run 01_prepare 02_extract 03_train 05_evaluate 06_identify 07_explore \
 		--run $(RUN) -p dataset_dir $(DEMO_DATASET) -p max_epochs $(DEMO_EPOCHS)
 
-# The whole test suite (fixture checks, notebooks under papermill, kill/resume tests).
+# The whole test suite (fixture checks, notebooks under papermill, kill/resume tests), then the
+# widget tests again against ipywidgets 7.7.1, the version Google Colab ships.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-ipywidgets7
+
+IPYW7 := $(VENV)/ipywidgets7
+WIDGET_TESTS := tests/test_widgets.py tests/test_ux_forms.py tests/test_ux_explorer.py \
+	tests/test_ux_tables.py
+$(IPYW7)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(IPYW7) "ipywidgets==7.7.1" ipython_genutils
+	@touch $@
+test-ipywidgets7: $(IPYW7)/.installed
+	PYTHONPATH=$(IPYW7) $(PY) -c "import ipywidgets as w; assert w.__version__ == '7.7.1', w.__version__"
+	PYTHONPATH=$(IPYW7) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+		$(WIDGET_TESTS)
 
 # Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

@@ -9,9 +9,11 @@ moves and training curves mean something), with :func:`tiny_config` to train on 
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
+import ipywidgets
 import numpy as np
 import soundfile as sf
 import torch
@@ -163,3 +165,17 @@ def tiny_config(ds: str | Path | None = None, **extra) -> dict:
         cfg.update(train_path=str(ds / "train.txt"), val_path=str(ds / "val.txt"),
                    tiny={"query_path": str(ds / "full.txt"), "ref_path": str(ds / "full.txt")})
     return {**cfg, **extra}
+
+
+def fake_upload(upload, name: str, data: bytes) -> None:
+    """What the browser does to a FileUpload when a file is chosen, in ipywidgets 8 or 7 (the
+    one Colab ships), so the same tests run against both."""
+    if ipywidgets.__version__.startswith("7."):
+        upload.metadata = [{"name": name, "type": "audio/wav", "size": len(data),
+                            "lastModified": 0}]
+        upload.data = [data]
+        upload._counter += 1
+    else:
+        upload.value = ({"name": name, "type": "audio/wav", "size": len(data),
+                         "content": memoryview(data),
+                         "last_modified": datetime.datetime(2024, 1, 1)},)

@@ -62,8 +62,11 @@ class _FakeIPython:
 
 def _run_on_fake_colab(monkeypatch, cell: str) -> tuple[_FakeIPython, list, dict]:
     """Executes the cell as if on Colab: no /content/chlib yet, folders and chdir recorded."""
-    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    colab, output = type(sys)("google.colab"), type(sys)("google.colab.output")
+    colab.output = output
     ip, dirs = _FakeIPython(), []
+    output.enable_custom_widget_manager = lambda: ip.calls.append(("widgets", "custom manager"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.setattr(os.path, "isdir", lambda p: False)
     monkeypatch.setattr(os, "makedirs", lambda p, exist_ok=False: dirs.append(("mkdir", p)))
     monkeypatch.setattr(os, "chdir", lambda p: dirs.append(("chdir", p)))
@@ -83,6 +86,7 @@ def test_colab_setup_cell_clones_installs_and_enters_the_project(monkeypatch, ca
     assert ip.calls[0][0] == "system" and "git clone" in ip.calls[0][1]
     assert "{CHLIB_REPO} /content/chlib" in ip.calls[0][1]
     assert ip.calls[1] == ("pip", "install --quiet /content/chlib")
+    assert ip.calls[2] == ("widgets", "custom manager")  # anywidget (07's map) needs it on Colab
     assert dirs == [("mkdir", "/content/chlib"), ("chdir", "/content/chlib")]
     assert "GPU:" in capsys.readouterr().out  # says whether there is one, and how to get one
     assert "USE_DRIVE = False" in cell and "/content/drive" in cell

@@ -44,11 +44,11 @@ def test_map_has_its_own_full_width_row_and_keeps_its_size_after_a_pick(tmp_path
     kids = list(ex.widget.children)
     assert kids.index(ex.map) < kids.index(ex.detail_out)  # controls, map, then the table
     assert ex.map.layout.width == "100%"
-    assert _svg_size(ex.map.value) == (1100, 700)
+    assert _svg_size(ex.map.svg) == (1100, 700)
     ex.point.value = "p7"  # a pick redraws the map at the same size
-    assert "p7" in ex.map.value and _svg_size(ex.map.value) == (1100, 700)
+    assert "p7" in ex.map.svg and _svg_size(ex.map.svg) == (1100, 700)
     ex.colour.value = "instrument"  # a shorter legend does not shrink it either
-    assert _svg_size(ex.map.value) == (1100, 700)
+    assert _svg_size(ex.map.svg) == (1100, 700)
 
 
 def test_points_carry_their_work_names_on_hover(tmp_path):
@@ -56,9 +56,9 @@ def test_points_carry_their_work_names_on_hover(tmp_path):
     ex = explorer.EmbeddingExplorer(data, projection="pca")
     ex.refresh()
     dots = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>([^<]*)</title>',
-                      ex.map.value)
+                      ex.map.svg)
     assert len(dots) == len(data)
-    ElementTree.fromstring(ex.map.value)  # well-formed SVG
+    ElementTree.fromstring(ex.map.svg)  # well-formed SVG
     for (_, _, name), rec in zip(dots, data.records, strict=True):
         assert rec["work"] in name and rec["perf"] in name
     xy = explorer_projection(data, "pca", 0)
@@ -66,7 +66,7 @@ def test_points_carry_their_work_names_on_hover(tmp_path):
     assert np.all((cx > 0) & (cx < 1100) & (cy > 0) & (cy < 700))
     np.testing.assert_array_equal(np.argsort(cx), np.argsort(xy[:, 0]))
     np.testing.assert_array_equal(np.argsort(cy), np.argsort(-xy[:, 1]))  # SVG y points down
-    png = base64.b64decode(re.search(r'base64,([^"]+)"', ex.map.value).group(1))
+    png = base64.b64decode(re.search(r'base64,([^"]+)"', ex.map.svg).group(1))
     pixels = plt_image.imread(io.BytesIO(png))
     x, y = (round(float(v)) for v in dots[ex.state()["row"]][:2])
     assert pixels[y, x, :3].max() < 0.3  # the hover spot sits on the chosen point's black star
@@ -94,3 +94,17 @@ def test_the_notebook_announces_the_projection_before_computing_it():
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     step2 = next(c for c in cells if "explorer_map_figure" in c)
     assert step2.index("projection_note(") < step2.index("explorer_map_figure")
+
+
+def test_a_click_on_the_map_picks_that_recording(tmp_path):
+    data = _explorer_data(tmp_path)
+    ex = explorer.EmbeddingExplorer(data, projection="pca", point="p1")
+    ex.refresh()
+    i = next(j for j, r in enumerate(data.records) if r["perf"] == "p6")
+    assert f'data-i="{i}"' in ex.map.svg
+    ex.map.picked = i  # what the front end sends on a click on that circle
+    assert ex.point.value == "p6" and ex.state()["row"] == i
+    assert ex.map.picked == -1  # handled: a second click on the same point counts again
+    ex.point.value = "p1"
+    ex.map.picked = i
+    assert ex.point.value == "p6"

@@ -3,12 +3,11 @@ identify app's query source and busy state."""
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import ipywidgets as w
 import pytest
-from helpers import write_tone
+from helpers import fake_upload, write_tone
 
 from chlib.core.errors import ConfigError
 from chlib.ui import widgets
@@ -130,7 +129,7 @@ def test_form_uses_dropdowns_help_text_and_aligned_labels(tmp_path, interactive)
     assert isinstance(recipe, w.Combobox) and list(recipe.options) == ["laptop", "coverhunter"]
     recipe.value = "my/recipe.yaml"  # still free text
     assert form.values()["recipe"] == "my/recipe.yaml"
-    assert "at most this many epochs" in form.inputs["max_epochs"].tooltip
+    assert "at most this many epochs" in getattr(form.inputs["max_epochs"], widgets.TOOLTIP)
     rows = [c for c in form.widget.children if isinstance(c, w.HBox)]
     assert any("at most this many epochs" in c.value
                for r in rows for c in r.children if isinstance(c, w.HTML))
@@ -157,9 +156,7 @@ def _app(tmp_path):
 
 
 def _upload(app, name="mine.wav", data=b"RIFF"):
-    app.upload.value = ({"name": name, "type": "audio/wav", "size": len(data),
-                         "content": memoryview(data),
-                         "last_modified": datetime.datetime(2024, 1, 1)},)
+    fake_upload(app.upload, name, data)
 
 
 def test_identify_app_uses_what_was_touched_last_and_can_clear_the_upload(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import write_tone
+from helpers import fake_upload, write_tone
 
 from chlib.core.errors import AudioError, ConfigError
 from chlib.ui import explorer, widgets
@@ -230,7 +230,6 @@ def _identify_fixture(tmp_path):
 
 
 def test_identify_app_paths_from_upload_and_path_box(tmp_path):
-    import datetime
 
     hp, index = _identify_fixture(tmp_path)
     app = widgets.IdentifyApp(None, hp, index, upload_dir=tmp_path / "up", top_k=5)
@@ -247,9 +246,7 @@ def test_identify_app_paths_from_upload_and_path_box(tmp_path):
     app.path.value = str(folder)
     assert [p.rsplit("/", 1)[1] for p in app.query_paths()] == ["q1.wav", "q2.flac"]
     data = (folder / "q1.wav").read_bytes()
-    app.upload.value = ({"name": "mine.wav", "type": "audio/wav", "size": len(data),
-                         "content": memoryview(data),
-                         "last_modified": datetime.datetime(2024, 1, 1)},)
+    fake_upload(app.upload, "mine.wav", data)
     (p,) = app.query_paths()
     assert p == str(tmp_path / "up" / "mine.wav") and (tmp_path / "up" / "mine.wav").read_bytes() == data
 

@@ -41,6 +41,8 @@ __all__ = ["in_papermill", "interactive_session", "use_project_root", "table", "
 #: Environment variable forcing the answer of :func:`interactive_session` ("1" / "0").
 INTERACTIVE_ENV = "CHLIB_INTERACTIVE"
 _STYLE = {"description_width": "13em"}  # one label width: the inputs line up
+# the hover help's trait: "tooltip" in ipywidgets 8, "description_tooltip" in 7 (Colab's)
+TOOLTIP = "tooltip" if "tooltip" in w.Text.class_trait_names() else "description_tooltip"
 _MATCH_COLUMNS = ["rank", "work", "perf", "distance", "p_value", "verdict"]
 
 
@@ -108,7 +110,7 @@ class ParameterForm:
                          if n not in choices and not isinstance(d, (bool, int, float, str))}
         self.inputs: dict[str, Any] = {}
         for name, default in self.defaults.items():
-            kw = {"description": name, "style": _STYLE, "tooltip": help.get(name) or None}
+            kw = {"description": name, "style": _STYLE, TOOLTIP: help.get(name) or None}
             wide = {"layout": w.Layout(width="32em"), **kw}
             listed, closed = quoted_choices(help.get(name, "")) if isinstance(
                 default, str) else ([], True)
@@ -445,16 +447,26 @@ class IdentifyApp:
         self.source_note, self.out, self._use_upload = w.HTML(), w.Output(), False
         self.upload.observe(lambda _c: self._touched(upload=True), names="value")
         self.path.observe(lambda _c: self._touched(upload=False), names="value")
-        self.clear_button.on_click(lambda _b: setattr(self.upload, "value", ()))
+        self.clear_button.on_click(lambda _b: self.clear_upload())
         self.button.on_click(lambda _b: self.run())
         self.widget = w.VBox([w.HBox([self.upload, self.clear_button]), form.widget,
                               self.source_note, self.button, self.out])
         self._touched(upload=False)
 
     def _upload_item(self) -> Mapping | None:
+        """``{"name", "content"}`` of the upload, or None (ipywidgets 8: a tuple of such dicts;
+        7, which Colab ships: ``{name: {"metadata": {"name", ...}, "content"}}``)."""
         if not (files := self.upload.value):
             return None
-        return files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
+        if isinstance(files, (list, tuple)):
+            return files[0]
+        item = next(iter(files.values()))
+        return {"name": item["metadata"]["name"], "content": item["content"]}
+
+    def clear_upload(self) -> None:
+        """Forget the upload (its value is read-only in ipywidgets 7, hence ``set_trait``)."""
+        self.upload.set_trait("value", type(self.upload.value)())
+        self._touched(upload=False)
 
     def _touched(self, *, upload: bool) -> None:
         """The last thing edited (an upload or the path box) is the query; say which."""

@@ -1,0 +1,279 @@
+"""Which works a recording holds, and where: a timeline decoded from overlapping query windows.
+
+A set of tunes, a medley or a concert is embedded window by window (``windows`` [T, D], one
+every few seconds). Each window is scored against every reference work (max cosine similarity
+over the work's reference windows, or its track vectors when the index keeps no windows), the
+scores are normalised per window by a robust null (:func:`normalise_scores`), and the sequence
+is decoded by :func:`viterbi` over the candidate works plus one "unknown" state.
+
+Why Viterbi with a switch penalty, not a per-window argmax: the penalty is a prior that a tune
+lasts many windows, so one noisy window cannot flip the label (the argmax flickers); the
+max-sum decoding is exact and linear in T x S (the best predecessor is the same state or the
+previous step's global best minus the penalty); change-point methods would need a cost per
+segment anyway, which is what the penalty is. Each decoded segment is then searched in the
+index as one window set (``by="work"``), so its p-value is on the index's calibration, the
+same rule as identification; a segment with ``p >= possible_p`` becomes "unknown".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chlib.core.errors import ConfigError
+from chlib.retrieval.calibration import work_codes
+from chlib.retrieval.index import ReferenceIndex
+from chlib.retrieval.protocol import unit_rows
+
+__all__ = ["UNKNOWN", "BLOCK_BYTES", "DEFAULT_UNKNOWN_Z", "DEFAULT_SWITCH_PENALTY",
+           "SEGMENT_COLUMNS", "window_work_scores", "normalise_scores", "viterbi",
+           "decode_timeline", "segments_from_labels", "Timeline", "timeline"]
+
+UNKNOWN = "unknown"  # label of time matched to no work (a work with this name would merge in)
+BLOCK_BYTES = 64 << 20  # cap on one [query windows, reference rows] float32 block
+# Defaults in z units (robust per-window z, see normalise_scores), tuned on the synthetic sets
+# of tests/test_timeline.py only: check them on real sets. The unknown state emits 3.0 (about
+# the best of ~30 unrelated works by chance); a switch costs 6.0, so a stretch is labelled
+# with another work only when its z exceeds the current label's by > 12 in total (e.g. 3
+# windows by 4 each): a tune lasts many windows, a flicker does not.
+DEFAULT_UNKNOWN_Z = 3.0
+DEFAULT_SWITCH_PENALTY = 6.0
+SEGMENT_COLUMNS = ("query", "start_s", "end_s", "work", "p_value", "perf")
+
+
+def _reference_rows(index: ReferenceIndex) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(unit reference rows [R, D], their record index [R], the works [W] in sorted order):
+    the stored windows when every recording has some, else the track vectors."""
+    n = len(index)
+    owner = index.window_owner
+    if (index.windows is not None and owner is not None and len(owner) == len(index.windows)
+            and np.array_equal(np.unique(owner), np.arange(n))):
+        return index.windows, np.asarray(owner, np.int64), sorted(set(index.works))
+    return index.embeddings, np.arange(n, dtype=np.int64), sorted(set(index.works))
+
+
+def _similarities(q_unit: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Cosine similarities float32 [t, R] of one block of unit query windows (tests spy on it)."""
+    return (q_unit @ refs.T).astype(np.float32, copy=False)
+
+
+def window_work_scores(index: ReferenceIndex, windows: np.ndarray, *,
+                       block_bytes: int | None = None, with_best: bool = False
+                       ) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], np.ndarray]:
+    """``(scores float32 [T, W], works [W])``: max cosine similarity of each query window
+    (rows of ``windows`` [T, D], raw; normalised here) to each work's reference rows, works
+    in sorted name order. Query windows go in blocks so each [t, R] temporary stays under
+    ``block_bytes`` (None = :data:`BLOCK_BYTES`). ``with_best`` adds ``best`` int64 [T, W]:
+    the record (row of ``index.records``) that gave each max (lowest row on ties)."""
+    q = np.asarray(windows, dtype=np.float32)
+    if q.ndim != 2 or (len(index) and q.shape[1] != index.dim):
+        raise ConfigError(f"windows must be [T, D] with D={index.dim}, got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise ConfigError("windows hold NaN or inf values; re-embed the query")
+    refs, owner, works = _reference_rows(index)
+    codes = work_codes(index.works)[owner] if len(index) else owner  # sorted-name codes
+    order = np.argsort(codes, kind="stable")  # reference rows grouped by work
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0]) if len(order) else order
+    permute = not np.array_equal(order, np.arange(len(order)))
+    scores = np.zeros((len(q), len(works)), np.float32)
+    best = np.full((len(q), len(works)) if with_best else (0, 0), -1, np.int64)
+    step = max(1, int(block_bytes or BLOCK_BYTES) // (4 * max(1, len(refs))))
+    cols = np.arange(len(refs), dtype=np.int32)[None]
+    for a in range(0, len(q) if len(works) else 0, step):
+        sims = _similarities(unit_rows(q[a:a + step]), refs)  # [t, R]
+        if permute:
+            sims = sims[:, order]
+        scores[a:a + step] = mx = np.maximum.reduceat(sims, starts, axis=1)  # [t, W]
+        if with_best:
+            hit = sims == np.repeat(mx, np.diff(np.r_[starts, len(order)]), axis=1)
+            first = np.minimum.reduceat(np.where(hit, cols, len(refs)), starts, axis=1)
+            best[a:a + step] = owner[order[first]]
+    return (scores, works, best) if with_best else (scores, works)
+
+
+def normalise_scores(scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Robust per-window z float32 [T, W]: ``(s - median_t) / (1.4826 * MAD_t + eps)``, median
+    and MAD over all works of window t. Most works do not match a given window, so they are
+    that window's null: z says how far a work stands out of it (1.4826 x MAD = std for a
+    normal null). Needs a few dozen works to mean much; with one work z is 0."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] == 0:
+        return np.zeros(s.shape, np.float32)
+    med = np.median(s, axis=1, keepdims=True)
+    mad = np.median(np.abs(s - med), axis=1, keepdims=True)
+    return ((s - med) / (1.4826 * mad + eps)).astype(np.float32)
+
+
+def viterbi(emissions: np.ndarray, switch_penalty: float) -> np.ndarray:
+    """Labels int64 [T] maximising ``sum_t e[t, l_t] - switch_penalty * #{t: l_t != l_t-1}``
+    for ``emissions`` [T, S] (exact, O(T x S)). Ties go to the lowest state index (at each
+    step among the maximising predecessors, and for the last label)."""
+    e = np.asarray(emissions, dtype=np.float64)
+    if e.ndim != 2 or e.shape[1] == 0:
+        raise ConfigError(f"emissions must be [T, S >= 1], got shape {e.shape}")
+    if not (switch_penalty >= 0 and math.isfinite(switch_penalty)):
+        raise ConfigError(f"switch_penalty must be a finite number >= 0, got {switch_penalty}")
+    n_t, n_s = e.shape
+    if n_t == 0:
+        return np.zeros(0, np.int64)
+    states = np.arange(n_s)
+    delta = e[0].copy()
+    prev_best = np.zeros(n_t, np.int64)  # argmax of delta at step t - 1
+    switched = np.zeros((n_t, n_s), bool)  # state s at t came from prev_best[t], not from s
+    for t in range(1, n_t):
+        b = int(np.argmax(delta))  # lowest index among maxima
+        stay, move = delta, delta[b] - switch_penalty
+        switched[t] = (move > stay) | ((move == stay) & (b < states))
+        prev_best[t] = b
+        delta = np.where(switched[t], move, stay) + e[t]
+    labels = np.empty(n_t, np.int64)
+    labels[-1] = int(np.argmax(delta))
+    for t in range(n_t - 1, 0, -1):
+        labels[t - 1] = prev_best[t] if switched[t, labels[t]] else labels[t]
+    return labels
+
+
+def decode_timeline(z: np.ndarray, works: Sequence[str], *,
+                    unknown_z: float = DEFAULT_UNKNOWN_Z,
+                    switch_penalty: float = DEFAULT_SWITCH_PENALTY, top_m: int = 5) -> list[str]:
+    """The work (or :data:`UNKNOWN`) of each window of ``z`` [T, W] (:func:`normalise_scores`).
+    States: the union of every window's ``top_m`` works, plus "unknown" (state 0, so ties go
+    to it) emitting the constant ``unknown_z``: a window must beat it to be named. See
+    :data:`DEFAULT_UNKNOWN_Z` for how the defaults were chosen."""
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(works):
+        raise ConfigError(f"z must be [T, {len(works)}] (one column per work), got {z.shape}")
+    if top_m < 1:
+        raise ConfigError(f"top_m must be >= 1, got {top_m}")
+    if len(works) == 0:
+        return [UNKNOWN] * len(z)
+    m = min(top_m, z.shape[1])
+    top = np.argpartition(-z, m - 1, axis=1)[:, :m] if m < z.shape[1] else np.arange(m)
+    cand = np.unique(top)
+    em = np.concatenate([np.full((len(z), 1), float(unknown_z)), z[:, cand]], axis=1)
+    names = [UNKNOWN] + [str(works[c]) for c in cand]
+    return [names[s] for s in viterbi(em, switch_penalty)]
+
+
+def segments_from_labels(labels: Sequence, window_starts_s: Sequence[float],
+                         window_len_s: float, duration_s: float) -> list[dict]:
+    """Runs of equal labels as ``{"start_s", "end_s", "work", "first_window",
+    "last_window"}``: a window votes for its centre, so a change between windows i and i+1
+    falls midway between their centres; the first run starts at 0, the last ends at
+    ``duration_s`` (seconds)."""
+    starts = np.asarray(window_starts_s, dtype=np.float64)
+    if len(starts) != len(labels):
+        raise ConfigError(f"{len(labels)} labels but {len(starts)} window start times")
+    centres = starts + float(window_len_s) / 2.0
+    segs: list[dict] = []
+    for i, lab in enumerate(labels):
+        if segs and segs[-1]["work"] == lab:
+            segs[-1]["last_window"] = i
+            continue
+        cut = 0.0 if not segs else min(max((centres[i - 1] + centres[i]) / 2, 0.0), duration_s)
+        if segs:
+            segs[-1]["end_s"] = cut
+        segs.append({"start_s": cut, "end_s": float(duration_s), "work": lab,
+                     "first_window": i, "last_window": i})
+    return segs
+
+
+@dataclass
+class Timeline:
+    """Segments ``{"start_s", "end_s", "work", "p_value", "perf", "mean_z"}`` in time order
+    covering [0, ``duration_s``]; ``labels``: the final label of each window; ``best_z``:
+    each work's best z over the file (for :meth:`ranking`)."""
+
+    segments: list[dict]
+    duration_s: float
+    labels: list[str] = field(default_factory=list)
+    best_z: dict[str, float] = field(default_factory=dict)
+
+    def works(self) -> list[dict]:
+        """The whole-file answer: per named work ``{"work", "seconds", "share", "p_value"
+        (best of its segments), "first_start_s"}``, most seconds first."""
+        rows: dict[str, dict] = {}
+        for s in self.segments:
+            if s["work"] == UNKNOWN:
+                continue
+            r = rows.setdefault(s["work"], {"work": s["work"], "seconds": 0.0, "share": 0.0,
+                                            "p_value": math.nan, "first_start_s": s["start_s"]})
+            r["seconds"] += s["end_s"] - s["start_s"]
+            r["p_value"] = float(np.fmin(r["p_value"], s["p_value"]))  # NaN never wins
+        for r in rows.values():
+            r["share"] = r["seconds"] / self.duration_s if self.duration_s > 0 else math.nan
+        return sorted(rows.values(), key=lambda r: (-r["seconds"], r["first_start_s"]))
+
+    def ranking(self, k: int = 10) -> list[str]:
+        """Up to ``k`` works for recall@k: the named ones (:meth:`works` order), then the
+        others by their best z over the file."""
+        named = [r["work"] for r in self.works()]
+        seen = set(named)
+        rest = sorted((w for w in self.best_z if w not in seen),
+                      key=lambda w: (-self.best_z[w], w))
+        return (named + rest)[:k]
+
+    def to_rows(self, query: str) -> list[dict]:
+        """Rows for ``segments.csv`` (columns :data:`SEGMENT_COLUMNS`)."""
+        return [{"query": str(query)} | {c: s[c] for c in SEGMENT_COLUMNS[1:]}
+                for s in self.segments]
+
+
+def _runs(labels: list[str]) -> list[tuple[int, int]]:
+    """(first, last + 1) window of each run of equal labels."""
+    cuts = [0] + [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]] + [len(labels)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequence[float],
+             window_len_s: float, duration_s: float, *, unknown_z: float = DEFAULT_UNKNOWN_Z,
+             switch_penalty: float = DEFAULT_SWITCH_PENALTY, top_m: int = 5,
+             possible_p: float = 0.05, search_k: int = 10, block_bytes: int | None = None
+             ) -> Timeline:
+    """The :class:`Timeline` of a query from its window embeddings ``windows`` [T, D] (raw),
+    their start times and length (seconds) and its duration (seconds). Each decoded run is
+    searched as one window set (``index.search(..., k=search_k, by="work")``): p-value and
+    perf from the decoded work's row, or, when that work is not in the top ``search_k``, from
+    the top row, whose work the run takes; ``p >= possible_p`` makes it "unknown" (NaN
+    p-value, no perf); equal neighbours then merge and are searched again. An uncalibrated
+    index (NaN p-values) keeps the decoded works."""
+    w = np.asarray(windows, dtype=np.float32)
+    if w.ndim != 2 or len(w) == 0:
+        raise ConfigError(f"windows must be [T >= 1, D] window embeddings of the query, got "
+                          f"shape {w.shape}: embed at least one window")
+    if not duration_s > 0:
+        raise ConfigError(f"duration_s must be > 0 seconds, got {duration_s}")
+    scores, works = window_work_scores(index, w, block_bytes=block_bytes)
+    z = normalise_scores(scores)
+    labels = decode_timeline(z, works, unknown_z=unknown_z, switch_penalty=switch_penalty,
+                             top_m=top_m)
+    col = {name: j for j, name in enumerate(works)}
+    found: dict[tuple[int, int], dict] = {}  # run -> the row that labels it
+    while True:
+        changed = False
+        for a, b in _runs(labels):
+            if labels[a] == UNKNOWN or (a, b) in found:
+                continue
+            rows = index.search([w[a:b]], k=search_k, by="work")[0]
+            row = next((r for r in rows if r["work"] == labels[a]), rows[0])
+            found[(a, b)] = row
+            new = UNKNOWN if row["p_value"] >= possible_p else row["work"]
+            if new != labels[a]:
+                labels[a:b] = [new] * (b - a)
+                changed = True
+        if not changed:
+            break
+    segments = []
+    for s in segments_from_labels(labels, window_starts_s, window_len_s, duration_s):
+        a, b, work = s["first_window"], s["last_window"] + 1, s["work"]
+        row = found.get((a, b)) if work != UNKNOWN else None
+        zz = (z[a:b, col[work]] if work in col else z[a:b].max(axis=1) if z.shape[1]
+              else np.full(b - a, np.nan))
+        segments.append({"start_s": s["start_s"], "end_s": s["end_s"], "work": work,
+                         "p_value": row["p_value"] if row else math.nan,
+                         "perf": row["perf"] if row else None, "mean_z": float(np.mean(zz))})
+    best_z = dict(zip(works, z.max(axis=0).astype(float).tolist(), strict=True))
+    return Timeline(segments, float(duration_s), labels, best_z)
