@@ -275,7 +275,8 @@ def test_uncalibrated_index_keeps_the_decoded_works():
     assert all(math.isnan(r["p_value"]) for r in res.works())
 
 
-def test_a_run_whose_work_is_not_in_the_search_top_takes_the_top_row(monkeypatch):
+def test_a_run_whose_work_is_not_in_the_search_top_becomes_unknown_not_another_work(
+        monkeypatch):
     idx, sets = make_refs()
     q, starts = set_query(sets, [3, 17], [12, 10])
 
@@ -288,5 +289,7 @@ def test_a_run_whose_work_is_not_in_the_search_top_takes_the_top_row(monkeypatch
     real = idx.search
     monkeypatch.setattr(idx, "search", search)
     res = tl.timeline(idx, q, starts, WIN_S, duration_of(starts))
-    assert [(s["work"], s["perf"], s["p_value"]) for s in res.segments] == [
-        ("W05", "w05_v1", 0.001), ("W17", "w17_v0", 0.002)]
+    assert [(s["work"], s["perf"], s["p_value"]) for s in res.segments[:1]] == [
+        (tl.UNKNOWN, None, pytest.approx(float("nan"), nan_ok=True))]
+    assert [(s["work"], s["perf"], s["p_value"]) for s in res.segments[1:]] == [
+        ("W17", "w17_v0", 0.002)]

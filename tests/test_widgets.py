@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -53,8 +55,12 @@ def test_table_is_a_dataframe_of_the_chosen_columns():
     text = str(t).splitlines()
     assert text[0].split()[:1] == ["scores"] and text[0].split()[-3:] == ["metric", "value", "n"]
     assert text[1].split()[:3] == ["0", "mAP", "0.5"]
-    h = t._repr_html_()
-    assert h.count("<tr") == 3 and "<th>value</th>" in h and "<td>0.5</td>" in h
+    h = t._repr_html_()  # caption, no row numbers, numbers readable, missing ones blank
+    assert h.count("<tr") == 3 and "<caption>scores</caption>" in h
+    assert re.search(r"<th [^>]*>value</th>", h) and re.search(r"<td [^>]*>0.5</td>", h)
+    assert re.search(r"<td [^>]*>3</td>", h) and not re.search(r"<td [^>]*>(nan|None)</td>", h)
+    assert "row_heading" not in h and not re.search(r"<th [^>]*>0</th>", h)
+    assert isinstance(t[["metric"]], widgets.Table)  # a selection still shows this way
 
 
 def test_table_escapes_html_and_truncates_with_a_note():

@@ -175,8 +175,8 @@ def segments_from_labels(labels: Sequence, window_starts_s: Sequence[float],
             continue
         cut = 0.0 if not segs else min(max((centres[i - 1] + centres[i]) / 2, 0.0), duration_s)
         if segs:
-            segs[-1]["end_s"] = cut
-        segs.append({"start_s": cut, "end_s": float(duration_s), "work": lab,
+            segs[-1]["end_s"] = float(cut)
+        segs.append({"start_s": float(cut), "end_s": float(duration_s), "work": lab,
                      "first_window": i, "last_window": i})
     return segs
 
@@ -230,10 +230,11 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     """The :class:`Timeline` of a query from its window embeddings ``windows`` [T, D] (raw),
     their start times and length (seconds) and its duration (seconds). Each decoded run is
     searched as one window set (``index.search(..., k=search_k, by="work")``): p-value and
-    perf from the decoded work's row, or, when that work is not in the top ``search_k``, from
-    the top row, whose work the run takes; ``p >= possible_p`` makes it "unknown" (NaN
-    p-value, no perf); equal neighbours then merge and are searched again. An uncalibrated
-    index (NaN p-values) keeps the decoded works."""
+    perf from the decoded work's row; a run whose work is not in the top ``search_k`` or has
+    ``p >= possible_p`` becomes "unknown" (NaN p-value, no perf), never another work (the
+    windows' evidence decides the work, the whole run's search only confirms it); equal
+    neighbours then merge and are searched again. An uncalibrated index (NaN p-values) keeps
+    the decoded works found in the search."""
     w = np.asarray(windows, dtype=np.float32)
     if w.ndim != 2 or len(w) == 0:
         raise ConfigError(f"windows must be [T >= 1, D] window embeddings of the query, got "
@@ -254,9 +255,9 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
             if labels[a] == UNKNOWN or (a, b) in found:
                 continue
             rows = index.search([w[a:b]], k=search_k, by="work")[0]
-            row = next((r for r in rows if r["work"] == labels[a]), rows[0])
+            row = next((r for r in rows if r["work"] == labels[a]), None)
             found[(a, b)] = row
-            new = UNKNOWN if row["p_value"] >= possible_p else row["work"]
+            new = UNKNOWN if row is None or row["p_value"] >= possible_p else labels[a]
             if new != labels[a]:
                 labels[a:b] = [new] * (b - a)
                 changed = True

@@ -33,7 +33,7 @@ from chlib.retrieval.identify import find_audio_files, identify
 from chlib.ui.plots import figure_png, plot_training_curves
 from chlib.ui.report import query_match_figure
 
-__all__ = ["in_papermill", "interactive_session", "use_project_root", "table", "ParameterForm",
+__all__ = ["Table", "in_papermill", "interactive_session", "use_project_root", "table", "ParameterForm",
            "parameter_form", "parameter_comments", "quoted_choices", "edit_parameters", "show",
            "audio_excerpt_wav", "audio_player", "results_table", "TrainingMonitor", "audio",
            "cqt_examples", "epoch_table", "png_image", "IdentifyApp"]
@@ -80,12 +80,42 @@ def show(*objs: Any) -> None:
         print(*objs, sep="\n")
 
 
+def _cell(v: Any) -> Any:
+    """A table cell's text: floats to 4 significant digits (whole ones as integers), NaN blank."""
+    if not isinstance(v, float):
+        return v
+    if v != v:
+        return ""
+    return f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+
+
+class Table(pd.DataFrame):
+    """A DataFrame that shows in a notebook as a table a person reads: its title (the column
+    axis' name) as a caption above it, no row numbers, text left-aligned, numbers to 4
+    significant digits, HTML in cells escaped. Everything else is the DataFrame's."""
+
+    @property
+    def _constructor(self) -> type:
+        return Table
+
+    def _repr_html_(self) -> str:
+        plain = pd.DataFrame(self).rename_axis(columns=None)
+        text = [c for c in plain.columns if not pd.api.types.is_numeric_dtype(plain[c])]
+        return (plain.style.hide(axis="index").set_caption(html.escape(self.columns.name or ""))
+                .format(_cell, escape="html")
+                .set_properties(subset=text, **{"text-align": "left"})
+                .set_table_styles([{"selector": "caption", "props": "caption-side: top; "
+                                    "text-align: left; font-weight: bold; padding: 4px 0"},
+                                   {"selector": "th", "props": "text-align: left"}])
+                .to_html())
+
+
 def table(rows: Iterable[Mapping], columns: Sequence[str] | None = None, *,
-          max_rows: int | None = 30, title: str | None = None) -> pd.DataFrame:
-    """Rows of dicts as a DataFrame (``columns`` picks the keys, ``max_rows`` None: all); the
-    title (and "first n of N rows") names the column axis, so it heads HTML and text alike."""
+          max_rows: int | None = 30, title: str | None = None) -> Table:
+    """Rows of dicts as a :class:`Table` (``columns`` picks the keys, ``max_rows`` None: all);
+    the title (and "first n of N rows") names the column axis, so it heads HTML and text alike."""
     rows = [dict(r) for r in rows]
-    df = pd.DataFrame(rows[:max_rows], columns=columns)
+    df = Table(pd.DataFrame(rows[:max_rows], columns=columns))
     cut = f"first {len(df)} of {len(rows)} rows" if len(df) < len(rows) else ""
     df.columns.name = "; ".join(t for t in (title, cut) if t) or None
     return df
