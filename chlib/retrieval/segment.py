@@ -29,7 +29,7 @@ from chlib.retrieval.evaluate import write_csv
 from chlib.retrieval.identify import query_features
 from chlib.retrieval.index import ReferenceIndex
 from chlib.retrieval.set_metrics import from_timeline, set_report
-from chlib.retrieval.timeline import SEGMENT_COLUMNS, Timeline, timeline
+from chlib.retrieval.timeline import SEGMENT_COLUMNS, Timeline, best_match_null, timeline
 
 __all__ = ["DEFAULT_HOP_S", "SEGMENT_CSV_COLUMNS", "timeline_window", "query_windows",
            "SegmentReport", "identify_segments", "evaluate_sets"]
@@ -96,6 +96,7 @@ def identify_segments(paths: Sequence[str | os.PathLike], *, model: torch.nn.Mod
     ``switch_penalty``, ``possible_p``, ...)."""
     index.check_compatible(fingerprint=model_fingerprint(model.state_dict()), features=hp.features)
     dev = pick_device(device)
+    decoder = {"best_null": best_match_null(index)} | decoder  # once for all the queries
     report = SegmentReport(timings={"features_s": 0.0, "model_s": 0.0, "decode_s": 0.0})
     t_all = time.perf_counter()
     bar = progress_bar(total=len(paths), desc="timelines", unit="file", enabled=progress,
