@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_query.py
 	$(PY) bench/bench_demo.py
 	$(PY) bench/long_files.py --hours 2
+	$(PY) bench/bench_timeline.py --sizes 10000 100000
 
 lint: $(STAMP)
 	$(PY) -m ruff check chlib tests bench tools

@@ -1,7 +1,8 @@
 """Command line (``chlib`` once installed, or ``python -m chlib``): ``chlib run NOTEBOOK... --run
 NAME -p KEY VALUE ...`` runs notebooks headless; ``chlib params NOTEBOOK`` lists a notebook's
 parameters; ``chlib identify FILE... --run runs/NAME`` identifies recordings against a trained
-run's references (its dataset's train + val recordings) and prints the best match of each."""
+run's references (its dataset's train + val recordings) and prints the best match of each;
+with ``--segments`` also which works each file holds and where (its timeline)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from chlib.core.errors import ChlibError
 from chlib.retrieval import evaluate
 from chlib.retrieval import identify as ident
+from chlib.retrieval.segment import identify_segments
+from chlib.retrieval.timeline import UNKNOWN
 from chlib.ui import runner
 
 
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     idf.add_argument("--top-k", type=int, default=10, help="matches kept per query (in --csv)")
     idf.add_argument("--csv", help="write every query's top-k rows here")
     idf.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "mps"')
+    idf.add_argument("--segments", nargs="?", const="", metavar="CSV",
+                     help="also print each file's timeline (works and where); with a path, "
+                          "write segments.csv there")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -71,7 +77,21 @@ def identify(args: argparse.Namespace) -> int:
                  else f"not identified: {row['error']}")
         print(f"{Path(row['query']).name}: {found}")
     report.first_match()  # a ChlibError naming each file when none could be read
+    if args.segments is not None:
+        segments(args.segments, paths, model, hp, index, args.device)
     return 0
+
+
+def segments(csv: str, paths: list[str], model: object, hp: object, index: object,
+             device: str) -> None:
+    """``--segments``: per readable file, its segments (start-end, work, p-value)."""
+    rep = identify_segments(paths, model=model, hp=hp, index=index, device=device)
+    if csv:
+        rep.to_csv(csv)
+    for path, tl in rep.timelines.items():
+        print(f"{Path(path).name}: " + "; ".join(
+            f"{s['start_s']:.0f}-{s['end_s']:.0f} s {s['work']}"
+            + (f" (p={s['p_value']:.2g})" if s["work"] != UNKNOWN else "") for s in tl.segments))
 
 
 if __name__ == "__main__":

@@ -110,5 +110,13 @@ def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys):
     assert re.search(r"^query\.wav: \S+  p=", out, re.M), out
     assert re.search(r"^broken\.wav: not identified: ", out, re.M), out
     assert csv_path.exists()
+    seg_csv = tmp_path / "segments.csv"  # --segments: each file's timeline, printed and saved
+    assert main(["identify", str(good), str(bad), "--run", str(run_dir), "--device", "cpu",
+                 "--segments", str(seg_csv)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^query\.wav: 0-6 s \S+", out, re.M), out
+    rows = seg_csv.read_text().splitlines()
+    assert rows[0].startswith("query,start_s,end_s,work,p_value,perf")
+    assert sum("broken.wav" in r for r in rows[1:]) == 1  # its error row
     assert main(["identify", str(bad), "--run", str(run_dir), "--device", "cpu"]) == 2
     assert "no query could be read" in capsys.readouterr().err

@@ -96,7 +96,8 @@ def identify_segments(paths: Sequence[str | os.PathLike], *, model: torch.nn.Mod
     ``switch_penalty``, ``possible_p``, ...)."""
     index.check_compatible(fingerprint=model_fingerprint(model.state_dict()), features=hp.features)
     dev = pick_device(device)
-    decoder = {"best_null": best_match_null(index)} | decoder  # once for all the queries
+    if decoder.get("best_null") is None:  # once for all the queries
+        decoder["best_null"] = best_match_null(index)
     report = SegmentReport(timings={"features_s": 0.0, "model_s": 0.0, "decode_s": 0.0})
     t_all = time.perf_counter()
     bar = progress_bar(total=len(paths), desc="timelines", unit="file", enabled=progress,
