@@ -16,7 +16,7 @@ import soundfile as sf
 from chlib.core.errors import ConfigError, ManifestError
 from chlib.core.manifest import write_manifest
 from chlib.demo import sets as demo_sets
-from chlib.demo.sets import PART_PEAK, make_demo_sets, make_sets, read_sets
+from chlib.demo.sets import PART_PEAK, make_demo_sets, make_sets, read_sets, sets_for
 
 SR = 8000
 WIN = 0.1  # s: analysis window (10 Hz resolution; tones are >= 100 Hz apart)
@@ -172,6 +172,13 @@ def test_make_demo_sets_uses_test_recordings_of_reference_works(tmp_path: Path) 
     assert path == ds / "sets" / "sets.jsonl"
     used = {seg["perf"] for s in read_sets(path) for seg in s["segments"]}
     assert used == {r["perf"] for r in recs[1:8:2]}
+    assert sets_for(ds, "auto") == (path, f"sets made from the held-out recordings of {ds}: {path}")
+    assert sets_for(ds, "") == (None, "no sets (sets_path is empty)")
+    assert sets_for(ds, "mine/sets.jsonl")[0] == Path("mine/sets.jsonl")
+    bare = tmp_path / "bare"  # no held-out recordings: 06 says why and goes on
+    write_manifest(bare / "train.txt", recs[:4])
+    none, why = sets_for(bare, "auto")
+    assert none is None and "no sets made from" in why and "test.txt" in why
 
 
 VALID = {"set": "s", "wav": "s.wav", "duration_s": 10.0,

@@ -176,7 +176,8 @@ def test_plot_rank_histogram_counts_ranks_and_overflow():
     assert len(heights) == 11
     assert heights[0] == 3 and heights[1] == 1 and heights[4] == 2 and heights[10] == 1
     assert sum(heights) == 7  # the rank-0 query (no relevant ref) is only in the title
-    assert "1 without" in ax.get_title()
+    title = ax.get_title()  # the share counts the 7 scorable queries only: 3 of 7 = 43 %
+    assert title.startswith("7 queries: 43% correct at rank 1") and "1 left out" in title
     assert ax.get_xticklabels()[-1].get_text() == ">10"
 
 

@@ -111,3 +111,23 @@ def test_ctrl_c_is_summarised_not_a_traceback(tiny_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "01_prepare" in out and "interrupted" in out and "resumes" in out
     assert "03_train" not in out  # Ctrl-C stops the chain even with --keep-going
+
+
+def test_validation_after_each_epoch_shows_progress(tmp_path, monkeypatch):
+    """The wait after an epoch (validation loss, then the test sets) has its own bars."""
+    from chlib.train import loop
+
+    seen = []
+
+    def spy(iterable=None, **kw):
+        seen.append((kw.get("desc", ""), kw.get("enabled", True)))
+        return real(iterable, **kw)
+
+    real = loop.progress_bar
+    monkeypatch.setattr(loop, "progress_bar", spy)
+    hp = HParams.from_dict(tiny_config(make_tiny_dataset(tmp_path), max_epochs=1))
+    train(tmp_path / "run", hp=hp, device="cpu", progress=True)
+    assert ("epoch 0: validation loss", True) in seen and ("epoch 0: test sets", True) in seen
+    seen.clear()
+    train(tmp_path / "run2", hp=hp, device="cpu", progress=False)  # headless callers: no bars
+    assert not any(on for desc, on in seen if "validation" in desc or "test sets" in desc)

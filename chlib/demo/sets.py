@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from chlib.core.errors import AudioError, ConfigError, ManifestError
+from chlib.core.errors import AudioError, ChlibError, ConfigError, ManifestError
 from chlib.core.io import (
     append_jsonl,
     atomic_write_bytes,
@@ -46,6 +46,7 @@ from chlib.data.splits import read_split
 from chlib.signal.audio import audio_info, iter_load_audio, try_load_audio
 
 __all__ = ["SETS_FILE", "PART_PEAK", "NOISE_DBFS", "GAP_RANGE_S", "make_sets", "make_demo_sets",
+           "sets_for",
            "read_sets"]
 
 SETS_FILE = "sets.jsonl"  #: the ground truth's name inside a sets folder
@@ -240,6 +241,21 @@ def make_demo_sets(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike | 
                             f"{' of works in train.txt / val.txt' if known_works_only else ''}; "
                             "run the split step with test_data_split > 0 first")
     return make_sets(test, d / "sets" if out_dir is None else out_dir, **kw)
+
+
+def sets_for(dataset_dir: str | os.PathLike, sets_path: str = "auto") -> tuple[Path | None, str]:
+    """The sets file that 06 scores and a line saying where it comes from: ``"auto"`` =
+    :func:`make_demo_sets` of the dataset (None, and why, when its held-out recordings cannot
+    make sets); ``""`` = none; else ``sets_path`` itself (a sets.jsonl or its folder)."""
+    if sets_path == "":
+        return None, "no sets (sets_path is empty)"
+    if sets_path != "auto":
+        return Path(sets_path), f"sets from {sets_path}"
+    try:
+        path = make_demo_sets(dataset_dir)
+    except ChlibError as e:
+        return None, f"no sets made from {dataset_dir}: {e}"
+    return path, f"sets made from the held-out recordings of {dataset_dir}: {path}"
 
 
 def _is_num(v: Any) -> bool:

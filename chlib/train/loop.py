@@ -82,13 +82,14 @@ class TrainingDivergedError(ChlibError):
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-                    autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+                    autocast: Callable[[], Any] = contextlib.nullcontext, *,
+                    desc: str = "") -> dict[str, float]:
     """Mean loss parts over every validation item, batches weighted by size, model in eval mode:
-    ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``."""
+    ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``; ``desc``: a progress bar's label."""
     model.eval()
     sums: Counter[str] = Counter()
     n = 0
-    for x, y in loader:
+    for x, y in progress_bar(loader, desc=desc, unit="batch", enabled=bool(desc), leave=False):
         with autocast():
             total, parts = model.compute_loss(x.to(device), y.to(device))
         sums.update({k: float(v) * len(y) for k, v in {**parts, "total": total}.items()})
@@ -108,15 +109,17 @@ def _embedded(model: torch.nn.Module, path_str: str, hp: HParams,
 
 
 def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device, *,
-                      epoch: int | None = None,
-                      names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+                      epoch: int | None = None, names: Sequence[str] | None = None,
+                      desc: str = "") -> dict[str, dict[str, float]]:
     """mAP, MR1, HR1, HR10 (and P@10, counts) of the test sets ``names`` (default: those due
-    after ``epoch``, or all when ``epoch`` is None), scored under ``hp.distance_rule``."""
+    after ``epoch``, or all when ``epoch`` is None), scored under ``hp.distance_rule``;
+    ``desc``: a progress bar's label (one step per test set)."""
     results: dict[str, dict[str, float]] = {}
-    for name, ts in hp.testsets.items():
-        due = epoch is None or (epoch + 1) % ts.every_n_epoch_to_test == 0
-        if (name not in names) if names is not None else not due:
-            continue
+    due = [name for name, ts in hp.testsets.items()
+           if ((name in names) if names is not None
+               else epoch is None or (epoch + 1) % ts.every_n_epoch_to_test == 0)]
+    for name in progress_bar(due, desc=desc, unit="test set", enabled=bool(desc), leave=False):
+        ts = hp.testsets[name]
         q_recs, q_path, q_win = _embedded(model, ts.query_path, hp, device)
         r_recs, _, r_win = (q_recs, q_path, q_win) if hp.resolve_path(ts.ref_path) == q_path \
             else _embedded(model, ts.ref_path, hp, device)
@@ -378,14 +381,16 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
     hp, log = run.hp, run.log
     final = epoch + 1 >= run.max_epochs
     if run.val_loader is not None and ((epoch + 1) % hp.every_n_epoch_to_test == 0 or final):
-        val = validation_loss(st.model, run.val_loader, run.device, run.autocast)
+        val = validation_loss(st.model, run.val_loader, run.device, run.autocast,
+                              desc=f"epoch {epoch}: validation loss" if run.progress else "")
         log.scalars("csi_val/", val, epoch)
         log.record("val", epoch=epoch, step=st.step, **val)
         rec.update({f"val_{k}": v for k, v in val.items()})
         rec["val_loss"] = val["foc_loss"]
     # the final pass evaluates every test set
     tests = evaluate_testsets(st.model, hp, run.device, epoch=epoch,
-                              names=list(hp.testsets) if final else None)
+                              names=list(hp.testsets) if final else None,
+                              desc=f"epoch {epoch}: test sets" if run.progress else "")
     for name, m in tests.items():
         log.scalars("", {f"{tag}/{name}": m[key] for tag, key in
                          (("mAP", "mAP"), ("hit_rate", "HR1"), ("MR1", "MR1"))}, epoch)

@@ -303,10 +303,10 @@ def plot_rank_histogram(ranks: Sequence[int], *, max_rank: int = 20) -> Figure:
     ax.set_xticks([*ticks, max_rank + 1], [*map(str, ticks), f">{max_rank}"])
     ax.set(xlabel="rank of the first correct recording", ylabel="queries")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    n_none = int(np.sum(r <= 0))
-    ax.set_title(f"{len(r)} queries: {np.mean(r == 1) if len(r) else 0.0:.0%} correct at rank 1"
-                 + (f"; {n_none} without any other recording of their work" if n_none else ""),
-                 fontsize=10)
+    n_none, scored = int(np.sum(r <= 0)), r[r > 0]
+    ax.set_title(f"{len(scored)} queries: {np.mean(scored == 1) if len(scored) else 0.0:.0%} "
+                 "correct at rank 1" + (f" ({n_none} left out: no other recording of their "
+                                        "work)" if n_none else ""), fontsize=10)
     return fig
 
 

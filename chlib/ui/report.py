@@ -22,7 +22,7 @@ from chlib.retrieval.identify import query_features
 from chlib.ui import plots
 
 __all__ = ["metrics_table", "projection_figure", "testset_figure", "query_match_figure",
-           "summary_text", "file_names", "per_work_title", "explorer_projection",
+           "summary_text", "sets_text", "file_names", "per_work_title", "explorer_projection",
            "explorer_map_figure", "invariance_figure"]
 
 FIGURE_KINDS = ("tsne", "umap", "pca", "ranks", "confused", "per_work")  # of testset_figure
@@ -109,6 +109,24 @@ def summary_text(summary: Mapping) -> str:
     if s["best_verdicts"]:
         lines.append("Verdicts of the best match: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s["best_verdicts"].items(), key=lambda t: -t[1])))
+    return "\n".join(lines)
+
+
+def sets_text(sets: Mapping, single: Mapping | None = None) -> str:
+    """Readable lines from :func:`chlib.retrieval.segment.evaluate_sets` (``single``: the same
+    works' recordings identified alone, :func:`identification_summary`, for comparison)."""
+    lines = [f"{sets['n_sets']} sets: of each set's works, named among its top n (n = its "
+             f"number of works) {sets['recall_at_n']:.0%}, among its top 10 "
+             f"{sets['recall_at_10']:.0%}; every work in the top 10 for "
+             f"{sets['all_in_top10']:.0%} of sets.",
+             f"Time labelled with the right work {sets['time_accuracy']:.0%}; works named that "
+             f"are not in the set {sets['false_work_share']:.0%}; boundaries off by "
+             f"{sets['median_boundary_error_s']:.1f} s (median)."]
+    if single and single.get("n_truth_indexed"):
+        lines.append(f"Alone, the recordings of indexed works came first {single['top1_indexed']:.0%}"
+                     f" and in the top 10 {single['top10_indexed']:.0%} (targets for sets: "
+                     f"named among the top n >= {0.9 * single['top1_indexed']:.0%}, all in the top "
+                     "10 for >= 80 % of sets, >= 80 % of the time right, boundaries <= 3 s).")
     return "\n".join(lines)
 
 

@@ -154,15 +154,17 @@ def _tooltip(s: dict) -> str:
 
 def segments_html(timeline: Timeline, *, playable_s: float | None = None) -> str:
     """The segments as full-width coloured bars (``div[data-i][data-start]``, start in
-    seconds; the title is "work, start-end, p"); those starting past ``playable_s`` (the
-    audio's length) are faded. Colours as in :func:`timeline_figure`."""
+    seconds; the title is "work, start-end, p"; unknown striped grey) and a playhead
+    (``.chlib-playhead``); bars starting past ``playable_s`` (the audio's length) are faded.
+    Colours as in :func:`timeline_figure`."""
     colours, _ = work_colours([timeline.segments])
     dur = max(float(timeline.duration_s), 1e-9)
     bars = []
     for i, s in enumerate(timeline.segments):
         a, b, unknown = float(s["start_s"]), float(s["end_s"]), s["work"] == UNKNOWN
         col = colours[s["work"]]
-        rgb = col if isinstance(col, str) else "rgb({},{},{})".format(*(round(255 * v) for v in col))
+        rgb = ("repeating-linear-gradient(45deg,#d4d4d4 0 6px,#e6e6e6 6px 12px)" if unknown
+               else "rgb({},{},{})".format(*(round(255 * v) for v in col)))
         fade = 0.35 if playable_s is not None and a >= playable_s else (
             1.0 if unknown else _alpha(s.get("p_value")))
         bars.append(
@@ -173,8 +175,10 @@ def segments_html(timeline: Timeline, *, playable_s: float | None = None) -> str
             f'white-space:nowrap;text-overflow:ellipsis;font-size:12px;line-height:30px;'
             f'padding:0 4px;color:{"#333" if unknown else "#fff"}">'
             f'{html.escape(str(s["work"]))}</div>')
-    return (f'<div class="chlib-timeline" style="position:relative;width:100%;height:30px;'
-            f'background:#f4f4f4">{"".join(bars)}</div>'
+    head = ('<div class="chlib-playhead" style="position:absolute;left:0;top:-3px;bottom:-3px;'
+            'width:2px;background:#000;pointer-events:none"></div>')
+    return (f'<div class="chlib-timeline" data-duration="{dur:g}" style="position:relative;'
+            f'width:100%;height:30px;background:#f4f4f4">{"".join(bars)}{head}</div>'
             f'<div style="display:flex;justify-content:space-between;font-size:11px;'
             f'color:#555"><span>0:00</span><span>{clock(dur)}</span></div>')
 
@@ -193,6 +197,11 @@ class TimelinePlayer(anywidget.AnyWidget):
         el.innerHTML = model.get("markup");
         const audio = el.querySelector("audio");
         audio.src = model.get("src");
+        const head = el.querySelector(".chlib-playhead");
+        const duration = Number(el.querySelector(".chlib-timeline").dataset.duration);
+        audio.addEventListener("timeupdate", () => {  // the playhead follows the audio
+          head.style.left = `${(100 * audio.currentTime) / duration}%`;
+        });
         el.querySelectorAll("[data-start]").forEach((bar) => {
           bar.addEventListener("click", () => {
             audio.currentTime = Number(bar.dataset.start);
