@@ -45,13 +45,13 @@ test: $(STAMP)
 
 IPYW7 := $(VENV)/ipywidgets7
 WIDGET_TESTS := tests/test_widgets.py tests/test_ux_forms.py tests/test_ux_explorer.py \
-	tests/test_ux_tables.py
+	tests/test_ux_tables.py tests/test_ux_timeline.py
 $(IPYW7)/.installed: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --target $(IPYW7) "ipywidgets==7.7.1" ipython_genutils
 	@touch $@
 test-ipywidgets7: $(IPYW7)/.installed
 	PYTHONPATH=$(IPYW7) $(PY) -c "import ipywidgets as w; assert w.__version__ == '7.7.1', w.__version__"
-	PYTHONPATH=$(IPYW7) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+	PYTHONPATH=$(IPYW7) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -m "not slow" \
 		$(WIDGET_TESTS)
 
 # Everything but the slow end-to-end tests.

@@ -10,7 +10,7 @@ import pytest
 from helpers import fake_upload, write_tone
 
 from chlib.core.errors import ConfigError
-from chlib.ui import widgets
+from chlib.ui import identify_app, widgets
 
 PARAMS = '''max_epochs: int = 40  # train at most this many epochs
 device: str = "auto"  # "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" or "mps"
@@ -151,7 +151,7 @@ def _app(tmp_path):
     class FakeIndex:
         records = []
 
-    return widgets.IdentifyApp(None, HParams.from_dict({"n_bins": 24}), FakeIndex(),
+    return identify_app.IdentifyApp(None, HParams.from_dict({"n_bins": 24}), FakeIndex(),
                                upload_dir=tmp_path / "up")
 
 
@@ -185,7 +185,8 @@ def test_identify_button_is_busy_while_running_and_recovers_from_errors(tmp_path
         seen.append((app.button.disabled, app.button.description))
         return IdentifyReport(rows=[])
 
-    monkeypatch.setattr(widgets, "identify", fake_identify)
+    monkeypatch.setattr(identify_app, "identify", fake_identify)
+    monkeypatch.setattr(identify_app, "identify_segments", lambda paths, **kw: None)
     app.button.click()
     assert seen and seen[0][0] is True and seen[0][1] != "Identify"
     assert not app.button.disabled and app.button.description == "Identify"
@@ -193,7 +194,7 @@ def test_identify_button_is_busy_while_running_and_recovers_from_errors(tmp_path
     def broken(paths, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(widgets, "identify", broken)
+    monkeypatch.setattr(identify_app, "identify", broken)
     with pytest.raises(RuntimeError):
         app.run()
     assert not app.button.disabled and app.button.description == "Identify"

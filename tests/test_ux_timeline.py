@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from browser import lab_page, need_browser, wait_for_output, write_notebook
+from matplotlib.text import Text
 
+from chlib.core.errors import ConfigError
 from chlib.retrieval.timeline import UNKNOWN, Timeline
 from chlib.ui import plots
 from chlib.ui.timeline_view import (
@@ -73,7 +75,9 @@ def test_figure_has_a_row_per_file_and_bars_where_the_segments_are():
     assert colour[(0, 0)] == colour[(1, 1)] and colour[(0, 2)] == colour[(1, 0)]  # same work
     assert colour[(0, 0)] != colour[(0, 2)]
     assert colour[(0, 1)] == UNKNOWN_COLOUR and segs[(0, 1)].get_hatch()
-    assert segs[(0, 0)].get_alpha() > segs[(0, 2)].get_alpha()  # p 0.003 darker than 0.02
+    shade = {k: p.get_facecolor()[3] for k, p in segs.items()}
+    assert shade[(0, 0)] > shade[(0, 2)] > 0.35  # p 0.003 darker than 0.02
+    assert mcolors.to_hex(segs[(0, 2)].get_edgecolor()) == colour[(0, 2)]  # solid outline
     truth = _bars(fig, "truth")
     assert sorted(truth) == [(0, 0), (0, 1)]  # only the first file has a truth
     assert mcolors.to_hex(truth[(0, 0)].get_facecolor()) == colour[(0, 0)]
@@ -99,16 +103,17 @@ def _drawn_texts(fig) -> list:
     (x0, x1), ylim = ax.get_xlim(), sorted(ax.get_ylim())
     ticks = [t for t in ax.get_xticklabels() if x0 <= t.get_position()[0] <= x1]
     ticks += [t for t in ax.get_yticklabels() if ylim[0] <= t.get_position()[1] <= ylim[1]]
-    out = [*ticks, ax.title, ax.xaxis.label, ax.yaxis.label, *fig.legends[0].get_texts()]
+    every_tick = {*ax.get_xticklabels(), *ax.get_yticklabels()}
+    out = ticks + [t for t in fig.findobj(Text) if t not in every_tick]  # titles, legend, ...
     return [t for t in out if t.get_visible() and t.get_text()]
 
 
-@pytest.mark.parametrize("n_files", [1, 3, 30])
-def test_no_text_is_clipped_and_the_png_is_1280_px_wide(tmp_path, n_files):
+@pytest.mark.parametrize(("n_files", "width_in"), [(1, 12.8), (3, 12.8), (30, 12.8), (3, 5.0)])
+def test_no_text_is_clipped_and_the_png_is_1280_px_wide(tmp_path, n_files, width_in):
     base = _items()
     items = [(f"{i:02d}_{base[i % 2][0]}", base[i % 2][1], base[i % 2][2])
              for i in range(n_files)]
-    fig = timeline_figure(items, width_in=12.8)
+    fig = timeline_figure(items, width_in=width_in)
     fig.set_dpi(100)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -124,7 +129,12 @@ def test_no_text_is_clipped_and_the_png_is_1280_px_wide(tmp_path, n_files):
         assert fig.get_size_inches()[1] > timeline_figure(items[:1]).get_size_inches()[1]
     path = tmp_path / "timeline.png"
     path.write_bytes(plots.figure_png(fig, dpi=100))
-    assert plt_image.imread(path).shape[1] == 1280
+    assert plt_image.imread(path).shape[1] == round(100 * width_in)  # 1280 px at 12.8 in
+
+
+def test_figure_refuses_no_items():
+    with pytest.raises(ConfigError, match="no items"):
+        timeline_figure([])
 
 
 def test_segments_table_rows():
@@ -152,6 +162,8 @@ def test_player_has_a_bar_per_segment_and_reports_clicks(tmp_path):
     assert starts == [s["start_s"] for s in tl.segments]
     assert 'title="Tone B, 0:07-0:13, p=0.02"' in player.markup
     assert "<audio controls" in player.markup and player.src.startswith("data:audio/wav;base64,")
+    mine = timeline_player(wav, tl, colours={"Tone A": "#123456"}).markup  # e.g. a figure's
+    assert "background:#123456" in mine.split('data-i="1"')[0]
     seen = []
     player.on_click(lambda i, seg: seen.append((i, seg["work"])))
     player.clicked = 1  # what the front end sends on a click on the 2nd bar

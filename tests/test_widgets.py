@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import numpy as np
@@ -10,7 +11,10 @@ import soundfile as sf
 from helpers import fake_upload, write_tone
 
 from chlib.core.errors import AudioError, ConfigError
-from chlib.ui import explorer, widgets
+from chlib.retrieval.segment import SegmentReport
+from chlib.retrieval.timeline import Timeline
+from chlib.ui import explorer, identify_app, widgets
+from chlib.ui.timeline_view import TimelinePlayer
 
 
 def test_plain_python_is_not_an_interactive_session(monkeypatch):
@@ -113,8 +117,6 @@ def _tone(path, seconds=2.0, sr=8000):
 
 
 def test_audio_excerpt_is_a_short_mono_wav(tmp_path):
-    import io
-
     wav = widgets.audio_excerpt_wav(_tone(tmp_path / "a.wav", seconds=3.0), start_s=1.0,
                                     max_seconds=1.5)
     y, sr = sf.read(io.BytesIO(wav))
@@ -238,7 +240,7 @@ def _identify_fixture(tmp_path):
 def test_identify_app_paths_from_upload_and_path_box(tmp_path):
 
     hp, index = _identify_fixture(tmp_path)
-    app = widgets.IdentifyApp(None, hp, index, upload_dir=tmp_path / "up", top_k=5)
+    app = identify_app.IdentifyApp(None, hp, index, upload_dir=tmp_path / "up", top_k=5)
     assert app.top_k.value == 5 and app.threshold.value == pytest.approx(0.001)
     with pytest.raises(ConfigError, match="upload an audio file"):
         app.query_paths()
@@ -272,15 +274,22 @@ def test_identify_app_run_shows_players_and_the_cqt_pair(tmp_path, monkeypatch):
                                      "work": "reel", "distance": 0.1, "p_value": 1e-4,
                                      "verdict": "likely the same work", "error": None}])
 
-    monkeypatch.setattr(widgets, "identify", fake_identify)
-    app = widgets.IdentifyApp("model", hp, index, path=str(query), top_k=3)
+    def fake_segments(paths, **kw):  # the query's timeline: one segment of its work
+        return SegmentReport(timelines={str(query): Timeline(
+            [{"start_s": 0.0, "end_s": 2.0, "work": "reel", "p_value": 0.01, "perf": "ref_v0",
+              "mean_z": 3.0}], 2.0)})
+
+    monkeypatch.setattr(identify_app, "identify", fake_identify)
+    monkeypatch.setattr(identify_app, "identify_segments", fake_segments)
+    app = identify_app.IdentifyApp("model", hp, index, path=str(query), top_k=3)
     app.threshold.value = 0.01
     app.run()
     assert calls["paths"] == [str(query)] and calls["top_k"] == 3
     assert calls["threshold_p"] == pytest.approx(0.01, rel=0.1)
-    head, grid = app.views(str(query))
+    head, grid, label, player = app.views(str(query))
     assert isinstance(head.children[1], w.Audio)
     assert isinstance(grid.children[-1], w.Audio)  # the match's player
+    assert isinstance(player, TimelinePlayer) and 'data-start="0' in player.markup
     fig = app.match_figure(app.report.best()[0])
     assert [ax.get_title() for ax in fig.axes if ax.images] == [
         "query: query.wav", "best match: ref_v0 (reel)"]
@@ -324,3 +333,11 @@ def test_embedding_explorer_controls_drive_the_map(tmp_path):
     ex.refresh()  # draws into its Output widgets without raising
     ex.colour.value = "instrument"
     assert ex.state()["colour_by"] == "instrument"
+
+
+def test_audio_excerpt_can_be_resampled_for_a_lighter_player(tmp_path):
+    path = _tone(tmp_path / "q.wav", sr=44100)
+    wav = widgets.audio_excerpt_wav(path, max_seconds=1.0, sample_rate=16000)
+    info = sf.info(io.BytesIO(wav))
+    assert info.samplerate == 16000 and info.frames == 16000
+    assert len(wav) < len(widgets.audio_excerpt_wav(path, max_seconds=1.0)) / 2

@@ -11,8 +11,9 @@ import base64
 import html
 import math
 import os
+import textwrap
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import ipywidgets as w
 import soundfile as sf
 import traitlets
 from matplotlib import colormaps
+from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MultipleLocator
@@ -34,6 +36,7 @@ __all__ = ["UNKNOWN_COLOUR", "work_colours", "clock", "timeline_figure", "segmen
            "segments_html", "TimelinePlayer", "timeline_player"]
 
 UNKNOWN_COLOUR = "#d4d4d4"  # light grey (hatched in figures) for time matched to no work
+PLAYER_RATE = 16_000  # Hz of the player's WAV: 10 min = 19 MB in the notebook (44.1 kHz: 53 MB)
 _PALETTE = [c for name in ("tab10", "Dark2", "Set1") for c in colormaps[name].colors]  # 27
 _TICK_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 _ROW_IN, _MAX_HEIGHT_IN = 0.55, 16.0  # inches per file row; the tallest figure
@@ -73,9 +76,11 @@ def work_colours(segment_lists: Sequence[Sequence[dict]]) -> tuple[dict[str, Any
     return colours | {UNKNOWN: UNKNOWN_COLOUR}, order
 
 
-def _time_axis(ax: Any, duration_s: float) -> None:
-    """Ticks at a round step (at most ~12), labelled in seconds, or "m:ss" past two minutes."""
-    step = next((s for s in _TICK_STEPS_S if duration_s / s <= 12), _TICK_STEPS_S[-1])
+def _time_axis(ax: Any, duration_s: float, width_in: float) -> None:
+    """Ticks at a round step (about one an inch, at most 12), labelled in seconds, or "m:ss"
+    past two minutes."""
+    most = min(12, max(3, int(width_in)))
+    step = next((s for s in _TICK_STEPS_S if duration_s / s <= most), _TICK_STEPS_S[-1])
     ax.xaxis.set_major_locator(MultipleLocator(step))
     long = duration_s > 120
     ax.xaxis.set_major_formatter(FuncFormatter(
@@ -104,32 +109,29 @@ def timeline_figure(items: Sequence[tuple[str, Timeline, list[dict] | None]], *,
     n_handles = len(shown) + (len(order) > len(shown)) + 1
     height = min(_MAX_HEIGHT_IN, 1.4 + _ROW_IN * len(items) + 0.25 * math.ceil(n_handles / ncols))
     fig, ax = new_figure(figsize=(width_in, height))
-    any_truth = False
-    for row, (_, tl, truth) in enumerate(items):
-        for j, s in enumerate(tl.segments):
-            unknown = s["work"] == UNKNOWN
-            bar = ax.barh(row - 0.08, float(s["end_s"]) - float(s["start_s"]),
-                          left=float(s["start_s"]), height=0.5, color=colours[s["work"]],
-                          alpha=1.0 if unknown else _alpha(s.get("p_value")),
-                          hatch="///" if unknown else None, edgecolor="white",
-                          linewidth=0.6)[0]
-            bar.set_gid(f"seg:{row}:{j}")
-        for j, s in enumerate(truth or []):
-            any_truth = True
-            bar = ax.barh(row + 0.28, float(s["end_s"]) - float(s["start_s"]),
-                          left=float(s["start_s"]), height=0.14,
-                          color=colours.get(str(s["work"]), UNKNOWN_COLOUR), linewidth=0)[0]
-            bar.set_gid(f"truth:{row}:{j}")
+    for row, (_, tl, truth) in enumerate(items):  # decoded bar, then the thin truth bar under it
+        for kind, segs, y, h in (("seg", tl.segments, row - 0.08, 0.5),
+                                 ("truth", truth or [], row + 0.28, 0.14)):
+            for j, s in enumerate(segs):
+                unknown, p = s["work"] == UNKNOWN, s.get("p_value") if kind == "seg" else 0.0
+                rgb = mcolors.to_rgb(colours.get(str(s["work"]), UNKNOWN_COLOUR))
+                ax.barh(y, float(s["end_s"]) - float(s["start_s"]), left=float(s["start_s"]),
+                        height=h, facecolor=(*rgb, 1.0 if unknown else _alpha(p)),
+                        hatch="///" if unknown else None,  # a solid outline names the work
+                        edgecolor="white" if unknown else rgb, linewidth=0.8,
+                        gid=f"{kind}:{row}:{j}")
+    any_truth = any(tr for _, _, tr in items)
     duration = max([t.duration_s for _, t, _ in items]
                    + [float(s["end_s"]) for _, _, tr in items for s in tr or []])
     ax.set_xlim(0, max(duration, 1.0))
     ax.set_ylim(len(items) - 0.5, -0.5)  # first item at the top
     ax.set_yticks(range(len(items)), [_short(Path(str(lb)).name or str(lb), 32)
                                       for lb, _, _ in items], fontsize=8)
-    _time_axis(ax, duration)
+    _time_axis(ax, duration, width_in)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set_title("decoded works (bars; darker = lower p-value)"
-                 + (", true tunes (thin bar under each row)" if any_truth else ""), fontsize=10)
+    title = ("decoded works (bars; darker = lower p-value)"
+             + (", true tunes (thin bar under each row)" if any_truth else ""))
+    fig.suptitle(textwrap.fill(title, int(width_in * 10)), fontsize=10)  # ~10 chars an inch
     handles = [Patch(color=colours[wk], label=_short(wk, 30)) for wk in shown]
     if len(order) > len(shown):
         handles.append(Patch(color="none", label=f"+{len(order) - len(shown)} more"))
@@ -152,19 +154,20 @@ def _tooltip(s: dict) -> str:
     return f"{s['work']}, {clock(s['start_s'])}-{clock(s['end_s'])}, {p_text}"
 
 
-def segments_html(timeline: Timeline, *, playable_s: float | None = None) -> str:
+def segments_html(timeline: Timeline, *, playable_s: float | None = None,
+                  colours: Mapping[str, Any] | None = None) -> str:
     """The segments as full-width coloured bars (``div[data-i][data-start]``, start in
     seconds; the title is "work, start-end, p"; unknown striped grey) and a playhead
     (``.chlib-playhead``); bars starting past ``playable_s`` (the audio's length) are faded.
-    Colours as in :func:`timeline_figure`."""
-    colours, _ = work_colours([timeline.segments])
+    ``colours``: work -> colour (:func:`work_colours` of several files, to match a figure);
+    None: this timeline's own."""
+    colours = {**work_colours([timeline.segments])[0], **(colours or {})}
     dur = max(float(timeline.duration_s), 1e-9)
     bars = []
     for i, s in enumerate(timeline.segments):
         a, b, unknown = float(s["start_s"]), float(s["end_s"]), s["work"] == UNKNOWN
-        col = colours[s["work"]]
         rgb = ("repeating-linear-gradient(45deg,#d4d4d4 0 6px,#e6e6e6 6px 12px)" if unknown
-               else "rgb({},{},{})".format(*(round(255 * v) for v in col)))
+               else mcolors.to_hex(colours[s["work"]]))
         fade = 0.35 if playable_s is not None and a >= playable_s else (
             1.0 if unknown else _alpha(s.get("p_value")))
         bars.append(
@@ -186,7 +189,7 @@ def segments_html(timeline: Timeline, *, playable_s: float | None = None) -> str
 class TimelinePlayer(anywidget.AnyWidget):
     """The segments of ``timeline`` as clickable bars above an ``<audio controls>`` player of
     the first ``max_seconds`` (seconds) of ``path`` (a WAV data URL; a note says when it is
-    cut). A click on a bar plays from that segment's start and sets ``clicked`` to its index;
+    cut; ``colours`` as in :func:`segments_html`). A click on a bar plays from that segment's start and sets ``clicked`` to its index;
     Python calls the :meth:`on_click` callbacks with ``(index, segment)`` and sets it back to
     -1. Raises :class:`AudioError` when ``path`` cannot be read (:func:`timeline_player`
     shows a note instead)."""
@@ -221,10 +224,11 @@ class TimelinePlayer(anywidget.AnyWidget):
     clicked = traitlets.Int(-1).tag(sync=True)
 
     def __init__(self, path: str | os.PathLike, timeline: Timeline, *,
-                 max_seconds: float = 600.0, **kwargs: Any):
+                 max_seconds: float = 600.0, colours: Mapping[str, Any] | None = None,
+                 **kwargs: Any):
         if not max_seconds > 0:
             raise ConfigError(f"TimelinePlayer: max_seconds must be > 0, got {max_seconds}")
-        wav = audio_excerpt_wav(path, max_seconds=max_seconds)
+        wav = audio_excerpt_wav(path, max_seconds=max_seconds, sample_rate=PLAYER_RATE)
         total = float(sf.info(str(path)).duration)
         cut = total > max_seconds + 1e-6
         note = (f'<div style="font-size:12px;color:#a60">Audio cut at {clock(max_seconds)} of '
@@ -234,9 +238,9 @@ class TimelinePlayer(anywidget.AnyWidget):
         self.path, self.timeline, self._callbacks = Path(path), timeline, []
         self.audio_cut = cut
         self.src = "data:audio/wav;base64," + base64.b64encode(wav).decode()
-        self.markup = (segments_html(timeline, playable_s=max_seconds if cut else None) + note
-                     + '<audio controls preload="auto" style="width:100%;margin-top:4px">'
-                       "</audio>")
+        bars = segments_html(timeline, playable_s=max_seconds if cut else None, colours=colours)
+        self.markup = (bars + note + '<audio controls preload="auto" '
+                       'style="width:100%;margin-top:4px"></audio>')
         self.observe(self._handle_click, names="clicked")
 
     def on_click(self, callback: Callable[[int, dict], Any]) -> None:
