@@ -15,7 +15,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "chlib"
 RANK = {"core": 0, "signal": 1, "data": 2, "demo": 3, "model": 3, "retrieval": 4, "train": 5,
-        "ui": 6, "__main__": 7, "__init__": 7}
+        "ui": 6, "serve": 7, "__main__": 8, "__init__": 8}
 
 
 def _modules() -> dict[str, Path]:

@@ -53,7 +53,8 @@ def test_use_project_root_leaves_the_notebooks_folder_only(tmp_path, monkeypatch
 
 
 def test_table_is_a_dataframe_of_the_chosen_columns():
-    rows = [{"metric": "mAP", "value": 0.5, "n": 3, "extra": 1}, {"metric": "MR1", "value": None}]
+    rows = [{"metric": "mAP", "value": 0.5, "n": 3, "extra": 1},
+            {"metric": "MR1", "value": None, "note": None}]
     t = widgets.table(rows, ["metric", "value", "n"], title="scores")
     assert list(t.columns) == ["metric", "value", "n"] and t["metric"].tolist() == ["mAP", "MR1"]
     text = str(t).splitlines()
@@ -64,6 +65,8 @@ def test_table_is_a_dataframe_of_the_chosen_columns():
     assert re.search(r"<th [^>]*>value</th>", h) and re.search(r"<td [^>]*>0.5</td>", h)
     assert re.search(r"<td [^>]*>3</td>", h) and not re.search(r"<td [^>]*>(nan|None)</td>", h)
     assert "row_heading" not in h and not re.search(r"<th [^>]*>0</th>", h)
+    h = widgets.table(rows, ["metric", "note"])._repr_html_()  # a missing text is blank too
+    assert not re.search(r"<td [^>]*>(nan|None)</td>", h) and h.count("<td") == 4
     assert isinstance(t[["metric"]], widgets.Table)  # a selection still shows this way
 
 

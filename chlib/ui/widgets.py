@@ -79,7 +79,10 @@ def show(*objs: Any) -> None:
 
 
 def _cell(v: Any) -> Any:
-    """A table cell's text: floats to 4 significant digits (whole ones as integers), NaN blank."""
+    """A table cell's text: floats to 4 significant digits (whole ones as integers), NaN and
+    None blank."""
+    if v is None:
+        return ""
     if not isinstance(v, float):
         return v
     if v != v:
