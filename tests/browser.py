@@ -99,6 +99,9 @@ def lab_page(root: Path, home: Path) -> Iterator[tuple]:
     news = home / "settings" / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True, exist_ok=True)  # no "official Jupyter news?" toast over the page
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    nb_settings = home / "settings" / "@jupyterlab" / "notebook-extension"
+    nb_settings.mkdir(parents=True, exist_ok=True)  # every cell in the page, not only visible ones
+    (nb_settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"),
                JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_DATA_DIR=str(home / "data"),
                IPYTHONDIR=str(home / "ipython"), PYTHONPATH=os.pathsep.join(
@@ -132,6 +135,7 @@ def lab_page(root: Path, home: Path) -> Iterator[tuple]:
                         page.keyboard.press("Escape")
                 page.wait_for_function(_FINISHED, timeout=timeout_s * 1000)
 
+            open_and_run.base = base  # the server's address, for pages opened by hand
             try:
                 yield page, open_and_run
             finally:

@@ -63,3 +63,9 @@ def test_invariance_figure_has_one_panel_per_factor(tmp_path):
     fig = report.invariance_figure(table, save_dir=tmp_path)
     assert [ax.get_title() for ax in fig.axes] == ["transpose", "tempo"]
     assert (tmp_path / "invariance.png").stat().st_size > 1000
+    five = pd.concat([table.assign(factor=f) for f in
+                      ("transpose", "tempo", "timbre", "noise", "excerpt")])
+    fig = report.invariance_figure(five)  # rows of 3: at most 9 inches wide, readable in a notebook
+    shown = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert shown == ["transpose", "tempo", "timbre", "noise", "excerpt"]
+    assert fig.get_size_inches()[0] <= 9.0 and len(fig.axes) == 6

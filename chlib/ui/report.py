@@ -170,13 +170,19 @@ def invariance_figure(table: pd.DataFrame, *, save_dir: str | os.PathLike | None
     """One panel per factor of :func:`chlib.retrieval.invariance.invariance_curves`: top-1 rate
     against the factor's value, the identity value marked, chance as a dashed line."""
     factors = list(dict.fromkeys(table["factor"]))
-    fig, axes = plots.new_figure(1, len(factors), figsize=(3.2 * len(factors), 3.2))
-    for ax, factor in zip(np.atleast_1d(axes), factors, strict=True):
+    cols = min(3, len(factors))  # rows of 3 panels: readable at a notebook's ~850 px
+    n_rows = -(-len(factors) // cols)
+    fig, axes = plots.new_figure(n_rows, cols, figsize=(3.0 * cols, 2.7 * n_rows + 0.4))
+    axes = np.atleast_1d(axes).ravel()
+    for ax, factor in zip(axes, factors, strict=False):
         rows = table[table["factor"] == factor]
         ax.plot(rows["value"], rows["top1"], marker="o")
         ax.axhline(float(rows["chance"].iloc[0]), ls="--", c="grey", lw=1, label="chance")
         ax.set(title=factor, xlabel=_INVARIANCE_UNITS.get(factor, "value"), ylim=(-0.02, 1.02))
-    np.atleast_1d(axes)[0].set_ylabel("top-1: finds its own recording")
+    for ax in axes[len(factors):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel("top-1: finds itself")
     fig.suptitle("What is the model blind to? Each recording changed in one factor only")
     if save_dir is not None:
         plots.save_figure(fig, Path(save_dir) / "invariance.png")
