@@ -9,7 +9,7 @@ RUN    ?= demo
 DEMO_DATASET ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv git-filter demo test test-fast test-ipywidgets7 bench lint clean-demo
+.PHONY: venv git-filter demo serve test test-fast test-ipywidgets7 bench lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ DEMO_EPOCHS ?= 60
 demo: $(STAMP)
 	$(PY) -m chlib run 01_prepare 02_extract 03_train 05_evaluate 06_identify 07_explore \
 		--run $(RUN) -p dataset_dir $(DEMO_DATASET) -p max_epochs $(DEMO_EPOCHS)
+
+# The identification service for the demo run (after `make demo`): a web page and a JSON API
+# at http://127.0.0.1:8000 (PORT=...); Ctrl-C stops it.
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) -m chlib serve --run runs/$(RUN) --dataset $(DEMO_DATASET) --port $(PORT)
 
 # The whole test suite (fixture checks, notebooks under papermill, kill/resume tests), then the
 # widget tests again against ipywidgets 7.7.1, the version Google Colab ships.

@@ -2,7 +2,8 @@
 NAME -p KEY VALUE ...`` runs notebooks headless; ``chlib params NOTEBOOK`` lists a notebook's
 parameters; ``chlib identify FILE... --run runs/NAME`` identifies recordings against a trained
 run's references (its dataset's train + val recordings) and prints the best match of each;
-with ``--segments`` also which works each file holds and where (its timeline)."""
+with ``--segments`` also which works each file holds and where (its timeline); ``chlib serve
+--run runs/NAME`` serves the run to other people: a web page and a JSON API (127.0.0.1:8000)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from chlib.retrieval import evaluate
 from chlib.retrieval import identify as ident
 from chlib.retrieval.segment import identify_segments
 from chlib.retrieval.timeline import UNKNOWN
+from chlib.serve import Limits
+from chlib.serve.app import serve
 from chlib.ui import runner
 
 
@@ -40,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     idf.add_argument("--segments", nargs="?", const="", metavar="CSV",
                      help="also print each file's timeline (works and where); with a path, "
                           "write segments.csv there")
+    srv = sub.add_parser("serve", help="serve a trained run: web page + JSON API")
+    srv.add_argument("--run", required=True, help="the trained run folder (runs/<name>)")
+    srv.add_argument("--dataset", help="references: this dataset's train + val (default: the run's)")
+    srv.add_argument("--checkpoint", default="best", help='"best", "latest" or an epoch number')
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: this computer only; 0.0.0.0: everyone)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "mps"')
+    srv.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
+    srv.add_argument("--max-duration-s", type=float, default=Limits.max_duration_s)
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -47,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "identify":
             return identify(args)
+        if args.command == "serve":
+            print(f"chlib serve: open http://{args.host}:{args.port}/ (API docs: /docs); "
+                  "Ctrl-C stops it", file=sys.stderr)
+            serve(args.run, host=args.host, port=args.port, dataset_dir=args.dataset,
+                  checkpoint=args.checkpoint, device=args.device,
+                  limits=Limits(max_upload_mb=args.max_upload_mb,
+                                max_duration_s=args.max_duration_s))
+            return 0
         record = runner.run_notebooks(
             args.notebooks, run=args.run, runs_root=args.runs_root,
             parameters={k: runner.parse_cli_value(v) for k, v in args.parameter},

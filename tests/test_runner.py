@@ -2,8 +2,11 @@
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -120,3 +123,34 @@ def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys):
     assert sum("broken.wav" in r for r in rows[1:]) == 1  # its error row
     assert main(["identify", str(bad), "--run", str(run_dir), "--device", "cpu"]) == 2
     assert "no query could be read" in capsys.readouterr().err
+
+
+def test_chlib_serve_starts_the_service_on_this_computer_only(tmp_path):
+    """``chlib serve --run``: the run's service answers /health on 127.0.0.1 and says where."""
+    torch.set_num_threads(1)
+    ds = make_tiny_dataset(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    save_hparams(HParams.from_dict(tiny_config(ds, max_epochs=1)), run_dir / "config" / "hparams.yaml")
+    train(run_dir, device="cpu", max_epochs=1, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).with_name("chlib")
+    proc = subprocess.Popen([str(script), "serve", "--run", str(run_dir), "--port", str(port),
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        health = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+        assert health and health["status"] == "ok" and health["run"] == "tiny"
+        assert health["can_edit"] is False  # no token configured: the library is read-only
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert f"open http://127.0.0.1:{port}/" in err
