@@ -247,6 +247,8 @@ class HParams:
     # chlib: feature-domain tempo factors in [1 - j, 1 + j]; 0 = off
     tempo_jitter: float = opt(0.0, rng=_FRACTION, hint="0.1 = tempo factors 0.9..1.1")
     timbre_eq_db: float = opt(0.0, rng="[0, 40]", hint="random spectral envelopes up to this depth")
+    # chlib: coarse-to-fine training: chunks of a work cut at one aligned passage (train.align)
+    align_path: str | None = opt(None, hint="an alignments .json of chlib.train.align")
     # production (k-fold) training, section 10.2 of the fact sheet
     k_folds: int = opt(5, rng="[2, inf)")
     fold_lr_decay: float = opt(0.98, rng=_DECAY)

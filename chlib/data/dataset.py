@@ -8,7 +8,7 @@ from ``(dataset seed, index)``: the same crop every time (a stable validation lo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ class ChunkDataset(Dataset):
                  mode: str = "random", spec_aug: SpecAugConfig | None = None,
                  tempo_jitter: float = 0.0, seed: int = 0,
                  manifest_path: str | os.PathLike | None = None, transform: str = "none",
-                 bins_per_octave: int = 12, timbre_eq_db: float = 0.0) -> None:
+                 bins_per_octave: int = 12, timbre_eq_db: float = 0.0,
+                 aligned: Mapping[int, Sequence[Mapping[int, int]]] | None = None) -> None:
         if mode not in ("random", "defined"):
             raise ConfigError(f"mode must be 'random' or 'defined', got {mode!r}")
         if mean_size < 1 or chunk_len < mean_size:
@@ -74,6 +75,8 @@ class ChunkDataset(Dataset):
         self.seed = int(seed)
         self.transform, self.bins_per_octave = transform, int(bins_per_octave)
         self.timbre_eq_db = float(timbre_eq_db)  # > 0: a random EQ per crop, before the transform
+        # work id -> groups {item index: start frame} of one passage (chlib.train.align)
+        self.aligned = {int(k): list(v) for k, v in (aligned or {}).items() if v}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,8 +86,15 @@ class ChunkDataset(Dataset):
         """Model frames per item: ``chunk_len // mean_size``."""
         return self.chunk_len // self.mean_size
 
-    def crop(self, idx: int, rng: np.random.Generator) -> np.ndarray:
-        """The (unaugmented) chunk of item ``idx``: [chunk_len // mean_size, bins] float32."""
+    def _aligned_start(self, idx: int, group_seed: int | None) -> int | None:
+        """The start of item ``idx`` in the passage that ``group_seed`` picks for its work."""
+        groups = self.aligned.get(self.labels[idx]) if group_seed is not None else None
+        return groups[group_seed % len(groups)].get(idx) if groups else None
+
+    def crop(self, idx: int, rng: np.random.Generator, group_seed: int | None = None
+             ) -> np.ndarray:
+        """The (unaugmented) chunk of item ``idx``: [chunk_len // mean_size, bins] float32;
+        with ``aligned`` groups and a ``group_seed``, cut at that passage's start."""
         feat = load_feature(self.paths[idx])
         j = self.tempo_jitter
         factor = float(rng.uniform(1.0 - j, 1.0 + j)) if j > 0 else 1.0
@@ -93,6 +103,8 @@ class ChunkDataset(Dataset):
             start = int(self.records[idx].get("start", 0))
         else:
             start = int(rng.integers(0, len(feat) - span + 1)) if len(feat) > span else 0
+        if (at := self._aligned_start(idx, group_seed)) is not None:
+            start = min(at, max(0, len(feat) - span))
         if self.timbre_eq_db > 0:
             feat = random_eq(feat[start:start + span], self.timbre_eq_db * rng.random(), rng=rng)
             start = 0
@@ -103,11 +115,13 @@ class ChunkDataset(Dataset):
         return np.ascontiguousarray(chunk, dtype=np.float32)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, (tuple, list)):  # (index, item seed) from the sampler
+        group = None
+        if isinstance(key, (tuple, list)):  # (index, item seed[, group seed]) from the sampler
             idx, rng = int(key[0]), np.random.default_rng(int(key[1]))
+            group = int(key[2]) if len(key) > 2 else None
         else:
             idx, rng = int(key), item_rng(self.seed, int(key))
-        chunk = self.crop(idx, rng)
+        chunk = self.crop(idx, rng, group)
         if self.spec_aug is not None:
             chunk = spec_augment(chunk, self.spec_aug, rng=rng)
         return torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)), self.labels[idx]

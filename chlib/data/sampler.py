@@ -27,7 +27,8 @@ class MPerClassBatchSampler:
     ``labels``: work id per dataset item; ``stream`` keeps several samplers of one run
     independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left."""
 
-    def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0):
+    def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0,
+                 group_seeds: bool = False):
         if m < 1 or batch_size < 1 or batch_size % m:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of m_per_class ({m})")
         if len(labels) == 0:
@@ -45,6 +46,7 @@ class MPerClassBatchSampler:
         self.items = [np.asarray(by_work[w], dtype=np.int64) for w in self.works]
         self.epoch = 0
         self.start_batch = 0
+        self.group_seeds = bool(group_seeds)  # items (index, seed, group seed): see epoch_batches
 
     @property
     def batches_per_epoch(self) -> int:
@@ -78,14 +80,23 @@ class MPerClassBatchSampler:
         extra = rng.choice(items, size=self.m - len(items), replace=True)
         return rng.permutation(np.concatenate([items, extra]))
 
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """Every batch of ``epoch``: lists of ``(item_index, item_seed)``, batch_size long."""
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, ...]]]:
+        """Every batch of ``epoch``: lists of ``(item_index, item_seed)``, batch_size long; with
+        ``group_seeds``, ``(item_index, item_seed, group_seed)``, the m items of a work sharing
+        one group seed (aligned training picks one passage per work with it), drawn from a
+        stream of their own so the items and their seeds are those of a plain sampler."""
         rng = item_rng(self.seed, self.stream, epoch)
+        groups_rng = item_rng(self.seed, self.stream, epoch, 1)
         out = []
         for group in self._work_groups(rng):
             idx = np.concatenate([self._draw_items(int(p), rng) for p in group])
             seeds = rng.integers(0, 2**63 - 1, size=len(idx), dtype=np.int64)
-            out.append([(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)])
+            if not self.group_seeds:
+                out.append([(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)])
+                continue
+            shared = np.repeat(groups_rng.integers(0, 2**63 - 1, size=len(group)), self.m)
+            out.append([(int(i), int(s), int(g)) for i, s, g in zip(idx, seeds, shared,
+                                                                   strict=True)])
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

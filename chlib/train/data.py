@@ -19,6 +19,7 @@ from chlib.core.schema import check
 from chlib.data.dataset import ChunkDataset, feature_lengths, find_missing_features, worker_init
 from chlib.data.features import feature_path, load_feature
 from chlib.data.sampler import MPerClassBatchSampler, grouped_batches
+from chlib.train.align import aligned_groups, read_alignments
 
 __all__ = ["TrainingData", "prepare_training_data", "seen_work_records", "train_loaders",
            "make_val_loader"]
@@ -114,14 +115,16 @@ def train_loaders(data: TrainingData, hp: HParams,
     labels = [int(r["work_id"]) for r in data.train]
     nw = max(0, int(hp.num_workers))
     loaders, samplers = [], []
+    aligned = (aligned_groups(read_alignments(hp.resolve_path(hp.align_path)), data.train)
+               if hp.align_path else None)
     for i, chunk_len in enumerate(hp.chunk_len):
         ds = ChunkDataset(data.train, chunk_len=chunk_len, mean_size=hp.mean_size, mode=hp.mode,
                           spec_aug=hp.spec_augmentation, tempo_jitter=hp.tempo_jitter,
                           seed=hp.seed, manifest_path=data.train_manifest,
                           transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave,
-                          timbre_eq_db=hp.timbre_eq_db)
+                          timbre_eq_db=hp.timbre_eq_db, aligned=aligned)
         sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
-                                        seed=hp.seed, stream=i)
+                                        seed=hp.seed, stream=i, group_seeds=aligned is not None)
         workers = {"persistent_workers": True, "worker_init_fn": worker_init} if nw else {}
         loaders.append(DataLoader(ds, batch_sampler=sampler, num_workers=nw,
                                   pin_memory=device.type == "cuda",
