@@ -33,6 +33,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from helpers import make_tiny_dataset, tiny_config, tone
 
+import chlib.demo as dd
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 STATIC = Path(__file__).resolve().parents[1] / "chlib" / "serve" / "static"
@@ -90,6 +92,15 @@ def _wav(path: Path, seconds: float = 6.0) -> Path:
     return path
 
 
+def _demo_recording(path: Path, cache: Path) -> Path:
+    """A performance of a demo tune, as the demo generator renders them (what `make serve`
+    users drop on the page after `make demo`)."""
+    tune = dd.demo_tunes(1, seed=0, cache_dir=cache)[0]
+    params = dd.draw_performance_params(tune, 1, seed=3, min_seconds=8.0, max_seconds=10.0)[0]
+    sf.write(path, dd.render_performance(tune, params, 16000), 16000)
+    return path
+
+
 def _identify(page, path: Path) -> dict:
     """Choose ``path`` in the file input, press Identify; the API's JSON answer."""
     page.set_input_files("#file", str(path))
@@ -130,7 +141,7 @@ def test_page_identifies_an_upload_with_the_real_service(tiny_run, tmp_path):
     need_browser()
     create_app = pytest.importorskip("chlib.serve.app").create_app
     shots = _shots(tmp_path)
-    query = _wav(tmp_path / "session tune.wav")
+    query = _demo_recording(tmp_path / "session tune.wav", tmp_path / "tunes")
     bad = tmp_path / "x.mp3"
     bad.write_text("these are words, not music\n" * 20)
     with serving(create_app(tiny_run, device="cpu")) as base, browser_page() as page:
