@@ -147,3 +147,17 @@ def lab_page(root: Path, home: Path) -> Iterator[tuple]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def notebook_page(tmp_path: Path, name: str, cells: list[str]) -> Iterator:
+    """A notebook of ``cells`` written under ``tmp_path``, opened in JupyterLab and run; the
+    page (skips without a browser, or fails under CI)."""
+    need_browser()
+    root, home = tmp_path / "root", tmp_path / "home"
+    root.mkdir()
+    home.mkdir()
+    write_notebook(root / name, cells)
+    with lab_page(root, home) as (page, open_and_run):
+        open_and_run(name)
+        yield page

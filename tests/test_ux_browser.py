@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from browser import VIEWPORT, lab_page, need_browser, wait_for_output, write_notebook
+from browser import VIEWPORT, notebook_page, wait_for_output
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,7 @@ def _box(page, selector: str) -> dict:
 
 
 def test_explorer_map_is_the_largest_thing_and_a_click_picks_a_point(tmp_path):
-    need_browser()
-    root, home = tmp_path / "root", tmp_path / "home"
-    root.mkdir()
-    home.mkdir()
-    write_notebook(root / "explore.ipynb", [_EXPLORER])
-    with lab_page(root, home) as (page, open_and_run):
-        open_and_run("explore.ipynb")
+    with notebook_page(tmp_path, "explore.ipynb", [_EXPLORER]) as page:
         wait_for_output(page, ".jp-OutputArea svg circle[data-i]", tmp_path / "failed.png")
         page.wait_for_timeout(500)
         page.screenshot(path=str(_shots(tmp_path) / "browser_explorer_1280.png"))
@@ -89,13 +83,7 @@ def test_explorer_map_is_the_largest_thing_and_a_click_picks_a_point(tmp_path):
 
 
 def test_identify_table_keeps_work_and_verdict_on_screen(tmp_path):
-    need_browser()
-    root, home = tmp_path / "root", tmp_path / "home"
-    root.mkdir()
-    home.mkdir()
-    write_notebook(root / "table.ipynb", [_TABLE])
-    with lab_page(root, home) as (page, open_and_run):
-        open_and_run("table.ipynb")
+    with notebook_page(tmp_path, "table.ipynb", [_TABLE]) as page:
         wait_for_output(page, ".jp-OutputArea-output table", tmp_path / "failed.png")
         page.screenshot(path=str(_shots(tmp_path) / "browser_identify_table_1280.png"))
         table = _box(page, ".jp-OutputArea-output table")

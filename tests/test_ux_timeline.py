@@ -14,7 +14,7 @@ import matplotlib.image as plt_image
 import numpy as np
 import pytest
 import soundfile as sf
-from browser import lab_page, need_browser, wait_for_output, write_notebook
+from browser import notebook_page, wait_for_output
 from matplotlib.text import Text
 
 from chlib.core.errors import ConfigError
@@ -206,15 +206,9 @@ timeline_player("tones.wav", Timeline(segs, 20.0))
 
 @pytest.mark.slow
 def test_browser_click_on_a_segment_seeks_the_audio(tmp_path):
-    need_browser()
-    root, home = tmp_path / "root", tmp_path / "home"
-    root.mkdir()
-    home.mkdir()
     shots = Path(os.environ.get("CHLIB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    write_notebook(root / "timeline.ipynb", [_NOTEBOOK])
-    with lab_page(root, home) as (page, open_and_run):
-        open_and_run("timeline.ipynb")
+    with notebook_page(tmp_path, "timeline.ipynb", [_NOTEBOOK]) as page:
         wait_for_output(page, ".jp-OutputArea [data-start]", tmp_path / "failed.png")
         page.wait_for_function("() => document.querySelector('.jp-OutputArea audio')"
                                ".readyState >= 1", timeout=30_000)
