@@ -60,3 +60,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count changes every later test in the process (a
+    resumed run then differs from an uninterrupted one in the last bits): use one_torch_thread."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, (f"this test left torch with {after} threads (it had {before}): use "
+                             "the one_torch_thread fixture instead of torch.set_num_threads")

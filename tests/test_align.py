@@ -126,8 +126,7 @@ def test_chunks_are_cut_at_the_aligned_start(tmp_path):
     assert len(starts) > 5
 
 
-def test_a_run_trains_with_aligned_chunks(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
+def test_a_run_trains_with_aligned_chunks(tmp_path, monkeypatch, one_torch_thread):
     ds = make_tiny_dataset(tmp_path)
     recs = read_manifest(ds / "train.txt")
     hp = HParams.from_dict(tiny_config(ds))

@@ -12,7 +12,6 @@ from pathlib import Path
 import nbformat
 import pytest
 import soundfile as sf
-import torch
 from helpers import make_tiny_dataset, tiny_config, tone
 
 from chlib.__main__ import main
@@ -94,10 +93,9 @@ def test_chlib_console_script_is_installed_and_lists_parameters():
     assert "dataset_dir" in out.stdout and "source" in out.stdout
 
 
-def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys):
+def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys, one_torch_thread):
     """``chlib identify FILE... --run``: one line per query; unreadable files named, rc 1 if
     nothing could be read."""
-    torch.set_num_threads(1)
     ds = make_tiny_dataset(tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     save_hparams(HParams.from_dict(tiny_config(ds, max_epochs=1)), run_dir / "config" / "hparams.yaml")
@@ -125,9 +123,8 @@ def test_chlib_identify_prints_the_best_match_of_each_file(tmp_path, capsys):
     assert "no query could be read" in capsys.readouterr().err
 
 
-def test_chlib_serve_starts_the_service_on_this_computer_only(tmp_path):
+def test_chlib_serve_starts_the_service_on_this_computer_only(tmp_path, one_torch_thread):
     """``chlib serve --run``: the run's service answers /health on 127.0.0.1 and says where."""
-    torch.set_num_threads(1)
     ds = make_tiny_dataset(tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     save_hparams(HParams.from_dict(tiny_config(ds, max_epochs=1)), run_dir / "config" / "hparams.yaml")

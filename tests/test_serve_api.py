@@ -34,6 +34,7 @@ def wav_bytes(seconds=6.0, freqs=(220.0, 330.0), seed=0, silent=False) -> bytes:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    threads = torch.get_num_threads()  # restored below: later modules keep their threads
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serve")
     ds = make_tiny_dataset(root)
@@ -43,7 +44,8 @@ def run(tmp_path_factory):
     save_hparams(HParams.from_dict(tiny_config(ds, max_epochs=1)),
                  run_dir / "config" / "hparams.yaml")
     train(run_dir, device="cpu", max_epochs=1, progress=False)
-    return run_dir, ds
+    yield run_dir, ds
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
