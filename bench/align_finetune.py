@@ -7,7 +7,7 @@ between its versions, mined with that same checkpoint: chlib.train.align). Both 
 held-out works after every epoch; the table prints each test set's mAP per step, then the sets'
 metrics (bench/sets_bench.py's protocol) of both final checkpoints.
 
-    cd /work/suite_data   # paths in the run's config are relative to its project folder
+    cd <project folder>   # paths in the run's config are relative to it
     python /work/main/bench/align_finetune.py --base runs/G_660works --from-epoch 17 \\
         --epochs 8 --out runs/align
 """
