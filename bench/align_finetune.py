@@ -8,8 +8,7 @@ held-out works after every epoch; the table prints each test set's mAP per step,
 metrics (bench/sets_bench.py's protocol) of both final checkpoints.
 
     cd <project folder>   # paths in the run's config are relative to it
-    python /work/main/bench/align_finetune.py --base runs/G_660works --from-epoch 17 \\
-        --epochs 8 --out runs/align
+    python bench/align_finetune.py --base runs/G --from-epoch 17 --epochs 4 --out runs/align
 """
 
 from __future__ import annotations
