@@ -167,7 +167,10 @@ def test_bad_inputs_raise_clear_errors():
         model(_features(1, 50, 23))
     with pytest.raises(FeatureError, match="at least 7"):
         model(_features(1, 6, SMALL.input_dim))
-    with pytest.raises(ConfigError, match="foc.output_dims"):
-        model.compute_loss(_features(2, 50, SMALL.input_dim), torch.tensor([0, SMALL.num_classes]))
+    with pytest.raises(ConfigError, match="foc.output_dims"):  # checked once per data set
+        model.check_labels(torch.tensor([0, SMALL.num_classes]))
+    with pytest.raises(ConfigError, match="outside"):
+        model.check_labels(torch.tensor([-1, 0]))
+    model.check_labels(torch.tensor([0, SMALL.num_classes - 1]))
     with pytest.raises(ConfigError, match="odd"):
         CoverHunterNet(dataclasses.replace(SMALL, conv_kernel=4))

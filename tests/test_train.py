@@ -17,7 +17,7 @@ from helpers import TINY_MODEL, write_toy_dataset
 
 import chlib.train.loop as T
 from chlib.core.config import HParams, save_hparams
-from chlib.core.errors import ConfigError, FeatureError
+from chlib.core.errors import ConfigError, FeatureError, ManifestError
 from chlib.core.io import read_json
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.model import CoverHunterNet
@@ -296,6 +296,10 @@ def test_config_errors_are_clear(toy, tmp_path):
         T.prepare_training_data(_hp(toy, chunk_frame=[100], mean_size=3))
     with pytest.raises(ConfigError, match="foc.output_dims: auto"):
         T.prepare_training_data(_hp(toy, foc={"output_dims": 3}))
+    negative = tmp_path / "negative.txt"  # labels are checked once, when the data is loaded
+    write_manifest(negative, recs[:4] + [{**recs[4], "work_id": -1}])
+    with pytest.raises(ManifestError, match=r"negative\.txt.*work_id must be >= 0"):
+        T.prepare_training_data(_hp(toy, train_path=str(negative), val_path=None))
     with pytest.raises(ConfigError, match="multiple of m_per_class"):
         _hp(toy, batch_size=6, m_per_class=4)
     with pytest.warns(UserWarning, match="longer than"):

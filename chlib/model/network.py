@@ -77,15 +77,12 @@ class CoverHunterNet(nn.Module):
     def loss_from_embedding(self, f_t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total, detached parts)`` for ``f_t`` [B, embed_dim] and ``labels`` [B]: the focal,
         triplet and center losses by their weights (the original skipped triplet weights <= 0.01;
-        here any positive weight counts)."""
-        labels, cfg, n_classes = labels.long(), self.cfg, self.cfg.num_classes
+        here any positive weight counts). Labels must lie in [0, num_classes): training checks
+        its data once when it loads it (no per-step host sync, no torch.compile graph break);
+        :meth:`check_labels` does it for other callers."""
+        labels, cfg = labels.long(), self.cfg
         if labels.dim() != 1 or len(labels) != len(f_t):
             raise ConfigError(f"labels must be [batch={len(f_t)}], got {list(labels.shape)}")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= n_classes:
-            raise ConfigError(f"label {hi if hi >= n_classes else lo} is outside the focal head's "
-                              f"[0, {n_classes}) classes: raise foc.output_dims (or set it to "
-                              "auto)")
         foc = self._foc_loss(self.classify(f_t), labels)
         total, parts = cfg.foc_weight * foc, {"foc_loss": foc.detach()}
         for name, weight, loss in (("tri_loss", cfg.triplet_weight, self._triplet_loss),
@@ -95,6 +92,16 @@ class CoverHunterNet(nn.Module):
                 total = total + weight * value
                 parts[name] = value.detach()
         return total, parts
+
+    def check_labels(self, labels: Tensor) -> None:
+        """ConfigError unless every label is in the focal head's [0, num_classes) (one host
+        sync; call it once per data set, not per step)."""
+        n_classes = self.cfg.num_classes
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise ConfigError(f"label {hi if hi >= n_classes else lo} is outside the focal head's "
+                              f"[0, {n_classes}) classes: raise foc.output_dims (or set it to "
+                              "auto)")
 
     def compute_loss(self, x: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``forward`` then :meth:`loss_from_embedding`: (total scalar, {"foc_loss", ...})."""

@@ -95,6 +95,7 @@ def prepare_training_data(hp: HParams) -> TrainingData:
           f"({train[0].get('work', train[0]['work_id'])!r}): a model learns by telling works "
           "apart and needs at least 2 works to learn anything (its loss would be 0); add "
           "recordings of other works or check the split step")
+    # labels are checked once, here (the manifest reader refuses negative ids), not every step
     max_label = max(int(r["work_id"]) for r in train + val)
     num_classes = max_label + 1 if hp.num_classes_auto else hp.model.num_classes
     check(max_label < num_classes, hp.source, f"work_id {max_label} does not fit "
