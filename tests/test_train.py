@@ -298,7 +298,7 @@ def test_config_errors_are_clear(toy, tmp_path):
         T.prepare_training_data(_hp(toy, foc={"output_dims": 3}))
     negative = tmp_path / "negative.txt"  # labels are checked once, when the data is loaded
     write_manifest(negative, recs[:4] + [{**recs[4], "work_id": -1}])
-    with pytest.raises(ManifestError, match=r"negative\.txt.*work_id must be >= 0"):
+    with pytest.raises(ManifestError, match=r"(?s)negative\.txt.*work_id must be >= 0"):
         T.prepare_training_data(_hp(toy, train_path=str(negative), val_path=None))
     with pytest.raises(ConfigError, match="multiple of m_per_class"):
         _hp(toy, batch_size=6, m_per_class=4)
