@@ -9,7 +9,7 @@ RUN    ?= demo
 DEMO_DATASET ?= datasets/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv git-filter demo serve test test-fast test-ipywidgets7 bench lint clean-demo
+.PHONY: venv git-filter demo serve gpu-check test test-fast test-ipywidgets7 bench lint clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_demo.py
 	$(PY) bench/long_files.py --hours 2
 	$(PY) bench/bench_timeline.py --sizes 10000 100000
+
+# On a CUDA machine: the CQT, bf16 autocast, torch.compile and deterministic mode checked
+# against the CPU, and the GPU's speed as ratios to the CPU's (bench/gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --device cuda
 
 lint: $(STAMP)
 	$(PY) -m ruff check chlib tests bench tools
