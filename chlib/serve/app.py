@@ -124,13 +124,14 @@ class Service:
             return None
         fig = Figure(figsize=(9, 3), dpi=80)
         FigureCanvasAgg(fig)
-        for k, (x, title) in enumerate(((feat, "query"), (ref, f"best match: {best['perf']} "
-                                                               f"({best['work']})"))):
+        for k, (x, title) in enumerate(((feat, "query"),
+                                         (ref, f"best match: {best['work']}\n({best['perf']})"))):
             ax = fig.add_subplot(1, 2, k + 1)
             x = x[::max(1, len(x) // _PNG_FRAMES)]
             ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
                       extent=(0, len(x), 0, x.shape[1]))
-            ax.set_title(title[:60], fontsize=9)
+            ax.set_title("\n".join(line if len(line) <= 45 else line[:44] + "…"
+                                    for line in title.splitlines()), fontsize=9)
             ax.set_xticks([])
             ax.set_ylabel("CQT bin" if k == 0 else "")
         fig.tight_layout()
