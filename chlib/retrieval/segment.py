@@ -29,7 +29,13 @@ from chlib.retrieval.evaluate import write_csv
 from chlib.retrieval.identify import query_features
 from chlib.retrieval.index import ReferenceIndex
 from chlib.retrieval.set_metrics import from_timeline, set_report
-from chlib.retrieval.timeline import SEGMENT_COLUMNS, Timeline, best_match_null, timeline
+from chlib.retrieval.timeline import (
+    SEGMENT_COLUMNS,
+    Timeline,
+    best_match_null,
+    index_null,
+    timeline,
+)
 
 __all__ = ["DEFAULT_HOP_S", "SEGMENT_CSV_COLUMNS", "timeline_window", "query_windows",
            "SegmentReport", "identify_segments", "evaluate_sets"]
@@ -96,8 +102,10 @@ def identify_segments(paths: Sequence[str | os.PathLike], *, model: torch.nn.Mod
     ``switch_penalty``, ``possible_p``, ...)."""
     index.check_compatible(fingerprint=model_fingerprint(model.state_dict()), features=hp.features)
     dev = pick_device(device)
-    if decoder.get("best_null") is None:  # once for all the queries
+    if decoder.get("best_null") is None:  # the index's statistics, once for all the queries
         decoder["best_null"] = best_match_null(index)
+    if decoder.get("null_stats") is None and decoder.get("null", "index") == "index":
+        decoder["null_stats"] = index_null(index)
     report = SegmentReport(timings={"features_s": 0.0, "model_s": 0.0, "decode_s": 0.0})
     t_all = time.perf_counter()
     bar = progress_bar(total=len(paths), desc="timelines", unit="file", enabled=progress,

@@ -276,6 +276,7 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
              switch_penalty: float = DEFAULT_SWITCH_PENALTY, top_m: int = 5,
              possible_p: float = 0.05, search_k: int = 10, block_bytes: int | None = None,
              null: str = "index", best_null: np.ndarray | None = None,
+             null_stats: tuple[float, float] | None = None,
              min_segment_z: float = DEFAULT_MIN_SEGMENT_Z) -> Timeline:
     """The :class:`Timeline` of a query from its window embeddings ``windows`` [T, D] (raw),
     their start times and length (seconds) and its duration (seconds). Window scores are z
@@ -284,8 +285,8 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     set (``index.search(..., k=search_k, by="work")``) for the decoded work's distance and
     closest recording (perf); its p-value is :func:`best_match_p` of that distance against
     ``best_null`` (default :func:`best_match_null` of the index; pass it to reuse it across
-    queries). A run whose work is not in the top ``search_k`` or has ``p >= possible_p``
-    becomes "unknown" (NaN p-value, no perf), never another work (the windows' evidence
+    queries; likewise ``null_stats``, :func:`index_null`'s result). A run whose work is not in
+    the top ``search_k`` or has ``p >= possible_p`` becomes "unknown" (NaN p-value, no perf), never another work (the windows' evidence
     decides the work, the run's search only confirms it); equal neighbours then merge and are
     searched again."""
     w = np.asarray(windows, dtype=np.float32)
@@ -299,11 +300,12 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     best_null = best_match_null(index) if best_null is None else best_null
     if null not in ("index", "window"):
         raise ConfigError(f"null must be 'index' or 'window', got {null!r}")
+    per_window = normalise_scores(scores)  # the "window" null, and the others' order below
     if null == "index":
-        med, scale = index_null(index)
+        med, scale = index_null(index) if null_stats is None else null_stats
         z = ((scores - med) / scale).astype(np.float32)
     else:
-        z = normalise_scores(scores)
+        z = per_window
     labels = decode_timeline(z, works, unknown_z=unknown_z, switch_penalty=switch_penalty,
                              top_m=top_m)
     col = {name: j for j, name in enumerate(works)}
@@ -339,6 +341,6 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     # the others' order for recall@k: each work's best per-window z (a window's own null), which
     # ranked the sets' unnamed works better than the index's null (0.80 against 0.70 of the
     # suite's sets with all works in the top 10)
-    best = normalise_scores(scores).max(axis=0) if len(works) else np.zeros(0)
+    best = per_window.max(axis=0) if len(works) else np.zeros(0)
     best_z = dict(zip(works, best.astype(float).tolist(), strict=True))
     return Timeline(segments, float(duration_s), labels, best_z)
