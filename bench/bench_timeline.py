@@ -81,8 +81,8 @@ def main() -> None:
             total = time.perf_counter() - t0
             t = rep.timings
             print(f"{len(index):>7} refs ({len(index.windows)} windows): total {total:.2f} s "
-                  f"(decode+CQT {t['features_s']:.2f}, model {t['model_s']:.2f}, scores+"
-                  f"Viterbi+searches {t['decode_s']:.2f}); index null once {null_s:.2f} s; "
+                  f"(decode+CQT {t['features_s']:.2f}, windows+scores+Viterbi+searches+"
+                  f"boundaries {t['timeline_s']:.2f}); index null once {null_s:.2f} s; "
                   f"ratio to the {TARGET_S:.0f} s target {TARGET_S / total:.2f}; "
                   f"{len(rep.timelines[str(query)].segments)} segments")
 

@@ -26,7 +26,7 @@ from chlib.demo.sets import make_sets, read_sets
 from chlib.retrieval import evaluate
 from chlib.retrieval.identify import identification_summary, identify
 from chlib.retrieval.index import build_index, is_tempo_copy
-from chlib.retrieval.segment import evaluate_sets, identify_segments
+from chlib.retrieval.segment import DEFAULT_REFINE_S, evaluate_sets, identify_segments
 
 
 def split_test_works(dataset: str, seed: int) -> tuple[list[dict], list[dict]]:
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--n-sets", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hop-s", type=float, default=2.0)
+    ap.add_argument("--refine-s", type=float, default=DEFAULT_REFINE_S,
+                    help="window (s) that places each change between two works; 0: off")
     args = ap.parse_args()
     out = Path(args.out)
     model, hp, epoch, note = evaluate.load_checkpoint(args.run, args.checkpoint, "cpu")
@@ -69,7 +71,7 @@ def main() -> None:
     sets = read_sets(make_sets(queries, out / "sets", n_sets=args.n_sets, seed=args.seed))
     t0 = time.perf_counter()
     rep = identify_segments([s["wav"] for s in sets], model=model, hp=hp, index=index,
-                            device="cpu", hop_s=args.hop_s)
+                            device="cpu", hop_s=args.hop_s, refine_s=args.refine_s)
     seconds = time.perf_counter() - t0
     res = evaluate_sets(sets, rep)
     keys = ("recall_at_n", "recall_at_10", "all_in_top10", "false_work_share", "time_accuracy",

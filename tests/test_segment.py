@@ -15,13 +15,17 @@ from helpers import StandIn as _StandIn
 
 import chlib.demo as dd
 from chlib.core.config import HParams
+from chlib.core.errors import ConfigError
 from chlib.demo.sets import make_sets, read_sets
+from chlib.retrieval.identify import query_features
 from chlib.retrieval.index import build_index
 from chlib.retrieval.segment import (
     SEGMENT_CSV_COLUMNS,
     evaluate_sets,
+    feature_timeline,
     identify_segments,
     query_windows,
+    refine_boundaries,
 )
 from chlib.signal.audio import load_audio, peak_normalise
 from chlib.signal.cqt import compute_cqt_db
@@ -115,3 +119,39 @@ def test_query_windows_cover_the_file_every_hop(demo):
     assert np.allclose(np.diff(starts)[:-1], round(0.5 * fps) / fps)  # every hop (in frames),
     assert 0 < starts[-1] - starts[-2] <= 0.5  # the last window aligned to the end
     assert starts[-1] + window_s == pytest.approx(len(feat) / fps, abs=1 / fps)
+
+
+def test_refined_cuts_move_towards_the_true_change_and_keep_the_labels(demo):
+    """Each set's coarse cuts between two named works are pushed 1.5 s off; refinement with
+    1-s windows (the coarse ones are 2 s) must bring them back nearer the true changes."""
+    before, after = [], []
+    for s in demo["sets"]:
+        feat = query_features(s["wav"], demo["hp"], "cpu")
+        tl = feature_timeline(feat, demo["model"], demo["hp"], demo["index"], device="cpu",
+                              refine_s=None, **DECODER)
+        true_b = [(a["end_s"] + b["start_s"]) / 2 for a, b in zip(s["segments"],
+                                                                   s["segments"][1:], strict=False)]
+        segs = [dict(x) for x in tl.segments]
+        for a, b in zip(segs, segs[1:], strict=False):
+            if a["work"] != b["work"] and "unknown" not in (a["work"], b["work"]):
+                a["end_s"] = b["start_s"] = min(a["end_s"] + 1.5, b["end_s"] - 0.1)
+        pushed = type(tl)(segs, tl.duration_s, tl.labels, tl.best_z)
+        refined = refine_boundaries(pushed, feat, demo["model"], demo["hp"], demo["index"],
+                                    refine_s=1.0, device="cpu")
+        assert [x["work"] for x in refined.segments] == [x["work"] for x in tl.segments]
+        assert [x["p_value"] for x in refined.segments] == [x["p_value"] for x in tl.segments]
+        for old, new in zip(segs[:-1], refined.segments[:-1], strict=False):
+            if old["end_s"] != new["end_s"] and true_b:
+                before.append(min(abs(old["end_s"] - t) for t in true_b))
+                after.append(min(abs(new["end_s"] - t) for t in true_b))
+    assert len(after) >= 3
+    assert np.median(after) < np.median(before)
+
+
+def test_refinement_needs_a_positive_window(demo):
+    s = demo["sets"][0]
+    feat = query_features(s["wav"], demo["hp"], "cpu")
+    tl = feature_timeline(feat, demo["model"], demo["hp"], demo["index"], device="cpu",
+                          refine_s=None, **DECODER)
+    with pytest.raises(ConfigError, match="refine_s"):
+        refine_boundaries(tl, feat, demo["model"], demo["hp"], demo["index"], refine_s=0.0)

@@ -333,3 +333,26 @@ def test_a_run_whose_work_is_not_in_the_search_top_becomes_unknown_not_another_w
     assert [(s["work"], s["perf"], s["p_value"]) for s in res.segments[:1]] == [
         (tl.UNKNOWN, None, pytest.approx(float("nan"), nan_ok=True))]
     assert [(s["work"], s["perf"]) for s in res.segments[1:]] == [("W17", "w17_v0")]
+
+
+def test_crossing_near_interpolates_the_sign_change_nearest_the_cut():
+    c = np.arange(6, dtype=float)  # window centres, s
+    assert tl.crossing_near(np.array([2.0, 1.0, -1.0, -2.0, -3.0, -4.0]), c, 0.0) == 1.5
+    # two falls (at 0.25 and at 4.5): the one nearest the current cut wins
+    d = np.array([1.0, -3.0, 2.0, 2.0, 1.0, -1.0])
+    assert tl.crossing_near(d, c, 4.0) == pytest.approx(4.5)
+    assert tl.crossing_near(d, c, 1.0) == pytest.approx(0.25)
+    # rises are not changes from the earlier work to the later one; none at all gives None
+    assert tl.crossing_near(np.array([-1.0, 1.0, 2.0]), c[:3], 1.0) is None
+    assert tl.crossing_near(np.array([0.0, 0.0]), c[:2], 0.5) is None
+
+
+@pytest.mark.parametrize("keep_windows", [True, False])
+def test_work_scores_are_window_work_scores_for_the_named_works(keep_windows):
+    idx, sets = make_refs(keep_windows=keep_windows)
+    q, _ = set_query(sets, [3, 17], [4, 5])
+    full, works = tl.window_work_scores(idx, q)
+    some = tl.work_scores(idx, q, ["W17", "W03", "not indexed"])
+    np.testing.assert_allclose(some[:, :2], full[:, [works.index("W17"), works.index("W03")]],
+                               rtol=1e-6)
+    assert np.isneginf(some[:, 2]).all()

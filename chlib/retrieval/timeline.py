@@ -30,8 +30,8 @@ from chlib.retrieval.protocol import unit_rows
 
 __all__ = ["UNKNOWN", "BLOCK_BYTES", "DEFAULT_UNKNOWN_Z", "DEFAULT_SWITCH_PENALTY",
            "DEFAULT_MIN_SEGMENT_Z",
-           "SEGMENT_COLUMNS", "window_work_scores", "normalise_scores", "index_null",
-           "best_match_null", "best_match_p", "viterbi",
+           "SEGMENT_COLUMNS", "window_work_scores", "work_scores", "normalise_scores", "index_null",
+           "best_match_null", "best_match_p", "viterbi", "crossing_near",
            "decode_timeline", "segments_from_labels", "Timeline", "timeline"]
 
 UNKNOWN = "unknown"  # label of time matched to no work (a work with this name would merge in)
@@ -101,6 +101,21 @@ def window_work_scores(index: ReferenceIndex, windows: np.ndarray, *,
             first = np.minimum.reduceat(np.where(hit, cols, len(refs)), starts, axis=1)
             best[a:a + step] = owner[order[first]]
     return (scores, works, best) if with_best else (scores, works)
+
+
+def work_scores(index: ReferenceIndex, windows: np.ndarray, works: Sequence[str]) -> np.ndarray:
+    """Max cosine similarity float32 [T, len(works)] of each query window (rows of
+    ``windows`` [T, D], raw) to each of ``works``' reference rows (-inf for a work the index
+    lacks): :func:`window_work_scores` for a few works, without sorting the whole index."""
+    refs, owner, _ = _reference_rows(index)
+    rec_work = np.asarray(index.works, dtype=object)
+    q = unit_rows(np.asarray(windows, dtype=np.float32))
+    out = np.full((len(q), len(works)), -np.inf, np.float32)
+    for j, name in enumerate(works):
+        rows = np.flatnonzero(np.isin(owner, np.flatnonzero(rec_work == name)))
+        if len(rows) and len(q):
+            out[:, j] = _similarities(q, refs[rows]).max(axis=1)
+    return out
 
 
 def normalise_scores(scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -182,6 +197,18 @@ def viterbi(emissions: np.ndarray, switch_penalty: float) -> np.ndarray:
     for t in range(n_t - 1, 0, -1):
         labels[t - 1] = prev_best[t] if switched[t, labels[t]] else labels[t]
     return labels
+
+
+def crossing_near(diff: np.ndarray, centres_s: np.ndarray, near_s: float) -> float | None:
+    """The time (s) nearest ``near_s`` at which ``diff`` [n] (the earlier work's score minus
+    the later one's, at window centres ``centres_s`` [n], increasing) goes from > 0 to <= 0,
+    linearly interpolated between the two centres; None when it never does."""
+    d, c = np.asarray(diff, np.float64), np.asarray(centres_s, np.float64)
+    i = np.flatnonzero((d[:-1] > 0) & (d[1:] <= 0))
+    if i.size == 0:
+        return None
+    t = c[i] + (c[i + 1] - c[i]) * d[i] / (d[i] - d[i + 1])
+    return float(t[np.argmin(np.abs(t - near_s))])
 
 
 def decode_timeline(z: np.ndarray, works: Sequence[str], *,

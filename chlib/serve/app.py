@@ -34,8 +34,7 @@ from chlib.core.io import file_sha256, json_safe, load_npy
 from chlib.retrieval import evaluate
 from chlib.retrieval.embed import embed_windows
 from chlib.retrieval.identify import verdict
-from chlib.retrieval.segment import query_windows
-from chlib.retrieval.timeline import timeline
+from chlib.retrieval.segment import feature_timeline
 from chlib.serve import AUDIO_TYPES, Limits, ServeError, sniff_audio
 from chlib.serve.library import ReferenceLibrary, check_perf, clean_work, load_token
 from chlib.serve.limits import DecodePool, receive_upload
@@ -98,14 +97,13 @@ class Service:
         with self.model_lock:
             (wins,) = embed_windows(self.model, [feat], **idx.window_settings, device=self.device,
                                     batch_size=self.hp.eval_batch_size, progress=False)
-            tl_in = query_windows(feat, self.model, self.hp, device=self.device) \
-                if with_timeline else None
+            t = feature_timeline(feat, self.model, self.hp, idx, device=self.device,
+                                 best_null=best_null) if with_timeline else None
         hits = idx.search([wins], k=top_k, by="work")[0]
         matches = [{k: h.get(k) for k in _MATCH_KEYS} | {"verdict": verdict(h["p_value"])}
                    for h in hits]
         tl = None
-        if tl_in is not None:
-            t = timeline(idx, *tl_in, duration, best_null=best_null)
+        if t is not None:
             tl = {"segments": [{k: s[k] for k in ("start_s", "end_s", "work", "p_value", "perf")}
                                for s in t.segments],
                   "works": [{k: w[k] for k in ("work", "seconds", "share", "p_value")}
