@@ -29,12 +29,13 @@ git-filter:
 		git config filter.nbstripout.required true; fi
 
 # The main job end to end on the built-in demo data: generate the demo dataset, extract
-# features, train, evaluate, identify held-out recordings and draw the explorer's figures.
+# features, train, evaluate, identify held-out recordings and the demo's sets, draw the
+# explorer's figures and probe the embeddings for the demo's labels (instrument, rhythm).
 # Training runs up to DEMO_EPOCHS epochs and keeps the epoch with the best retrieval mAP on the
 # works held out for validation (the laptop recipe's rule), never looking at the test works.
 DEMO_EPOCHS ?= 60
 demo: $(STAMP)
-	$(PY) -m chlib run 01_prepare 02_extract 03_train 05_evaluate 06_identify 07_explore \
+	$(PY) -m chlib run 01_prepare 02_extract 03_train 05_evaluate 06_identify 07_explore 08_probe \
 		--run $(RUN) -p dataset_dir $(DEMO_DATASET) -p max_epochs $(DEMO_EPOCHS)
 
 # The identification service for the demo run (after `make demo`): a web page and a JSON API

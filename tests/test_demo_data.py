@@ -241,6 +241,34 @@ def test_dataset_txt_has_one_valid_line_per_performance(tiny):
         assert r["version"].startswith("tempo ") and "key " in r["version"]
 
 
+def test_labels_csv_holds_each_performances_tune_labels_and_lead_instrument(tiny):
+    import csv
+    import re
+
+    from chlib.demo.generate import DEMO_LABEL_COLUMNS, write_demo_labels
+    from chlib.demo.tunes import PC_NAMES
+
+    out = tiny["out"]
+    with open(out / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == DEMO_LABEL_COLUMNS
+    assert [r["perf"] for r in rows] == [r["perf"] for r in tiny["records"]]
+    works = {w["work"]: w for w in json.loads((out / "demo_info.json").read_text())["works"]}
+    for row, rec in zip(rows, tiny["records"], strict=True):
+        work = works[rec["work"]]
+        assert (row["rhythm"], row["meter"]) == (work["rhythm"], work["meter"])
+        assert row["instrument"] in dd.INSTRUMENTS and f", {row['instrument']}," in rec["version"]
+        shift = int(re.search(r"key ([+-]\d+)", rec["version"]).group(1))
+        tonic, mode = work["key"].split(" ", 1)
+        assert row["key"] == f"{PC_NAMES[(PC_NAMES.index(tonic) + shift) % 12]} {mode}"
+        assert row["mode"] == mode
+    others = {f: _sha(f) for f in out.rglob("*") if f.is_file() and f.name != "labels.csv"}
+    before = (out / "labels.csv").read_bytes()
+    (out / "labels.csv").unlink()  # a dataset generated before labels existed gets them back
+    assert write_demo_labels(out).read_bytes() == before
+    assert {f: _sha(f) for f in others} == others  # nothing else was touched
+
+
 def test_audio_files_are_finite_unclipped_and_not_silent(tiny):
     files = _audio_files(tiny["out"])
     assert len(files) == 12

@@ -267,3 +267,32 @@ def test_explore_notebook_draws_the_map_neighbours_and_cqts(chain, trained):
     assert len(tables) == 1 and tables[0].split("<tbody>")[1].count("<tr") == 4  # 4 neighbours
     assert _no_widgets_shown(nb)
     print("notebook seconds:", json.dumps(chain["seconds"]))
+
+
+@pytest.mark.slow
+def test_probe_notebook_probes_labels_beside_their_baselines(chain, trained):
+    nb, s = _run("08_probe", chain["root"], dataset_dir=str(chain["data"]), device="cpu",
+                 label_columns=["instrument", "rhythm"], n_folds=3, n_boot=50, projection="pca",
+                 n_disagreements=3)
+    chain["seconds"]["08_probe"] = s
+    out = chain["run"] / "probe"
+    assert (chain["data"] / "labels.csv").is_file()  # the demo generator wrote it
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    probed = {r["label"] for r in rows}
+    assert probed and probed <= {"instrument", "rhythm"}
+    for label in probed:
+        got = {(r["feature"], r["probe"]) for r in rows if r["label"] == label}
+        assert got == {("none", "majority")} | {(f, p) for f in ("trained", "untrained", "cqt_stats")
+                                                for p in ("logreg", "knn")}
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert float(r["accuracy_low"]) <= float(r["accuracy"]) <= float(r["accuracy_high"])
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["results"]) == len(rows) and set(doc["classes"]) == probed
+    assert (out / "predictions.csv").is_file()
+    for label in probed:
+        assert (out / f"confusion_{label}_trained_logreg.png").is_file()
+        assert (out / f"map_{label}_trained_pca.png").is_file()
+    assert len(_outputs(nb, "image/png")) == 2 * len(probed)
+    assert _no_widgets_shown(nb)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -29,10 +30,15 @@ from chlib.core.io import (
     read_jsonl,
     stable_hash,
 )
-from chlib.core.manifest import write_manifest
+from chlib.core.manifest import read_manifest, write_manifest
 from chlib.core.parallel import JobFailure, WorkerStartError, run_jobs
 from chlib.core.progress import progress as progress_bar
-from chlib.demo.perform import DemoPerformanceParams, describe_performance, draw_performance_params
+from chlib.demo.perform import (
+    INSTRUMENTS,
+    DemoPerformanceParams,
+    describe_performance,
+    draw_performance_params,
+)
 from chlib.demo.synth import render_performance
 from chlib.demo.tunes import PC_NAMES, Tune, demo_tunes
 
@@ -164,9 +170,10 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
     """Write a synthetic cover-song dataset of real fiddle tunes; return its ``dataset.txt``.
     Writes ``audio/<work>/<perf>.flac`` (mono, 16-bit), ``dataset.txt`` (JSON lines {perf, wav,
     dur_s, work, version}; ``wav`` relative to the current directory when under it),
-    ``hparams.yaml`` (only if absent), ``demo_info.json`` and ``render_manifest.jsonl`` (per
-    file: parameter and content hashes). Deterministic in ``seed`` and resumable: files matching
-    the manifest are kept, failed ones left out and listed. ``num_workers``: None = up to 8 for 8+
+    ``hparams.yaml`` (only if absent), ``demo_info.json``, ``render_manifest.jsonl`` (per
+    file: parameter and content hashes) and ``labels.csv`` (:func:`write_demo_labels`).
+    Deterministic in ``seed`` and resumable: files matching the manifest are kept, failed ones
+    left out and listed. ``num_workers``: None = up to 8 for 8+
     files, 0 or 1 = here. The default 240 files take ~11 s on 2 cores (+5 s to parse the tunes)."""
     _check_args(n_works, perfs_per_work, min_seconds, max_seconds, audio_format)
     args = {"n_works": int(n_works), "perfs_per_work": int(perfs_per_work),
@@ -203,6 +210,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_works: int = 40, perfs_pe
                               "dur_s": round(done[j.perf]["samples"] / sample_rate, 3),
                               "work": j.work, "version": describe_performance(j.params, j.tune)}
                              for j in jobs if j.perf in done))
+    write_demo_labels(out_dir)
     if failures:
         warnings.warn(f"make_demo_dataset: {len(failures)} of {len(jobs)} performances failed to "
                       f"render and were left out of {dataset}; see {out_dir / 'demo_info.json'}",
@@ -221,3 +229,50 @@ def _write_info(out_dir: Path, args: dict, works_info: list[dict], failures: lis
         "render_version": _RENDER_VERSION,
         "corpus": "music21 ryansMammoth (Ryan's Mammoth Collection, 1883)",
         "works": works_info, "failed": failures}, indent=2, ensure_ascii=False))
+
+
+DEMO_LABEL_COLUMNS = ("perf", "rhythm", "meter", "key", "mode", "instrument")
+"""Columns of the demo's ``labels.csv``: tune type, time signature, performed key ("D major":
+the written key transposed by the version's ``key +n``), its mode, the lead instrument."""
+
+_TRANSPOSE = re.compile(r"^key ([+-]?\d+)$")
+
+
+def demo_label_rows(records: list[dict], works_info: list[dict]) -> list[dict]:
+    """One row of :data:`DEMO_LABEL_COLUMNS` per dataset.txt record, from the work's entry in
+    demo_info.json (rhythm, meter, written key) and the record's ``version`` text (its
+    transposition and lead instrument: :func:`~chlib.demo.perform.describe_performance`)."""
+    works = {w["work"]: w for w in works_info}
+    rows = []
+    for r in records:
+        info = works.get(str(r.get("work")))
+        if info is None:
+            raise ConfigError(f"demo labels: work {r.get('work')!r} of {r.get('perf')!r} is not "
+                              "in demo_info.json; regenerate the demo dataset")
+        parts = [p.strip() for p in str(r.get("version", "")).split(",")]
+        shift = next((int(m.group(1)) for p in parts if (m := _TRANSPOSE.match(p))), 0)
+        tonic, _, mode = str(info["key"]).partition(" ")
+        key = PC_NAMES[(PC_NAMES.index(tonic) + shift) % 12] if tonic in PC_NAMES else tonic
+        rows.append({"perf": r["perf"], "rhythm": info.get("rhythm", ""),
+                     "meter": info.get("meter", ""), "key": f"{key} {mode}".strip(),
+                     "mode": mode, "instrument": next((p for p in parts if p in INSTRUMENTS), "")})
+    return rows
+
+
+def write_demo_labels(dataset_dir: str | os.PathLike) -> Path:
+    """Write ``labels.csv`` (keyed by perf, :data:`DEMO_LABEL_COLUMNS`) beside a demo dataset's
+    ``dataset.txt`` and ``demo_info.json``, also for a dataset generated before labels existed;
+    the audio and every other file stay as they are. Returns its path."""
+    folder = Path(dataset_dir)
+    if not (folder / "demo_info.json").is_file() or not (folder / "dataset.txt").is_file():
+        raise ConfigError(f"{folder}: no demo_info.json or dataset.txt: not a demo dataset "
+                          "(chlib.demo.make_demo_dataset writes both)")
+    works_info = json.loads((folder / "demo_info.json").read_text(encoding="utf-8"))["works"]
+    rows = demo_label_rows(read_manifest(folder / "dataset.txt", required=("perf", "work")),
+                           works_info)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(DEMO_LABEL_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "labels.csv", buf.getvalue())
+    return folder / "labels.csv"

@@ -25,7 +25,7 @@ __all__ = ["NOTEBOOKS", "find_notebooks_dir", "notebook_path", "notebook_paramet
 
 #: The numbered notebooks, in pipeline order.
 NOTEBOOKS = ("01_prepare", "02_extract", "03_train", "04_tune", "05_evaluate", "06_identify",
-             "07_explore")
+             "07_explore", "08_probe")
 
 
 def find_notebooks_dir(start: str | Path | None = None) -> Path:
