@@ -172,3 +172,89 @@ def test_bad_arguments_are_config_errors(data):
         AnnIndex.build(refs[:10], kind="lsh")
     with pytest.raises(ConfigError, match="threads"):
         AnnIndex.build(refs[:10], threads=0)
+
+
+# ------------------------------------------------ the reference index searched through FAISS
+
+def reference_index(n_works: int = 400, per_work: int = 3, seed: int = 0):
+    """A ReferenceIndex of n_works x per_work one-window recordings around each work's centre,
+    and one query per work (another noisy copy of its centre)."""
+    from chlib.core.config import FeatureSettings
+    from chlib.retrieval.embed import window_settings
+    from chlib.retrieval.index import index_from_windows
+
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((n_works, D)))
+    recs, sets = [], []
+    for w in range(n_works):
+        for v in range(per_work):
+            recs.append({"perf": f"w{w}_v{v}", "work": f"W{w}", "work_id": w})
+            sets.append(centres[w] + 0.08 * rng.standard_normal((1, D)))
+    idx = index_from_windows(recs, sets, model_fingerprint="f" * 16,
+                             feature_settings=FeatureSettings(),
+                             window_settings=window_settings(30, 3), n_pairs=2000)
+    return idx, unit(centres + 0.08 * rng.standard_normal((n_works, D)))
+
+
+@pytest.mark.parametrize("by", ["perf", "work"])
+def test_reference_index_through_exact_faiss_equals_its_numpy_search(by):
+    idx, q = reference_index()
+    numpy_rows = idx.search(q[:50], k=10, by=by, use_faiss=False)
+    faiss_rows = idx.search(q[:50], k=10, by=by, use_faiss=True)
+    assert idx.ann().kind == "flat"
+    for a, b in zip(numpy_rows, faiss_rows, strict=True):
+        assert [r["perf"] for r in a] == [r["perf"] for r in b]
+        assert [r["work"] for r in a] == [r["work"] for r in b]
+        np.testing.assert_allclose([r["distance"] for r in a], [r["distance"] for r in b],
+                                   atol=1e-5)
+        np.testing.assert_allclose([r["p_value"] for r in a], [r["p_value"] for r in b],
+                                   atol=1e-4)
+
+
+def test_reference_index_through_ivfpq_finds_the_works_and_survives_save_and_load(tmp_path):
+    idx, q = reference_index()
+    idx.ann(kind="ivfpq", nlist=16, nprobe=8)  # kept for the searches below
+    top = [rows[0]["work"] for rows in idx.search(q, k=5, by="work", use_faiss=True)]
+    assert np.mean([w == f"W{i}" for i, w in enumerate(top)]) >= 0.99
+    idx.save(tmp_path / "index")
+    back = type(idx).load(tmp_path / "index")
+    assert back._ann is not None and back._ann.kind == "ivfpq"
+    assert [r[0]["work"] for r in back.search(q, k=5, by="work", use_faiss=True)] == top
+    (tmp_path / "index" / "ann" / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(IndexMismatchError, match="SHA-256"):
+        type(idx).load(tmp_path / "index")
+
+
+def test_changed_rows_drop_the_faiss_index_and_its_saved_copy(tmp_path):
+    idx, q = reference_index(n_works=100)
+    idx.ann(kind="ivfpq", nlist=8, nprobe=8)
+    idx.save(tmp_path / "index")
+    assert (tmp_path / "index" / "ann" / "ann.json").is_file()
+    idx.remove(works=["W3"])
+    assert idx._ann is None
+    assert all(r["work"] != "W3" for rows in idx.search(q[:10], k=5, by="work", use_faiss=True)
+               for r in rows)
+    assert idx._ann.kind == "flat"  # rebuilt for the rows there are now (few: exact)
+    idx.save(tmp_path / "index")
+    assert not (tmp_path / "index" / "ann" / "ann.json").exists()
+
+
+def test_by_work_falls_back_to_exact_when_the_candidates_hold_too_few_works():
+    """One work with 600 recordings around the query fills every FAISS candidate: the other
+    works must still be ranked, as the exact search ranks them."""
+    from chlib.core.config import FeatureSettings
+    from chlib.retrieval.embed import window_settings
+    from chlib.retrieval.index import index_from_windows
+
+    rng = np.random.default_rng(1)
+    c = unit(rng.standard_normal((1, D)))
+    recs = [{"perf": f"big{i}", "work": "BIG"} for i in range(600)]
+    recs += [{"perf": f"o{i}", "work": f"O{i}"} for i in range(50)]
+    sets = [c + 0.01 * rng.standard_normal((1, D)) for _ in range(600)]
+    sets += [rng.standard_normal((1, D)) for _ in range(50)]
+    idx = index_from_windows(recs, sets, model_fingerprint="f" * 16,
+                             feature_settings=FeatureSettings(),
+                             window_settings=window_settings(30, 3), n_pairs=2000)
+    exact = idx.search(c, k=5, by="work", use_faiss=False)
+    through = idx.search(c, k=5, by="work", use_faiss=True)
+    assert len(through[0]) == 5 and [r["work"] for r in through[0]] == [r["work"] for r in exact[0]]

@@ -26,6 +26,7 @@ from chlib.core.errors import ConfigError, IndexMismatchError, ManifestError
 from chlib.core.io import atomic_save_npy, atomic_write_text, file_sha256, read_json, write_json
 from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval import protocol
+from chlib.retrieval.ann import AnnIndex
 from chlib.retrieval.calibration import (
     DEFAULT_N_PAIRS,
     DEFAULT_SEED,
@@ -46,6 +47,8 @@ __all__ = ["INDEX_FORMAT", "DEFAULT_N_PAIRS", "DEFAULT_SEED", "ecdf_probabilitie
 
 INDEX_FORMAT = 1
 FAISS_MIN_REFS = 200_000  # below this the exact numpy search is fast enough
+ANN_CANDIDATES = 32  # by work through FAISS: works of the 32 x k nearest recordings
+ANN_DIR = "ann"  # ReferenceIndex.save: the FAISS index (IVF-PQ / HNSW) in this subfolder
 BLOCK_ELEMENTS = 1 << 25  # cap on one query block x references distance matrix
 _TEMPO_PERF = re.compile(r"^sp_[0-9.]+-.+")
 _RECORD_KEYS = ("perf", "work", "work_id", "wav", "feat", "duration_s", "n_windows")
@@ -85,15 +88,6 @@ def _topk_rows(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
-def _faiss_topk(q_unit: np.ndarray, refs_unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss  # optional, imported only for big indexes
-
-    index = faiss.IndexFlatIP(refs_unit.shape[1])
-    index.add(np.ascontiguousarray(refs_unit, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(q_unit, dtype=np.float32), min(k, len(refs_unit)))
-    return idx.astype(np.int64), (1.0 - np.clip(sims, -1.0, 1.0)).astype(np.float32)
-
-
 @dataclass
 class ReferenceIndex:
     """Reference recordings with unit embeddings, works, centroids and calibration."""
@@ -112,6 +106,7 @@ class ReferenceIndex:
     seed: int = DEFAULT_SEED
     skipped: list[dict] = field(default_factory=list)  # recordings that could not be indexed
     _groups: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _ann: AnnIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -163,13 +158,44 @@ class ReferenceIndex:
             raise ConfigError(f"each query window set must be [n >= 1, {self.dim}], got {bad[0]}")
         return protocol.track_vectors(sets) if sets else np.zeros((0, self.dim)), sets
 
+    def ann(self, kind: str = "auto", **params: Any) -> AnnIndex:
+        """The FAISS index of the track vectors (:class:`~chlib.retrieval.ann.AnnIndex`; exact
+        up to 200,000 rows, IVF-PQ with exact re-ranking above), built on first use with
+        ``kind`` and ``params`` and kept until the rows change."""
+        if self._ann is None or len(self._ann) != len(self):
+            self._ann = AnnIndex.build(self.embeddings, kind=kind, **params)
+        return self._ann
+
+    def _ann_rows(self, vecs: np.ndarray, k: int, by: str) -> list[list[dict] | None]:
+        """:meth:`search` through :meth:`ann`; by work, the works of the ``ANN_CANDIDATES`` x k
+        nearest recordings ranked by their closest one (None where fewer than k works turn up:
+        the caller searches that query exactly)."""
+        n_works = len(self._work_groups()[1])
+        want = min(k, len(self) if by == "perf" else n_works)
+        depth = want if by == "perf" else min(len(self), max(256, ANN_CANDIDATES * want))
+        idx, sim = self.ann().search(vecs, depth)
+        dist = (1.0 - np.clip(sim, -1.0, 1.0)).astype(np.float32)
+        if by == "perf":
+            return [self._rows(i, d) for i, d in zip(idx, dist, strict=True)]
+        sizes = dict(zip(*np.unique(self.works, return_counts=True), strict=True))
+        out: list[list[dict] | None] = []
+        for ii, dd in zip(idx, dist, strict=True):
+            rows, seen = [], set()
+            for i, d in zip(ii, dd, strict=True):
+                if i >= 0 and (w := self.records[int(i)]["work"]) not in seen and len(rows) < want:
+                    seen.add(w)
+                    rows.append(self._work_row(int(i), float(d), len(rows) + 1, int(sizes[w])))
+            out.append(rows if len(rows) == want else None)
+        return out
+
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
                use_faiss: bool | None = None) -> list[list[dict]]:
         """Per query (a vector [D], vectors [M, D] or window sets [n_windows, D]), the top-``k``
         rows ``{"rank", "perf", "work", "work_id", "distance", "z", "p_value"}``, closest first.
         ``by="work"`` ranks works by their closest recording, adds ``n_work_recordings`` and
         takes the p-value of the closest of m, 1 - (1 - p)^m, so big works are not favoured.
-        ``use_faiss``: None = FAISS if installed, for rule "mean" over FAISS_MIN_REFS refs."""
+        ``use_faiss``: through :meth:`ann` (rule "mean" only); None = when FAISS is installed
+        and the index holds over FAISS_MIN_REFS recordings."""
         if by not in ("perf", "work"):
             raise ConfigError(f"by must be 'perf' or 'work', got {by!r}")
         if k < 1:
@@ -180,11 +206,15 @@ class ReferenceIndex:
         if use_faiss is None:
             use_faiss = (self.rule == "mean" and len(self) > FAISS_MIN_REFS
                          and importlib.util.find_spec("faiss") is not None)
-        if by == "perf" and use_faiss:
+        if use_faiss:
             if self.rule != "mean":
                 raise ConfigError("use_faiss needs rule 'mean' (one vector per recording)")
-            return [self._rows(i, d) for i, d in zip(*_faiss_topk(vecs, self.embeddings, k),
-                                                       strict=True)]
+            found = self._ann_rows(vecs, k, by)
+            exact = [i for i, rows in enumerate(found) if rows is None]
+            for i, rows in zip(exact, self.search([sets[i] for i in exact], k, by,
+                                                  use_faiss=False), strict=True):
+                found[i] = rows
+            return found  # type: ignore[return-value]
         out: list[list[dict]] = []
         step = max(1, BLOCK_ELEMENTS // len(self))
         for a in range(0, len(sets), step):
@@ -215,12 +245,15 @@ class ReferenceIndex:
         rows = []
         for rank, (g, dist) in enumerate(zip(top[0], wd[0], strict=True), start=1):
             seg = order[starts[g]:starts[g] + sizes[g]]
-            m_w = int(sizes[g])
-            row = self._row(int(seg[np.argmin(d[seg])]), dist, rank) | {"n_work_recordings": m_w}
-            if np.isfinite(row["p_value"]):
-                row["p_value"] = float(1.0 - (1.0 - row["p_value"]) ** m_w)
-            rows.append(row)
+            rows.append(self._work_row(int(seg[np.argmin(d[seg])]), dist, rank, int(sizes[g])))
         return rows
+
+    def _work_row(self, i: int, dist: float, rank: int, m_w: int) -> dict:
+        """Row of a work whose closest recording is ``i``: p of the closest of its ``m_w``."""
+        row = self._row(i, dist, rank) | {"n_work_recordings": m_w}
+        if np.isfinite(row["p_value"]):
+            row["p_value"] = float(1.0 - (1.0 - row["p_value"]) ** m_w)
+        return row
 
     def _row(self, i: int, dist: float, rank: int) -> dict:
         r, cal = self.records[i], self.calibration
@@ -242,7 +275,7 @@ class ReferenceIndex:
 
     def _refresh(self) -> None:
         """Centroids and calibration after the rows changed."""
-        self._groups = None
+        self._groups = self._ann = None
         self.centroids = compute_centroids(self.embeddings, self.works) if len(self) else None
         self.recalibrate()
 
@@ -330,6 +363,11 @@ class ReferenceIndex:
                         for r in self.records)
         atomic_write_text(folder / "records.jsonl", lines)
         files["records.jsonl"] = {"sha256": file_sha256(folder / "records.jsonl")}
+        if self._ann is not None and self._ann.kind != "flat" and len(self._ann) == len(self):
+            self._ann.save(folder / ANN_DIR)  # slow to rebuild (k-means); an exact one is not
+        else:  # a saved one is stale: it indexed other rows
+            for name in ("ann.json", "index.faiss"):
+                (folder / ANN_DIR / name).unlink(missing_ok=True)
         write_json(folder / "meta.json", {
             "format": INDEX_FORMAT, "kind": "chlib reference index",
             "n_recordings": len(self), "embed_dim": self.dim,
@@ -393,6 +431,10 @@ class ReferenceIndex:
                                      ) from None
         idx.check_compatible(fingerprint=expect_fingerprint, features=expect_features,
                              where=str(folder))
+        if ((folder / ANN_DIR / "ann.json").is_file()  # tampered: IndexMismatchError
+                and importlib.util.find_spec("faiss") is not None):  # else: exact search
+            ann = AnnIndex.load(folder / ANN_DIR, dim=idx.dim)
+            idx._ann = ann if len(ann) == len(idx) else None  # an older save's: rebuilt on use
         return idx
 
 
