@@ -3,7 +3,9 @@ NAME -p KEY VALUE ...`` runs notebooks headless; ``chlib params NOTEBOOK`` lists
 parameters; ``chlib identify FILE... --run runs/NAME`` identifies recordings against a trained
 run's references (its dataset's train + val recordings) and prints the best match of each;
 with ``--segments`` also which works each file holds and where (its timeline); ``chlib serve
---run runs/NAME`` serves the run to other people: a web page and a JSON API (127.0.0.1:8000)."""
+--run runs/NAME`` serves the run to other people: a web page and a JSON API (127.0.0.1:8000);
+``chlib train runs/NAME`` trains (or resumes) a run from its config/hparams.yaml, in one
+process or, under ``torchrun --nproc_per_node N -m chlib train runs/NAME``, on N devices (DDP)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from chlib.retrieval.segment import identify_segments
 from chlib.retrieval.timeline import UNKNOWN
 from chlib.serve import Limits
 from chlib.serve.app import serve
+from chlib.train.loop import train
 from chlib.ui import runner
 
 
@@ -53,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "mps"')
     srv.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
     srv.add_argument("--max-duration-s", type=float, default=Limits.max_duration_s)
+    trn = sub.add_parser("train", help="train or resume a run (under torchrun: one process "
+                         "per device, batch_size = the global batch)")
+    trn.add_argument("run_dir", nargs="?", metavar="RUN", help="the run folder (runs/<name>), "
+                     "with config/hparams.yaml (chlib.train.loop.make_run_config writes one); "
+                     "under torchrun give it so, or as -- train --run RUN (torchrun takes --run "
+                     "for its own --run-path)")
+    trn.add_argument("--run", help="the run folder, as RUN")
+    trn.add_argument("--device", default="auto", help='"auto" (the config\'s device), "cpu", '
+                     '"cuda" or "mps" (one process only)')
+    trn.add_argument("--max-epochs", type=int, help="stop before this epoch (default: the config's)")
+    trn.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     args = parser.parse_args(argv)
     try:
         if args.command == "params":
@@ -60,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "identify":
             return identify(args)
+        if args.command == "train":
+            if not (args.run or args.run_dir) or (args.run and args.run_dir):
+                parser.error("train: give the run folder once: chlib train RUN (or --run RUN)")
+            result = train(args.run or args.run_dir, device=args.device, max_epochs=args.max_epochs,
+                           progress=not args.quiet)
+            return 130 if result.interrupted else 0
         if args.command == "serve":
             print(f"chlib serve: open http://{args.host}:{args.port}/ (API docs: /docs); "
                   "Ctrl-C stops it", file=sys.stderr)

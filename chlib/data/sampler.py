@@ -2,7 +2,9 @@
 
 :class:`MPerClassBatchSampler` replaces the original's MPerClassSampler (coverhunter-facts 4.3,
 bug 13.2.3): every work is in exactly one batch per epoch, every batch holds ``batch_size`` real
-items, each with its own 63-bit seed; a pure function of ``(seed, stream, epoch)``."""
+items, each with its own 63-bit seed; a pure function of ``(seed, stream, epoch)``. Under
+torch.distributed ``batch_size`` is the global batch: rank r of W takes the r-th contiguous
+slice of whole works of each global batch, so the union over ranks is the single-process batch."""
 
 from __future__ import annotations
 
@@ -25,12 +27,23 @@ class MPerClassBatchSampler:
     """Yield batches of ``(item_index, item_seed)``: ``batch_size // m`` works x ``m`` items.
 
     ``labels``: work id per dataset item; ``stream`` keeps several samplers of one run
-    independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left."""
+    independent. Call :meth:`set_epoch` before iterating; ``len()`` = batches left. With
+    ``world_size`` > 1 it yields rank ``rank``'s share of each global batch: ``batch_size //
+    world_size`` items, ``works per batch // world_size`` whole works (:meth:`epoch_batches`)."""
 
     def __init__(self, labels: Sequence[int], *, m: int, batch_size: int, seed: int, stream: int = 0,
-                 group_seeds: bool = False):
+                 group_seeds: bool = False, rank: int = 0, world_size: int = 1):
         if m < 1 or batch_size < 1 or batch_size % m:
             raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of m_per_class ({m})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside the {world_size} processes of this run")
+        if (batch_size // m) % world_size:
+            k, fit = batch_size // m, -(-(batch_size // m) // world_size) * world_size * m
+            raise ConfigError(
+                f"batch_size {batch_size} / m_per_class {m} = {k} works per batch cannot be "
+                f"split over {world_size} processes (each takes whole works): batch_size is the "
+                f"global batch; make batch_size / m_per_class a multiple of {world_size}, e.g. "
+                f"batch_size {fit}, or launch another number of processes")
         if len(labels) == 0:
             raise ConfigError("the training set is empty: no items to sample batches from")
         self.m = int(m)
@@ -47,6 +60,7 @@ class MPerClassBatchSampler:
         self.epoch = 0
         self.start_batch = 0
         self.group_seeds = bool(group_seeds)  # items (index, seed, group seed): see epoch_batches
+        self.rank, self.world_size = int(rank), int(world_size)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -81,6 +95,16 @@ class MPerClassBatchSampler:
         return rng.permutation(np.concatenate([items, extra]))
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, ...]]]:
+        """This rank's share of every batch of ``epoch`` (:meth:`global_batches`): the slice
+        ``[rank * n, (rank + 1) * n)``, ``n = batch_size // world_size``: whole works, as the m
+        items of a work are contiguous."""
+        batches = self.global_batches(epoch)
+        if self.world_size == 1:
+            return batches
+        n = self.batch_size // self.world_size
+        return [b[self.rank * n : (self.rank + 1) * n] for b in batches]
+
+    def global_batches(self, epoch: int) -> list[list[tuple[int, ...]]]:
         """Every batch of ``epoch``: lists of ``(item_index, item_seed)``, batch_size long; with
         ``group_seeds``, ``(item_index, item_seed, group_seed)``, the m items of a work sharing
         one group seed (aligned training picks one passage per work with it), drawn from a

@@ -111,8 +111,10 @@ def prepare_training_data(hp: HParams) -> TrainingData:
     return TrainingData(train, val, train_path, val_path, num_classes, n_works, notes)
 
 
-def train_loaders(data: TrainingData, hp: HParams,
-                   device: torch.device) -> tuple[list[DataLoader], list[MPerClassBatchSampler]]:
+def train_loaders(data: TrainingData, hp: HParams, device: torch.device, *, rank: int = 0,
+                  world_size: int = 1) -> tuple[list[DataLoader], list[MPerClassBatchSampler]]:
+    """One loader (and its sampler) per chunk length; with ``world_size`` > 1, rank ``rank``'s
+    share of each global batch of ``hp.batch_size`` items."""
     labels = [int(r["work_id"]) for r in data.train]
     nw = max(0, int(hp.num_workers))
     loaders, samplers = [], []
@@ -125,7 +127,8 @@ def train_loaders(data: TrainingData, hp: HParams,
                           transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave,
                           timbre_eq_db=hp.timbre_eq_db, aligned=aligned)
         sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
-                                        seed=hp.seed, stream=i, group_seeds=aligned is not None)
+                                        seed=hp.seed, stream=i, group_seeds=aligned is not None,
+                                        rank=rank, world_size=world_size)
         workers = {"persistent_workers": True, "worker_init_fn": worker_init} if nw else {}
         loaders.append(DataLoader(ds, batch_sampler=sampler, num_workers=nw,
                                   pin_memory=device.type == "cuda",

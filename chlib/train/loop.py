@@ -6,7 +6,9 @@ early stopping (``best.json``) and the checkpoints ``g_0000000e`` / ``do_0000000
 exact (CPU + ``deterministic: true``: bit-identical weights): ``do_`` holds optimizer, step,
 epoch, early stopping, RNG and sampler states; the LR is a pure function of step and epoch.
 Logs: TensorBoard (the original's tags) under ``<run>/logs/<runid>/`` (one per run: a resumed
-run appends to it) and ``metrics.jsonl``; with ``progress``, one printed line per epoch.
+run appends to it) and ``metrics.jsonl``; with ``progress``, one printed line per epoch. Under
+``torchrun`` (WORLD_SIZE > 1) one process per device trains with DDP on shares of the global
+batch; rank 0 alone evaluates, logs and saves (:mod:`chlib.train.distributed`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader
 from chlib.core.config import HParams, load_hparams
 from chlib.core.device import pick_device
 from chlib.core.errors import ChlibError, ConfigError
-from chlib.core.io import append_jsonl, folder_lock, write_json
+from chlib.core.io import append_jsonl, write_json
 from chlib.core.manifest import FULL_KEYS, read_manifest
 from chlib.core.progress import progress as progress_bar
 from chlib.data.sampler import MPerClassBatchSampler, item_rng
@@ -48,6 +50,7 @@ from chlib.model.checkpoint import (
 )
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.scoring import rule_of, score_windows
+from chlib.train import distributed
 from chlib.train.data import (
     make_val_loader,
     prepare_training_data,
@@ -55,6 +58,7 @@ from chlib.train.data import (
     train_loaders,
 )
 from chlib.train.diagnose import memorising, model_free_scores
+from chlib.train.distributed import SINGLE, DistEnv
 from chlib.train.runs import (
     epoch_table,
     load_recipe,
@@ -176,9 +180,11 @@ class TrainState:
                     "samplers": [s.state_dict() for s in self.samplers],
                     "hparams": yaml.safe_dump(hp.to_dict(), sort_keys=False)}}
 
-    def resume(self, ckpt_dir: Path, device: torch.device) -> tuple[int, dict] | None:
+    def resume(self, ckpt_dir: Path, device: torch.device,
+               env: DistEnv = SINGLE) -> tuple[int, dict] | None:
         """Load the newest checkpoint with both g_ and do_ files: its epoch and the settings it
-        was trained with (``{}``: unknown, or a start not yet trained from), or None."""
+        was trained with (``{}``: unknown, or a start not yet trained from), or None. Every
+        rank loads the same one (its own RNG states when saved by as many ranks)."""
         done = list_checkpoints(ckpt_dir, "do_")
         epoch = max(set(done) & set(list_checkpoints(ckpt_dir, "g_")), default=None)
         if epoch is None:
@@ -192,19 +198,22 @@ class TrainState:
         complete = extra.get("epoch_complete", True)
         self.step, self.epoch = int(state.get("steps", 0)), epoch + int(complete)
         self.batch_in_epoch = 0 if complete else int(extra.get("batch_in_epoch", 0))
-        if "rng" in extra:
-            _set_rng_state(extra["rng"], device)
+        ranks = extra.get("rng_ranks") or []
+        if rng := ranks[env.rank] if len(ranks) == env.world_size > 1 else extra.get("rng"):
+            _set_rng_state(rng, device)
         return epoch, yaml.safe_load(extra["hparams"]) if self.step and "hparams" in extra else {}
 
 
 class _Log:
     """TensorBoard (original tag names) + ``metrics.jsonl``; TensorBoard is optional."""
 
-    def __init__(self, run_dir: Path, step: int):
+    def __init__(self, run_dir: Path, step: int, enabled: bool = True):
         """A resumed run (``step`` updates done) appends to the run's newest TensorBoard folder
-        and hides the steps after ``step`` that an earlier call logged (``purge_step``)."""
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.tb = None
+        and hides the steps after ``step`` that an earlier call logged (``purge_step``).
+        ``enabled`` False (ranks > 0): nothing is written."""
+        self.jsonl, self.tb = run_dir / "metrics.jsonl" if enabled else None, None
+        if not enabled:
+            return
         logs = run_dir / "logs"
         old = sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []
         try:
@@ -223,7 +232,8 @@ class _Log:
 
     def record(self, kind: str, **fields: Any) -> dict:
         rec = {"kind": kind, **fields, "time": time.time()}
-        append_jsonl(self.jsonl, rec)
+        if self.jsonl is not None:
+            append_jsonl(self.jsonl, rec)
         return rec
 
 
@@ -274,21 +284,24 @@ class _Run:
     model, optimizer and early stopping in ``state`` and resumes it from the newest checkpoint."""
 
     def __init__(self, run_dir: Path, hp: HParams, device: torch.device, max_epochs: int,
-                 progress: bool):
-        self.run_dir, self.hp, self.device = run_dir, hp, device
+                 progress: bool, env: DistEnv = SINGLE):
+        self.run_dir, self.hp, self.device, self.env = run_dir, hp, device, env
         self.max_epochs, self.progress = max_epochs, progress
         self.ckpt_dir = run_dir / "checkpoints"
         self.data = prepare_training_data(hp)
         torch.manual_seed(hp.seed)  # model initialisation and dropout
         model = CoverHunterNet(hp.model_config(self.data.num_classes)).to(device)
-        self.loaders, samplers = train_loaders(self.data, hp, device)
+        distributed.prepare_model(model, env, hp.seed)
+        self.loaders, samplers = train_loaders(self.data, hp, device, rank=env.rank,
+                                               world_size=env.world_size)
         self.val_loader = make_val_loader(self.data, hp, device)
         metric = hp.early_stop_metric if (hp.early_stop_metric == "mAP" or self.val_loader) \
             else "train_loss"
         stopper = EarlyStopping(metric=metric, patience=hp.early_stopping_patience,
                                 alpha=hp.map_smoothing_alpha)
         self.state = st = TrainState(model, _optimizer(model, hp), stopper, samplers)
-        resumed, trained_with = st.resume(self.ckpt_dir, device) or (None, {})
+        resumed, trained_with = st.resume(self.ckpt_dir, device, env) or (None, {})
+        distributed.check_same((st.epoch, st.step, st.batch_in_epoch), env, run_dir)
         if trained_with and (changes := setting_changes(trained_with, hp, str(run_dir))):
             warnings.warn(f"{run_dir}: resuming from {checkpoint_name(resumed)} with settings "
                           f"other than those it was trained with: {changes} (training goes on "
@@ -300,21 +313,35 @@ class _Run:
         if hp.amp == "bf16" and not self.amp:
             warnings.warn(f"amp: bf16 is used on CUDA only; training in float32 on {device.type}",
                           stacklevel=3)
-        self.loss_fn = torch.compile(model.compute_loss) if hp.compile else model.compute_loss
-        self.log = _Log(run_dir, st.step)
+        self.net, loss = distributed.parallel_loss(model, env, device)  # net: put in train mode
+        self.loss_fn = torch.compile(loss) if hp.compile else loss
+        self.log = _Log(run_dir, st.step, enabled=env.is_main)
+        if env.active and env.is_main:  # printed, and a "distributed" record in metrics.jsonl
+            self.log.record("distributed", **distributed.announce(env, hp.batch_size, hp.learning_rate))
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
-    def save(self, st: TrainState, epoch: int, complete: bool) -> Path:
-        return save_checkpoint(self.ckpt_dir, epoch, model_state=st.model.state_dict(),
-                               train_state=st.train_state(epoch, self.hp, self.data.num_classes,
-                                                          self.device, complete=complete))
+    def save(self, st: TrainState, epoch: int, complete: bool, sync: bool = True) -> Path:
+        """Rank 0 writes (with every rank's RNG states), the others wait; ``sync`` False (a
+        Ctrl-C, which reaches the ranks at different moments): rank 0 alone, no collective."""
+        rngs = distributed.gather(_rng_state(self.device), self.env) if sync else []
+        path = self.ckpt_dir / checkpoint_name(epoch)
+        if self.env.is_main:
+            state = st.train_state(epoch, self.hp, self.data.num_classes, self.device,
+                                   complete=complete)
+            if len(rngs) > 1:
+                state["chlib"]["rng_ranks"] = rngs
+            path = save_checkpoint(self.ckpt_dir, epoch, model_state=st.model.state_dict(),
+                                   train_state=state)
+        if sync:
+            distributed.barrier(self.env)
+        return path
 
 
 def _train_step(run: _Run, st: TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, float] | None:
     """One optimizer update; None when the loss or gradient was not finite (no update)."""
-    st.model.train()
+    run.net.train()
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     st.optimizer.zero_grad(set_to_none=True)
     with run.autocast():
@@ -424,14 +451,15 @@ def _end_of_epoch(run: _Run, st: TrainState, train_means: dict, t_epoch: float) 
     hp, epoch = run.hp, st.epoch
     rec: dict[str, Any] = {"epoch": epoch, "step": st.step, "lr": lr_at(max(st.step, 1), epoch, hp),
                            "epoch_s": time.time() - t_epoch, **train_means}
-    tests = _evaluate(run, st, epoch, rec)
-    is_best = _early_stopping(hp, st, epoch, rec, tests)
+    is_best = run.env.is_main and _early_stopping(hp, st, epoch, rec,
+                                                  _evaluate(run, st, epoch, rec))
+    rec, is_best = distributed.main_decisions(rec, is_best, st.stopper, run.env)
     st.epoch, st.batch_in_epoch = epoch + 1, 0
     saved = None
     if is_best or st.stopper.should_stop or (epoch + 1) % hp.every_n_epoch_to_save == 0 \
             or st.epoch >= run.max_epochs:
         saved = run.save(st, epoch, complete=True)
-    if is_best:
+    if is_best and run.env.is_main:
         write_json(run.ckpt_dir / BEST_FILE, {"epoch": epoch, "metric": st.stopper.metric,
                                               "value": st.stopper.best_checkpoint_value})
     if run.log.tb is not None:
@@ -510,20 +538,25 @@ def train(run_dir: str | os.PathLike, *, hp: HParams | None = None,
     training of the same folder meanwhile stops at once (FolderLockedError naming this one).
     """
     run_dir = Path(run_dir)
-    with folder_lock(run_dir, "training", wait=False):
-        return _train_locked(run_dir, hp, device, max_epochs, progress, callbacks)
+    with distributed.session() as env, distributed.run_lock(run_dir, env, "training"):
+        return _train_locked(run_dir, hp, device, max_epochs, progress, callbacks, env)
 
 
 def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
                   max_epochs: int | None, progress: bool,
-                  callbacks: Sequence[Callable[[dict], Any]] | None) -> TrainResult:
+                  callbacks: Sequence[Callable[[dict], Any]] | None, env: DistEnv) -> TrainResult:
     read_metrics(run_dir)  # a damaged log stops the run now, not after its first epoch
-    hp = run_config(run_dir, hp, "no training config; write one with "  # saved: what it trained with
-                    "chlib.train.loop.make_run_config(...) or pass hp=")
-    remove_temp_files(run_dir / "checkpoints")  # left by a killed save (we hold the lock)
+    if env.is_main or hp is None:  # saved (what it trained with) by rank 0; the others read
+        hp = run_config(run_dir, hp, "no training config; write one with "
+                        "chlib.train.loop.make_run_config(...) or pass hp=")
+    hp = hp if isinstance(hp, HParams) else load_hparams(hp)
+    if env.is_main:
+        remove_temp_files(run_dir / "checkpoints")  # left by a killed save (we hold the lock)
+    distributed.barrier(env)
     max_epochs = hp.max_epochs if max_epochs is None else int(max_epochs)
-    dev = pick_device(hp.device if device in (None, "auto") else device)
-    run = _Run(run_dir, hp, dev, max_epochs, progress)
+    dev = distributed.rank_device(pick_device(hp.device if device in (None, "auto") else device), env)
+    progress = progress and env.is_main
+    run = _Run(run_dir, hp, dev, max_epochs, progress, env)
     st, sp = run.state, run.state.stopper
     history: list[dict] = []
     interrupted, last_ckpt, t_start = False, None, time.time()
@@ -536,7 +569,7 @@ def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
                 rec, saved = _end_of_epoch(run, st, train_means, t_epoch)
                 last_ckpt = saved or last_ckpt
                 history.append(rec)
-                warned = _check_learning(run, rec, warned)
+                warned = _check_learning(run, rec, warned) if env.is_main else True
                 if progress:
                     left = 0 if sp.should_stop else max_epochs - st.epoch
                     now = time.time()
@@ -546,7 +579,7 @@ def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
                     cb(rec)
         except KeyboardInterrupt:
             interrupted = True
-            last_ckpt = run.save(st, st.epoch, complete=False)
+            last_ckpt = run.save(st, st.epoch, complete=False, sync=not env.active)
             print(f"\ninterrupted: saved {last_ckpt} (epoch {st.epoch}, step {st.step}); "
                   "call train() again to continue")
         finally:
@@ -558,7 +591,7 @@ def _train_locked(run_dir: Path, hp: HParams | None, device: str | torch.device,
     if progress and not interrupted:
         print(f"done in {time.time() - t_start:.0f} s: {st.epoch} epochs, {st.step} steps; "
               f"best epoch {sp.best_checkpoint_epoch} ({sp.metric} {sp.best_checkpoint_value})")
-    if not interrupted and history:
+    if not interrupted and history and env.is_main:
         _model_free_baseline(run, history[-1])
     return TrainResult(run_dir=run_dir, epochs_done=st.epoch, steps=st.step,
                        best_epoch=sp.best_checkpoint_epoch, best_value=sp.best_checkpoint_value,
