@@ -177,14 +177,14 @@ class ReferenceIndex:
         dist = (1.0 - np.clip(sim, -1.0, 1.0)).astype(np.float32)
         if by == "perf":
             return [self._rows(i, d) for i, d in zip(idx, dist, strict=True)]
-        sizes = dict(zip(*np.unique(self.works, return_counts=True), strict=True))
+        sizes = self._work_sizes()
         out: list[list[dict] | None] = []
         for ii, dd in zip(idx, dist, strict=True):
             rows, seen = [], set()
             for i, d in zip(ii, dd, strict=True):
                 if i >= 0 and (w := self.records[int(i)]["work"]) not in seen and len(rows) < want:
                     seen.add(w)
-                    rows.append(self._work_row(int(i), float(d), len(rows) + 1, int(sizes[w])))
+                    rows.append(self._work_row(int(i), float(d), len(rows) + 1, int(sizes[i])))
             out.append(rows if len(rows) == want else None)
         return out
 
@@ -235,8 +235,16 @@ class ReferenceIndex:
             codes = work_codes(self.works)
             order = np.argsort(codes, kind="stable")
             starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
-            self._groups = (order, starts, np.diff(np.r_[starts, len(order)]))
-        return self._groups
+            sizes = np.diff(np.r_[starts, len(order)])
+            per_row = np.empty(len(order), np.int64)
+            per_row[order] = np.repeat(sizes, sizes)  # recordings of each row's work
+            self._groups = (order, starts, sizes, per_row)
+        return self._groups[:3]
+
+    def _work_sizes(self) -> np.ndarray:
+        """[N] int64: the number of recordings of each row's work (cached)."""
+        self._work_groups()
+        return self._groups[3]
 
     def _work_rows(self, d: np.ndarray, k: int) -> list[dict]:
         """Works ranked by their closest recording, for one query's distances ``d`` [N]."""
