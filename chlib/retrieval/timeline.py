@@ -31,7 +31,7 @@ from chlib.retrieval.protocol import unit_rows
 __all__ = ["UNKNOWN", "BLOCK_BYTES", "DEFAULT_UNKNOWN_Z", "DEFAULT_SWITCH_PENALTY",
            "DEFAULT_MIN_SEGMENT_Z",
            "SEGMENT_COLUMNS", "window_work_scores", "work_scores", "normalise_scores", "index_null",
-           "best_match_null", "best_match_p", "viterbi", "crossing_near",
+           "segment_gate", "best_match_null", "best_match_p", "viterbi", "crossing_near",
            "decode_timeline", "segments_from_labels", "Timeline", "timeline"]
 
 UNKNOWN = "unknown"  # label of time matched to no work (a work with this name would merge in)
@@ -46,11 +46,18 @@ BLOCK_BYTES = 64 << 20  # cap on one [query windows, reference rows] float32 blo
 # decoded segment: its best-match p-value (best_match_p) < possible_p, and its mean z >=
 # min_segment_z. The z gate is what keeps recordings of no indexed work unknown: the suite's
 # 40 sets against the demo's index (none of their works in it) had a named segment in 35
-# files without it, 17 at 2.0, 8 at 2.2; 2.0 cost the demo's sets nothing and the suite's sets
-# 0.64 -> 0.57 of their time (README).
+# files without it, 17 at 2.0, 8 at 2.2; 2.0 cost the demo's sets nothing.
+# A fixed z suits one model only: a weaker model (a fresh `make demo` that kept epoch 6) has
+# its same-work windows at 1.75 z of the null, so a gate of 2.0 left 83 % of its sets'
+# time unknown. "auto" (the default) puts the gate at AUTO_GATE_SHARE of the index's own
+# same-work level (index_null's same_z): 0.7 x 2.83 = 1.98 for the demo's model (its sets
+# unchanged), 1.22 for that weaker one (time right 0.17 -> 0.65), 1.38 for the suite's
+# model G (0.57 -> 0.64, false works 0.01 -> 0.03).
 DEFAULT_UNKNOWN_Z = 1.0
 DEFAULT_SWITCH_PENALTY = 4.0
-DEFAULT_MIN_SEGMENT_Z = 2.0
+DEFAULT_MIN_SEGMENT_Z = "auto"
+AUTO_GATE_SHARE = 0.7
+FIXED_GATE_Z = 2.0  # the "auto" gate where the index has no same-work level (one recording each)
 SEGMENT_COLUMNS = ("query", "start_s", "end_s", "work", "p_value", "perf")
 
 
@@ -131,20 +138,52 @@ def normalise_scores(scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return ((s - med) / (1.4826 * mad + eps)).astype(np.float32)
 
 
+def _same_work_median(refs: np.ndarray, owner: np.ndarray, codes: np.ndarray, n: int,
+                      rng: np.random.Generator) -> float:
+    """Median cosine similarity of ``n`` random pairs of reference rows of one work in two
+    different recordings (NaN when no work has two recordings)."""
+    if not len(refs):
+        return math.nan
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], codes)  # first row of each row's work (sorted)
+    sizes = np.bincount(codes)[codes]
+    a = rng.integers(len(refs), size=n)
+    b = order[starts[a] + rng.integers(0, sizes[a])]
+    keep = owner[a] != owner[b]
+    if not keep.any():
+        return math.nan
+    return float(np.median(np.einsum("nd,nd->n", refs[a[keep]], refs[b[keep]])))
+
+
 def index_null(index: ReferenceIndex, n_pairs: int = 20_000, seed: int = 0
-               ) -> tuple[float, float]:
-    """(median, robust scale) of the cosine similarity between reference rows (windows, or
-    track vectors) of different works: the index's own null, whatever its number of works."""
+               ) -> tuple[float, float, float]:
+    """``(median, scale, same_z)``: median and robust scale of the cosine similarity between
+    reference rows (windows, or track vectors) of different works, the index's own null
+    whatever its number of works; ``same_z``, the median similarity of rows of one work in
+    two recordings in those z units (NaN when no work has two), what a true match scores."""
     refs, owner, _ = _reference_rows(index)
     codes = work_codes(index.works)[owner] if len(index) else owner
     rng = np.random.default_rng(seed)
     i, j = rng.integers(len(refs), size=(2, n_pairs)) if len(refs) else (owner, owner)
     keep = codes[i] != codes[j]
     if not keep.any():
-        return 0.0, 1.0
+        return 0.0, 1.0, math.nan
     sims = np.einsum("nd,nd->n", refs[i[keep]], refs[j[keep]]).astype(np.float64)
     med = float(np.median(sims))
-    return med, float(1.4826 * np.median(np.abs(sims - med))) or 1.0
+    scale = float(1.4826 * np.median(np.abs(sims - med))) or 1.0
+    return med, scale, (_same_work_median(refs, owner, codes, n_pairs // 4, rng) - med) / scale
+
+
+def segment_gate(min_segment_z: float | str, null_stats: Sequence[float] | None) -> float:
+    """The mean z a decoded segment needs to keep its work: ``min_segment_z`` itself, or for
+    "auto" :data:`AUTO_GATE_SHARE` x the index's same-work level (``null_stats[2]``, from
+    :func:`index_null`; :data:`FIXED_GATE_Z` when there is none or it is not positive)."""
+    if min_segment_z == "auto":
+        same = float(null_stats[2]) if null_stats is not None and len(null_stats) > 2 else math.nan
+        return AUTO_GATE_SHARE * same if math.isfinite(same) and same > 0 else FIXED_GATE_Z
+    if isinstance(min_segment_z, str) or not math.isfinite(float(min_segment_z)):
+        raise ConfigError(f"min_segment_z must be a number or 'auto', got {min_segment_z!r}")
+    return float(min_segment_z)
 
 
 def best_match_null(index: ReferenceIndex, n_queries: int = 400, seed: int = 0) -> np.ndarray:
@@ -303,8 +342,8 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
              switch_penalty: float = DEFAULT_SWITCH_PENALTY, top_m: int = 5,
              possible_p: float = 0.05, search_k: int = 10, block_bytes: int | None = None,
              null: str = "index", best_null: np.ndarray | None = None,
-             null_stats: tuple[float, float] | None = None,
-             min_segment_z: float = DEFAULT_MIN_SEGMENT_Z) -> Timeline:
+             null_stats: Sequence[float] | None = None,
+             min_segment_z: float | str = DEFAULT_MIN_SEGMENT_Z) -> Timeline:
     """The :class:`Timeline` of a query from its window embeddings ``windows`` [T, D] (raw),
     their start times and length (seconds) and its duration (seconds). Window scores are z
     units of ``null``: "index" (:func:`index_null`, whatever the number of works) or "window"
@@ -313,7 +352,8 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     closest recording (perf); its p-value is :func:`best_match_p` of that distance against
     ``best_null`` (default :func:`best_match_null` of the index; pass it to reuse it across
     queries; likewise ``null_stats``, :func:`index_null`'s result). A run whose work is not in
-    the top ``search_k`` or has ``p >= possible_p`` becomes "unknown" (NaN p-value, no perf), never another work (the windows' evidence
+    the top ``search_k``, has ``p >= possible_p`` or a mean z under :func:`segment_gate`
+    becomes "unknown" (NaN p-value, no perf), never another work (the windows' evidence
     decides the work, the run's search only confirms it); equal neighbours then merge and are
     searched again."""
     w = np.asarray(windows, dtype=np.float32)
@@ -329,10 +369,12 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
         raise ConfigError(f"null must be 'index' or 'window', got {null!r}")
     per_window = normalise_scores(scores)  # the "window" null, and the others' order below
     if null == "index":
-        med, scale = index_null(index) if null_stats is None else null_stats
+        null_stats = index_null(index) if null_stats is None else null_stats
+        med, scale = null_stats[0], null_stats[1]
         z = ((scores - med) / scale).astype(np.float32)
     else:
         z = per_window
+    gate = segment_gate(min_segment_z, null_stats if null == "index" else None)
     labels = decode_timeline(z, works, unknown_z=unknown_z, switch_penalty=switch_penalty,
                              top_m=top_m)
     col = {name: j for j, name in enumerate(works)}
@@ -348,7 +390,7 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
             if row is not None:
                 row = row | {"p_value": best_match_p(best_null, row["distance"])}
             found[(a, b)] = row
-            weak = float(np.mean(z[a:b, col[labels[a]]])) < min_segment_z
+            weak = float(np.mean(z[a:b, col[labels[a]]])) < gate
             new = (UNKNOWN if row is None or row["p_value"] >= possible_p or weak
                    else labels[a])
             if new != labels[a]:
