@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL, write_toy_dataset
+from helpers import TINY_MODEL, make_tiny_dataset, tiny_config, write_toy_dataset
 
 import chlib.train.loop as T
 from chlib.core.config import HParams, save_hparams
@@ -22,7 +22,16 @@ from chlib.core.io import read_json
 from chlib.core.manifest import FULL_KEYS, read_manifest, write_manifest
 from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import list_checkpoints, load_generator_state, load_train_state
-from chlib.train.loop import EarlyStopping, epoch_table, lr_at, make_run_config, read_metrics, train
+from chlib.train.data import make_val_loader, prepare_training_data
+from chlib.train.loop import (
+    EarlyStopping,
+    epoch_table,
+    lr_at,
+    make_run_config,
+    read_metrics,
+    train,
+    validation_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -387,3 +396,22 @@ def test_validation_loss_only_scores_works_the_model_is_trained_on():
     val = [{"perf": "a2", "work_id": 0}, {"perf": "c1", "work_id": 2}, {"perf": "b2", "work_id": 1}]
     assert [r["perf"] for r in seen_work_records(val, train)] == ["a2", "b2"]
     assert seen_work_records([{"perf": "c1", "work_id": 2}], train) == []
+
+
+def test_the_validation_bar_draws_from_the_global_rng_as_the_bare_loader_does(tmp_path):
+    """Training's random stream must not depend on the validation progress bar (tqdm over a
+    DataLoader itself draws otherwise, which once changed every step after the first epoch)."""
+    hp = HParams.from_dict(tiny_config(make_tiny_dataset(tmp_path)))
+    data = prepare_training_data(hp)
+    loader = make_val_loader(data, hp, torch.device("cpu"))
+    model = CoverHunterNet(hp.model_config(data.num_classes))
+    after = []
+    for desc in ("", "epoch 0: validation loss", None):
+        torch.manual_seed(0)
+        if desc is None:
+            for _ in loader:  # the bare loader
+                pass
+        else:
+            validation_loss(model, loader, torch.device("cpu"), desc=desc)
+        after.append(torch.rand(3))
+    assert torch.equal(after[0], after[2]) and torch.equal(after[1], after[2])

@@ -91,9 +91,10 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
     """Mean loss parts over every validation item, batches weighted by size, model in eval mode:
     ``{"foc_loss", ["tri_loss", "cen_loss"], "total"}``; ``desc``: a progress bar's label."""
     model.eval()
-    sums: Counter[str] = Counter()
-    n = 0
-    for x, y in progress_bar(loader, desc=desc, unit="batch", enabled=bool(desc), leave=False):
+    sums, n = Counter[str](), 0
+    batches = iter(loader)  # tqdm over the DataLoader itself would draw from the global RNG
+    for x, y in progress_bar(batches, total=len(loader), desc=desc, unit="batch",
+                             enabled=bool(desc), leave=False):
         with autocast():
             total, parts = model.compute_loss(x.to(device), y.to(device))
         sums.update({k: float(v) * len(y) for k, v in {**parts, "total": total}.items()})
