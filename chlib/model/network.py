@@ -28,7 +28,7 @@ from chlib.model.conformer import ConformerEncoder
 from chlib.model.losses import BatchHardTripletLoss, CenterLoss, FocalLoss
 from chlib.model.pooling import AttentiveStatisticsPooling
 
-__all__ = ["CoverHunterNet", "HEAD_PREFIXES"]
+__all__ = ["CoverHunterNet", "HEAD_PREFIXES", "untrained_model"]
 
 # Parameters whose size depends on the number of classes (not used to compute embeddings).
 HEAD_PREFIXES = ("_ce_layer.", "_center_loss.")
@@ -129,3 +129,13 @@ class CoverHunterNet(nn.Module):
     def device(self) -> torch.device:
         """Device of the model's weights."""
         return self._ce_layer.weight.device
+
+
+def untrained_model(model: CoverHunterNet, *, seed: int = 0) -> CoverHunterNet:
+    """A :class:`CoverHunterNet` of ``model``'s config, randomly initialised from ``seed`` (the
+    global torch generator is left as it was), in eval mode on ``model``'s device: the
+    "untrained network" baseline of 05 and 08."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = CoverHunterNet(model.cfg)
+    return net.to(next(model.parameters()).device).eval()

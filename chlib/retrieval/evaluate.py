@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from chlib.core.errors import CheckpointError, ConfigError, ManifestError
 from chlib.core.io import atomic_save_npy, atomic_write_text, write_json
 from chlib.core.manifest import read_manifest
-from chlib.model import CoverHunterNet
 from chlib.model.checkpoint import (
     find_checkpoint_dir,
     load_model,
     model_fingerprint,
     read_best_epoch,
 )
+from chlib.model.network import untrained_model
 from chlib.retrieval import metrics, scoring
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.protocol import check_rule, track_distances, track_vectors
@@ -400,8 +399,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
                                   fingerprint=fingerprint, progress=progress,
                                   cache_dir=run_dir / "embeddings" if cache else None)}
     if untrained_baseline:
-        torch.manual_seed(seed)
-        untrained = CoverHunterNet(model.cfg).to(dev).eval()
+        untrained = untrained_model(model, seed=seed)
         embedders["untrained model"] = partial(embed_recordings, untrained, hp=hp, device=dev,
                                                failures=[], progress=False)
     if model_free_baseline:

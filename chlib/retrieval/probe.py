@@ -33,7 +33,7 @@ from chlib.core.io import atomic_write_text, write_json
 from chlib.data.features import feature_path, load_feature
 from chlib.data.splits import read_split
 from chlib.demo.generate import write_demo_labels
-from chlib.model.network import CoverHunterNet
+from chlib.model.network import untrained_model
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.evaluate import load_checkpoint
 from chlib.retrieval.index import is_tempo_copy
@@ -328,15 +328,6 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, *,
 
 # --------------------------------------------------------------------------------------------
 # features
-
-
-def untrained_model(model: torch.nn.Module, *, seed: int = 0) -> torch.nn.Module:
-    """A :class:`CoverHunterNet` of ``model``'s config, randomly initialised from ``seed`` (the
-    global torch generator is left as it was), in eval mode on ``model``'s device."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = CoverHunterNet(model.cfg)
-    return net.to(next(model.parameters()).device).eval()
 
 
 def track_vectors_of(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,

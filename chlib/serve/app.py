@@ -93,12 +93,12 @@ class Service:
         search and verdicts, on the features decoded once) and the timeline as
         :func:`chlib.retrieval.segment.identify_segments` decodes it."""
         feat, duration = self.pool.decode(path, self.hp.features, self.limits)
-        idx, best_null = self.library.snapshot()
+        idx, nulls = self.library.snapshot()
         with self.model_lock:
             (wins,) = embed_windows(self.model, [feat], **idx.window_settings, device=self.device,
                                     batch_size=self.hp.eval_batch_size, progress=False)
             t = feature_timeline(feat, self.model, self.hp, idx, device=self.device,
-                                 best_null=best_null) if with_timeline else None
+                                 **nulls) if with_timeline else None
         hits = idx.search([wins], k=top_k, by="work")[0]
         matches = [{k: h.get(k) for k in _MATCH_KEYS} | {"verdict": verdict(h["p_value"])}
                    for h in hits]

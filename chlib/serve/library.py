@@ -30,7 +30,7 @@ from chlib.retrieval.embed import embed_recordings, hp_window_settings
 from chlib.retrieval.identify import reference_records
 from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
 from chlib.retrieval.scoring import rule_of
-from chlib.retrieval.timeline import best_match_null
+from chlib.retrieval.timeline import best_match_null, index_null
 from chlib.serve import AUDIO_TYPES, ServeError
 
 __all__ = ["TOKEN_ENV", "PERF_PATTERN", "load_token", "clean_work", "check_perf",
@@ -142,8 +142,8 @@ class ReferenceLibrary:
             Path(r["feat"]).resolve().is_relative_to(root) for root in self.roots)]
 
     def _set(self, idx: ReferenceIndex, name: str) -> None:
-        null = best_match_null(idx)
-        self._snapshot, self._name = (idx, null), name  # one assignment: readers see old or new
+        nulls = {"best_null": best_match_null(idx), "null_stats": index_null(idx)}
+        self._snapshot, self._name = (idx, nulls), name  # one assignment: readers see old or new
 
     def _save_and_swap(self, idx: ReferenceIndex) -> None:
         """Save ``idx`` as the next ``index-<n>``, point ``current.json`` at it, swap it in."""
@@ -164,8 +164,9 @@ class ReferenceLibrary:
                 shutil.rmtree(p, ignore_errors=True)
 
     # --- reading ------------------------------------------------------------------
-    def snapshot(self) -> tuple[ReferenceIndex, np.ndarray]:
-        """``(index, best-match null)``: consistent, never changed afterwards."""
+    def snapshot(self) -> tuple[ReferenceIndex, dict]:
+        """``(index, its statistics)``: ``{"best_null", "null_stats"}`` (keyword arguments of
+        :func:`~chlib.retrieval.timeline.timeline`), consistent, never changed afterwards."""
         return self._snapshot
 
     @property
