@@ -11,6 +11,8 @@ below it is a model that has not learnt what makes two recordings the same tune.
         --recipe laptop --extra demo=datasets/demo/full.txt --max-epochs 15
     python bench/generalisation.py --run runs/gen_laptop --report   # table only
     python bench/generalisation.py --compare runs/A runs/B --steps 288 576 1000   # side by side
+    python bench/generalisation.py --run runs/G --rescore --set key_variants=[0,7] \
+        neighbour_expansion=true   # every saved epoch again, compared the recipe's new way
 
 Prints one table: steps, minutes of training, training loss, and each test set's mAP, then
 the baseline's mAP per test set and the chance level (mean share of relevant references).
@@ -24,12 +26,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
 from chlib.core.config import deep_merge, load_hparams
 from chlib.core.manifest import read_manifest
+from chlib.model.checkpoint import list_checkpoints, load_model
 from chlib.train.diagnose import model_free_scores
-from chlib.train.loop import train
+from chlib.train.loop import evaluate_testsets, train
 from chlib.train.runs import make_run_config, read_metrics
 
 
@@ -69,6 +73,49 @@ def baseline_scores(hp_path: Path) -> dict[str, dict]:
     return out
 
 
+RESCORED = "rescored.jsonl"  # --rescore: one line per (epoch, test set) of the saved models
+
+
+def rescore(run: Path, overrides: dict, epochs: list[int] | None = None) -> Path:
+    """Score every saved epoch (or ``epochs``) of ``run`` again on its test sets, with the run
+    config plus ``overrides`` (comparison settings such as ``key_variants`` and
+    ``neighbour_expansion``; the model is the saved one), through the training loop's own
+    evaluation. Writes ``run/rescored.jsonl`` (the training's metrics.jsonl is left alone);
+    epochs already in it are skipped, so a killed rescore resumes."""
+    hp = load_hparams(run / "config" / "hparams.yaml").updated(overrides)
+    steps = {int(r["epoch"]): int(r["step"]) for r in read_metrics(run, "epoch")}
+    out = run / RESCORED
+    done = {(r["epoch"], json.dumps(r["settings"], sort_keys=True))
+            for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    key = json.dumps(overrides, sort_keys=True)
+    saved = sorted(list_checkpoints(run / "checkpoints"))
+    for epoch in [e for e in saved if epochs is None or e in epochs]:
+        if (epoch, key) in done:
+            continue
+        model, _, _ = load_model(run, epoch, device="cpu", hp=hp)
+        results = evaluate_testsets(model, hp, torch.device("cpu"))
+        with out.open("a") as f:
+            for name, res in results.items():
+                f.write(json.dumps({"epoch": epoch, "step": steps.get(epoch), "testset": name,
+                                    "mAP": res["mAP"], "HR1": res["HR1"],
+                                    "settings": overrides}) + "\n")
+        print(f"epoch {epoch} (step {steps.get(epoch)}): " + ", ".join(
+            f"{n} {r['mAP']:.3f}" for n, r in results.items()), flush=True)
+    return out
+
+
+def rescored_curve(run: Path, overrides: dict) -> pd.DataFrame:
+    """:func:`curve`'s table with the mAP of :func:`rescore` under ``overrides``."""
+    key = json.dumps(overrides, sort_keys=True)
+    rows = [r for r in map(json.loads, (run / RESCORED).read_text().splitlines())
+            if json.dumps(r["settings"], sort_keys=True) == key]
+    table = pd.DataFrame(rows).pivot_table(index="step", columns="testset", values="mAP")
+    plain = curve(run)
+    table.insert(0, "train_loss", plain["train_loss"].reindex(table.index))
+    table.insert(0, "minutes", plain["minutes"].reindex(table.index))
+    return table.round(3)
+
+
 def curve(run: Path) -> pd.DataFrame:
     """One row per evaluated epoch: step, minutes, train loss, mAP of every test set."""
     tests = pd.DataFrame(read_metrics(run, "test"))
@@ -104,10 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=full.txt of another collection")
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--report", action="store_true", help="print the table of an existing run")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the saved epochs again with --set comparison settings")
+    ap.add_argument("--epochs", nargs="*", type=int, help="--rescore only these epochs")
     args = ap.parse_args(argv)
     pd.set_option("display.width", 160)
     if args.compare:
         print(compare(args.compare, args.steps).to_string())
+        return 0
+    if args.rescore:
+        overrides = parse_overrides(args.set)
+        rescore(args.run, overrides, args.epochs)
+        print(rescored_curve(args.run, overrides).to_string())
         return 0
     hp_path = args.run / "config" / "hparams.yaml"
     if not args.report:

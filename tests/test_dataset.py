@@ -151,3 +151,17 @@ def test_timbre_eq_changes_training_crops_but_not_their_shape(tmp_path):
     eq = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0, timbre_eq_db=20.0)
     a, b = plain[(0, 7)][0], eq[(0, 7)][0]
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_accompaniment_changes_the_share_of_crops_it_is_asked_to(tmp_path):
+    full = write_toy_dataset(tmp_path, n_works=3, n_perfs=2)
+    recs = read_manifest(full, FULL_KEYS)
+    plain = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0)
+    always = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0, accompaniment_prob=1.0)
+    never = ChunkDataset(recs, chunk_len=45, mean_size=3, seed=0, accompaniment_prob=0.0)
+    keys = [(i % len(recs), 100 + i) for i in range(12)]
+    assert all(not torch.allclose(plain[k][0], always[k][0]) for k in keys)
+    assert all(torch.equal(plain[k][0], never[k][0]) for k in keys)
+    assert all(plain[k][0].shape == always[k][0].shape for k in keys)
+    with pytest.raises(ConfigError, match="accompaniment_prob"):
+        ChunkDataset(recs, chunk_len=45, accompaniment_prob=1.5)

@@ -11,6 +11,7 @@ from chlib.signal.specaug import (
     FLEX_FILL_DB,
     PAD_DB,
     erase_boxes,
+    random_accompaniment,
     random_erase,
     roll_pitch,
     spec_augment,
@@ -157,3 +158,36 @@ def test_random_eq_is_a_smooth_envelope_within_its_depth():
     assert np.abs(curve).max() == pytest.approx(12.0, abs=1e-4)
     assert np.abs(np.diff(curve)).max() < 2.0  # smooth over the bins
     assert random_eq(np.full((2, 8), -99.0, np.float32), 30.0, rng=np.random.default_rng(1)).min() >= -100.0
+
+
+def test_accompaniment_adds_the_keys_triads_and_bass_without_touching_the_melody():
+    melody = np.full((200, 96), -100.0, np.float32)
+    melody[:, 12 * 4 + 2] = 0.0  # one loud note, pitch class 2, fifth octave
+    tonic = 2
+    out = random_accompaniment(melody, tonic, rng=np.random.default_rng(0))
+    assert out.shape == melody.shape and out.dtype == np.float32 and out.min() >= -100.0
+    assert out[:, 12 * 4 + 2].max() > -1.0  # the melody stays on top of its bin
+    added = (out > -90).any(axis=0)
+    pcs = {b % 12 for b in np.flatnonzero(added[:36])}  # fundamentals of bass and chords
+    scale = {(tonic + d) % 12 for d in (0, 2, 4, 5, 7, 9, 11)}
+    assert pcs and pcs <= scale  # diatonic to the key, nothing chromatic
+    assert added[12:24].any()  # a bass line in the second octave
+    same = random_accompaniment(melody, tonic, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(out, same)  # the generator decides everything
+    other = random_accompaniment(melody, tonic, rng=np.random.default_rng(1))
+    assert not np.array_equal(out, other)
+
+
+def test_accompaniment_level_follows_the_chunk_and_short_ranges_pass_through():
+    quiet = np.full((100, 96), -100.0, np.float32)
+    quiet[:, 60] = -40.0
+    out = random_accompaniment(quiet, 0, rng=np.random.default_rng(2), level_db=(10.0, 10.0))
+    bass_peak = out[:, 12:24].max()
+    assert -40.0 - 10.0 - 1.0 < bass_peak <= -40.0 - 10.0 + 1.0  # 10 dB under the chunk's peak
+    three_octaves = np.zeros((50, 36), np.float32) - 30.0
+    np.testing.assert_array_equal(random_accompaniment(three_octaves, 0,
+                                                       rng=np.random.default_rng(0)),
+                                  three_octaves)
+    for frames in (1, 3, 7):  # chords cut short at the end of a tiny chunk
+        assert random_accompaniment(quiet[:frames], 5, rng=np.random.default_rng(3)).shape == (
+            frames, 96)

@@ -19,11 +19,13 @@ from chlib.core.schema import check, deep_merge, load_yaml, opt
 
 __all__ = ["FeatureSettings", "PrepConfig", "ModelConfig", "RandomEraseConfig", "RollPitchConfig",
            "SpecAugConfig", "TestSetConfig", "HParams", "load_yaml", "load_prep_config",
-           "load_hparams", "save_hparams", "deep_merge", "INPUT_TRANSFORM_BINS", "input_bins"]
+           "load_hparams", "save_hparams", "deep_merge", "INPUT_TRANSFORM_BINS", "KEYED_TRANSFORMS",
+           "input_bins"]
 
 # bins of the model input per ``input_transform`` (None: the CQT's own); the transforms
 # themselves are chlib.data.features.INPUT_TRANSFORMS
 INPUT_TRANSFORM_BINS: dict[str, int | None] = {"none": None, "keyed_chroma": 12}
+KEYED_TRANSFORMS = ("keyed_chroma",)  # transforms that estimate a key (and take a key_shift)
 
 
 def input_bins(n_bins: int, transform: str = "none") -> int:
@@ -209,6 +211,12 @@ class HParams:
     test_path: str | None = opt(None)
     early_stop_metric: str = opt("val_loss", choices=("val_loss", "mAP"))
     distance_rule: str = opt("mean", choices=("min", "mean"))  # chlib: track distance of a run
+    # chlib: key readings every window is embedded at (semitones added to a keyed transform's
+    # estimate; the closer reading decides, chlib.retrieval.protocol)
+    key_variants: list[int] = opt([0], rng="[0, 11]", nonempty=True,
+                                  hint="[0, 7]: also a fifth up (the estimate's usual error)")
+    # chlib: compare each recording together with its nearest reference (protocol docstring)
+    neighbour_expansion: bool = opt(False)
     input_transform: str = opt("none", choices=tuple(INPUT_TRANSFORM_BINS),
                                fixed=True)  # chlib: model input
     every_n_epoch_to_test: int = opt(1, rng=_AT_LEAST_1)
@@ -247,6 +255,8 @@ class HParams:
     # chlib: feature-domain tempo factors in [1 - j, 1 + j]; 0 = off
     tempo_jitter: float = opt(0.0, rng=_FRACTION, hint="0.1 = tempo factors 0.9..1.1")
     timbre_eq_db: float = opt(0.0, rng="[0, 40]", hint="random spectral envelopes up to this depth")
+    # chlib: share of training crops given a random bass and chords in their estimated key
+    accompaniment_prob: float = opt(0.0, rng=_PROB, hint="0.5 = half the crops get chords")
     # chlib: coarse-to-fine training: chunks of a work cut at one aligned passage (train.align)
     align_path: str | None = opt(None, hint="an alignments .json of chlib.train.align")
     # production (k-fold) training, section 10.2 of the fact sheet
@@ -349,6 +359,12 @@ class HParams:
         check(self.model.input_dim == bins, w, f"input_dim ({self.model.input_dim}) must equal "
               f"the model input's bins ({bins}: n_bins {self.features.n_bins}, input_transform "
               f"{self.input_transform})")
+        kv = self.key_variants
+        check(kv[0] == 0 and len(set(kv)) == len(kv), w, f"key_variants must start with 0 (the "
+              f"estimated key) and not repeat a shift, got {kv}")
+        check(kv == [0] or self.input_transform in KEYED_TRANSFORMS, w,
+              f"key_variants {kv} need a keyed input_transform ({', '.join(KEYED_TRANSFORMS)}), "
+              f"got {self.input_transform!r}; use key_variants: [0] otherwise")
         check(self.batch_size % self.m_per_class == 0, w,
                f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
         missing = [n for n in self.map_stopping_testsets if n not in self.testsets]

@@ -18,7 +18,8 @@ from chlib.core.config import SpecAugConfig
 from chlib.core.errors import ConfigError
 from chlib.data.features import feature_path, load_feature, prepare_window
 from chlib.data.sampler import item_rng
-from chlib.signal.specaug import random_eq, spec_augment, tempo_resample
+from chlib.signal.chroma import chroma_from_cqt, key_rotation
+from chlib.signal.specaug import random_accompaniment, random_eq, spec_augment, tempo_resample
 
 __all__ = ["ChunkDataset", "find_missing_features", "feature_lengths", "worker_init"]
 
@@ -55,6 +56,7 @@ class ChunkDataset(Dataset):
                  tempo_jitter: float = 0.0, seed: int = 0,
                  manifest_path: str | os.PathLike | None = None, transform: str = "none",
                  bins_per_octave: int = 12, timbre_eq_db: float = 0.0,
+                 accompaniment_prob: float = 0.0,
                  aligned: Mapping[int, Sequence[Mapping[int, int]]] | None = None) -> None:
         if mode not in ("random", "defined"):
             raise ConfigError(f"mode must be 'random' or 'defined', got {mode!r}")
@@ -75,6 +77,9 @@ class ChunkDataset(Dataset):
         self.seed = int(seed)
         self.transform, self.bins_per_octave = transform, int(bins_per_octave)
         self.timbre_eq_db = float(timbre_eq_db)  # > 0: a random EQ per crop, before the transform
+        if not 0.0 <= accompaniment_prob <= 1.0:
+            raise ConfigError(f"accompaniment_prob must be in [0, 1], got {accompaniment_prob}")
+        self.accompaniment_prob = float(accompaniment_prob)  # share of crops given bass + chords
         # work id -> groups {item index: start frame} of one passage (chlib.train.align)
         self.aligned = {int(k): list(v) for k, v in (aligned or {}).items() if v}
 
@@ -105,6 +110,11 @@ class ChunkDataset(Dataset):
             start = int(rng.integers(0, len(feat) - span + 1)) if len(feat) > span else 0
         if (at := self._aligned_start(idx, group_seed)) is not None:
             start = min(at, max(0, len(feat) - span))
+        if self.accompaniment_prob > 0 and rng.random() < self.accompaniment_prob:
+            feat = np.asarray(feat[start:start + span], dtype=np.float32)
+            tonic = key_rotation(chroma_from_cqt(feat, bins_per_octave=self.bins_per_octave))
+            feat = random_accompaniment(feat, tonic, rng=rng, bins_per_octave=self.bins_per_octave)
+            start = 0
         if self.timbre_eq_db > 0:
             feat = random_eq(feat[start:start + span], self.timbre_eq_db * rng.random(), rng=rng)
             start = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chlib.core.config import input_bins
+from chlib.core.config import KEYED_TRANSFORMS, input_bins
 from chlib.core.errors import ConfigError, FeatureError
 from chlib.core.io import load_npy
 from chlib.core.manifest import resolve_path
@@ -32,20 +32,25 @@ def feature_path(record: dict, manifest_path: str | os.PathLike | None = None) -
 
 
 def prepare_window(feat: np.ndarray, start: int, window: int, mean_size: int, *,
-                   transform: str = "none", bins_per_octave: int = 12) -> np.ndarray:
+                   transform: str = "none", bins_per_octave: int = 12,
+                   key_shift: int = 0) -> np.ndarray:
     """One model input, float32 ``[window // mean_size, input bins]``: rows ``[start, start +
     window)`` of ``feat`` (only those are read from a memory map), through ``transform``
     (:data:`INPUT_TRANSFORMS`; "keyed_chroma": [*, 12] pitch classes, key-rotated per window),
     padded with -100 dB past the end, each ``mean_size`` consecutive frames averaged (leftover
-    frames dropped)."""
+    frames dropped). ``key_shift``: semitones added to the key a keyed transform estimates."""
     if feat.ndim != 2:
         raise FeatureError(f"features must be [frames, bins], got shape {feat.shape}")
     if mean_size < 1 or window < mean_size or start < 0:
         raise ConfigError(f"need window >= mean_size >= 1 and start >= 0, got window {window}, "
                           f"mean_size {mean_size}, start {start}")
+    if key_shift and transform not in KEYED_TRANSFORMS:
+        raise ConfigError(f"key_shift {key_shift} needs a keyed input transform "
+                          f"({', '.join(KEYED_TRANSFORMS)}), got {transform!r}")
     rows = np.asarray(feat[start:start + window], dtype=np.float32)
     if input_bins(rows.shape[1], transform) != rows.shape[1]:
-        rows = INPUT_TRANSFORMS[transform](rows, bins_per_octave=bins_per_octave)
+        extra = {"key_shift": int(key_shift)} if transform in KEYED_TRANSFORMS else {}
+        rows = INPUT_TRANSFORMS[transform](rows, bins_per_octave=bins_per_octave, **extra)
     rows = np.pad(rows, ((0, window - len(rows)), (0, 0)), constant_values=PAD_DB)
     n_out = window // mean_size
     return rows[: n_out * mean_size].reshape(n_out, mean_size, -1).mean(axis=1, dtype=np.float32)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chlib.core.config import KEYED_TRANSFORMS
 from chlib.core.device import pick_device
 from chlib.core.errors import CheckpointError, ConfigError, FeatureError
 from chlib.core.io import atomic_save_npy, file_sha256, stable_hash, write_json
@@ -62,20 +63,32 @@ def window_starts(n_frames: int, window: int, *, hop: int | None = None, tail: s
 
 def window_settings(window: int, mean_size: int, *, hop: int | None = None, tail: str = "shift",
                     min_tail: float = DEFAULT_MIN_TAIL, transform: str = "none",
-                    bins_per_octave: int = 12) -> dict:
+                    bins_per_octave: int = 12, key_variants: Sequence[int] = (0,)) -> dict:
     """The window recipe as a plain dict (part of cache keys and of the index's metadata); a
-    model-input ``transform`` other than "none" is part of it (with the CQT's bins per octave)."""
+    model-input ``transform`` other than "none" is part of it (with the CQT's bins per octave),
+    and so are ``key_variants`` other than ``(0,)``: each window is then embedded once per key
+    reading (semitones added to the keyed transform's estimate), one row each, so a track's
+    rows are ``[n_windows x len(key_variants), D]`` and rule "min" takes the best reading."""
     out = {"window": int(window), "mean_size": int(mean_size),
            "hop": int(window if hop is None else hop), "tail": tail, "min_tail": float(min_tail)}
     if transform != "none":
         out.update(transform=transform, bins_per_octave=int(bins_per_octave))
+    variants = [int(k) for k in key_variants]
+    if variants != [0]:
+        if transform not in KEYED_TRANSFORMS or not variants or variants[0] != 0:
+            raise ConfigError(f"key_variants {variants} need a keyed input transform "
+                              f"({', '.join(KEYED_TRANSFORMS)}) and must start with 0; got "
+                              f"transform {transform!r}")
+        out["key_variants"] = variants
     return out
 
 
 def hp_window_settings(hp: Any, **kw: Any) -> dict:
-    """:func:`window_settings` of a run config (its first chunk length and input transform)."""
+    """:func:`window_settings` of a run config (its first chunk length, input transform and key
+    variants)."""
     return window_settings(hp.chunk_len[0], hp.mean_size, transform=hp.input_transform,
-                           bins_per_octave=hp.features.bins_per_octave, **kw)
+                           bins_per_octave=hp.features.bins_per_octave,
+                           key_variants=getattr(hp, "key_variants", [0]), **kw)
 
 
 def _name(src: Any) -> str:
@@ -96,7 +109,8 @@ def _track_windows(src: Any, settings: dict, n_bins: int | None) -> Iterator[np.
                            tail=settings["tail"], min_tail=settings["min_tail"])
     return (prepare_window(feat, s, settings["window"], settings["mean_size"],
                            transform=settings.get("transform", "none"),
-                           bins_per_octave=settings.get("bins_per_octave", 12)) for s in starts)
+                           bins_per_octave=settings.get("bins_per_octave", 12), key_shift=k)
+            for s in starts for k in settings.get("key_variants", [0]))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -109,17 +123,19 @@ def embed_windows(model: torch.nn.Module, features: Sequence[np.ndarray | str | 
                   batch_size: int = 64, hop: int | None = None, tail: str = "shift",
                   min_tail: float = DEFAULT_MIN_TAIL, n_bins: int | None = None,
                   progress: bool = True, failures: list | None = None,
-                  transform: str = "none", bins_per_octave: int = 12
-                  ) -> list[np.ndarray | None]:
-    """Raw window embeddings, float32 [n_windows, D] per track of ``features`` ([frames, bins]
-    arrays or ``.npy`` paths), the model in eval mode on ``device`` (None = where it is), in
+                  transform: str = "none", bins_per_octave: int = 12,
+                  key_variants: Sequence[int] = (0,)) -> list[np.ndarray | None]:
+    """Raw window embeddings, float32 [n_windows x len(key_variants), D] per track of
+    ``features`` ([frames, bins] arrays or ``.npy`` paths; rows window by window, each window's
+    key readings together), the model in eval mode on ``device`` (None = where it is), in
     batches of ``batch_size`` windows; ``n_bins``: CQT bins every track must have. An unusable
     feature file raises FeatureError, or with a ``failures`` list adds ``{"index", "feat",
     "reason"}`` to it and gives None."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     settings = window_settings(window, mean_size, hop=hop, tail=tail, min_tail=min_tail,
-                               transform=transform, bins_per_octave=bins_per_octave)
+                               transform=transform, bins_per_octave=bins_per_octave,
+                               key_variants=key_variants)
     window_starts(1, window, hop=hop, tail=tail, min_tail=min_tail)  # validate the recipe early
     device = _model_device(model) if device is None else pick_device(device)
     out: list[list[np.ndarray] | None] = [[] for _ in features]

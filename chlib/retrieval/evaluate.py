@@ -38,7 +38,7 @@ from chlib.model.checkpoint import (
 from chlib.model.network import untrained_model
 from chlib.retrieval import metrics, scoring
 from chlib.retrieval.embed import embed_recordings
-from chlib.retrieval.protocol import check_rule, track_distances, track_vectors
+from chlib.retrieval.protocol import check_rule, reading_rows, track_distances, track_vectors
 
 __all__ = ["TestSetSpec", "TestSetResult", "Evaluation", "resolve_testsets", "write_csv",
            "load_checkpoint", "top1_confusions", "random_embedding_baseline", "score_testset",
@@ -266,17 +266,23 @@ def _train_works(hp: Any, root: Path | None) -> set[str] | None:
 
 
 def _scores(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], q_labels: Any,
-            r_labels: Any, exclude: np.ndarray, rule: str, no_relevant: str) -> dict[str, float]:
-    """The five metrics of window embeddings under ``rule`` (for the baselines)."""
-    got = metrics.retrieval_metrics(track_distances(q_windows, r_windows, rule=rule), q_labels,
-                                    r_labels, exclude=exclude, no_relevant=no_relevant)
+            r_labels: Any, exclude: np.ndarray, rule: str, no_relevant: str,
+            readings: int = 1, expansion: bool = False, same: bool = False) -> dict[str, float]:
+    """The five metrics of window embeddings under ``rule`` (for the baselines); ``same``: the
+    queries are the references (for ``expansion``)."""
+    dist = track_distances(q_windows, r_windows, rule=rule, readings=readings)
+    if expansion:
+        dist = scoring.expanded(dist, r_windows, same, exclude, rule=rule, readings=readings)
+    got = metrics.retrieval_metrics(dist, q_labels, r_labels, exclude=exclude,
+                                    no_relevant=no_relevant)
     return {m: float(got[m]) for m in metrics.METRIC_NAMES}
 
 
 def random_embedding_baseline(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray],
                               q_labels: np.ndarray, r_labels: np.ndarray, exclude: np.ndarray, *,
                               same: bool, rule: str = "min", n_draws: int = 20, seed: int = 12345,
-                              no_relevant: str = "count_as_zero") -> dict:
+                              no_relevant: str = "count_as_zero", readings: int = 1,
+                              expansion: bool = False) -> dict:
     """Chance level: the metrics of random window embeddings (as many windows per recording
     as the model's, same exclusions), averaged over ``n_draws``; ``same``: queries and
     references are one list (and share their random vectors)."""
@@ -287,7 +293,8 @@ def random_embedding_baseline(q_windows: Sequence[np.ndarray], r_windows: Sequen
         qw = [rng.standard_normal((len(w), dim)).astype(np.float32) for w in q_windows]
         rw = qw if same else [rng.standard_normal((len(w), dim)).astype(np.float32)
                               for w in r_windows]
-        draws.append(list(_scores(qw, rw, q_labels, r_labels, exclude, rule, no_relevant).values()))
+        draws.append(list(_scores(qw, rw, q_labels, r_labels, exclude, rule, no_relevant,
+                                  readings, expansion, same).values()))
     return dict(zip(metrics.METRIC_NAMES, np.mean(draws, axis=0).tolist(), strict=True))
 
 
@@ -330,25 +337,31 @@ def _chart_data(s: scoring.ScoringInputs, no_relevant: str, top_pairs: int) -> d
 
 
 def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records: list[dict],
-                  q_windows: list, r_windows: list, *, rule: str = "min",
+                  q_windows: list, r_windows: list, *, rule: str = "min", readings: int = 1,
+                  expansion: bool = False,
                   train_works: set[str] | None = None, n_boot: int = 1000, seed: int = 12345,
                   confidence: float = 0.95, no_relevant: str = "count_as_zero",
-                  top_pairs: int = 20, baseline_windows: Mapping[str, tuple] | None = None
-                  ) -> TestSetResult:
+                  top_pairs: int = 20, baseline_windows: Mapping[str, tuple] | None = None,
+                  baseline_readings: Mapping[str, int] | None = None) -> TestSetResult:
     """Metrics, CIs, baselines and chart data of one test set from its window embeddings (None
-    for a failed recording: dropped, listed in ``skipped``). ``train_works``: work names seen in
-    training; ``baseline_windows``: name -> (query, ref) windows of another model, scored too."""
+    for a failed recording: dropped, listed in ``skipped``; ``readings`` key readings per
+    window). ``train_works``: work names seen in training; ``baseline_windows``: name ->
+    (query, ref) windows of another model, scored too (with ``baseline_readings[name]``
+    readings, default ``readings``)."""
     qi, ri, skipped = _usable(name, spec, q_records, r_records, q_windows, r_windows)
     qw, rw = [q_windows[i] for i in qi], [r_windows[j] for j in ri]
     s = scoring.score_inputs([q_records[i] for i in qi], [r_records[j] for j in ri], qw, rw,
-                             rule=rule, query_in_ref_path=spec.query_in_ref_path,
+                             rule=rule, readings=readings, expansion=expansion,
+                             query_in_ref_path=spec.query_in_ref_path,
                              where=f"test set {name!r} ({spec.query_path}, {spec.ref_path})")
     labels = (s.q_labels, s.r_labels, s.exclude)
     baselines = {"random embeddings": random_embedding_baseline(
         qw, rw, *labels, same=s.q_perfs == s.r_perfs, rule=rule, seed=seed,
-        no_relevant=no_relevant)}
+        no_relevant=no_relevant, readings=readings, expansion=expansion)}
     for b, (bq, br) in (baseline_windows or {}).items():
-        baselines[b] = _scores([bq[i] for i in qi], [br[j] for j in ri], *labels, rule, no_relevant)
+        baselines[b] = _scores([bq[i] for i in qi], [br[j] for j in ri], *labels, rule, no_relevant,
+                               (baseline_readings or {}).get(b, readings), expansion,
+                               s.q_perfs == s.r_perfs)
     # one point per distinct recording: queries, then references not already among them
     seen = set(s.q_perfs)
     extra = [j for j, p in enumerate(s.r_perfs) if p not in seen]
@@ -362,7 +375,8 @@ def score_testset(name: str, spec: TestSetSpec, q_records: list[dict], r_records
         ci=metrics.bootstrap_ci(s.dist, s.q_labels, s.r_labels, s.exclude, n_boot=n_boot,
                                 seed=seed, confidence=confidence, no_relevant=no_relevant),
         **_chart_data(s, no_relevant, top_pairs),
-        points=track_vectors(qw + [rw[j] for j in extra]), point_labels=point_labels,
+        points=track_vectors([reading_rows(w, readings) for w in qw + [rw[j] for j in extra]]),
+        point_labels=point_labels,
         point_perfs=s.q_perfs + [s.r_perfs[j] for j in extra], test_only=test_only,
         skipped=skipped, baselines=baselines,
     )
@@ -391,6 +405,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
     run_dir = Path(run_dir)
     model, hp, epoch, note = load_checkpoint(run_dir, checkpoint, device)
     rule = check_rule(scoring.rule_of(hp) if rule is None else rule)
+    readings = scoring.readings_of(hp)
     dev = next(model.parameters()).device
     fingerprint = model_fingerprint(model.state_dict())
     root_p = Path(root) if root is not None else None
@@ -412,9 +427,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
         others = {k: _both(e, spec, q_records, r_records) for k, e in embedders.items()}
         qw, rw = others.pop("model")
         results[spec.name] = score_testset(
-            spec.name, spec, q_records, r_records, qw, rw, rule=rule, train_works=train_works,
-            n_boot=n_boot, seed=seed, confidence=confidence, no_relevant=no_relevant,
-            baseline_windows=others)
+            spec.name, spec, q_records, r_records, qw, rw, rule=rule, readings=readings,
+            expansion=scoring.expansion_of(hp),
+            train_works=train_works, n_boot=n_boot, seed=seed, confidence=confidence,
+            no_relevant=no_relevant, baseline_windows=others,
+            baseline_readings={scoring.MODEL_FREE: 1})
     notes = [note] if note else []
     if train_works is None:
         notes.append("the run config names no readable train_path: never-seen works are not "

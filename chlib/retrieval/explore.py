@@ -15,7 +15,14 @@ from chlib.core.errors import ConfigError, ManifestError
 from chlib.data.features import load_feature
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.index import is_tempo_copy
-from chlib.retrieval.protocol import cosine_distances, track_distances, track_vector, unit_rows
+from chlib.retrieval.protocol import (
+    cosine_distances,
+    expand_by_neighbours,
+    reading_rows,
+    track_distances,
+    track_vector,
+    unit_rows,
+)
 
 __all__ = ["ExplorerData", "explorer_data"]
 
@@ -29,8 +36,11 @@ class ExplorerData:
     embeddings: np.ndarray  # [N, D] float32 unit track vectors
     records: list[dict]
     rule: str = "mean"
-    windows: list | None = None  # [n_windows, D] unit window sets per row (rule "min")
+    windows: list | None = None  # [n_windows x readings, D] unit window sets per row
+    readings: int = 1  # key readings per window (the index's)
+    expansion: bool = False  # neighbour expansion among all the points (the index's)
     projections: dict = field(default_factory=dict, repr=False)
+    _expanded_d: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,8 +77,11 @@ class ExplorerData:
 
     def neighbours(self, i: int, k: int = 10) -> list[dict]:
         """The ``k`` nearest other recordings of row ``i`` under :attr:`rule`, closest first."""
-        if self.rule == "min" and self.windows is not None:
-            d = track_distances(self.windows[i:i + 1], self.windows, rule="min")[0]
+        if self.expansion and len(self) > 1:
+            d = self._expanded()[i]
+        elif (self.rule == "min" or self.readings > 1) and self.windows is not None:
+            d = track_distances(self.windows[i:i + 1], self.windows, rule=self.rule,
+                                readings=self.readings)[0]
         else:
             d = cosine_distances(self.embeddings[i:i + 1], self.embeddings)[0]
         d = d.astype(np.float64)
@@ -79,6 +92,16 @@ class ExplorerData:
                  "role": rec[j].get("role"), "distance": float(d[j]),
                  "same_work": rec[j]["work"] == rec[i]["work"], "row": int(j)}
                 for n, j in enumerate(order)]
+
+    def _expanded(self) -> np.ndarray:
+        """[N, N] neighbour-expanded distances among all points (computed once)."""
+        if self._expanded_d is None or len(self._expanded_d) != len(self):
+            d = (track_distances(self.windows, self.windows, rule=self.rule,
+                                 readings=self.readings) if self.windows is not None
+                 else cosine_distances(self.embeddings, self.embeddings))
+            eye = np.eye(len(self), dtype=bool)
+            self._expanded_d = expand_by_neighbours(d, d, eye, eye)
+        return self._expanded_d
 
     def row_of(self, point: str = "") -> int:
         """Row of ``point`` (a perf id or part of one); "" gives the first query (else row 0)."""
@@ -110,9 +133,10 @@ def explorer_data(index: Any, query_records: Sequence[dict], model: Any, hp: Any
     for r, w in zip(qrecs, wins, strict=True):
         if w is not None:
             records.append({**meta.get(str(r["perf"]), {}), **r, "role": "query"})
-            vecs.append(track_vector(w))
+            vecs.append(track_vector(reading_rows(w, index.readings)))
             if sets is not None:
                 sets.append(unit_rows(w))
     if not records:
         raise ManifestError("explorer_data: no reference or query recording to show")
-    return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule, windows=sets)
+    return ExplorerData(np.stack(vecs).astype(np.float32), records, rule=index.rule, windows=sets,
+                        readings=index.readings, expansion=index.expansion)

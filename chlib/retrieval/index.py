@@ -39,7 +39,7 @@ from chlib.retrieval.calibration import (
     work_codes,
 )
 from chlib.retrieval.embed import DEFAULT_MIN_TAIL, embed_recordings, hp_window_settings
-from chlib.retrieval.scoring import rule_of
+from chlib.retrieval.scoring import expansion_of, rule_of
 
 __all__ = ["INDEX_FORMAT", "DEFAULT_N_PAIRS", "DEFAULT_SEED", "ecdf_probabilities", "Calibration",
            "sample_cross_work_pairs", "calibrate_distances", "Centroids", "compute_centroids",
@@ -53,6 +53,7 @@ BLOCK_ELEMENTS = 1 << 25  # cap on one query block x references distance matrix
 _TEMPO_PERF = re.compile(r"^sp_[0-9.]+-.+")
 _RECORD_KEYS = ("perf", "work", "work_id", "wav", "feat", "duration_s", "n_windows")
 _META_KEYS = ("model_fingerprint", "feature_settings", "window_settings", "rule", "n_pairs", "seed")
+_OPTIONAL_META = {"expansion": False}  # keys older indexes lack, with the value they meant
 
 
 def is_tempo_copy(record: dict) -> bool:
@@ -98,6 +99,7 @@ class ReferenceIndex:
     feature_settings: dict  # FeatureSettings.key()
     window_settings: dict  # chlib.retrieval.embed.window_settings(...)
     rule: str = "mean"  # "mean" | "min": the distance rule of search and calibration
+    expansion: bool = False  # neighbour expansion of search and calibration (protocol)
     windows: np.ndarray | None = None  # [W, D] float32 unit rows, grouped by owner
     window_owner: np.ndarray | None = None  # [W] int64, non-decreasing
     calibration: Calibration | None = None
@@ -107,6 +109,7 @@ class ReferenceIndex:
     skipped: list[dict] = field(default_factory=list)  # recordings that could not be indexed
     _groups: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _ann: AnnIndex | None = field(default=None, init=False, repr=False, compare=False)
+    _nn: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -123,8 +126,13 @@ class ReferenceIndex:
     def works(self) -> list[str]:
         return [r["work"] for r in self.records]
 
+    @property
+    def readings(self) -> int:
+        """Key readings per window (``key_variants`` of the window settings; 1 = none)."""
+        return len(self.window_settings.get("key_variants", [0]))
+
     def window_sets(self) -> list[np.ndarray]:
-        """The unit window embeddings of each recording, [n_windows_i, D] each."""
+        """The unit window embeddings of each recording, [n_windows_i x readings, D] each."""
         if self.windows is None or self.window_owner is None:
             raise ConfigError("this index stores no window embeddings (built with "
                               "keep_windows=False)")
@@ -188,14 +196,55 @@ class ReferenceIndex:
             out.append(rows if len(rows) == want else None)
         return out
 
+    def _ref_distances(self, rows: np.ndarray) -> np.ndarray:
+        """Distances [len(rows), N] of the references ``rows`` to every reference."""
+        if self.rule == "min" or self.readings > 1:
+            sets = self.window_sets()
+            return protocol.track_distances([sets[i] for i in rows], sets, rule=self.rule,
+                                            readings=self.readings)
+        return protocol.cosine_distances(self.embeddings[rows], self.embeddings)
+
+    def neighbours(self) -> np.ndarray:
+        """int64 [N, N_SPARE]: each reference's nearest other references, closest first (-1:
+        none); computed in blocks on first use (N x N distances) and kept until rows change."""
+        if self._nn is None or len(self._nn) != len(self):
+            step = max(1, BLOCK_ELEMENTS // max(1, len(self)))
+            parts = []
+            for a in range(0, len(self), step):
+                rows = np.arange(a, min(len(self), a + step))
+                own = np.zeros((len(rows), len(self)), bool)
+                own[np.arange(len(rows)), rows] = True
+                parts.append(protocol.nearest_others(self._ref_distances(rows), own))
+            self._nn = np.concatenate(parts) if parts else np.zeros((0, protocol.N_SPARE),
+                                                                     np.int64)
+        return self._nn
+
+    def _expand(self, d: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+        """Neighbour-expanded query distances ``d`` [Q, N]; ``own`` [Q] the row that is the
+        query itself (-1: none), never its own neighbour."""
+        ex = None
+        if own is not None:
+            ex = np.zeros(d.shape, bool)
+            hit = own >= 0
+            ex[np.flatnonzero(hit), own[hit]] = True
+        q_nn = protocol.nearest_others(d, ex, m=1)[:, 0]
+        d_nr = d.copy()
+        if (has := q_nn >= 0).any():
+            d_nr[has] = self._ref_distances(q_nn[has])
+        return protocol.expand_rows(d, d_nr, self.neighbours(), ex)
+
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
-               use_faiss: bool | None = None) -> list[list[dict]]:
+               use_faiss: bool | None = None,
+               own_rows: Sequence[int] | None = None) -> list[list[dict]]:
         """Per query (a vector [D], vectors [M, D] or window sets [n_windows, D]), the top-``k``
         rows ``{"rank", "perf", "work", "work_id", "distance", "z", "p_value"}``, closest first.
         ``by="work"`` ranks works by their closest recording, adds ``n_work_recordings`` and
         takes the p-value of the closest of m, 1 - (1 - p)^m, so big works are not favoured.
-        ``use_faiss``: through :meth:`ann` (rule "mean" only); None = when FAISS is installed
-        and the index holds over FAISS_MIN_REFS recordings."""
+        ``use_faiss``: through :meth:`ann` (rule "mean", one key reading, no expansion only);
+        None = when FAISS is installed and the index holds over FAISS_MIN_REFS recordings.
+        Queries come with the index's key readings (embedded with :attr:`window_settings`);
+        with :attr:`expansion` distances are neighbour-expanded, and ``own_rows`` (one per
+        query, -1: none) names a query that is itself a reference (never its own neighbour)."""
         if by not in ("perf", "work"):
             raise ConfigError(f"by must be 'perf' or 'work', got {by!r}")
         if k < 1:
@@ -203,12 +252,14 @@ class ReferenceIndex:
         vecs, sets = self._query_sets(query)
         if len(self) == 0:
             return [[] for _ in sets]
+        plain = self.rule == "mean" and self.readings == 1 and not self.expansion
         if use_faiss is None:
-            use_faiss = (self.rule == "mean" and len(self) > FAISS_MIN_REFS
+            use_faiss = (plain and len(self) > FAISS_MIN_REFS
                          and importlib.util.find_spec("faiss") is not None)
         if use_faiss:
-            if self.rule != "mean":
-                raise ConfigError("use_faiss needs rule 'mean' (one vector per recording)")
+            if not plain:
+                raise ConfigError("use_faiss needs rule 'mean', one key reading and no neighbour "
+                                  "expansion (one vector per recording)")
             found = self._ann_rows(vecs, k, by)
             exact = [i for i, rows in enumerate(found) if rows is None]
             for i, rows in zip(exact, self.search([sets[i] for i in exact], k, by,
@@ -218,10 +269,14 @@ class ReferenceIndex:
         out: list[list[dict]] = []
         step = max(1, BLOCK_ELEMENTS // len(self))
         for a in range(0, len(sets), step):
-            if self.rule == "min":
-                d = protocol.track_distances(sets[a:a + step], self.window_sets(), rule="min")
+            if self.rule == "min" or self.readings > 1:
+                d = protocol.track_distances(sets[a:a + step], self.window_sets(), rule=self.rule,
+                                             readings=self.readings)
             else:
                 d = protocol.cosine_distances(vecs[a:a + step], self.embeddings)
+            if self.expansion and len(self) > 1:
+                d = self._expand(d, None if own_rows is None else
+                                 np.asarray(own_rows[a:a + step], np.int64))
             if by == "perf":
                 out += [self._rows(i, dd) for i, dd in zip(*_topk_rows(d, min(k, len(self))),
                                                            strict=True)]
@@ -276,14 +331,23 @@ class ReferenceIndex:
     def recalibrate(self) -> None:
         """Recompute the calibration over the whole index (seeded: deterministic)."""
         i, j, method = sample_cross_work_pairs(self.works, self.n_pairs, self.seed)
-        sets = self.window_sets() if self.rule == "min" else []
-        d = [] if i.size < 2 else protocol.pair_distances(sets, self.embeddings, i, j,
-                                                          rule=self.rule)
+        sets = self.window_sets() if self.rule == "min" or self.readings > 1 else []
+
+        def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return protocol.pair_distances(sets, self.embeddings, a, b, rule=self.rule,
+                                           readings=self.readings)
+        d = [] if i.size < 2 else pairs(i, j)
+        if self.expansion and i.size >= 2:  # i as a query: n(i) its nearest, n(j) never i
+            nn = self.neighbours()
+            ni = np.where(nn[i, 0] >= 0, nn[i, 0], i)
+            nj = np.where(nn[j, 0] == i, nn[j, 1] if nn.shape[1] > 1 else j, nn[j, 0])
+            nj = np.where(nj >= 0, nj, j)
+            d = (d + pairs(ni, j) + pairs(i, nj) + pairs(ni, nj)) / 4
         self.calibration = calibrate_distances(d, seed=self.seed, method=method, rule=self.rule)
 
     def _refresh(self) -> None:
         """Centroids and calibration after the rows changed."""
-        self._groups = self._ann = None
+        self._groups = self._ann = self._nn = None
         self.centroids = compute_centroids(self.embeddings, self.works) if len(self) else None
         self.recalibrate()
 
@@ -298,7 +362,7 @@ class ReferenceIndex:
             w = np.atleast_2d(np.asarray(w, dtype=np.float32))
             if w.shape[1] != self.dim and len(self):
                 raise ConfigError(f"add: {rec.get('perf')!r} has D={w.shape[1]}, index D={self.dim}")
-            row = _meta_row(rec, len(w))
+            row = _meta_row(rec, len(protocol.reading_rows(w, self.readings)))
             if row["perf"] in known:
                 raise ConfigError(f"add: perf {row['perf']!r} is already in the index; remove it first")
             known.add(row["perf"])
@@ -307,8 +371,9 @@ class ReferenceIndex:
         if not rows:
             return
         n0, dim = len(self), sets[0].shape[1]
-        self.embeddings = np.concatenate([self.embeddings.reshape(-1, dim),
-                                          protocol.track_vectors(sets)])
+        self.embeddings = np.concatenate([  # one vector per recording: its estimated key's
+            self.embeddings.reshape(-1, dim),
+            protocol.track_vectors([protocol.reading_rows(w, self.readings) for w in sets])])
         self.records = self.records + rows
         if self.windows is not None:
             self.windows = np.concatenate([self.windows.reshape(-1, dim),
@@ -379,7 +444,7 @@ class ReferenceIndex:
         write_json(folder / "meta.json", {
             "format": INDEX_FORMAT, "kind": "chlib reference index",
             "n_recordings": len(self), "embed_dim": self.dim,
-            **{k: getattr(self, k) for k in _META_KEYS},
+            **{k: getattr(self, k) for k in (*_META_KEYS, *_OPTIONAL_META)},
             "calibration": self.calibration.to_json() if self.calibration else None,
             "centroids": self.centroids.to_json() if self.centroids is not None else None,
             "skipped": self.skipped, "files": files,
@@ -424,7 +489,9 @@ class ReferenceIndex:
             where, cal, cen = meta_path, meta.get("calibration"), meta.get("centroids")
             idx = cls(
                 embeddings=arrays["embeddings.npy"], records=records,
-                **{k: meta[k] for k in _META_KEYS}, windows=arrays.get("windows.npy"),
+                **{k: meta[k] for k in _META_KEYS},
+                **{k: meta.get(k, v) for k, v in _OPTIONAL_META.items()},
+                windows=arrays.get("windows.npy"),
                 window_owner=arrays.get("window_owner.npy"),
                 calibration=Calibration.from_json(cal) if cal else None,
                 centroids=None if cen is None else Centroids.from_json(
@@ -478,19 +545,22 @@ def index_from_windows(records: Sequence[dict], windows: Sequence[np.ndarray], *
                        model_fingerprint: str, feature_settings: Any, window_settings: dict,
                        rule: str = "mean", keep_windows: bool = True,
                        n_pairs: int = DEFAULT_N_PAIRS, seed: int = DEFAULT_SEED,
-                       skipped: list[dict] | None = None) -> ReferenceIndex:
+                       skipped: list[dict] | None = None,
+                       expansion: bool = False) -> ReferenceIndex:
     """An index (centroids and calibration included) from reference records and their raw
     window embeddings ([n_windows, D] each). ``rule="min"`` needs ``keep_windows=True``."""
     protocol.check_rule(rule)
     if rule == "min" and not keep_windows:
         raise ConfigError("rule 'min' compares window embeddings: keep_windows must be True")
+    if "key_variants" in window_settings and not keep_windows:
+        raise ConfigError("key readings are compared window by window: keep_windows must be True")
     if len(records) != len(windows):
         raise ConfigError(f"{len(records)} records but {len(windows)} window sets")
     dim = int(np.atleast_2d(windows[0]).shape[1]) if len(windows) else 0
     idx = ReferenceIndex(
         embeddings=np.zeros((0, dim), np.float32), records=[],
         model_fingerprint=str(model_fingerprint), feature_settings=_settings_key(feature_settings),
-        window_settings=dict(window_settings), rule=rule,
+        window_settings=dict(window_settings), rule=rule, expansion=bool(expansion),
         windows=np.zeros((0, dim), np.float32) if keep_windows else None,
         window_owner=np.zeros(0, np.int64) if keep_windows else None,
         n_pairs=int(n_pairs), seed=int(seed), skipped=list(skipped or []),
@@ -535,4 +605,5 @@ def build_index(model: torch.nn.Module, records: Sequence[dict], hp: Any, *,
         recs, wins, model_fingerprint=model_fingerprint(model.state_dict()),
         feature_settings=hp.features, window_settings=wset, rule=rule,
         keep_windows=keep_windows, n_pairs=n_pairs, seed=seed, skipped=failed,
+        expansion=expansion_of(hp),
     )

@@ -25,7 +25,7 @@ from chlib.data.features import PAD_DB, feature_path, load_feature
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.evaluate import load_checkpoint, resolve_testsets
 from chlib.retrieval.protocol import track_distances
-from chlib.retrieval.scoring import rule_of
+from chlib.retrieval.scoring import readings_of, rule_of
 from chlib.signal.specaug import random_eq, tempo_resample
 
 __all__ = ["FACTORS", "change_one_factor", "invariance_curves", "invariance_for_run"]
@@ -89,7 +89,7 @@ def invariance_curves(model: torch.nn.Module, features: Sequence[Any], hp: Any, 
             changed = [change_one_factor(f, factor, value, bins_per_octave=bpo, rng=rng)
                        for f in feats]
             queries = embed_recordings(model, changed, hp, device=device, progress=False)
-            dist = track_distances(queries, refs, rule=rule)
+            dist = track_distances(queries, refs, rule=rule, readings=readings_of(hp))
             own = np.diag(dist)
             rank = 1 + (dist < own[:, None]).sum(axis=1)
             rows.append({"factor": factor, "value": value, "top1": float(np.mean(rank == 1)),

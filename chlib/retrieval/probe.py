@@ -37,7 +37,8 @@ from chlib.model.network import untrained_model
 from chlib.retrieval.embed import embed_recordings
 from chlib.retrieval.evaluate import load_checkpoint
 from chlib.retrieval.index import is_tempo_copy
-from chlib.retrieval.protocol import track_vector
+from chlib.retrieval.protocol import reading_rows, track_vector
+from chlib.retrieval.scoring import readings_of
 from chlib.signal.chroma import chroma_from_cqt
 
 __all__ = ["FEATURES", "PROBES", "MAJORITY", "TABLE_COLUMNS", "PREDICTION_COLUMNS", "LabelSet", "ProbeInputs", "ProbeResult",
@@ -337,7 +338,8 @@ def track_vectors_of(model: torch.nn.Module, records: Sequence[dict], hp: Any, *
     through ``model`` (embeddings cached in ``cache_dir``); None for an unusable feature file."""
     wins = embed_recordings(model, records, hp, cache_dir=cache_dir, progress=progress,
                             failures=[])
-    return [None if w is None else track_vector(w) for w in wins]
+    n = readings_of(hp)
+    return [None if w is None else track_vector(reading_rows(w, n)) for w in wins]
 
 
 def model_free_stats(records: Sequence[dict], hp: Any) -> list[np.ndarray | None]:

@@ -16,11 +16,11 @@ from chlib.core.errors import FeatureError, ManifestError
 from chlib.core.manifest import source_perf
 from chlib.data.features import feature_path, load_feature
 from chlib.retrieval import metrics
-from chlib.retrieval.protocol import track_distances
+from chlib.retrieval.protocol import expand_by_neighbours, track_distances
 from chlib.signal.chroma import ftm2d
 
 __all__ = ["ScoringInputs", "record_labels", "score_inputs", "score_windows", "rule_of",
-           "MODEL_FREE", "model_free_windows"]
+           "readings_of", "expansion_of", "expanded", "MODEL_FREE", "model_free_windows"]
 
 MODEL_FREE = "2D-FTM (no learning)"  # the name of the model-free baseline in every report
 
@@ -44,6 +44,17 @@ def model_free_windows(records: Sequence[dict], hp: Any, *,
 def rule_of(hp: Any) -> str:
     """The distance rule of a run config (``hp.distance_rule``; "min" for older configs)."""
     return str(getattr(hp, "distance_rule", "min"))
+
+
+def readings_of(hp: Any) -> int:
+    """Key readings per window of a run config (``len(hp.key_variants)``; 1 for older ones)."""
+    return len(getattr(hp, "key_variants", [0]))
+
+
+def expansion_of(hp: Any) -> bool:
+    """Whether a run compares recordings with their nearest neighbours (``neighbour_expansion``;
+    False for older configs)."""
+    return bool(getattr(hp, "neighbour_expansion", False))
 
 
 @dataclass
@@ -74,11 +85,27 @@ def record_labels(records: Sequence[dict], where: Any = "records") -> tuple[np.n
     return np.array([str(r["work"]) for r in records], dtype=object), {}
 
 
+def expanded(dist: np.ndarray, r_windows: Sequence[np.ndarray], same: bool, exclude: np.ndarray,
+             *, rule: str, readings: int = 1, ref_sources: Sequence[str | None] | None = None,
+             r_perfs: Sequence[str] | None = None) -> np.ndarray:
+    """``dist`` [Q, R] neighbour-expanded (:func:`~chlib.retrieval.protocol.expand_by_neighbours`)
+    among the references ``r_windows`` (``same``: the queries are the references, ``dist`` is
+    their own [R, R]); ``exclude`` [Q, R]: the pairs never ranked."""
+    d_rr = dist if same else track_distances(r_windows, r_windows, rule=rule, readings=readings)
+    r_ex = None
+    if r_perfs is not None:
+        r_ex = metrics.self_exclusion_mask(list(r_perfs), list(r_perfs),
+                                           query_sources=ref_sources, ref_sources=ref_sources)
+    return expand_by_neighbours(dist, d_rr, exclude, r_ex)
+
+
 def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
                  q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
+                 readings: int = 1, expansion: bool = False,
                  query_in_ref_path: str | os.PathLike | None = None,
                  where: str = "test set") -> ScoringInputs:
-    """Distances [Q, R] under ``rule`` (windows [n_windows, D] per record), labels, exclusions."""
+    """Distances [Q, R] under ``rule`` (windows [n_windows x readings, D] per record; with
+    ``expansion``, neighbour-expanded among the references), labels, exclusions."""
     q_labels, q_names = record_labels(q_records, f"{where} queries")
     r_labels, r_names = record_labels(r_records, f"{where} references")
     if q_labels.dtype != r_labels.dtype:
@@ -92,16 +119,22 @@ def score_inputs(q_records: Sequence[dict], r_records: Sequence[dict],
     if query_in_ref_path:
         pairs = metrics.read_query_in_ref(query_in_ref_path)
         exclude |= metrics.query_in_ref_mask(pairs, len(q_perfs), len(r_perfs))
-    return ScoringInputs(track_distances(q_windows, r_windows, rule=rule), exclude, q_labels,
+    dist = track_distances(q_windows, r_windows, rule=rule, readings=readings)
+    if expansion:
+        dist = expanded(dist, r_windows, q_perfs == r_perfs, exclude, rule=rule,
+                        readings=readings, ref_sources=[source_perf(r) for r in r_records],
+                        r_perfs=r_perfs)
+    return ScoringInputs(dist, exclude, q_labels,
                          r_labels, {**r_names, **q_names}, q_perfs, r_perfs, rule)
 
 
 def score_windows(q_records: Sequence[dict], r_records: Sequence[dict],
                   q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndarray], *, rule: str,
+                  readings: int = 1, expansion: bool = False,
                   query_in_ref_path: str | os.PathLike | None = None,
                   no_relevant: str = "count_as_zero") -> dict:
     """``retrieval_metrics`` (mAP, MR1, HR1, HR10, P@10, counts) of :func:`score_inputs`."""
-    s = score_inputs(q_records, r_records, q_windows, r_windows, rule=rule,
-                     query_in_ref_path=query_in_ref_path)
+    s = score_inputs(q_records, r_records, q_windows, r_windows, rule=rule, readings=readings,
+                     expansion=expansion, query_in_ref_path=query_in_ref_path)
     return metrics.retrieval_metrics(s.dist, s.q_labels, s.r_labels, exclude=s.exclude,
                                      no_relevant=no_relevant)

@@ -196,7 +196,7 @@ def best_match_null(index: ReferenceIndex, n_queries: int = 400, seed: int = 0) 
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_queries), replace=False))
     sets = (index.window_sets() if index.windows is not None
             else [index.embeddings[i:i + 1] for i in range(n)])
-    rows = index.search([sets[i] for i in pick], k=2, by="work")
+    rows = index.search([sets[i] for i in pick], k=2, by="work", own_rows=pick)
     best = [next((r["distance"] for r in rr if r["work"] != index.works[i]), math.nan)
             for i, rr in zip(pick, rows, strict=True)]
     return np.sort(np.asarray([b for b in best if math.isfinite(b)], dtype=np.float64))

@@ -31,14 +31,19 @@ def chroma_from_cqt(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.nda
     return (chroma / np.maximum(chroma.max(axis=1, keepdims=True), 1e-6)).astype(np.float32)
 
 
-def keyed_chroma_db(feat_db: np.ndarray, *, bins_per_octave: int = 12) -> np.ndarray:
+def keyed_chroma_db(feat_db: np.ndarray, *, bins_per_octave: int = 12,
+                    key_shift: int = 0) -> np.ndarray:
     """The ``input_transform: keyed_chroma`` model input: dB CQT ``[frames, n_bins]`` -> float32
     dB chroma ``[frames, 12]`` (0 dB = the frame's strongest pitch class, floor -60 dB), rotated
-    so that the estimated key (:func:`key_rotation`) comes first. Folding octaves removes register
-    and the rotation the key, so versions in other keys and registers give the same input (what a
-    model trained on a few hundred works cannot learn from augmentation alone)."""
+    so that the estimated key (:func:`key_rotation`) plus ``key_shift`` semitones comes first.
+    Folding octaves removes register and the rotation the key, so versions in other keys and
+    registers give the same input (what a model trained on a few hundred works cannot learn from
+    augmentation alone). ``key_shift`` makes the other key readings that embedding searches
+    (``key_variants`` of a run: the estimate is a fifth off for most of the versions it gets
+    wrong)."""
     chroma = chroma_from_cqt(feat_db, bins_per_octave=bins_per_octave)
-    return (20.0 * np.log10(np.roll(chroma, -key_rotation(chroma), axis=1) + 1e-3)).astype(np.float32)
+    shift = (key_rotation(chroma) + int(key_shift)) % 12
+    return (20.0 * np.log10(np.roll(chroma, -shift, axis=1) + 1e-3)).astype(np.float32)
 
 
 # Krumhansl-Kessler's major-key profile: how well each pitch class fits a key's tonic, C to B

@@ -14,7 +14,8 @@ from chlib.core.errors import ConfigError
 
 __all__ = ["PAD_DB", "FLEX_FILL_DB", "random_erase", "erase_boxes", "roll_pitch",
            "roll_pitch_default", "roll_pitch_low_melody", "roll_pitch_flex_melody",
-           "roll_pitch_random", "tempo_resample", "random_eq", "spec_augment"]
+           "roll_pitch_random", "tempo_resample", "random_eq", "random_accompaniment",
+           "spec_augment"]
 
 PAD_DB = -100.0  # value of end padding (rows past the end of a track)
 FLEX_FILL_DB = -128.0  # value of bins vacated by flex_melody (the fork's choice)
@@ -189,3 +190,47 @@ def spec_augment(feat: np.ndarray, cfg: SpecAugConfig, *, rng: np.random.Generat
     if re.prob > 0 and rng.random() < re.prob:
         out = random_erase(out, rng=rng, erase_num=re.erase_num, region_size=re.region_size)
     return np.array(feat, copy=True) if out is feat else out
+
+
+# diatonic triads of a major key, as pitch classes above its tonic, and how often each is drawn
+_TRIADS = ((0, 4, 7), (7, 11, 2), (5, 9, 0), (9, 0, 4), (2, 5, 9))  # I, V, IV, vi, ii
+_TRIAD_P = np.array([0.35, 0.3, 0.2, 0.1, 0.05])
+_PARTIAL_SEMITONES = (0, 12, 19, 24, 28, 31, 34, 36)  # harmonics 1-8, in semitones
+
+
+def random_accompaniment(feat: np.ndarray, tonic: int, *, rng: np.random.Generator,
+                         bins_per_octave: int = 12, level_db: tuple[float, float] = (-6.0, 12.0),
+                         chord_frames: tuple[int, int] = (12, 60)) -> np.ndarray:
+    """``feat`` [frames, bins] dB (lowest bin = pitch class 0) plus a random accompaniment: a
+    bass line and diatonic triads (I, V, IV, vi, ii) of the major key on pitch class ``tonic``,
+    one chord per ``chord_frames`` frames (uniform), struck once or repeatedly, its root in the
+    second octave and its three tones in the third to fifth, each with eight harmonics of a
+    random spectral slope and a decaying envelope, mixed in the linear domain ``level_db`` dB
+    (uniform; negative = louder) below the chunk's 95th-percentile frame peak, as loud as the
+    bass and chords of the FluidSynth suite. It teaches a model that a tune with chords and bass
+    is the tune played alone (the suite's solo/accompanied pairs were its hardest). float32,
+    >= -100 dB; chunks of under four octaves come back unchanged."""
+    feat = np.asarray(feat, dtype=np.float32)
+    frames, n_bins = feat.shape
+    step, n_oct = bins_per_octave // 12, n_bins // max(1, bins_per_octave)
+    if n_oct < 4 or step < 1:
+        return feat.copy()
+    mag = 10.0 ** (feat / 20.0)
+    amp = float(np.percentile(mag.max(axis=1), 95)) * 10.0 ** (-rng.uniform(*level_db) / 20.0)
+    partials = np.arange(1, 9, dtype=np.float64) ** -rng.uniform(0.5, 2.0)
+    decay, chord_oct = rng.uniform(5.0, 40.0), int(rng.integers(2, min(4, n_oct - 2) + 1))
+    acc = np.zeros_like(mag)
+    t = 0
+    while t < frames:
+        n = min(int(rng.integers(chord_frames[0], chord_frames[1] + 1)), frames - t)
+        triad = _TRIADS[int(rng.choice(len(_TRIADS), p=_TRIAD_P))]
+        period = int(rng.integers(min(n, max(4, n // 4)), n + 1))
+        env = np.exp(-(np.arange(n) % period) / decay) * 0.8 + 0.2
+        notes = [(12 + (tonic + triad[0]) % 12, 1.0)]  # the bass: the chord's root
+        notes += [(chord_oct * 12 + (tonic + pc) % 12, 0.7) for pc in triad]
+        for semi, gain in notes:
+            for up, partial in zip(_PARTIAL_SEMITONES, partials, strict=True):
+                if (b := (semi + up) * step) < n_bins:
+                    acc[t:t + n, b] += amp * gain * partial * env
+        t += n
+    return np.maximum(20.0 * np.log10(mag + acc + 1e-10), PAD_DB).astype(np.float32)

@@ -125,7 +125,8 @@ def train_loaders(data: TrainingData, hp: HParams, device: torch.device, *, rank
                           spec_aug=hp.spec_augmentation, tempo_jitter=hp.tempo_jitter,
                           seed=hp.seed, manifest_path=data.train_manifest,
                           transform=hp.input_transform, bins_per_octave=hp.features.bins_per_octave,
-                          timbre_eq_db=hp.timbre_eq_db, aligned=aligned)
+                          timbre_eq_db=hp.timbre_eq_db,
+                          accompaniment_prob=hp.accompaniment_prob, aligned=aligned)
         sampler = MPerClassBatchSampler(labels, m=hp.m_per_class, batch_size=hp.batch_size,
                                         seed=hp.seed, stream=i, group_seeds=aligned is not None,
                                         rank=rank, world_size=world_size)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chlib.core.manifest import read_manifest
-from chlib.retrieval.scoring import model_free_windows, score_windows
+from chlib.retrieval.scoring import expansion_of, model_free_windows, score_windows
 
 __all__ = ["memorising", "model_free_scores", "LIKELY_CAUSES"]
 
@@ -65,6 +65,7 @@ def model_free_scores(hp: Any) -> dict[str, dict[str, float]]:
         whole = len(keep_q) == len(q) and len(keep_r) == len(r)  # positions of query_in_ref hold
         scores = score_windows([q[i] for i in keep_q], [r[i] for i in keep_r],
                                [qw[i] for i in keep_q], [rw[i] for i in keep_r], rule="mean",
+                               expansion=expansion_of(hp),
                                query_in_ref_path=ts.query_in_ref_path if whole else None)
         out[name] = {k: float(scores[k]) for k in ("mAP", "HR1", "HR10", "MR1") if k in scores}
     return out

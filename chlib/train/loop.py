@@ -49,7 +49,7 @@ from chlib.model.checkpoint import (
     save_checkpoint,
 )
 from chlib.retrieval.embed import embed_recordings
-from chlib.retrieval.scoring import rule_of, score_windows
+from chlib.retrieval.scoring import expansion_of, readings_of, rule_of, score_windows
 from chlib.train import distributed
 from chlib.train.data import (
     make_val_loader,
@@ -130,6 +130,7 @@ def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device,
             else _embedded(model, ts.ref_path, hp, device)
         qir = hp.resolve_path(ts.query_in_ref_path) if ts.query_in_ref_path else None
         results[name] = score_windows(q_recs, r_recs, q_win, r_win, rule=rule_of(hp),
+                                      readings=readings_of(hp), expansion=expansion_of(hp),
                                       query_in_ref_path=qir)
     return results
 
