@@ -11,6 +11,7 @@ from helpers import StandIn
 from chlib.core.config import FeatureSettings, HParams
 from chlib.core.errors import ConfigError
 from chlib.data.features import prepare_window
+from chlib.retrieval import timeline as tl
 from chlib.retrieval.embed import embed_windows, hp_window_settings, window_settings
 from chlib.retrieval.index import index_from_windows
 from chlib.retrieval.protocol import pair_distances, reading_rows, track_distances, unit_rows
@@ -146,3 +147,26 @@ def test_index_with_readings_searches_and_calibrates_as_the_protocol_compares(ru
         idx.search(queries, k=2, use_faiss=True)
     with pytest.raises(ConfigError, match="cannot hold 2 key readings"):
         idx.search([np.ones((3, 8), np.float32)], k=2)  # embedded without the readings
+
+
+def test_a_timeline_reads_its_windows_the_indexs_way_and_searches_each_run_with_them():
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(12, 16))
+    recs, sets = [], []
+    for w in range(12):
+        for v in range(2):
+            est = centres[w] + 0.3 * rng.normal(size=(4, 16))
+            sets.append(np.stack([est, rng.normal(size=(4, 16))], 1).reshape(8, 16))
+            recs.append({"perf": f"w{w}_v{v}", "work": f"W{w}", "work_id": w})
+    wset = window_settings(30, 3, transform="keyed_chroma", key_variants=[0, 7])
+    idx = index_from_windows(recs, sets, model_fingerprint="f" * 16,
+                             feature_settings=FeatureSettings(), window_settings=wset,
+                             n_pairs=500)
+    # a set: work 3 then work 8, each window with its estimate and a random re-reading
+    est = [centres[w] + 0.3 * rng.normal(size=16) for w in [3] * 6 + [8] * 6]
+    q = np.stack([np.stack([e, rng.normal(size=16)]) for e in est]).reshape(24, 16)
+    res = tl.timeline(idx, q, np.arange(12) * 2.0, 6.0, 30.0, min_segment_z=0.0)
+    assert [s["work"] for s in res.segments] == ["W3", "W8"]
+    assert all(np.isfinite(s["p_value"]) for s in res.segments)
+    with pytest.raises(ConfigError, match="key readings"):
+        tl.timeline(idx, q[:23], np.arange(12) * 2.0, 6.0, 30.0)

@@ -122,6 +122,21 @@ def test_early_stopping_on_map_uses_the_smoothed_value_for_patience():
     assert again.state_dict() == state
 
 
+def test_early_stopping_on_map_breaks_a_tie_by_the_validation_loss():
+    es = EarlyStopping(metric="mAP", patience=5)
+    assert es.update(0, 0.9, tie_loss=3.0)
+    assert es.update(1, 1.0, tie_loss=2.0)
+    assert not es.update(2, 1.0, tie_loss=2.5)  # a tie, but a higher loss
+    assert es.update(3, 1.0, tie_loss=0.1)  # a tie with a lower loss: the new best
+    assert not es.update(4, 1.0)  # a tie without a loss never replaces it
+    assert not es.update(5, 0.99, tie_loss=0.0)  # a lower mAP never does
+    assert es.best_checkpoint_epoch == 3
+    old = {k: v for k, v in es.state_dict().items() if k != "best_tie_loss"}
+    resumed = EarlyStopping(metric="mAP", patience=5)
+    resumed.load_state_dict(old)  # a state saved before the tie-break: no tie replaces
+    assert not resumed.update(6, 1.0, tie_loss=0.05) and resumed.best_checkpoint_epoch == 3
+
+
 # --------------------------------------------------------------------------------------------
 # a short run: files, logs, learning
 

@@ -110,6 +110,7 @@ class ReferenceIndex:
     _groups: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _ann: AnnIndex | None = field(default=None, init=False, repr=False, compare=False)
     _nn: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _rv: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -196,13 +197,21 @@ class ReferenceIndex:
             out.append(rows if len(rows) == want else None)
         return out
 
+    def reading_vectors(self) -> np.ndarray:
+        """float32 [readings, N, D]: each reading's track vectors (rule "mean"; cached)."""
+        if self._rv is None or self._rv.shape[1] != len(self):
+            self._rv = (self.embeddings[None] if self.readings == 1 else
+                        protocol.reading_vectors(self.window_sets(), self.readings))
+        return self._rv
+
     def _ref_distances(self, rows: np.ndarray) -> np.ndarray:
         """Distances [len(rows), N] of the references ``rows`` to every reference."""
-        if self.rule == "min" or self.readings > 1:
+        if self.rule == "min":
             sets = self.window_sets()
             return protocol.track_distances([sets[i] for i in rows], sets, rule=self.rule,
                                             readings=self.readings)
-        return protocol.cosine_distances(self.embeddings[rows], self.embeddings)
+        rv = self.reading_vectors()
+        return protocol.reading_vector_distances(rv[:, rows], rv)
 
     def neighbours(self) -> np.ndarray:
         """int64 [N, N_SPARE]: each reference's nearest other references, closest first (-1:
@@ -269,9 +278,13 @@ class ReferenceIndex:
         out: list[list[dict]] = []
         step = max(1, BLOCK_ELEMENTS // len(self))
         for a in range(0, len(sets), step):
-            if self.rule == "min" or self.readings > 1:
+            if self.rule == "min":
                 d = protocol.track_distances(sets[a:a + step], self.window_sets(), rule=self.rule,
                                              readings=self.readings)
+            elif self.readings > 1:
+                d = protocol.reading_vector_distances(
+                    protocol.reading_vectors(sets[a:a + step], self.readings),
+                    self.reading_vectors())
             else:
                 d = protocol.cosine_distances(vecs[a:a + step], self.embeddings)
             if self.expansion and len(self) > 1:
@@ -331,10 +344,12 @@ class ReferenceIndex:
     def recalibrate(self) -> None:
         """Recompute the calibration over the whole index (seeded: deterministic)."""
         i, j, method = sample_cross_work_pairs(self.works, self.n_pairs, self.seed)
-        sets = self.window_sets() if self.rule == "min" or self.readings > 1 else []
+        sets = self.window_sets() if self.rule == "min" else []
+        vecs = self.reading_vectors() if self.rule == "mean" and self.readings > 1 \
+            else self.embeddings
 
         def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return protocol.pair_distances(sets, self.embeddings, a, b, rule=self.rule,
+            return protocol.pair_distances(sets, vecs, a, b, rule=self.rule,
                                            readings=self.readings)
         d = [] if i.size < 2 else pairs(i, j)
         if self.expansion and i.size >= 2:  # i as a query: n(i) its nearest, n(j) never i
@@ -347,7 +362,7 @@ class ReferenceIndex:
 
     def _refresh(self) -> None:
         """Centroids and calibration after the rows changed."""
-        self._groups = self._ann = self._nn = None
+        self._groups = self._ann = self._nn = self._rv = None
         self.centroids = compute_centroids(self.embeddings, self.works) if len(self) else None
         self.recalibrate()
 

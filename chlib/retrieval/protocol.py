@@ -34,7 +34,8 @@ from chlib.core.errors import ConfigError
 
 __all__ = ["DISTANCE_RULES", "check_rule", "unit_rows", "track_vector", "track_vectors",
            "cosine_distances", "reading_rows", "track_distances", "pair_distances",
-           "nearest_others", "expand_by_neighbours", "expand_rows", "N_SPARE"]
+           "nearest_others", "expand_by_neighbours", "expand_rows", "N_SPARE",
+           "reading_vectors", "reading_vector_distances"]
 
 N_SPARE = 4  # nearest others kept per reference: n(r) skips those that are the query itself
 
@@ -136,22 +137,34 @@ def track_distances(q_windows: Sequence[np.ndarray], r_windows: Sequence[np.ndar
     if rule == "min":  # the query's every reading against the reference's estimate, and back
         return np.minimum(_one_reading(q_windows, r0, rule, block_elements),
                           _one_reading(q0, r_windows, rule, block_elements))
-    out = _one_reading(q0, r0, rule, block_elements)
-    for k in range(1, readings):
-        qk = [reading_rows(t, readings, k) for t in q_windows]
-        rk = [reading_rows(t, readings, k) for t in r_windows]
-        out = np.minimum(out, np.minimum(_one_reading(qk, r0, rule, block_elements),
-                                         _one_reading(q0, rk, rule, block_elements)))
+    return reading_vector_distances(reading_vectors(q_windows, readings),
+                                    reading_vectors(r_windows, readings))
+
+
+def reading_vectors(tracks: Sequence[np.ndarray], readings: int) -> np.ndarray:
+    """float32 [readings, N, D]: :func:`track_vector` of each reading of each track."""
+    return np.stack([track_vectors([reading_rows(t, readings, k) for t in tracks])
+                     for k in range(readings)])
+
+
+def reading_vector_distances(qv: np.ndarray, rv: np.ndarray) -> np.ndarray:
+    """Rule "mean" with key readings: float32 [Q, R] from :func:`reading_vectors` ``qv``
+    [readings, Q, D] and ``rv`` [readings, R, D], each reading against the estimate both ways."""
+    out = cosine_distances(qv[0], rv[0])
+    for k in range(1, qv.shape[0]):
+        out = np.minimum(out, np.minimum(cosine_distances(qv[k], rv[0]),
+                                         cosine_distances(qv[0], rv[k])))
     return out
 
 
 def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarray,
                    j: np.ndarray, *, rule: str, readings: int = 1, chunk: int = 8192) -> np.ndarray:
     """Distances float64 [P] of track pairs ``(i[p], j[p])`` from unit window ``sets`` (rule
-    "min", or any rule with ``readings`` > 1: key readings, module docstring) or unit track
-    ``vectors`` [N, D] (rule "mean"), for the index calibration."""
+    "min"; with ``readings`` > 1 key readings, module docstring) or unit track ``vectors``
+    (rule "mean": [N, D], or :func:`reading_vectors` [readings, N, D] with ``readings`` > 1),
+    for the index calibration."""
     if readings > 1:
-        return _pair_distances_read(sets, i, j, rule=rule, readings=readings)
+        return _pair_distances_read(sets, vectors, i, j, rule=rule, readings=readings)
     if check_rule(rule) == "mean":
         e = np.asarray(vectors, np.float64)
     else:
@@ -172,19 +185,19 @@ def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarra
     return out
 
 
-def _pair_distances_read(sets: Sequence[np.ndarray], i: np.ndarray, j: np.ndarray, *,
-                         rule: str, readings: int) -> np.ndarray:
+def _pair_distances_read(sets: Sequence[np.ndarray], vectors: np.ndarray | None, i: np.ndarray,
+                         j: np.ndarray, *, rule: str, readings: int) -> np.ndarray:
     """:func:`pair_distances` of tracks with ``readings`` key readings per window: each pair
     compared as :func:`track_distances` compares two tracks."""
     check_rule(rule)
-    full = [unit_rows(s) for s in sets]
-    est = [reading_rows(s, readings) for s in full]
-    vec = np.stack([[track_vector(reading_rows(s, readings, k)) for s in full]
-                    for k in range(readings)]).astype(np.float64)  # [readings, N, D]
     if rule == "mean":
+        vec = np.asarray(vectors if vectors is not None and np.ndim(vectors) == 3
+                         else reading_vectors(sets, readings), np.float64)
         sims = np.maximum(np.einsum("knd,nd->kn", vec[:, i], vec[0, j]),
                           np.einsum("nd,knd->kn", vec[0, i], vec[:, j])).max(axis=0)
         return 1.0 - np.clip(sims, -1.0, 1.0)
+    full = [unit_rows(s) for s in sets]
+    est = [reading_rows(s, readings) for s in full]
     out = np.empty(i.size, np.float64)
     for p, (a, b) in enumerate(zip(i.tolist(), j.tolist(), strict=True)):
         best = max(float((full[a] @ est[b].T).max()), float((est[a] @ full[b].T).max()))

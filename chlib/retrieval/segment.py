@@ -68,10 +68,12 @@ def timeline_window(hp: Any) -> int:
 
 def query_windows(feat: np.ndarray, model: torch.nn.Module, hp: Any, *,
                   hop_s: float = DEFAULT_HOP_S, window: int | None = None,
-                  device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(windows [T, D], starts_s [T], window_s)``: embeddings of ``feat`` [frames, bins]'s
-    windows of ``window`` raw frames (default :func:`timeline_window`) every ``hop_s`` seconds,
-    the last aligned to the end (a query shorter than a window: one padded window at 0)."""
+                  device: str | torch.device | None = None,
+                  key_variants: Sequence[int] = (0,)) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(windows [T x len(key_variants), D], starts_s [T], window_s)``: embeddings of ``feat``
+    [frames, bins]'s windows of ``window`` raw frames (default :func:`timeline_window`) every
+    ``hop_s`` seconds, the last aligned to the end (a query shorter than a window: one padded
+    window at 0), each at ``key_variants`` key readings (the index's, for a timeline)."""
     if not hop_s > 0:
         raise ConfigError(f"hop_s must be > 0 seconds, got {hop_s}")
     fps = hp.features.frames_per_second
@@ -82,7 +84,8 @@ def query_windows(feat: np.ndarray, model: torch.nn.Module, hp: Any, *,
                             tail="shift", min_tail=0.0, device=device,
                             batch_size=hp.eval_batch_size, progress=False,
                             transform=hp.input_transform,
-                            bins_per_octave=hp.features.bins_per_octave)
+                            bins_per_octave=hp.features.bins_per_octave,
+                            key_variants=key_variants)
     return wins, np.asarray(starts, np.float64) / fps, window / fps
 
 
@@ -125,8 +128,9 @@ def feature_timeline(feat: np.ndarray, model: torch.nn.Module, hp: Any, index: R
     :func:`~chlib.retrieval.timeline.timeline` (``decoder``: its keyword arguments), then
     :func:`refine_boundaries` unless ``refine_s`` is None, 0, or not shorter than the
     timeline's windows."""
-    wins, starts, window_s = query_windows(feat, model, hp, hop_s=hop_s, window=window,
-                                           device=device)
+    wins, starts, window_s = query_windows(
+        feat, model, hp, hop_s=hop_s, window=window, device=device,
+        key_variants=index.window_settings.get("key_variants", [0]))
     tl = timeline(index, wins, starts, window_s, len(feat) / hp.features.frames_per_second,
                   **decoder)
     if refine_s and refine_s < window_s:

@@ -139,15 +139,16 @@ def normalise_scores(scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def _same_work_median(refs: np.ndarray, owner: np.ndarray, codes: np.ndarray, n: int,
-                      rng: np.random.Generator) -> float:
+                      rng: np.random.Generator, pool: np.ndarray | None = None) -> float:
     """Median cosine similarity of ``n`` random pairs of reference rows of one work in two
-    different recordings (NaN when no work has two recordings)."""
+    different recordings (NaN when no work has two recordings); the first row of each pair
+    from ``pool`` (rows; None = any)."""
     if not len(refs):
         return math.nan
     order = np.argsort(codes, kind="stable")
     starts = np.searchsorted(codes[order], codes)  # first row of each row's work (sorted)
     sizes = np.bincount(codes)[codes]
-    a = rng.integers(len(refs), size=n)
+    a = rng.integers(len(refs), size=n) if pool is None else pool[rng.integers(len(pool), size=n)]
     b = order[starts[a] + rng.integers(0, sizes[a])]
     keep = owner[a] != owner[b]
     if not keep.any():
@@ -165,13 +166,19 @@ def index_null(index: ReferenceIndex, n_pairs: int = 20_000, seed: int = 0
     codes = work_codes(index.works)[owner] if len(index) else owner
     rng = np.random.default_rng(seed)
     i, j = rng.integers(len(refs), size=(2, n_pairs)) if len(refs) else (owner, owner)
+    estimate = None
+    if index.readings > 1 and len(owner) == len(refs) and len(refs):  # the i side as a query
+        first = np.searchsorted(owner, owner)  # window rows: its estimated key
+        estimate = np.flatnonzero((np.arange(len(owner)) - first) % index.readings == 0)
+        i = estimate[rng.integers(len(estimate), size=n_pairs)]
     keep = codes[i] != codes[j]
     if not keep.any():
         return 0.0, 1.0, math.nan
     sims = np.einsum("nd,nd->n", refs[i[keep]], refs[j[keep]]).astype(np.float64)
     med = float(np.median(sims))
     scale = float(1.4826 * np.median(np.abs(sims - med))) or 1.0
-    return med, scale, (_same_work_median(refs, owner, codes, n_pairs // 4, rng) - med) / scale
+    same = _same_work_median(refs, owner, codes, n_pairs // 4, rng, estimate)
+    return med, scale, (same - med) / scale
 
 
 def segment_gate(min_segment_z: float | str, null_stats: Sequence[float] | None) -> float:
@@ -357,13 +364,17 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     decides the work, the run's search only confirms it); equal neighbours then merge and are
     searched again."""
     w = np.asarray(windows, dtype=np.float32)
-    if w.ndim != 2 or len(w) == 0:
-        raise ConfigError(f"windows must be [T >= 1, D] window embeddings of the query, got "
-                          f"shape {w.shape}: embed at least one window")
-    if not duration_s > 0 or len(window_starts_s) != len(w):
+    v = index.readings  # rows per window: the index's key readings, the estimate first
+    if w.ndim != 2 or len(w) == 0 or len(w) % v:
+        raise ConfigError(f"windows must be [T >= 1 windows x {v} key readings, D] window "
+                          f"embeddings of the query (the index's window settings), got shape "
+                          f"{w.shape}: embed at least one window")
+    if not duration_s > 0 or len(window_starts_s) != len(w) // v:
         raise ConfigError(f"need duration_s > 0 seconds and one start time per window, got "
-                          f"{duration_s} s and {len(window_starts_s)} starts for {len(w)} windows")
-    scores, works = window_work_scores(index, w, block_bytes=block_bytes)
+                          f"{duration_s} s and {len(window_starts_s)} starts for "
+                          f"{len(w) // v} windows")
+    # window scores: each window at its estimated key against every reading of the references
+    scores, works = window_work_scores(index, w[0::v], block_bytes=block_bytes)
     best_null = best_match_null(index) if best_null is None else best_null
     if null not in ("index", "window"):
         raise ConfigError(f"null must be 'index' or 'window', got {null!r}")
@@ -381,11 +392,11 @@ def timeline(index: ReferenceIndex, windows: np.ndarray, window_starts_s: Sequen
     found: dict[tuple[int, int], dict] = {}  # run -> the row that labels it
     while True:
         changed = False
-        cuts = [0, *(i for i in range(1, len(w)) if labels[i] != labels[i - 1]), len(w)]
+        cuts = [0, *(i for i in range(1, len(labels)) if labels[i] != labels[i - 1]), len(labels)]
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):  # runs of equal labels
             if labels[a] == UNKNOWN or (a, b) in found:
                 continue
-            rows = index.search([w[a:b]], k=search_k, by="work")[0]
+            rows = index.search([w[a * v:b * v]], k=search_k, by="work")[0]
             row = next((r for r in rows if r["work"] == labels[a]), None)
             if row is not None:
                 row = row | {"p_value": best_match_p(best_null, row["distance"])}

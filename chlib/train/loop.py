@@ -440,7 +440,8 @@ def _early_stopping(hp: HParams, st: TrainState, epoch: int, rec: dict, tests: d
         value = rec.get("val_loss") if stopper.metric == "val_loss" else \
             rec.get("train_foc_loss", math.inf)
     in_hold = st.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
-    is_best = value is not None and stopper.update(epoch, value, in_hold=in_hold)
+    is_best = value is not None and stopper.update(epoch, value, in_hold=in_hold,
+                                                   tie_loss=rec.get("val_loss"))
     if stopper.metric == "mAP" and value is not None:
         rec["smoothed_mAP"] = stopper.smoothed_map
     rec.update(best_epoch=stopper.best_checkpoint_epoch, is_best=is_best,

@@ -38,7 +38,9 @@ class EarlyStopping:
     the counter, else the counter grows. ``mAP``: the best *raw* mean mAP names the best epoch;
     the counter resets when the EMA-smoothed value (``alpha``; first value = raw) beats the best
     smoothed value, else it grows. The counter does not grow during warm-up/hold (``in_hold``).
-    Stop when ``counter >= patience``.
+    Stop when ``counter >= patience``. chlib: an epoch that ties the best raw mAP with a lower
+    ``tie_loss`` (the validation loss) becomes the best (a small validation set reaches 1.0
+    early and stays there; the fork keeps the first epoch that reached it).
     """
 
     metric: str = "val_loss"
@@ -52,6 +54,7 @@ class EarlyStopping:
     map_stopping_counter: int = 0
     best_checkpoint_epoch: int | None = None
     best_checkpoint_value: float | None = None
+    best_tie_loss: float = math.inf  # the validation loss of the best mAP epoch
 
     @property
     def counter(self) -> int:
@@ -61,15 +64,21 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.counter >= self.patience
 
-    def update(self, epoch: int, value: float, *, in_hold: bool = False) -> bool:
-        """Record ``value`` (a loss, or the mean mAP) of ``epoch``; True if it is the new best."""
+    def update(self, epoch: int, value: float, *, in_hold: bool = False,
+               tie_loss: float | None = None) -> bool:
+        """Record ``value`` (a loss, or the mean mAP) of ``epoch`` (``tie_loss``: its validation
+        loss, which breaks a tie of the mAP); True if it is the new best."""
         is_map = self.metric == "mAP"
         if not math.isfinite(value):
             improved = is_best = False
         elif is_map:
             self.smoothed_map = value if self.smoothed_map is None else (
                 self.alpha * value + (1.0 - self.alpha) * self.smoothed_map)
-            is_best = value > self.best_raw_map
+            tie = tie_loss if tie_loss is not None and math.isfinite(tie_loss) else math.inf
+            is_best = value > self.best_raw_map or (value == self.best_raw_map
+                                                   and tie < self.best_tie_loss)
+            if is_best:
+                self.best_tie_loss = tie
             improved = self.smoothed_map > self.best_smoothed_map
             self.best_raw_map = max(self.best_raw_map, value)
             self.best_smoothed_map = max(self.best_smoothed_map, self.smoothed_map)
@@ -94,3 +103,5 @@ class EarlyStopping:
         for k, v in state.items():
             if k != "metric" and hasattr(self, k):
                 setattr(self, k, v)
+        if "best_tie_loss" not in state and self.best_checkpoint_epoch is not None:
+            self.best_tie_loss = -math.inf  # saved before ties were broken: keep its best
