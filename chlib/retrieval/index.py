@@ -217,30 +217,9 @@ class ReferenceIndex:
         """int64 [N, N_SPARE]: each reference's nearest other references, closest first (-1:
         none); computed in blocks on first use (N x N distances) and kept until rows change."""
         if self._nn is None or len(self._nn) != len(self):
-            step = max(1, BLOCK_ELEMENTS // max(1, len(self)))
-            parts = []
-            for a in range(0, len(self), step):
-                rows = np.arange(a, min(len(self), a + step))
-                own = np.zeros((len(rows), len(self)), bool)
-                own[np.arange(len(rows)), rows] = True
-                parts.append(protocol.nearest_others(self._ref_distances(rows), own))
-            self._nn = np.concatenate(parts) if parts else np.zeros((0, protocol.N_SPARE),
-                                                                     np.int64)
+            self._nn = protocol.nearest_others_of(self._ref_distances, len(self),
+                                                  block=max(1, BLOCK_ELEMENTS // max(1, len(self))))
         return self._nn
-
-    def _expand(self, d: np.ndarray, own: np.ndarray | None) -> np.ndarray:
-        """Neighbour-expanded query distances ``d`` [Q, N]; ``own`` [Q] the row that is the
-        query itself (-1: none), never its own neighbour."""
-        ex = None
-        if own is not None:
-            ex = np.zeros(d.shape, bool)
-            hit = own >= 0
-            ex[np.flatnonzero(hit), own[hit]] = True
-        q_nn = protocol.nearest_others(d, ex, m=1)[:, 0]
-        d_nr = d.copy()
-        if (has := q_nn >= 0).any():
-            d_nr[has] = self._ref_distances(q_nn[has])
-        return protocol.expand_rows(d, d_nr, self.neighbours(), ex)
 
     def search(self, query: Any, k: int = 10, by: str = "perf", *,
                use_faiss: bool | None = None,
@@ -288,8 +267,8 @@ class ReferenceIndex:
             else:
                 d = protocol.cosine_distances(vecs[a:a + step], self.embeddings)
             if self.expansion and len(self) > 1:
-                d = self._expand(d, None if own_rows is None else
-                                 np.asarray(own_rows[a:a + step], np.int64))
+                own = None if own_rows is None else np.asarray(own_rows[a:a + step], np.int64)
+                d = protocol.expand_search(d, own, self._ref_distances, self.neighbours())
             if by == "perf":
                 out += [self._rows(i, dd) for i, dd in zip(*_topk_rows(d, min(k, len(self))),
                                                            strict=True)]
@@ -351,13 +330,8 @@ class ReferenceIndex:
         def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return protocol.pair_distances(sets, vecs, a, b, rule=self.rule,
                                            readings=self.readings)
-        d = [] if i.size < 2 else pairs(i, j)
-        if self.expansion and i.size >= 2:  # i as a query: n(i) its nearest, n(j) never i
-            nn = self.neighbours()
-            ni = np.where(nn[i, 0] >= 0, nn[i, 0], i)
-            nj = np.where(nn[j, 0] == i, nn[j, 1] if nn.shape[1] > 1 else j, nn[j, 0])
-            nj = np.where(nj >= 0, nj, j)
-            d = (d + pairs(ni, j) + pairs(i, nj) + pairs(ni, nj)) / 4
+        d = [] if i.size < 2 else (protocol.expanded_pairs(pairs, self.neighbours(), i, j)
+                                   if self.expansion else pairs(i, j))
         self.calibration = calibrate_distances(d, seed=self.seed, method=method, rule=self.rule)
 
     def _refresh(self) -> None:

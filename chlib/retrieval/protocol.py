@@ -26,7 +26,7 @@ identification could not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from chlib.core.errors import ConfigError
 
 __all__ = ["DISTANCE_RULES", "check_rule", "unit_rows", "track_vector", "track_vectors",
            "cosine_distances", "reading_rows", "track_distances", "pair_distances",
-           "nearest_others", "expand_by_neighbours", "expand_rows", "N_SPARE",
+           "nearest_others", "nearest_others_of", "expand_by_neighbours", "expand_rows",
+           "expanded_pairs", "expand_search", "N_SPARE",
            "reading_vectors", "reading_vector_distances"]
 
 N_SPARE = 4  # nearest others kept per reference: n(r) skips those that are the query itself
@@ -261,3 +262,45 @@ def expand_by_neighbours(d_qr: np.ndarray, d_rr: np.ndarray, q_exclude: np.ndarr
     q_nn = nearest_others(d_qr, q_exclude, m=1)[:, 0]
     d_nr = np.where((q_nn >= 0)[:, None], d_rr[np.maximum(q_nn, 0)], d_qr)
     return expand_rows(d_qr, d_nr, r_nn, q_exclude)
+
+
+def nearest_others_of(distance_rows: Callable[[np.ndarray], np.ndarray], n: int, *,
+                      block: int) -> np.ndarray:
+    """:func:`nearest_others` of ``n`` references among themselves (each never its own), from
+    ``distance_rows(rows) -> [len(rows), n]`` called on ``block`` rows at a time."""
+    parts = []
+    for a in range(0, n, block):
+        rows = np.arange(a, min(n, a + block))
+        own = np.zeros((len(rows), n), bool)
+        own[np.arange(len(rows)), rows] = True
+        parts.append(nearest_others(distance_rows(rows), own))
+    return np.concatenate(parts) if parts else np.zeros((0, N_SPARE), np.int64)
+
+
+def expanded_pairs(pairs: Callable[[np.ndarray, np.ndarray], np.ndarray], nn: np.ndarray,
+                   i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Neighbour-expanded distances [P] of pairs ``(i, j)`` of references, ``i`` playing the
+    query: ``pairs(a, b)`` the plain distances, ``nn`` :func:`nearest_others`; n(i) is i's
+    nearest, n(j) j's nearest that is not i (each itself where it has none)."""
+    ni = np.where(nn[i, 0] >= 0, nn[i, 0], i)
+    nj = np.where(nn[j, 0] == i, nn[j, 1] if nn.shape[1] > 1 else j, nn[j, 0])
+    nj = np.where(nj >= 0, nj, j)
+    return (pairs(i, j) + pairs(ni, j) + pairs(i, nj) + pairs(ni, nj)) / 4
+
+
+def expand_search(d: np.ndarray, own: np.ndarray | None,
+                  distance_rows: Callable[[np.ndarray], np.ndarray], nn: np.ndarray) -> np.ndarray:
+    """:func:`expand_rows` of a search: query distances ``d`` [Q, N] to an index's references,
+    ``own`` [Q] the reference that is the query itself (-1: none; never its own neighbour),
+    ``distance_rows(rows)`` [len(rows), N] among the references, ``nn`` their
+    :func:`nearest_others`."""
+    ex = None
+    if own is not None:
+        ex = np.zeros(d.shape, bool)
+        hit = own >= 0
+        ex[np.flatnonzero(hit), own[hit]] = True
+    q_nn = nearest_others(d, ex, m=1)[:, 0]
+    d_nr = d.copy()
+    if (has := q_nn >= 0).any():
+        d_nr[has] = distance_rows(q_nn[has])
+    return expand_rows(d, d_nr, nn, ex)

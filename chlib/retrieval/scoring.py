@@ -20,7 +20,7 @@ from chlib.retrieval.protocol import expand_by_neighbours, track_distances
 from chlib.signal.chroma import ftm2d
 
 __all__ = ["ScoringInputs", "record_labels", "score_inputs", "score_windows", "rule_of",
-           "readings_of", "expansion_of", "expanded", "MODEL_FREE", "model_free_windows"]
+           "readings_of", "expansion_of", "comparison", "expanded", "MODEL_FREE", "model_free_windows"]
 
 MODEL_FREE = "2D-FTM (no learning)"  # the name of the model-free baseline in every report
 
@@ -49,6 +49,11 @@ def rule_of(hp: Any) -> str:
 def readings_of(hp: Any) -> int:
     """Key readings per window of a run config (``len(hp.key_variants)``; 1 for older ones)."""
     return len(getattr(hp, "key_variants", [0]))
+
+
+def comparison(hp: Any) -> dict:
+    """A run's comparison settings as keyword arguments: ``rule``, ``readings``, ``expansion``."""
+    return {"rule": rule_of(hp), "readings": readings_of(hp), "expansion": expansion_of(hp)}
 
 
 def expansion_of(hp: Any) -> bool:

@@ -49,7 +49,7 @@ from chlib.model.checkpoint import (
     save_checkpoint,
 )
 from chlib.retrieval.embed import embed_recordings
-from chlib.retrieval.scoring import expansion_of, readings_of, rule_of, score_windows
+from chlib.retrieval.scoring import comparison, score_windows
 from chlib.train import distributed
 from chlib.train.data import (
     make_val_loader,
@@ -129,8 +129,7 @@ def evaluate_testsets(model: torch.nn.Module, hp: HParams, device: torch.device,
         r_recs, _, r_win = (q_recs, q_path, q_win) if hp.resolve_path(ts.ref_path) == q_path \
             else _embedded(model, ts.ref_path, hp, device)
         qir = hp.resolve_path(ts.query_in_ref_path) if ts.query_in_ref_path else None
-        results[name] = score_windows(q_recs, r_recs, q_win, r_win, rule=rule_of(hp),
-                                      readings=readings_of(hp), expansion=expansion_of(hp),
+        results[name] = score_windows(q_recs, r_recs, q_win, r_win, **comparison(hp),
                                       query_in_ref_path=qir)
     return results
 
@@ -433,12 +432,11 @@ def _evaluate(run: _Run, st: TrainState, epoch: int, rec: dict) -> dict[str, dic
 def _early_stopping(hp: HParams, st: TrainState, epoch: int, rec: dict, tests: dict) -> bool:
     """Update the early-stopping state with this epoch's metric; True for a new best epoch."""
     stopper = st.stopper
+    value = rec.get("val_loss") if stopper.metric == "val_loss" else \
+        rec.get("train_foc_loss", math.inf)
     if stopper.metric == "mAP":
         maps = [tests[n]["mAP"] for n in hp.map_stopping_testsets if n in tests]
         value = float(np.mean(maps)) if len(maps) == len(hp.map_stopping_testsets) else None
-    else:
-        value = rec.get("val_loss") if stopper.metric == "val_loss" else \
-            rec.get("train_foc_loss", math.inf)
     in_hold = st.step <= (hp.warmup_steps if hp.warmup else 0) + hp.hold_steps
     is_best = value is not None and stopper.update(epoch, value, in_hold=in_hold,
                                                    tie_loss=rec.get("val_loss"))
