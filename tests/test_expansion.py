@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+import chlib.retrieval.identify as identify_module
 import chlib.retrieval.index as index_module
 from chlib.core.config import FeatureSettings, HParams
 from chlib.retrieval.calibration import sample_cross_work_pairs
@@ -178,3 +179,21 @@ def test_explorer_neighbours_rank_by_the_expanded_distances_of_its_points():
     plain = ExplorerData(vecs, recs, rule="min", windows=wins).neighbours(3, k=5)
     np.testing.assert_allclose([g["distance"] for g in plain], np.sort(np.delete(d[3], 3))[:5],
                                atol=1e-5)
+
+
+def test_a_saved_index_is_rebuilt_when_the_run_compares_otherwise(tmp_path):
+    recs, wins = clustered()
+    keyed = window_settings(60, 3, transform="keyed_chroma", bins_per_octave=12)
+    idx = index_from_windows(recs, wins, model_fingerprint="a" * 16,
+                             feature_settings=FeatureSettings(), window_settings=keyed,
+                             expansion=True)
+    idx.save(tmp_path / "index")
+    base = {"chunk_frame": [20], "mean_size": 3, "input_transform": "keyed_chroma"}
+    hp = HParams.from_dict(base)
+    assert identify_module._why_not_reuse(tmp_path / "index", "a" * 16, hp, recs) == (
+        None, "the index and the run differ in neighbour expansion")
+    kv = HParams.from_dict(base | {"neighbour_expansion": True, "key_variants": [0, 7]})
+    why = identify_module._why_not_reuse(tmp_path / "index", "a" * 16, kv, recs)
+    assert why == (None, "the index reads keys [0], the run [0, 7]")
+    same = HParams.from_dict(base | {"neighbour_expansion": True})
+    assert identify_module._why_not_reuse(tmp_path / "index", "a" * 16, same, recs)[0] is not None

@@ -433,6 +433,10 @@ def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | int = "best",
             no_relevant=no_relevant, baseline_windows=others,
             baseline_readings={scoring.MODEL_FREE: 1})
     notes = [note] if note else []
+    if readings > 1 or scoring.expansion_of(hp):
+        how = [f"key readings {hp.key_variants}"] if readings > 1 else []
+        how += ["neighbour expansion"] if scoring.expansion_of(hp) else []
+        notes.append(f"compared with {' and '.join(how)} (the run's comparison settings)")
     if train_works is None:
         notes.append("the run config names no readable train_path: never-seen works are not "
                      "marked")

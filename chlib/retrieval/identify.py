@@ -33,7 +33,7 @@ from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval.embed import embed_windows
 from chlib.retrieval.evaluate import write_csv
 from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
-from chlib.retrieval.scoring import rule_of
+from chlib.retrieval.scoring import expansion_of, rule_of
 from chlib.signal.audio import try_load_audio
 from chlib.signal.cqt import compute_cqt_db
 
@@ -270,6 +270,10 @@ def _why_not_reuse(folder: Path, fingerprint: str, hp: Any, records: Sequence[di
         return None, "the index was built with another window recipe"
     if idx.rule != rule_of(hp):
         return None, f"the index ranks by distance rule {idx.rule!r}, the run by {rule_of(hp)!r}"
+    if (kv := idx.window_settings.get("key_variants", [0])) != (want := list(hp.key_variants)):
+        return None, f"the index reads keys {kv}, the run {want}"
+    if idx.expansion != expansion_of(hp):
+        return None, "the index and the run differ in neighbour expansion"
     if sorted(idx.perfs + [str(s.get("perf")) for s in idx.skipped]) != wanted:
         return None, "the index holds other recordings"
     return idx, ""

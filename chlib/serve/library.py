@@ -29,7 +29,7 @@ from chlib.model.checkpoint import model_fingerprint
 from chlib.retrieval.embed import embed_recordings, hp_window_settings
 from chlib.retrieval.identify import reference_records
 from chlib.retrieval.index import ReferenceIndex, build_index, is_tempo_copy
-from chlib.retrieval.scoring import rule_of
+from chlib.retrieval.scoring import expansion_of, rule_of
 from chlib.retrieval.timeline import best_match_null, index_null
 from chlib.serve import AUDIO_TYPES, ServeError
 
@@ -108,6 +108,8 @@ class ReferenceLibrary:
             return "the index was built with another window recipe"
         if idx.rule != rule_of(self.hp):
             return f"the index ranks by rule {idx.rule!r}, the run by {rule_of(self.hp)!r}"
+        if idx.expansion != expansion_of(self.hp):
+            return "the index and the run differ in neighbour expansion"
         return ""
 
     def _open(self) -> str:
