@@ -107,10 +107,16 @@ def _track_windows(src: Any, settings: dict, n_bins: int | None) -> Iterator[np.
         raise FeatureError(f"{_name(src)}: features hold NaN or inf values; re-extract them")
     starts = window_starts(feat.shape[0], settings["window"], hop=settings["hop"],
                            tail=settings["tail"], min_tail=settings["min_tail"])
-    return (prepare_window(feat, s, settings["window"], settings["mean_size"],
-                           transform=settings.get("transform", "none"),
-                           bins_per_octave=settings.get("bins_per_octave", 12), key_shift=k)
-            for s in starts for k in settings.get("key_variants", [0]))
+    return (window for s in starts for window in _readings(prepare_window(
+        feat, s, settings["window"], settings["mean_size"],
+        transform=settings.get("transform", "none"),
+        bins_per_octave=settings.get("bins_per_octave", 12)), settings.get("key_variants", [0])))
+
+
+def _readings(window: np.ndarray, key_variants: Sequence[int]) -> Iterator[np.ndarray]:
+    """A keyed window [frames, 12] at each key reading: rotated by the reading's semitones,
+    what ``prepare_window(..., key_shift=k)`` gives, without estimating the key again."""
+    return (np.roll(window, -k, axis=1) if k else window for k in key_variants)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

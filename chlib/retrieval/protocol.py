@@ -164,45 +164,47 @@ def pair_distances(sets: Sequence[np.ndarray], vectors: np.ndarray, i: np.ndarra
     "min"; with ``readings`` > 1 key readings, module docstring) or unit track ``vectors``
     (rule "mean": [N, D], or :func:`reading_vectors` [readings, N, D] with ``readings`` > 1),
     for the index calibration."""
-    if readings > 1:
-        return _pair_distances_read(sets, vectors, i, j, rule=rule, readings=readings)
     if check_rule(rule) == "mean":
-        e = np.asarray(vectors, np.float64)
-    else:
-        sizes = np.array([len(s) for s in sets])
-        mask = np.arange(sizes.max())[None, :] < sizes[:, None]  # [N, w_max] real windows
-        pad = np.zeros((*mask.shape, sets[0].shape[1]), np.float64)
-        pad[mask] = np.concatenate(sets)
-    out = np.empty(i.size, np.float64)
-    for a in range(0, i.size, chunk):
-        ii, jj = i[a:a + chunk], j[a:a + chunk]
-        if rule == "mean":
-            sims = np.einsum("pd,pd->p", e[ii], e[jj])
+        if readings == 1:
+            e = np.asarray(vectors, np.float64)
+            sims = np.concatenate([np.einsum("pd,pd->p", e[i[a:a + chunk]], e[j[a:a + chunk]])
+                                   for a in range(0, i.size, chunk)] or [np.zeros(0)])
         else:
-            valid = mask[ii][:, :, None] & mask[jj][:, None, :]
-            sims = np.where(valid, np.einsum("pad,pbd->pab", pad[ii], pad[jj]), -np.inf)
-            sims = sims.max(axis=(1, 2))
-        out[a:a + chunk] = 1.0 - np.clip(sims, -1.0, 1.0)
-    return out
-
-
-def _pair_distances_read(sets: Sequence[np.ndarray], vectors: np.ndarray | None, i: np.ndarray,
-                         j: np.ndarray, *, rule: str, readings: int) -> np.ndarray:
-    """:func:`pair_distances` of tracks with ``readings`` key readings per window: each pair
-    compared as :func:`track_distances` compares two tracks."""
-    check_rule(rule)
-    if rule == "mean":
-        vec = np.asarray(vectors if vectors is not None and np.ndim(vectors) == 3
-                         else reading_vectors(sets, readings), np.float64)
-        sims = np.maximum(np.einsum("knd,nd->kn", vec[:, i], vec[0, j]),
-                          np.einsum("nd,knd->kn", vec[0, i], vec[:, j])).max(axis=0)
+            v = np.asarray(vectors if vectors is not None and np.ndim(vectors) == 3
+                           else reading_vectors(sets, readings), np.float64)
+            sims = np.maximum(np.einsum("knd,nd->kn", v[:, i], v[0, j]),
+                              np.einsum("nd,knd->kn", v[0, i], v[:, j])).max(axis=0)
         return 1.0 - np.clip(sims, -1.0, 1.0)
-    full = [unit_rows(s) for s in sets]
-    est = [reading_rows(s, readings) for s in full]
+    if readings == 1:
+        every = _padded(sets)
+        return 1.0 - np.clip(_best_pairs(every, every, i, j, chunk), -1.0, 1.0)
+    every = _padded([unit_rows(t) for t in sets])
+    estimate = _padded([unit_rows(reading_rows(t, readings)) for t in sets])
+    sims = np.maximum(_best_pairs(every, estimate, i, j, chunk),
+                      _best_pairs(estimate, every, i, j, chunk))
+    return 1.0 - np.clip(sims, -1.0, 1.0)
+
+
+def _padded(sets: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Window sets as one zero-padded float64 array [N, w_max, D] and its mask of real rows."""
+    sizes = np.array([len(t) for t in sets])
+    mask = np.arange(sizes.max())[None, :] < sizes[:, None]
+    pad = np.zeros((*mask.shape, sets[0].shape[1]), np.float64)
+    pad[mask] = np.concatenate(sets)
+    return pad, mask
+
+
+def _best_pairs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], i: np.ndarray,
+                j: np.ndarray, chunk: int) -> np.ndarray:
+    """Highest similarity [P] of any row of ``a``'s set ``i[p]`` with any row of ``b``'s set
+    ``j[p]`` (:func:`_padded` sets), ``chunk`` pairs at a time."""
+    (pa, ma), (pb, mb) = a, b
     out = np.empty(i.size, np.float64)
-    for p, (a, b) in enumerate(zip(i.tolist(), j.tolist(), strict=True)):
-        best = max(float((full[a] @ est[b].T).max()), float((est[a] @ full[b].T).max()))
-        out[p] = 1.0 - np.clip(best, -1.0, 1.0)
+    for s in range(0, i.size, chunk):
+        ii, jj = i[s:s + chunk], j[s:s + chunk]
+        valid = ma[ii][:, :, None] & mb[jj][:, None, :]
+        out[s:s + chunk] = np.where(valid, np.einsum("pad,pbd->pab", pa[ii], pb[jj]),
+                                    -np.inf).max(axis=(1, 2))
     return out
 
 
@@ -238,12 +240,9 @@ def expand_rows(d_qr: np.ndarray, d_nr: np.ndarray, r_nn: np.ndarray,
         done = np.zeros((q, r), bool)
         for j in range(r_nn.shape[1]):
             cand = r_nn[:, j]
-            ok = cand >= 0
-            if q_exclude is not None:
-                ok = ok[None, :] & ~np.take_along_axis(q_exclude, np.maximum(cand, 0)[None, :]
-                                                       .repeat(q, 0), 1)
-            else:
-                ok = np.broadcast_to(ok, (q, r))
+            ok = np.broadcast_to(cand >= 0, (q, r))
+            if q_exclude is not None:  # [Q, R]: is r's j-th neighbour excluded for the query
+                ok = ok & ~q_exclude[:, np.maximum(cand, 0)]
             take = ok & ~done
             nb[take] = np.broadcast_to(cand, (q, r))[take]
             done |= take
@@ -258,9 +257,17 @@ def expand_by_neighbours(d_qr: np.ndarray, d_rr: np.ndarray, q_exclude: np.ndarr
     never ranked (a recording and its copies; the diagonal of ``d_rr`` is always excluded)."""
     r_ex = np.eye(d_rr.shape[0], dtype=bool) if r_exclude is None else r_exclude | np.eye(
         d_rr.shape[0], dtype=bool)
-    r_nn = nearest_others(d_rr, r_ex)
+    return _expand(d_qr, q_exclude, lambda rows: d_rr[rows], nearest_others(d_rr, r_ex))
+
+
+def _expand(d_qr: np.ndarray, q_exclude: np.ndarray | None,
+            distance_rows: Callable[[np.ndarray], np.ndarray], r_nn: np.ndarray) -> np.ndarray:
+    """:func:`expand_rows` with n(q) each query's nearest reference that ``q_exclude`` allows,
+    its distances to every reference from ``distance_rows(rows) -> [len(rows), R]``."""
     q_nn = nearest_others(d_qr, q_exclude, m=1)[:, 0]
-    d_nr = np.where((q_nn >= 0)[:, None], d_rr[np.maximum(q_nn, 0)], d_qr)
+    d_nr = np.array(d_qr, dtype=np.float32, copy=True)
+    if (has := q_nn >= 0).any():
+        d_nr[has] = distance_rows(q_nn[has])
     return expand_rows(d_qr, d_nr, r_nn, q_exclude)
 
 
@@ -299,8 +306,4 @@ def expand_search(d: np.ndarray, own: np.ndarray | None,
         ex = np.zeros(d.shape, bool)
         hit = own >= 0
         ex[np.flatnonzero(hit), own[hit]] = True
-    q_nn = nearest_others(d, ex, m=1)[:, 0]
-    d_nr = d.copy()
-    if (has := q_nn >= 0).any():
-        d_nr[has] = distance_rows(q_nn[has])
-    return expand_rows(d, d_nr, nn, ex)
+    return _expand(d, ex, distance_rows, nn)
